@@ -1,0 +1,1 @@
+"""The edge image-retrieval appliance (device side). Never imports TensorFlow, Keras or torch."""

@@ -730,3 +730,28 @@ class Camera:
             reader.progress_s = now_s
             self._set_state("streaming")
             self._cond.notify_all()
+
+
+class VideoWriter:
+    """Write RGB frames to an MJPG .avi (demo camera, tests): the RGB→BGR side of the contract, kept here."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, size_wh: tuple[int, int]):
+        self.path = str(path)
+        self._writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"MJPG"), float(fps), size_wh)
+        if not self._writer.isOpened():
+            raise CameraError(f"{self.path}: cannot open a video writer (MJPG)")
+
+    def write(self, rgb: np.ndarray) -> None:
+        """Append one RGB uint8 frame of the writer's size."""
+        _check_rgb(rgb)
+        self._writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        """Finish the file."""
+        self._writer.release()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

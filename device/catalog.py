@@ -1,0 +1,111 @@
+"""Catalog items from images: one function turns an RGB image into a CatalogItem (with the SAME encoder the
+device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the demo."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .camera import DEFAULT_MAX_PIXELS, make_thumbnail, read_image
+from .errors import CatalogIndexError, ImageError
+from .index import CatalogItem, write_index
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+_ID_RE = re.compile(r"^[\w][\w.\-/ ]{0,199}$")
+
+
+def validate_id(item_id: str) -> str:
+    """Catalog ids are relative-path-like: letters, digits, _ - . / and spaces, no '..', ≤ 200 chars."""
+    if not _ID_RE.match(item_id) or ".." in item_id.split("/") or item_id.endswith("/"):
+        raise CatalogIndexError(f"invalid catalog id {item_id!r}: use letters, digits, '_', '-', '.', '/', "
+                                "spaces (no leading '/', no '..', at most 200 characters)")
+    return item_id
+
+
+def make_item(encoder, rgb: np.ndarray, item_id: str, label: str | None = None, *, source: str | None = None,
+              thumbnail_px: int = 160) -> CatalogItem:
+    """Encode one catalog image into an index item (descriptor + JPEG thumbnail)."""
+    return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=encoder.embed(rgb),
+                       thumbnail_jpeg=make_thumbnail(rgb, thumbnail_px), source=source)
+
+
+def load_labels(path: str | Path | None) -> dict[str, str]:
+    """id → label from a JSON object, or a CSV/TSV with columns id,label (header optional)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CatalogIndexError(f"{path}: cannot read labels ({e.strerror or e})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CatalogIndexError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CatalogIndexError(f"{path}: labels JSON must be an object of id → label")
+        return {str(k): str(v) for k, v in data.items()}
+    delim = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
+    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["id", "label"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise CatalogIndexError(f"{path}: line {bad[0]} needs two columns: id{delim!r}label")
+    return {r[0].strip(): r[1].strip() for r in rows}
+
+
+@dataclass
+class BuildReport:
+    """What an index build did."""
+
+    indexed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    generation: str = ""
+    seconds: float = 0.0
+
+
+def scan_folder(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted (recursively)."""
+    if not folder.is_dir():
+        raise CatalogIndexError(f"{folder}: catalog folder does not exist")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: dict[str, str] | None = None,
+                n_trees: int = 50, thumbnail_px: int = 160, max_pixels: int = DEFAULT_MAX_PIXELS,
+                progress: bool = True) -> BuildReport:
+    """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
+    files are skipped and reported; the new index replaces the old one atomically."""
+    import time
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    labels = labels or {}
+    rep = BuildReport()
+    items: list[CatalogItem] = []
+    seen: dict[str, str] = {}
+    for path in tqdm(scan_folder(folder), desc="indexing", unit="img", disable=not progress):
+        rel = path.relative_to(folder)
+        item_id = rel.with_suffix("").as_posix()
+        try:
+            if item_id in seen:
+                raise ImageError(f"duplicate id {item_id!r} (also {seen[item_id]})")
+            rgb = read_image(path, max_pixels)
+            items.append(make_item(encoder, rgb, item_id, labels.get(item_id), source=str(path),
+                                   thumbnail_px=thumbnail_px))
+            seen[item_id] = rel.as_posix()
+        except (ImageError, CatalogIndexError) as e:
+            rep.skipped.append((rel.as_posix(), str(e)))
+            log.warning("skipped %s: %s", rel, e)
+    gen = write_index(index_path, items, bundle_sha256=encoder.sha256, n_trees=n_trees, dim=encoder.dim)
+    rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
+    return rep

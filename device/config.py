@@ -1,0 +1,144 @@
+"""The one typed config, loaded once from config.yaml. Unknown keys and bad values are refused with the file,
+the key and the allowed values. Relative paths are resolved against the config file's folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Section):
+    source: str = Field("demo", description="demo | /dev/videoN | N | csi://N | rtsp://… | video file | image folder")
+    fps: Optional[float] = Field(None, gt=0, le=120, description="pace files/folders; request from cameras")
+    width: Optional[int] = Field(None, ge=16, le=8192)
+    height: Optional[int] = Field(None, ge=16, le=8192)
+    loop: bool = True
+    stall_timeout_s: float = Field(5.0, gt=0, le=600)
+    backoff_initial_s: float = Field(0.5, gt=0, le=600)
+    backoff_max_s: float = Field(30.0, gt=0, le=3600)
+
+
+class TriggerSettings(_Section):
+    enabled: bool = True
+    motion_threshold: float = Field(8.0, gt=0, le=255)
+    still_threshold: float = Field(3.0, gt=0, le=255)
+    still_time_s: float = Field(0.5, ge=0, le=60)
+    min_sharpness: float = Field(60.0, ge=0)
+    min_interval_s: float = Field(1.0, ge=0, le=3600)
+    analysis_width_px: int = Field(160, ge=16, le=1920)
+
+
+class EncoderConfig(_Section):
+    bundle: Path = Path("models/default")
+    num_threads: int = Field(2, ge=1, le=64)
+
+
+class IndexConfig(_Section):
+    path: Path = Path("var/catalog")
+    n_trees: int = Field(50, ge=1, le=1000)
+    search_k: int = Field(5000, ge=-1)
+    top_k: int = Field(5, ge=1, le=100)
+    thumbnail_px: int = Field(160, ge=32, le=1024)
+
+
+class CatalogConfig(_Section):
+    build_from: Optional[Path] = Field(None, description="folder to index at start when the index is missing")
+    labels: Optional[Path] = Field(None, description="CSV/TSV/JSON of id → label for build_from")
+    enrolled_dir: Path = Path("var/enrolled")
+    demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
+
+
+class WebConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    threads: int = Field(6, ge=4, le=64)
+    max_upload_mb: float = Field(10.0, gt=0, le=1024)
+    max_pixels: int = Field(40_000_000, ge=1024, le=500_000_000)
+    api_token: Optional[str] = Field(None, min_length=8)
+    stream_fps: float = Field(5.0, gt=0, le=60)
+
+
+class Config(_Section):
+    camera: CameraConfig = CameraConfig()
+    trigger: TriggerSettings = TriggerSettings()
+    encoder: EncoderConfig = EncoderConfig()
+    index: IndexConfig = IndexConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    web: WebConfig = WebConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    source_file: Optional[Path] = Field(None, exclude=True)
+
+    @field_validator("source_file")
+    @classmethod
+    def _abs(cls, v):
+        return v.resolve() if v else v
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    def fix(p: Optional[Path]) -> Optional[Path]:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    cam = cfg.camera
+    src = cam.source
+    if src not in ("demo",) and "://" not in src and not src.isdigit() and not src.startswith("/"):
+        src = str(base / src)
+    return cfg.model_copy(update={
+        "camera": cam.model_copy(update={"source": src}),
+        "encoder": cfg.encoder.model_copy(update={"bundle": fix(cfg.encoder.bundle)}),
+        "index": cfg.index.model_copy(update={"path": fix(cfg.index.path)}),
+        "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
+                                                  "labels": fix(cfg.catalog.labels),
+                                                  "enrolled_dir": fix(cfg.catalog.enrolled_dir)}),
+    })
+
+
+def _describe(e: ValidationError, path: Path) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = err["loc"][:-1]
+            model = Config
+            for part in section:
+                model = model.model_fields[str(part)].annotation
+            allowed = ", ".join(k for k in model.model_fields if k != "source_file")
+            lines.append(f"{path}: unknown key '{key}' (allowed here: {allowed})")
+        else:
+            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate config.yaml (None = all defaults, paths relative to the current folder)."""
+    if path is None:
+        return _resolve(Config(), Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (camera:, encoder:, …)")
+    if "source_file" in raw:
+        raise ConfigError(f"{path}: unknown key 'source_file'")
+    try:
+        cfg = Config.model_validate({**raw, "source_file": path})
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from None
+    return _resolve(cfg, path.resolve().parent)

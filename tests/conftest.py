@@ -1,0 +1,45 @@
+"""Shared fixtures: the committed default bundle, a catalog of real photos that ship in pip packages, and
+simulated camera views of them (fixed seeds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.camera import encode_jpeg
+from device.demo import camera_view, shipped_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = ROOT / "models" / "default"
+# Catalog photos for the device tests; "coffee" and "grace_hopper" stay out (not-in-catalog queries).
+CATALOG = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
+           "coins", "moon", "clock", "page", "brick", "china", "flower")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    return shipped_photos()
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from device.encoder import Encoder
+    with Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=2) as enc:
+        yield enc
+
+
+@pytest.fixture(scope="session")
+def catalog_dir(tmp_path_factory, photos) -> Path:
+    """A folder of catalog JPEGs (one in a sub-folder, to check ids keep the relative path)."""
+    d = tmp_path_factory.mktemp("catalog")
+    for name in CATALOG:
+        sub = d / "space" if name == "hubble_deep_field" else d
+        sub.mkdir(exist_ok=True)
+        (sub / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+    return d
+
+
+def view(photos, name: str, kind: str, seed: int) -> np.ndarray:
+    """One deterministic camera view of a shipped photo."""
+    return camera_view(photos[name], kind, np.random.default_rng(seed))

@@ -1,0 +1,132 @@
+"""The running appliance with real parts: a fake camera (video file of simulated views) drives the trigger
+and produces lookups; the HTTP API on the real Appliance (upload, enrol, remove, health, metrics)."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+from device.camera import Camera, VideoWriter, encode_jpeg
+from device.catalog import build_index
+from device.index import IndexHolder
+from device.lookup import Lookup
+from device.service import Appliance
+from device.trigger import Trigger, TriggerConfig
+from device.web import WebSettings, create_app
+
+from .conftest import view
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture()
+def holder(tmp_path, catalog_dir, encoder):
+    build_index(catalog_dir, encoder, tmp_path / "index", progress=False)
+    h = IndexHolder(tmp_path / "index", expected_bundle_sha256=encoder.sha256, search_k=2000)
+    yield h
+    h.close()
+
+
+def make_appliance(encoder, holder, tmp_path, camera=None, trigger=None):
+    return Appliance(lookup=Lookup(encoder, holder, top_k=3), holder=holder, camera=camera, trigger=trigger,
+                     enrolled_dir=tmp_path / "enrolled")
+
+
+def test_fake_camera_drives_the_trigger_to_a_correct_lookup(encoder, holder, photos, tmp_path):
+    rng = np.random.default_rng(3)
+    shown = view(photos, "rocket", "perspective", seed=11)
+    h, w = shown.shape[:2]
+    path = tmp_path / "camera.avi"
+    with VideoWriter(path, 20, (w, h)) as wr:
+        for i in range(10):  # something moving through the view...
+            wr.write(np.roll(shown, i * 60, axis=1))
+        for _ in range(30):  # ...then held still for 1.5 s
+            wr.write(np.clip(shown.astype(np.int16) + rng.integers(-2, 3, shown.shape), 0, 255).astype(np.uint8))
+    cam = Camera(str(path), fps=20, loop=False, stall_timeout_s=5)
+    trig = Trigger(TriggerConfig(still_time_s=0.3, min_interval_s=0.5))
+    app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=trig).start()
+    try:
+        deadline = time.time() + 10
+        while app.latest_result() is None and time.time() < deadline:
+            time.sleep(0.05)
+        result = app.latest_result()
+        assert result is not None, "the trigger never fired"
+        assert result.source == "camera" and result.results[0].id == "rocket"
+        assert app.metrics()["lookups_total"]["camera"] >= 1
+        assert app.latest_frame_jpeg()[1][:2] == b"\xff\xd8"
+    finally:
+        app.stop()
+
+
+def test_health_reports_a_lost_camera_and_the_device_keeps_serving(encoder, holder, photos, tmp_path):
+    cam = Camera(str(tmp_path / "unplugged.avi"), stall_timeout_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.1)
+    app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=Trigger()).start()
+    client = create_app(WebSettings(), app).test_client()
+    try:
+        time.sleep(0.5)
+        health = client.get("/api/health")
+        assert health.status_code == 503
+        body = health.get_json()
+        assert body["camera"]["state"] == "reconnecting" and "unplugged.avi" in body["camera"]["last_error"]
+        assert body["index"]["size"] > 0 and body["bundle"]["quantization"] == "int8"
+        # uploads still work while the camera is gone
+        up = client.post("/api/query", data={"image": (io.BytesIO(encode_jpeg(photos["chelsea"])), "q.jpg")})
+        assert up.status_code == 200 and up.get_json()["results"][0]["id"] == "chelsea"
+    finally:
+        app.stop()
+
+
+def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, photos, tmp_path):
+    app = make_appliance(encoder, holder, tmp_path)
+    client = create_app(WebSettings(api_token=TOKEN), app).test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    q = encode_jpeg(view(photos, "coffee", "rotate", seed=2))
+
+    r = client.post("/api/query", data={"image": (io.BytesIO(q), "q.jpg")})
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["results"][0]["id"] != "mug" and set(body["timings_ms"]) >= {"decode", "encode", "search"}
+
+    r = client.post("/api/catalog", headers=auth,
+                    data={"image": (io.BytesIO(encode_jpeg(photos["coffee"], 92)), "c.jpg"), "label": "Mug", "id": "mug"})
+    assert r.status_code in (201, 202) and r.get_json()["id"] == "mug"
+    deadline = time.time() + 20
+    while not holder.index.has("mug") and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "enrolled" / "mug.jpg").is_file()  # the original is kept: nothing is lost
+    assert client.get("/api/catalog/mug/thumb.jpg").data[:2] == b"\xff\xd8"
+    r = client.post("/api/query", data={"image": (io.BytesIO(q), "q.jpg")})
+    assert r.get_json()["results"][0]["id"] == "mug"
+
+    assert client.delete("/api/catalog/mug", headers=auth).status_code == 200
+    assert not holder.index.has("mug") and not (tmp_path / "enrolled" / "mug.jpg").exists()
+    assert client.delete("/api/catalog/mug", headers=auth).status_code == 404
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    (b"hello, I am text", 400, "not an image"),
+    (None, 400, "truncated"),
+])
+def test_bad_uploads_get_a_clear_4xx_and_lose_nothing(encoder, holder, photos, tmp_path, payload, status, words):
+    app = make_appliance(encoder, holder, tmp_path)
+    client = create_app(WebSettings(), app).test_client()
+    if payload is None:
+        payload = encode_jpeg(photos["astronaut"])[:3000]
+    r = client.post("/api/query", data={"image": (io.BytesIO(payload), "x.jpg")})
+    assert r.status_code == status and words in r.get_json()["error"]
+    ok = client.post("/api/query", data={"image": (io.BytesIO(encode_jpeg(photos["moon"])), "m.jpg")})
+    assert ok.status_code == 200 and ok.get_json()["results"][0]["id"] == "moon"
+    assert app.metrics()["errors_total"] == {"ImageError": 1}
+
+
+def test_huge_image_is_refused_before_decoding(encoder, holder, tmp_path):
+    from PIL import Image
+    app = make_appliance(encoder, holder, tmp_path)
+    app.lookup.max_pixels = 1_000_000
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1000), (10, 20, 30)).save(buf, format="PNG")
+    client = create_app(WebSettings(), app).test_client()
+    r = client.post("/api/query", data={"image": (io.BytesIO(buf.getvalue()), "big.png")})
+    assert r.status_code in (400, 413) and "limit" in r.get_json()["error"]

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None, help="bundle name (default: the --out folder name)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    s = sub.add_parser("sample-images", help="write the real photos that ship in pip packages (scikit-image, "
+                       "scikit-learn, matplotlib) and crops of them into a folder, e.g. as --heldout-images")
+    s.add_argument("out", type=Path)
+    s.add_argument("--crops-per-photo", type=int, default=2, help="distinct crops per photo besides the photo")
     r = sub.add_parser("report", help="compare a bundle with a reference bundle on held-out images")
     r.add_argument("bundle", type=Path)
     r.add_argument("--images", type=Path, required=True, help="held-out real images")
@@ -105,6 +109,18 @@ def _report(args) -> int:
     return 0
 
 
+def _sample_images(args) -> int:
+    from device.camera import encode_jpeg
+    from device.demo import photo_crops, shipped_photos
+    photos = shipped_photos()
+    images = {**photos, **photo_crops(photos, args.crops_per_photo, seed=0)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, img in images.items():
+        (args.out / f"{name}.jpg").write_bytes(encode_jpeg(img, 92))
+    print(f"wrote {len(images)} images to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: the only place the converter turns errors into exit codes."""
     args = _parser().parse_args(argv)
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .build import ConverterError
     try:
-        return _build(args) if args.cmd == "build" else _report(args)
+        return {"build": _build, "report": _report, "sample-images": _sample_images}[args.cmd](args)
     except (ConverterError, ApplianceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

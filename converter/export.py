@@ -1,6 +1,8 @@
 """Keras → TFLite in four flavours. Every flavour must load on ai-edge-litert and on tflite-runtime 2.14."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Iterable
 
@@ -39,4 +41,6 @@ def to_tflite(model, mode: str, calibration: Iterable[np.ndarray] | None = None)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.inference_input_type = tf.uint8
         conv.inference_output_type = tf.float32
-    return bytes(conv.convert())
+    # Keras' export prints a long signature listing on stdout; keep the CLI's output readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(conv.convert())

@@ -89,12 +89,31 @@ class Encoder:
             interp = Interpreter(model_path=model_path, num_threads=num_threads)
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise BundleError(f"{model_path}: {runtime} cannot load it ({e})") from None
+            interp = cls._without_xnnpack(Interpreter, model_path, num_threads)
+            if interp is None:
+                raise BundleError(f"{model_path}: {runtime} cannot load it ({e})") from None
+            log.warning("%s: XNNPACK could not prepare the model (%s); using the built-in kernels", model_path, e)
+            runtime += " (no XNNPACK)"
         enc = cls(bundle_dir, manifest, interp, runtime, num_threads)
         log.info("encoder %s: %s %s, %dx%d → %d-d, runtime %s, %d threads", manifest.name,
                  manifest.source.get("backbone", "?"), manifest.quantization, manifest.input.width,
                  manifest.input.height, manifest.output_dim, runtime, num_threads)
         return enc
+
+    @staticmethod
+    def _without_xnnpack(Interpreter, model_path: str, num_threads: int):
+        """A second try with the built-in kernels only (XNNPACK refuses a few valid models)."""
+        try:
+            from ai_edge_litert.interpreter import OpResolverType
+        except ImportError:
+            return None
+        try:
+            interp = Interpreter(model_path=model_path, num_threads=num_threads,
+                                 experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interp.allocate_tensors()
+            return interp
+        except (ValueError, RuntimeError, TypeError):
+            return None
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 → the input tensor [1, H, W, 3] in the model's dtype."""

@@ -1,0 +1,314 @@
+"""Spatial verification: re-rank the top-K global candidates by local features + geometry.
+
+The global descriptor says "looks like"; this module says "N matching points". ORB keypoints of the query
+frame are matched to each candidate's stored keypoints (Hamming kNN, Lowe ratio test, one-to-one), and a
+homography is fitted with RANSAC / USAC_MAGSAC. A catalog print lying tilted and partly covered on a desk
+keeps dozens of inliers; a photo that is not in the catalog, or an empty table, gets ~0 against every
+candidate. Callers decide "verified" with ``inliers >= VerifyConfig.min_inliers``.
+
+Why one-to-one: on smooth, low-texture catalog images (moon, clock, coins) a few catalog keypoints are the
+nearest neighbour of many query keypoints; without the rule any textured frame "verifies" against them
+because a homography can always map many points onto the same few.
+
+Features file (``FeatureStore``), one per index generation, beside the index, memory-mapped::
+
+    offset 0   header, 16 bytes, little endian: magic b"ORBF", version u32 (=1), count u32, desc_bytes u32 (=32)
+    16         offsets     int64  [count + 1]   row of item i is offsets[i] .. offsets[i+1]; offsets[0] = 0
+    ...        size_wh     int32  [count, 2]    (width, height) of the downscaled image the xy refer to
+    ...        xy          float32 [total, 2]   keypoint coordinates, total = offsets[count]
+    ...        desc        uint8  [total, 32]   ORB descriptors
+    file size = 16 + 8 * (count + 1) + 8 * count + 40 * total  (every section stays 8-byte aligned)
+
+Bytes per item: 16 + 40 per keypoint, i.e. ≈ 20 KB at 500 features (≈ 2 GB for a 100k-item catalog, which
+is why it is mapped, not read). Only the candidates' pages are touched per query.
+
+Measured costs (2-core x86 dev machine shared with other jobs, ``cv2.setNumThreads(1)``, median ms; query =
+640x480 table view, candidates = shipped photos; a Raspberry Pi 4 core is roughly 3-5x slower)::
+
+    ORB extract, query frame                      500 kp: 3.7    1000 kp (default): 4.7
+    ORB extract, 512x512 catalog photo            500 kp: 5.4
+    verify one candidate (knn + ratio + one-to-one + homography), query kp x catalog kp:
+                           500x500   1000x500 (default)   1000x1000
+        USAC_MAGSAC         2.1          4.2                 7.7
+        RANSAC              2.7          7.4                11.0
+
+knnMatch is ~95% of a verification (4.0 of 4.2 ms at the defaults); MAGSAC stops early where RANSAC runs its
+500 iterations, and it kept a true pair RANSAC lost. K = 10 candidates at the defaults: ≈ 47 ms per
+lookup here, so on a Pi verify K ≈ 5 or pass ``stop_inliers`` (a matching print usually ends it at one).
+
+Threads: the cv2 bindings release the GIL inside every call (another Python thread kept ~50% of its idle
+speed during knnMatch/findHomography, ~4% during a GIL-holding list.sort), so a thread pool could spread K
+verifications over a Pi's 4 cores. On this shared 2-core box 2 threads gave no reliable gain (43 vs 40 ms,
+another run 67 vs 74 ms), so ``rerank`` stays sequential.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from device.errors import CatalogIndexError
+
+MAGIC = b"ORBF"
+FORMAT_VERSION = 1
+DESC_BYTES = 32
+_HEADER = struct.Struct("<4sIII")
+MIN_MATCHES_TO_FIT = 8  # fewer ratio-test matches than this: no homography is tried, 0 inliers
+_MAX_SCALE_CHANGE = 10.0
+_METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Settings of spatial verification.
+
+    ``n_features``: ORB keypoints per catalog image (what the features file stores).
+    ``query_n_features``: ORB keypoints of a query frame; more than the catalog's because a print lying on a
+    cluttered desk fills only part of the frame and the table's texture takes its share of the strongest
+    corners (on the shipped table views 500 query keypoints left a small print with 0-18 inliers, 1000
+    with >= 39). ``ratio``: Lowe ratio test (best / second-best Hamming distance must be below it).
+    ``ransac_reproj_px``: homography inlier threshold in pixels of the downscaled images.
+    ``ransac_iters``: maximum RANSAC iterations. ``min_inliers``: not used here; the callers' decision
+    ("verified" when inliers >= min_inliers; false pairs reach 4-7 because any 4 matches fit a homography,
+    true pairs had >= 39 on the shipped views). ``max_side_px``: images are downscaled so the longer side
+    is at most this before ORB (cost control; stored xy refer to the downscaled image).
+    ``fast_threshold``: ORB's FAST corner threshold. ``method``: "usac_magsac" or "ransac".
+    """
+
+    n_features: int = 500
+    query_n_features: int = 1000
+    ratio: float = 0.8
+    ransac_reproj_px: float = 8.0
+    ransac_iters: int = 500
+    min_inliers: int = 12
+    max_side_px: int = 640
+    fast_threshold: int = 20
+    method: str = "usac_magsac"
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ValueError(f"VerifyConfig.method must be one of {', '.join(_METHODS)}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class Features:
+    """ORB features of one image: ``xy`` float32 [N, 2] in the downscaled image's pixel coordinates,
+    ``desc`` uint8 [N, 32], ``size_wh`` (width, height) of that downscaled image."""
+
+    xy: np.ndarray
+    desc: np.ndarray
+    size_wh: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+
+def _empty(size_wh: tuple[int, int]) -> Features:
+    return Features(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8), size_wh)
+
+
+def extract(rgb: np.ndarray, cfg: VerifyConfig = VerifyConfig(), *, query: bool = False) -> Features:
+    """ORB features of an RGB uint8 HxWx3 image (grayscale HxW is accepted too), after downscaling so the
+    longer side is at most ``cfg.max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
+    ``cfg.query_n_features`` with ``query=True``. A flat image gives empty arrays, never None."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
+    h, w = gray.shape[:2]
+    scale = cfg.max_side_px / max(h, w)
+    if scale < 1.0:
+        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    size_wh = (int(gray.shape[1]), int(gray.shape[0]))
+    orb = cv2.ORB_create(nfeatures=cfg.query_n_features if query else cfg.n_features, fastThreshold=cfg.fast_threshold)
+    kps, desc = orb.detectAndCompute(gray, None)
+    if desc is None or not kps:
+        return _empty(size_wh)
+    xy = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
+    return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size_wh)
+
+
+def ratio_matches(query: Features, cand: Features, cfg: VerifyConfig = VerifyConfig(), *,
+                  one_to_one: bool = True) -> np.ndarray:
+    """Putative matches query → candidate as int [M, 2] (query index, candidate index): Hamming 2-NN, Lowe
+    ratio test, and (``one_to_one``) each candidate keypoint kept only for its best-distance query keypoint.
+    ``one_to_one=False`` exists to show why the rule is needed; verification always uses it."""
+    if len(query) == 0 or len(cand) < 2:
+        return np.zeros((0, 2), np.int64)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.desc, cand.desc, k=2)
+    best: dict[int, tuple[float, int]] = {}
+    pairs = []
+    for m in knn:
+        if len(m) < 2 or m[0].distance >= cfg.ratio * m[1].distance:
+            continue
+        if not one_to_one:
+            pairs.append((m[0].queryIdx, m[0].trainIdx))
+        elif m[0].trainIdx not in best or m[0].distance < best[m[0].trainIdx][0]:
+            best[m[0].trainIdx] = (m[0].distance, m[0].queryIdx)
+    if one_to_one:
+        pairs = [(q, t) for t, (_, q) in best.items()]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def match_inliers(query: Features, cand: Features, cfg: VerifyConfig = VerifyConfig()) -> int:
+    """Number of keypoints of ``query`` that a homography maps onto ``cand`` (0 when there is no credible
+    one). Inliers are counted as distinct keypoint locations on both sides; a homography that mirrors the
+    image or changes scale by more than 10x counts as none. Never raises on ordinary images."""
+    pairs = ratio_matches(query, cand, cfg)
+    if len(pairs) < MIN_MATCHES_TO_FIT:
+        return 0
+    src = query.xy[pairs[:, 0]].reshape(-1, 1, 2)
+    dst = cand.xy[pairs[:, 1]].reshape(-1, 1, 2)
+    try:
+        h, mask = cv2.findHomography(src, dst, _METHODS[cfg.method], cfg.ransac_reproj_px,
+                                     maxIters=cfg.ransac_iters, confidence=0.995)
+    except cv2.error:
+        return 0
+    if h is None or mask is None or not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
+        return 0
+    a = h[:2, :2] / h[2, 2]
+    det = float(np.linalg.det(a))
+    if det <= 0 or not (1 / _MAX_SCALE_CHANGE ** 2 <= det <= _MAX_SCALE_CHANGE ** 2):
+        return 0
+    inl = mask.ravel().astype(bool)
+    # Distinct locations: ORB may put several keypoints (pyramid levels) on one spot; count it once.
+    q_loc = np.unique(np.round(src.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
+    c_loc = np.unique(np.round(dst.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
+    return int(min(len(q_loc), len(c_loc)))
+
+
+def rerank(query: np.ndarray | Features, candidates: Sequence[Any],
+           get_features: Callable[[Any], Features | None], cfg: VerifyConfig = VerifyConfig(), *,
+           stop_inliers: int | None = None) -> list[int]:
+    """Inliers of ``query`` (an RGB frame or its Features) against each candidate, in the given order.
+
+    ``get_features(candidate)`` returns the candidate's stored Features, or None when it has none. Result
+    per candidate: the inlier count, or -1 when it was not verified (no features, or skipped because an
+    earlier candidate already reached ``stop_inliers``: candidates come best-first, so the first one that
+    verifies well ends the work).
+    """
+    qf = query if isinstance(query, Features) else extract(query, cfg, query=True)
+    out: list[int] = []
+    for cand in candidates:
+        if stop_inliers is not None and out and max(out) >= stop_inliers:
+            out.append(-1)
+            continue
+        feats = get_features(cand)
+        out.append(-1 if feats is None else match_inliers(qf, feats, cfg))
+    return out
+
+
+# ------------------------------------------------------------------------------------- features file
+
+def _layout(count: int, total: int) -> tuple[int, int, int, int, int]:
+    """Byte offsets of (offsets, size_wh, xy, desc) and the file size."""
+    off = _HEADER.size
+    size = off + 8 * (count + 1)
+    xy = size + 8 * count
+    desc = xy + 8 * total
+    return off, size, xy, desc, desc + DESC_BYTES * total
+
+
+class FeatureStore:
+    """All catalog items' Features in one memory-mapped file (format in the module docstring).
+
+    ``get(row)`` returns views into the mapping (no copy); they stay valid after ``close()`` because they
+    hold the mapping themselves. Reads are thread-safe.
+    """
+
+    def __init__(self, path: Path, raw: np.ndarray, offsets: np.ndarray, size_wh: np.ndarray,
+                 xy: np.ndarray, desc: np.ndarray):
+        """Use :meth:`open`; this constructor takes already-validated parts."""
+        self.path = path
+        self._raw: np.ndarray | None = raw
+        self._offsets, self._size_wh, self._xy, self._desc = offsets, size_wh, xy, desc
+
+    @staticmethod
+    def write(path: str | os.PathLike, features: Sequence[Features]) -> int:
+        """Write ``features`` (row i = catalog item i) to ``path`` and fsync it; returns the bytes written.
+        The caller writes into its temporary generation folder and swaps atomically."""
+        path = Path(path)
+        counts = [len(f) for f in features]
+        offsets = np.zeros(len(features) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        for i, f in enumerate(features):
+            if f.xy.shape != (counts[i], 2) or f.desc.shape != (counts[i], DESC_BYTES):
+                raise CatalogIndexError(f"features of item #{i} have shapes xy {f.xy.shape}, "
+                                        f"desc {f.desc.shape}; expected [N, 2] and [N, {DESC_BYTES}]")
+        size_wh = np.array([f.size_wh for f in features], np.int32).reshape(-1, 2)
+        try:
+            with open(path, "wb") as fh:
+                fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(features), DESC_BYTES))
+                fh.write(offsets.astype("<i8").tobytes())
+                fh.write(size_wh.astype("<i4").tobytes())
+                for f in features:
+                    fh.write(np.ascontiguousarray(f.xy, "<f4").tobytes())
+                for f in features:
+                    fh.write(np.ascontiguousarray(f.desc, np.uint8).tobytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+                return fh.tell()
+        except OSError as e:
+            raise CatalogIndexError(f"could not write the features file {path}: {e}") from e
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FeatureStore:
+        """Map the features file at ``path``. Raises CatalogIndexError naming the file when it is missing,
+        truncated or corrupt (bad magic/version, sizes not matching its length, offsets not monotonic)."""
+        path = Path(path)
+        try:
+            length = path.stat().st_size
+            raw = np.memmap(path, dtype=np.uint8, mode="r") if length else np.zeros(0, np.uint8)
+        except (OSError, ValueError) as e:
+            raise CatalogIndexError(f"cannot map the features file {path}: {e}") from None
+
+        def bad(why: str) -> CatalogIndexError:
+            return CatalogIndexError(f"features file {path} is corrupt or truncated: {why}; rebuild the index")
+
+        if length < _HEADER.size:
+            raise bad(f"{length} bytes, shorter than the {_HEADER.size}-byte header")
+        magic, version, count, desc_bytes = _HEADER.unpack(bytes(raw[:_HEADER.size]))
+        if magic != MAGIC:
+            raise bad(f"magic {magic!r}, expected {MAGIC!r}")
+        if version != FORMAT_VERSION or desc_bytes != DESC_BYTES:
+            raise bad(f"version {version} / desc_bytes {desc_bytes}, expected {FORMAT_VERSION} / {DESC_BYTES}")
+        o_off, o_size, _, _, _ = _layout(count, 0)
+        if length < o_size + 8 * count:
+            raise bad(f"{length} bytes cannot hold the tables of {count} items")
+        offsets = np.asarray(raw[o_off:o_size]).view("<i8")
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any():
+            raise bad("item offsets are not monotonic from 0")
+        total = int(offsets[-1])
+        _, s_off, xy_off, d_off, end = _layout(count, total)
+        if length != end:
+            raise bad(f"{length} bytes, but {count} items with {total} keypoints need {end}")
+        size_wh = np.asarray(raw[s_off:xy_off]).view("<i4").reshape(count, 2)
+        xy = np.asarray(raw[xy_off:d_off]).view("<f4").reshape(total, 2)
+        desc = np.asarray(raw[d_off:end]).reshape(total, DESC_BYTES)
+        return cls(path, raw, offsets, size_wh, xy, desc)
+
+    def __len__(self) -> int:
+        return int(self._size_wh.shape[0])
+
+    def get(self, row: int) -> Features:
+        """Features of catalog item ``row`` (views into the mapping)."""
+        if self._raw is None:
+            raise CatalogIndexError(f"features file {self.path} is closed")
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} items in {self.path}")
+        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
+        w, h = self._size_wh[row]
+        return Features(self._xy[a:b], self._desc[a:b], (int(w), int(h)))
+
+    def close(self) -> None:
+        """Drop this store's reference to the mapping (views handed out keep it alive until released)."""
+        self._raw = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

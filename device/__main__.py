@@ -70,13 +70,38 @@ def _encoder(cfg: Config, bundle: Path | None = None):
 def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):
     from .index import IndexHolder
     return IndexHolder(path or cfg.index.path, expected_bundle_sha256=encoder.sha256, search_k=cfg.index.search_k,
-                       n_trees=cfg.index.n_trees, create_empty=create_empty, dim=encoder.dim)
+                       n_trees=cfg.index.n_trees, create_empty=create_empty, dim=encoder.dim,
+                       require_features=cfg.recognition.require_features)
+
+
+def _recognition(cfg: Config):
+    """(Enrolment, RecognitionConfig) from the config's recognition section."""
+    from .catalog import Enrolment
+    from .lookup import RecognitionConfig
+    from .verify import VerifyConfig
+    r = cfg.recognition
+    features = VerifyConfig(n_features=r.n_features, query_n_features=r.query_n_features, ratio=r.ratio,
+                            ransac_reproj_px=r.ransac_reproj_px, ransac_iters=r.ransac_iters,
+                            min_inliers=r.accept_inliers)
+    enrolment = Enrolment(views=tuple(r.enrol_views), features=features if r.features else None,
+                          thumbnail_px=cfg.index.thumbnail_px)
+    recognition = RecognitionConfig(query_crops=tuple(r.query_crops), verify=r.verify, verify_top_k=r.verify_top_k,
+                                    verify_below_score=r.verify_below_score, stop_inliers=r.stop_inliers,
+                                    accept_inliers=r.accept_inliers, accept_score=r.accept_score,
+                                    fusion_weight=r.fusion_weight, features=features)
+    return enrolment, recognition
+
+
+def _lookup(cfg: Config, encoder, holder, top_k: int | None = None):
+    from .lookup import Lookup
+    return Lookup(encoder, holder, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels,
+                  recognition=_recognition(cfg)[1])
 
 
 def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None) -> None:
     from .catalog import build_index, load_labels
     rep = build_index(folder, encoder, out, labels=load_labels(labels), n_trees=cfg.index.n_trees,
-                      thumbnail_px=cfg.index.thumbnail_px, max_pixels=cfg.web.max_pixels,
+                      enrolment=_recognition(cfg)[0], max_pixels=cfg.web.max_pixels,
                       progress=sys.stderr.isatty())
     print(f"indexed {rep.indexed} images from {folder} into {out} ({rep.generation}) in {rep.seconds:.1f} s; "
           f"skipped {len(rep.skipped)}", file=sys.stderr)
@@ -91,10 +116,8 @@ def cmd_index_build(cfg: Config, args) -> int:
 
 
 def cmd_query(cfg: Config, args) -> int:
-    from .lookup import Lookup
     encoder = _encoder(cfg, args.bundle)
-    lookup = Lookup(encoder, _holder(cfg, encoder, args.index), top_k=args.top_k or cfg.index.top_k,
-                    max_pixels=cfg.web.max_pixels)
+    lookup = _lookup(cfg, encoder, _holder(cfg, encoder, args.index), args.top_k)
     failures = 0
     for path in args.images:
         try:
@@ -109,10 +132,13 @@ def cmd_query(cfg: Config, args) -> int:
             continue
         if args.json:
             out = result.to_json()
-            print(json.dumps({"query": str(path), "results": out["results"], "timings_ms": out["timings_ms"]}),
-                  flush=True)
+            print(json.dumps({"query": str(path), "match": out["match"], "results": out["results"],
+                              "timings_ms": out["timings_ms"]}), flush=True)
         else:
-            print(f"{path}  ({result.timings_ms['total']:.1f} ms)")
+            m = result.match
+            verdict = (f"match {m.id}" + (f" · verified, {m.inliers} matching points" if m.inliers else "")
+                       if m else "no match")
+            print(f"{path}  {verdict}  ({result.timings_ms['total']:.1f} ms)")
             for rank, c in enumerate(result.results, 1):
                 print(f"  {rank}. {c.score:.3f}  {c.id}  {c.label}")
     return 1 if failures else 0
@@ -136,8 +162,9 @@ def cmd_catalog(cfg: Config, args) -> int:
         return 0
     if args.item_id and len(args.images) > 1:
         raise CatalogIndexError("--id names one item: give one image with it")
+    enrolment = _recognition(cfg)[0]
     items = [make_item(encoder, read_image(p, cfg.web.max_pixels), args.item_id or p.stem, args.label,
-                       source=str(p.resolve()), thumbnail_px=cfg.index.thumbnail_px) for p in args.images]
+                       source=str(p.resolve()), enrolment=enrolment) for p in args.images]
     holder.add(items)
     print(f"enrolled {', '.join(i.id for i in items)}; index now has {holder.index.size} items", file=sys.stderr)
     return 0
@@ -166,14 +193,13 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
 
 def cmd_serve(cfg: Config) -> int:
     from .camera import Camera
-    from .lookup import Lookup
     from .service import Appliance
     from .trigger import Trigger, TriggerConfig
     from .web import WebSettings, create_app, serve
     encoder = _encoder(cfg)
     cfg = _prepare_catalog(cfg, encoder)
     holder = _holder(cfg, encoder, create_empty=True)
-    lookup = Lookup(encoder, holder, top_k=cfg.index.top_k, max_pixels=cfg.web.max_pixels)
+    lookup = _lookup(cfg, encoder, holder)
     cam = cfg.camera
     camera = Camera(cam.source, fps=cam.fps, stall_timeout_s=cam.stall_timeout_s, backoff_initial_s=cam.backoff_initial_s,
                     backoff_max_s=cam.backoff_max_s, loop=cam.loop, width=cam.width, height=cam.height)
@@ -181,7 +207,7 @@ def cmd_serve(cfg: Config) -> int:
     trigger = Trigger(TriggerConfig(t.motion_threshold, t.still_threshold, t.still_time_s, t.min_sharpness,
                                     t.min_interval_s, t.analysis_width_px)) if t.enabled else None
     app_services = Appliance(lookup=lookup, holder=holder, camera=camera, trigger=trigger,
-                             enrolled_dir=cfg.catalog.enrolled_dir, thumbnail_px=cfg.index.thumbnail_px).start()
+                             enrolled_dir=cfg.catalog.enrolled_dir, enrolment=_recognition(cfg)[0]).start()
     w = cfg.web
     web = WebSettings(host=w.host, port=w.port, max_upload_mb=w.max_upload_mb, api_token=w.api_token,
                       stream_fps=w.stream_fps)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import verify
 from .camera import DEFAULT_MAX_PIXELS, make_thumbnail, read_image
 from .errors import CatalogIndexError, ImageError
 from .index import CatalogItem, write_index
@@ -29,11 +30,39 @@ def validate_id(item_id: str) -> str:
     return item_id
 
 
+@dataclass(frozen=True)
+class Enrolment:
+    """How catalog images become index items (config.yaml ``recognition:``).
+
+    ``views``: besides the image itself, index it as seen from further away — scaled to each fraction of
+    the frame on a neutral grey canvas (database-side augmentation: a print lying on a table fills only part
+    of the camera frame). ``features``: ORB features for spatial verification (None = off)."""
+
+    views: tuple[float, ...] = ()
+    features: verify.VerifyConfig | None = None
+    thumbnail_px: int = 160
+
+
+def padded_view(rgb: np.ndarray, frac: float, grey: int = 128) -> np.ndarray:
+    """The image scaled to ``frac`` of its size, centred on a grey canvas of the original size."""
+    import cv2
+    h, w = rgb.shape[:2]
+    sh, sw = max(1, int(h * frac)), max(1, int(w * frac))
+    canvas = np.full_like(rgb, grey)
+    y0, x0 = (h - sh) // 2, (w - sw) // 2
+    canvas[y0:y0 + sh, x0:x0 + sw] = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+    return canvas
+
+
 def make_item(encoder, rgb: np.ndarray, item_id: str, label: str | None = None, *, source: str | None = None,
-              thumbnail_px: int = 160) -> CatalogItem:
-    """Encode one catalog image into an index item (descriptor + JPEG thumbnail)."""
-    return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=encoder.embed(rgb),
-                       thumbnail_jpeg=make_thumbnail(rgb, thumbnail_px), source=source)
+              enrolment: Enrolment = Enrolment()) -> CatalogItem:
+    """Encode one catalog image into an index item: descriptors of the image and its views, local features,
+    JPEG thumbnail. The same encoder the device queries with."""
+    vectors = [encoder.embed(rgb)] + [encoder.embed(padded_view(rgb, f)) for f in enrolment.views]
+    features = verify.extract(rgb, enrolment.features) if enrolment.features is not None else None
+    return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
+                       thumbnail_jpeg=make_thumbnail(rgb, enrolment.thumbnail_px), source=source,
+                       features=features)
 
 
 def load_labels(path: str | Path | None) -> dict[str, str]:
@@ -82,7 +111,7 @@ def scan_folder(folder: Path) -> list[Path]:
 
 
 def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: dict[str, str] | None = None,
-                n_trees: int = 50, thumbnail_px: int = 160, max_pixels: int = DEFAULT_MAX_PIXELS,
+                n_trees: int = 50, enrolment: Enrolment = Enrolment(), max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True) -> BuildReport:
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
     files are skipped and reported; the new index replaces the old one atomically."""
@@ -101,7 +130,7 @@ def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: 
                 raise ImageError(f"duplicate id {item_id!r} (also {seen[item_id]})")
             rgb = read_image(path, max_pixels)
             items.append(make_item(encoder, rgb, item_id, labels.get(item_id), source=str(path),
-                                   thumbnail_px=thumbnail_px))
+                                   enrolment=enrolment))
             seen[item_id] = rel.as_posix()
         except (ImageError, CatalogIndexError) as e:
             rep.skipped.append((rel.as_posix(), str(e)))

@@ -56,6 +56,35 @@ class CatalogConfig(_Section):
     demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
 
 
+class RecognitionSettings(_Section):
+    """Multi-view enrolment, spatial verification and the match / no-match decision. Off unless enabled
+    (config.yaml enables it); an index must be rebuilt after changing enrol_views or features."""
+
+    enrol_views: list[float] = Field(default_factory=list, description="extra catalog views: fraction of frame")
+    features: bool = False
+    query_crops: list[float] = Field(default_factory=list)
+    verify: bool = False
+    verify_top_k: int = Field(5, ge=1, le=50)
+    verify_below_score: float = Field(1.01, ge=-1, le=1.01)
+    stop_inliers: int = Field(40, ge=4, le=1000)
+    accept_inliers: int = Field(15, ge=4, le=1000)
+    accept_score: float = Field(0.92, ge=-1, le=1.01)
+    fusion_weight: float = Field(0.5, ge=0, le=10)
+    n_features: int = Field(500, ge=50, le=5000)
+    query_n_features: int = Field(1000, ge=50, le=5000)
+    ratio: float = Field(0.8, gt=0, lt=1)
+    ransac_reproj_px: float = Field(8.0, gt=0, le=100)
+    ransac_iters: int = Field(500, ge=10, le=100000)
+    require_features: bool = False
+
+    @field_validator("enrol_views", "query_crops")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0.1 <= f < 1.0 for f in v):
+            raise ValueError(f"fractions must be in [0.1, 1.0), got {v}")
+        return v
+
+
 class WebConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
@@ -72,6 +101,7 @@ class Config(_Section):
     encoder: EncoderConfig = EncoderConfig()
     index: IndexConfig = IndexConfig()
     catalog: CatalogConfig = CatalogConfig()
+    recognition: RecognitionSettings = RecognitionSettings()
     web: WebConfig = WebConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     source_file: Optional[Path] = Field(None, exclude=True)

@@ -8,7 +8,11 @@ On disk the index is a directory::
       gen-000006/            the previous generation, kept (a reader that resolved it earlier still works)
       gen-000007/
         vectors.ann          Annoy, angular metric, ``n_trees`` trees (mmap-loaded)
-        vectors.npy          float32 N x D, L2-normalised; enrol/remove rebuild from it without re-encoding
+        vectors.npy          float32 M x D, L2-normalised; enrol/remove rebuild from it without re-encoding.
+                             M ≥ N: an item may have several vectors (multi-view enrolment)
+        owners.npy           int32 [M]: the item row of each vector (absent = one vector per item)
+        features.bin         local features (ORB) of every item for spatial verification, one mmap file
+                             (device/verify.py FeatureStore); absent when the catalog was built without them
         thumbs.bin           the items' JPEG thumbnails back to back; ``meta["thumbs"]`` holds [offset, length]
         meta.json            format_version, dim, metric, bundle_sha256, n_trees, created, ann_bytes,
                              items [{id, label, source}] in vector order, thumbs [[offset, length] | null]
@@ -40,6 +44,7 @@ from annoy import AnnoyIndex
 
 from device.errors import CatalogIndexError
 from device.results import Candidate
+from device.verify import Features, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ CURRENT = "current"
 META_FILE = "meta.json"
 ANN_FILE = "vectors.ann"
 NPY_FILE = "vectors.npy"
+OWNERS_FILE = "owners.npy"
+FEATURES_FILE = "features.bin"
 THUMBS_FILE = "thumbs.bin"
 TMP_PREFIX = ".tmp-"
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
@@ -58,13 +65,18 @@ _REBUILD_HINT = "rebuild it with `python -m device index build`"
 
 @dataclass(frozen=True)
 class CatalogItem:
-    """One item to write into the index: its descriptor plus what the UI shows for it."""
+    """One item to write into the index: its descriptor(s) plus what the UI shows for it.
+
+    ``vector`` is one descriptor (D,) or several (V, D): the image itself plus simulated camera views
+    (multi-view enrolment); an item's score is the max over its vectors. ``features`` are its local
+    features for spatial verification (None: not verifiable)."""
 
     id: str
     label: str
     vector: np.ndarray
     thumbnail_jpeg: bytes | None = None
     source: str | None = None  # the original image path, if any
+    features: Features | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ def write_index(
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
     root = Path(path)
-    vectors, dim = _validate_items(items, dim)
+    vectors, owners, dim = _validate_items(items, dim)
     if not isinstance(bundle_sha256, str) or not bundle_sha256:
         raise CatalogIndexError("write_index: bundle_sha256 must be the encoder bundle's sha256 (non-empty)")
     if int(n_trees) < 1:
@@ -142,7 +154,8 @@ def write_index(
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user than the CLI
         gen_dir: Path | None = None
         try:
-            _write_generation(tmp, items, vectors, dim=dim, bundle_sha256=bundle_sha256, n_trees=int(n_trees))
+            _write_generation(tmp, items, vectors, owners, dim=dim, bundle_sha256=bundle_sha256,
+                              n_trees=int(n_trees))
             gen_dir = root / f"gen-{_next_generation_number(root):06d}"
             os.rename(tmp, gen_dir)
             previous = _read_current_name(root)
@@ -169,40 +182,49 @@ def write_index(
     return gen_dir
 
 
-def _validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, int]:
+def _validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     seen: set[str] = set()
     rows = []
+    owners: list[int] = []
     for n, item in enumerate(items):
         if not isinstance(item.id, str) or not item.id.strip():
             raise CatalogIndexError(f"catalog item #{n} has an empty id; every item needs a unique id")
         if item.id in seen:
             raise CatalogIndexError(f"duplicate catalog id {item.id!r}; ids must be unique")
         seen.add(item.id)
-        v = np.asarray(item.vector, dtype=np.float32).reshape(-1)
+        v = np.asarray(item.vector, dtype=np.float32)
+        v = v.reshape(1, -1) if v.ndim <= 1 else v
         if dim is None:
-            dim = v.size
-        if v.size != dim or v.size == 0:
+            dim = v.shape[1]
+        if v.ndim != 2 or v.shape[1] != dim or v.size == 0:
             raise CatalogIndexError(
-                f"catalog item {item.id!r}: vector has dim {v.size}, expected dim {dim} (all vectors "
+                f"catalog item {item.id!r}: vector has dim {v.shape[-1]}, expected dim {dim} (all vectors "
                 "must come from the same encoder)")
         if not np.all(np.isfinite(v)):
             raise CatalogIndexError(f"catalog item {item.id!r}: vector has NaN or infinite values")
-        norm = float(np.linalg.norm(v))
-        if norm < 1e-12:
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        if float(norm.min()) < 1e-12:
             raise CatalogIndexError(f"catalog item {item.id!r}: vector is all zeros")
         if item.thumbnail_jpeg is not None and not isinstance(item.thumbnail_jpeg, (bytes, bytearray, memoryview)):
             raise CatalogIndexError(f"catalog item {item.id!r}: thumbnail_jpeg must be bytes or None")
         rows.append(v / norm)
+        owners.extend([n] * len(v))
     dim = int(dim or 0)
-    vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
-    return vectors, dim
+    vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
+    return vectors, np.asarray(owners, dtype=np.int32), dim
 
 
-def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, *, dim: int,
-                      bundle_sha256: str, n_trees: int) -> None:
-    with open(gen / NPY_FILE, "wb") as f:
-        np.save(f, vectors, allow_pickle=False)
-        _fsync_file(f)
+def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
+                      dim: int, bundle_sha256: str, n_trees: int) -> None:
+    for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
+        with open(gen / name, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            _fsync_file(f)
+    # Features are all-or-nothing: an item without them gets an empty entry (never verified).
+    with_features = any(it.features is not None for it in items)
+    if with_features:
+        FeatureStore.write(gen / FEATURES_FILE, [it.features if it.features is not None
+                                                 else Features.empty() for it in items])
 
     thumbs: list[list[int] | None] = []
     with open(gen / THUMBS_FILE, "wb") as f:
@@ -235,6 +257,8 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         "n_trees": n_trees,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "ann_bytes": (gen / ANN_FILE).stat().st_size,
+        "vectors": int(len(vectors)),
+        "features": with_features,
         "items": [{"id": it.id, "label": it.label, "source": it.source} for it in items],
         "thumbs": thumbs,
     }
@@ -309,9 +333,15 @@ class CatalogIndex:
     """One loaded (read-only) generation of the catalog index. Queries are thread-safe."""
 
     def __init__(self, gen_dir: Path, meta: dict, ann: AnnoyIndex, vectors: np.ndarray,
-                 thumbs: mmap.mmap | None, *, search_k: int = -1):
+                 thumbs: mmap.mmap | None, *, search_k: int = -1, owners: np.ndarray | None = None,
+                 features: FeatureStore | None = None, features_error: str | None = None):
         """Use :meth:`load`; this constructor takes already-validated parts."""
         self._gen_dir = gen_dir
+        self._owners = owners if owners is not None else np.arange(len(vectors), dtype=np.int32)
+        self._views_max = int(np.bincount(self._owners).max()) if len(self._owners) else 1
+        self._features = features
+        self.features_error = features_error
+        self._by_item: tuple[np.ndarray, np.ndarray] | None = None
         self._meta = meta
         self._ann: AnnoyIndex | None = ann
         self._vectors = vectors
@@ -323,12 +353,14 @@ class CatalogIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_bundle_sha256: str | None,
-             search_k: int = -1) -> CatalogIndex:
+             search_k: int = -1, require_features: bool = False) -> CatalogIndex:
         """Load the live generation of the index directory ``path`` (the one ``current`` names).
 
         ``vectors.ann`` and ``vectors.npy`` are memory-mapped, not read. With ``expected_bundle_sha256``
         the index must have been built with that encoder bundle. ``search_k`` is Annoy's search effort
-        (-1: n_trees * top_k). Raises CatalogIndexError naming the missing/bad file or field.
+        (-1: n_trees * top_k). A missing or corrupt features.bin is an error with ``require_features``;
+        otherwise the index loads without verification and ``features_error`` says why.
+        Raises CatalogIndexError naming the missing/bad file or field.
         """
         root = Path(path)
         current = root / CURRENT
@@ -343,11 +375,12 @@ class CatalogIndex:
         gen_dir = root / target
         if not gen_dir.is_dir():
             raise CatalogIndexError(f"{current} points to {gen_dir}, which does not exist; {_BUILD_HINT}")
-        return cls.load_generation(gen_dir, expected_bundle_sha256=expected_bundle_sha256, search_k=search_k)
+        return cls.load_generation(gen_dir, expected_bundle_sha256=expected_bundle_sha256, search_k=search_k,
+                                   require_features=require_features)
 
     @classmethod
     def load_generation(cls, gen_dir: str | os.PathLike, *, expected_bundle_sha256: str | None,
-                        search_k: int = -1) -> CatalogIndex:
+                        search_k: int = -1, require_features: bool = False) -> CatalogIndex:
         """Load one generation directory (``gen-N``) directly; see :meth:`load`."""
         gen_dir = Path(gen_dir)
         meta = _read_meta(gen_dir)
@@ -357,6 +390,7 @@ class CatalogIndex:
                 f"index {gen_dir} was built with bundle sha256 {sha[:12]}… but the encoder is "
                 f"{expected_bundle_sha256[:12]}… (meta.json field bundle_sha256); {_REBUILD_HINT}")
         n, dim = len(meta["items"]), meta["dim"]
+        m = int(meta.get("vectors", n))
 
         npy = gen_dir / NPY_FILE
         _require(npy)
@@ -367,9 +401,20 @@ class CatalogIndex:
         if vectors.ndim != 2 or vectors.dtype != np.float32:
             raise CatalogIndexError(f"{npy} must be a float32 N x D array, got {vectors.dtype} {vectors.shape}; "
                                     f"{_REBUILD_HINT}")
-        if vectors.shape[0] != n:
-            raise CatalogIndexError(f"{npy} has {vectors.shape[0]} rows but {gen_dir / META_FILE} lists "
-                                    f"{n} items (field items); {_REBUILD_HINT}")
+        if vectors.shape[0] != m:
+            raise CatalogIndexError(f"{npy} has {vectors.shape[0]} rows but {gen_dir / META_FILE} says "
+                                    f"{m} (fields vectors/items); {_REBUILD_HINT}")
+        owners = None
+        if (gen_dir / OWNERS_FILE).is_file():
+            try:
+                owners = np.load(gen_dir / OWNERS_FILE, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise CatalogIndexError(f"{gen_dir / OWNERS_FILE} is unreadable ({e}); {_REBUILD_HINT}") from None
+            if owners.shape != (m,) or (m and (owners.min() < 0 or owners.max() >= n)):
+                raise CatalogIndexError(f"{gen_dir / OWNERS_FILE} does not map {m} vectors to {n} items; "
+                                        f"{_REBUILD_HINT}")
+        elif m != n:
+            raise CatalogIndexError(f"{gen_dir / OWNERS_FILE} is missing; {_REBUILD_HINT}")
         if n and vectors.shape[1] != dim:
             raise CatalogIndexError(f"{npy} holds vectors of dim {vectors.shape[1]} but "
                                     f"{gen_dir / META_FILE} says dim {dim}; {_REBUILD_HINT}")
@@ -386,10 +431,28 @@ class CatalogIndex:
         except OSError as e:
             raise CatalogIndexError(f"{ann_path} could not be loaded as an Annoy angular index of dim "
                                     f"{dim} ({e}); {_REBUILD_HINT}") from None
-        if ann.get_n_items() != n:
+        if ann.get_n_items() != m:
             ann.unload()
-            raise CatalogIndexError(f"{ann_path} holds {ann.get_n_items()} items of dim {dim} but "
-                                    f"{gen_dir / META_FILE} lists {n} (fields dim/items); {_REBUILD_HINT}")
+            raise CatalogIndexError(f"{ann_path} holds {ann.get_n_items()} vectors of dim {dim} but "
+                                    f"{gen_dir / META_FILE} says {m} (fields dim/vectors); {_REBUILD_HINT}")
+        features, features_error = None, None
+        if meta.get("features"):
+            try:
+                features = FeatureStore.open(gen_dir / FEATURES_FILE)
+                if len(features) != n:
+                    raise CatalogIndexError(f"{gen_dir / FEATURES_FILE} holds features of {len(features)} "
+                                            f"items but the index has {n}; {_REBUILD_HINT}")
+            except CatalogIndexError as e:
+                if require_features:
+                    ann.unload()
+                    raise
+                features, features_error = None, str(e)
+        elif require_features:
+            ann.unload()
+            raise CatalogIndexError(f"{gen_dir / FEATURES_FILE} is missing: the index was built without local "
+                                    f"features; {_REBUILD_HINT}")
+        else:
+            features_error = "the index was built without local features"
 
         thumbs_path = gen_dir / THUMBS_FILE
         _require(thumbs_path)
@@ -404,7 +467,8 @@ class CatalogIndex:
         if thumbs_size:
             with open(thumbs_path, "rb") as f:
                 thumbs = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(gen_dir, meta, ann, vectors, thumbs, search_k=search_k)
+        return cls(gen_dir, meta, ann, vectors, thumbs, search_k=search_k, owners=owners, features=features,
+                   features_error=features_error)
 
     # -- properties
     @property
@@ -484,12 +548,40 @@ class CatalogIndex:
                                     f"{self.dim}; was it built with another encoder? {_REBUILD_HINT}")
         if not np.all(np.isfinite(v)):
             raise CatalogIndexError("query vector has NaN or infinite values")
-        rows, dists = ann.get_nns_by_vector(v.tolist(), int(top_k), self._search_k, include_distances=True)
+        # Several vectors per item: ask for enough neighbours to still find top_k distinct items.
+        n_vec = int(top_k) * self._views_max
+        rows, dists = ann.get_nns_by_vector(v.tolist(), n_vec, self._search_k, include_distances=True)
         scores = angular_to_cosine(np.asarray(dists, dtype=np.float64))
-        out = [Candidate(self._items[r].id, self._items[r].label, float(s)) for r, s in zip(rows, scores)]
+        best: dict[int, float] = {}
+        for r, s in zip(rows, scores):  # nearest first: the first vector seen of an item is its max
+            item = int(self._owners[r])
+            if item not in best:
+                best[item] = float(s)
+        out = [Candidate(self._items[i].id, self._items[i].label, s) for i, s in best.items()]
         # Annoy returns nearest first already; the stable sort only guards float ties after conversion.
         out.sort(key=lambda c: -c.score)
-        return out
+        return out[:int(top_k)]
+
+    def features(self, item_id: str) -> Features | None:
+        """Local features of ``item_id`` for spatial verification (None: verification is off for this
+        index, see ``features_error``, or the item has none)."""
+        if self._features is None:
+            return None
+        f = self._features.get(self._row(item_id))
+        return f if len(f) else None
+
+    @property
+    def has_features(self) -> bool:
+        """Whether spatial verification is possible with this index."""
+        return self._features is not None
+
+    def item_vectors(self, row: int) -> np.ndarray:
+        """All vectors (views) of the item at ``row``."""
+        if self._by_item is None:  # built once, on the first rebuild: rows of each item, grouped
+            order = np.argsort(self._owners, kind="stable")
+            self._by_item = (order, np.searchsorted(self._owners[order], np.arange(self.size + 1)))
+        order, starts = self._by_item
+        return np.asarray(self._vectors[order[starts[row]:starts[row + 1]]])
 
     def close(self) -> None:
         """Unload the Annoy index and drop the memory maps. Only when no other thread still queries
@@ -497,6 +589,9 @@ class CatalogIndex:
         ann, self._ann = self._ann, None
         if ann is not None:
             ann.unload()
+        if self._features is not None:
+            self._features.close()
+            self._features = None
         if self._thumbs_map is not None:
             with contextlib.suppress(BufferError):
                 self._thumbs_map.close()
@@ -579,13 +674,14 @@ class IndexHolder:
 
     def __init__(self, path: str | os.PathLike, *, expected_bundle_sha256: str | None,
                  search_k: int = -1, n_trees: int = 50, create_empty: bool = False,
-                 dim: int | None = None):
+                 dim: int | None = None, require_features: bool = False):
         """Load the index at ``path``. With ``create_empty`` (and ``expected_bundle_sha256``), a directory
         without an index gets an empty one of descriptor size ``dim`` (a fresh appliance)."""
         self.path = Path(path)
         self.expected_bundle_sha256 = expected_bundle_sha256
         self.search_k = int(search_k)
         self.n_trees = int(n_trees)
+        self.require_features = require_features
         self._lock = threading.Lock()  # one mutation at a time
         self._executor_lock = threading.Lock()  # not _lock: submitting must not wait for a rebuild
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -646,7 +742,7 @@ class IndexHolder:
 
     def _load(self) -> CatalogIndex:
         return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
-                                 search_k=self.search_k)
+                                 search_k=self.search_k, require_features=self.require_features)
 
     def _submit(self, fn: Callable, arg) -> concurrent.futures.Future:
         with self._executor_lock:
@@ -656,13 +752,13 @@ class IndexHolder:
 
     @staticmethod
     def _current_items(cur: CatalogIndex, skip: set[str]) -> list[CatalogItem]:
-        vectors = cur.vectors()
-        return [CatalogItem(it.id, it.label, vectors[row], cur._thumbnail_at(row), it.source)
+        return [CatalogItem(it.id, it.label, cur.item_vectors(row), cur._thumbnail_at(row), it.source,
+                            cur._features.get(row) if cur._features is not None else None)
                 for row, it in enumerate(cur._items) if it.id not in skip]
 
     def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem]) -> None:
         gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.n_trees,
                               dim=cur.dim or None)
         new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
-                                           search_k=self.search_k)
+                                           search_k=self.search_k, require_features=self.require_features)
         self.index = new  # the old object stays usable for queries already holding it

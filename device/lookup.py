@@ -1,42 +1,115 @@
-"""ONE lookup: RGB frame (or image bytes) → descriptor → candidates. The camera loop, the CLI ``query`` and
-``POST /api/query`` all call this, so a benchmark of the CLI measures exactly what the camera does."""
+"""ONE lookup: RGB frame (or image bytes) → descriptor(s) → candidates → (spatial verification) → match or
+"no match". The camera loop, the CLI ``query`` and ``POST /api/query`` all call this, so a benchmark of the
+CLI measures exactly what the camera does."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .verify import VerifyConfig, extract, rerank
 from .camera import DEFAULT_MAX_PIXELS, decode_image
 from .results import Candidate, LookupResult
 
 
-class Lookup:
-    """Wraps the shared encoder and index holder. ``index`` is anything with ``query(vector, top_k)``
-    (an IndexHolder swaps generations underneath without the caller noticing)."""
+@dataclass(frozen=True)
+class RecognitionConfig:
+    """How a lookup decides (config.yaml ``recognition:``). The defaults are what bench/ calibrated."""
 
-    def __init__(self, encoder, index, *, top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
+    query_crops: tuple[float, ...] = ()   # centre crops (fraction of the frame) encoded besides the frame
+    verify: bool = True                   # spatial verification of the top candidates (needs index features)
+    verify_top_k: int = 5                 # candidates verified, best global score first
+    verify_below_score: float = 1.01      # skip verification when the top global score is ≥ this
+    stop_inliers: int = 40                # stop verifying once a candidate has this many inliers
+    accept_inliers: int = 15              # verified match: at least this many distinct matching points
+    accept_score: float = 0.92            # unverified match: global cosine at least this
+    fusion_weight: float = 0.5            # fused score = cosine + weight × min(inliers, stop_inliers) / stop_inliers
+    features: VerifyConfig = field(default_factory=VerifyConfig)
+
+
+def centre_crop(rgb: np.ndarray, frac: float) -> np.ndarray:
+    """The central ``frac`` × ``frac`` part of a frame (where the user holds the object)."""
+    h, w = rgb.shape[:2]
+    ch, cw = max(1, int(h * frac)), max(1, int(w * frac))
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+
+
+class Lookup:
+    """Wraps the shared encoder and index. ``index`` is a CatalogIndex or an IndexHolder (whose ``index``
+    attribute is swapped on enrolment; one lookup uses one generation throughout)."""
+
+    def __init__(self, encoder, index, *, top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 recognition: RecognitionConfig | None = None):
         self.encoder = encoder
         self.index = index
         self.top_k = top_k
         self.max_pixels = max_pixels
+        self.recognition = recognition or RecognitionConfig(verify=False)
 
-    def search(self, vector: np.ndarray, top_k: int | None = None) -> list[Candidate]:
-        """Nearest catalog items of a descriptor, best first."""
-        return self.index.query(vector, top_k or self.top_k)
+    def _generation(self):
+        return getattr(self.index, "index", self.index)
+
+    def verification_status(self) -> dict:
+        """Whether verification runs, and why not (for /api/health)."""
+        idx = self._generation()
+        if not self.recognition.verify:
+            return {"enabled": False, "why": "recognition.verify is false in the config"}
+        if not idx.has_features:
+            return {"enabled": False, "why": idx.features_error or "the index has no local features"}
+        return {"enabled": True, "top_k": self.recognition.verify_top_k,
+                "accept_inliers": self.recognition.accept_inliers}
 
     def lookup_rgb(self, rgb: np.ndarray, *, source: str = "cli", top_k: int | None = None,
                    timings: dict[str, float] | None = None) -> LookupResult:
-        """RGB uint8 HxWx3 → ranked candidates, with encode/search timings in milliseconds."""
+        """RGB uint8 HxWx3 → ranked candidates and the decision, with per-stage timings in milliseconds."""
+        rc = self.recognition
+        top_k = top_k or self.top_k
+        idx = self._generation()
         timings = dict(timings or {})
         t0 = time.perf_counter()
-        vector = self.encoder.embed(rgb)
+        vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(centre_crop(rgb, f)) for f in rc.query_crops]
         t1 = time.perf_counter()
-        results = self.search(vector, top_k)
+        want = max(top_k, rc.verify_top_k if rc.verify else 0)
+        best: dict[str, Candidate] = {}
+        for v in vectors:  # an item's score is the max over query crops (and, inside the index, its views)
+            for c in idx.query(v, want):
+                if c.id not in best or c.score > best[c.id].score:
+                    best[c.id] = c
+        ranked = sorted(best.values(), key=lambda c: -c.score)[:want]
         t2 = time.perf_counter()
         timings["encode"] = (t1 - t0) * 1e3
         timings["search"] = (t2 - t1) * 1e3
+        if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
+            ranked = self._verify(rgb, ranked, idx)
+            timings["verify"] = (time.perf_counter() - t2) * 1e3
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        return LookupResult(results=results, timings_ms=timings, source=source)
+        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=self._decide(ranked))
+
+    def _verify(self, rgb: np.ndarray, ranked: list[Candidate], idx) -> list[Candidate]:
+        rc = self.recognition
+        head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
+        query = extract(rgb, rc.features, query=True)
+        inliers = rerank(query, head, lambda c: idx.features(c.id), rc.features, stop_inliers=rc.stop_inliers)
+        head = [c.with_inliers(n if n >= 0 else None) for c, n in zip(head, inliers)]
+        cap = max(rc.stop_inliers, 1)
+
+        def fused(c: Candidate) -> float:
+            return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
+
+        return sorted(head, key=lambda c: -fused(c)) + tail
+
+    def _decide(self, ranked: list[Candidate]) -> Candidate | None:
+        """Accept the top item only when the evidence says so; else "no match"."""
+        if not ranked:
+            return None
+        top = ranked[0]
+        if top.inliers is not None and top.inliers >= self.recognition.accept_inliers:
+            return top
+        if top.score >= self.recognition.accept_score:
+            return top
+        return None
 
     def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:
         """Encoded image bytes (JPEG/PNG/…) → ranked candidates; raises ImageError for bad images."""

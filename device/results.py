@@ -2,32 +2,43 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One catalog item returned by a lookup. ``score`` is the cosine similarity (1 = identical)."""
+    """One catalog item returned by a lookup. ``score`` is the cosine similarity (1 = identical) of the
+    global descriptors; ``inliers`` the spatially verified matching points (None: not verified)."""
 
     id: str
     label: str
     score: float
+    inliers: int | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "label": self.label, "score": round(float(self.score), 4)}
+        d = {"id": self.id, "label": self.label, "score": round(float(self.score), 4)}
+        if self.inliers is not None:
+            d["inliers"] = int(self.inliers)
+        return d
+
+    def with_inliers(self, inliers: int | None) -> "Candidate":
+        return replace(self, inliers=inliers)
 
 
 @dataclass
 class LookupResult:
-    """Ranked candidates of one query plus where the time went (milliseconds per stage)."""
+    """Ranked candidates of one query, the decision (``match``: the accepted item, or None = "no match"),
+    and where the time went (milliseconds per stage)."""
 
     results: list[Candidate]
     timings_ms: dict[str, float]
     source: str = "cli"  # "camera" | "upload" | "cli"
     timestamp: float = field(default_factory=time.time)
+    match: Candidate | None = None
 
     def to_json(self) -> dict:
         return {
+            "match": self.match.to_json() if self.match is not None else None,
             "results": [c.to_json() for c in self.results],
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "source": self.source,

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .camera import Camera, decode_image, encode_jpeg
-from .catalog import make_item, validate_id
+from .catalog import Enrolment, make_item, validate_id
 from .errors import ApplianceError, CatalogIndexError
 from .index import IndexHolder
 from .lookup import Lookup
@@ -26,19 +26,20 @@ class Appliance:
     """Implements ``device.web.Services`` and runs the camera loop in a thread."""
 
     def __init__(self, *, lookup: Lookup, holder: IndexHolder, camera: Camera | None, trigger: Trigger | None,
-                 enrolled_dir: Path, thumbnail_px: int = 160, stream_quality: int = 75):
+                 enrolled_dir: Path, enrolment: Enrolment = Enrolment(), stream_quality: int = 75):
         self.lookup = lookup
         self.holder = holder
         self.camera = camera
         self.trigger = trigger
         self.enrolled_dir = Path(enrolled_dir)
-        self.thumbnail_px = thumbnail_px
+        self.enrolment = enrolment
         self.stream_quality = stream_quality
         self.started = time.time()
         self._latest: LookupResult | None = None
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
         self._errors: Counter = Counter()
+        self._outcomes: Counter = Counter()
         self._lookup_ms_sum = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,14 +90,17 @@ class Appliance:
                 log.error("camera lookup failed: %s", e)
                 continue
             self._record(result)
+            m = result.match
             top = result.results[0] if result.results else None
-            log.info("lookup (%s): %s %.3f in %.1f ms", reason, top.id if top else "-", top.score if top else 0,
-                     result.timings_ms["total"])
+            log.info("lookup (%s): %s in %.1f ms (top %s %.3f)", reason,
+                     f"match {m.id}" + (f", {m.inliers} inliers" if m.inliers else "") if m else "no match",
+                     result.timings_ms["total"], top.id if top else "-", top.score if top else 0.0)
 
     def _record(self, result: LookupResult) -> None:
         with self._lock:
             self._latest = result
             self._counts[result.source] += 1
+            self._outcomes["match" if result.match is not None else "no_match"] += 1
             self._lookup_ms_sum += result.timings_ms.get("total", 0.0)
 
     def _count_error(self, kind: str) -> None:
@@ -149,6 +153,7 @@ class Appliance:
         out = {"ok": ok, "camera": cam, "bundle": enc,
                "index": {"size": idx.size, "generation": idx.generation, "path": str(self.holder.path),
                          "n_trees": idx.n_trees, "search_k": self.holder.search_k},
+               "verification": self.lookup.verification_status(),
                "uptime_s": round(time.time() - self.started, 1)}
         if self.trigger is not None:
             out["trigger"] = {k: (round(v, 2) if isinstance(v, float) else v)
@@ -159,10 +164,12 @@ class Appliance:
         """Counters and gauges for /metrics."""
         with self._lock:
             counts, errors, ms = dict(self._counts), dict(self._errors), self._lookup_ms_sum
+            outcomes = {f"outcome={o}": self._outcomes.get(o, 0) for o in ("match", "no_match")}
         cam = self.camera.status() if self.camera is not None else {}
         return {
             "lookups_total": {s: counts.get(s, 0) for s in ("camera", "upload", "cli")},
             "lookup_ms_sum_total": ms,
+            "lookup_outcomes_total": outcomes,
             "errors_total": errors or {"none": 0},
             "index_items": self.holder.index.size,
             "camera_frames_total": cam.get("frames_total", 0),
@@ -182,7 +189,7 @@ class Appliance:
         tmp = dest.with_suffix(".jpg.tmp")
         tmp.write_bytes(encode_jpeg(rgb, 95))
         tmp.replace(dest)
-        item = make_item(self.lookup.encoder, rgb, item_id, label, source=str(dest), thumbnail_px=self.thumbnail_px)
+        item = make_item(self.lookup.encoder, rgb, item_id, label, source=str(dest), enrolment=self.enrolment)
         future = self.holder.add_async([item])
         future.add_done_callback(lambda f: f.exception() and log.error("enrol %s failed: %s", item_id, f.exception()))
         return {"id": item_id, "label": item.label, "status": "queued"}

@@ -108,6 +108,11 @@ class Features:
     def __len__(self) -> int:
         return int(self.xy.shape[0])
 
+    @staticmethod
+    def empty(size_wh: tuple[int, int] = (0, 0)) -> "Features":
+        """No features (a flat image, or an item enrolled without them)."""
+        return _empty(size_wh)
+
 
 def _empty(size_wh: tuple[int, int]) -> Features:
     return Features(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8), size_wh)

@@ -1,0 +1,148 @@
+"""Recognise, don't just rank: multi-view enrolment + spatial verification + a calibrated "no match",
+on real photos with generated camera views (fixed seeds)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device.catalog import Enrolment, build_index, make_item
+from device.errors import CatalogIndexError
+from device.index import FEATURES_FILE, CatalogIndex, IndexHolder
+from device.lookup import Lookup, RecognitionConfig
+from device.verify import VerifyConfig
+
+from .conftest import CATALOG, view
+
+FEATURES = VerifyConfig()
+ENROL = Enrolment(views=(0.7, 0.55), features=FEATURES)
+VERIFIED = RecognitionConfig(verify=True, verify_top_k=5, features=FEATURES)
+GLOBAL_ONLY = RecognitionConfig(verify=False)
+
+
+@pytest.fixture(scope="module")
+def recog_index(tmp_path_factory, catalog_dir, encoder):
+    path = tmp_path_factory.mktemp("recog") / "index"
+    build_index(catalog_dir, encoder, path, enrolment=ENROL, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def index(recog_index, encoder):
+    with CatalogIndex.load(recog_index, expected_bundle_sha256=encoder.sha256, search_k=5000,
+                           require_features=True) as idx:
+        yield idx
+
+
+def truth(name: str) -> str:
+    return "space/hubble_deep_field" if name == "hubble_deep_field" else name
+
+
+@pytest.fixture(scope="module")
+def table_views(photos):
+    return [(truth(n), view(photos, n, kind, seed=100 + i))
+            for i, n in enumerate(CATALOG) for kind in ("table", "table_occluded")]
+
+
+def test_verification_beats_global_only_on_table_views(encoder, index, table_views):
+    glob = Lookup(encoder, index, top_k=5, recognition=GLOBAL_ONLY)
+    ver = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    g = [glob.lookup_rgb(v).results[0].id == t for t, v in table_views]
+    r = [ver.lookup_rgb(v) for _, v in table_views]
+    vtop = [res.results[0].id == t for (t, _), res in zip(table_views, r)]
+    assert sum(vtop) > sum(g), (sum(vtop), sum(g))
+    # a view global-only ranks below first (but within the verified top-K) comes first after verification
+    rescued = [i for i, (a, b) in enumerate(zip(g, vtop)) if b and not a]
+    assert rescued, "no view was rescued by verification"
+    res = r[rescued[0]]
+    assert res.match is not None and res.match.id == table_views[rescued[0]][0]
+    assert res.match.inliers >= VERIFIED.accept_inliers
+    assert sum(vtop) >= len(table_views) - 2  # ≥ 26/28 table + occluded-table views first
+
+
+def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos):
+    from device.demo import empty_table
+    lookup = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    negatives = [view(photos, name, kind, seed=7 + i) for i, name in enumerate(("coffee", "grace_hopper"))
+                 for kind in ("closeup", "table", "perspective")]
+    negatives += [empty_table(np.random.default_rng(s)) for s in range(3)]
+    for i, frame in enumerate(negatives):
+        result = lookup.lookup_rgb(frame)
+        assert result.match is None, (i, result.match, result.results[:2])
+        assert result.results  # nearest candidates are still shown (greyed out by the page)
+
+
+def test_closeups_of_catalog_items_are_accepted(encoder, index, photos):
+    lookup = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    for i, name in enumerate(CATALOG):
+        result = lookup.lookup_rgb(view(photos, name, "closeup", seed=200 + i))
+        assert result.match is not None and result.match.id == truth(name), (name, result.results[:2])
+
+
+def test_multi_view_items_return_each_item_once(encoder, index, photos):
+    assert index.size == len(CATALOG) and len(index.vectors()) == 3 * len(CATALOG)
+    res = Lookup(encoder, index, top_k=10, recognition=GLOBAL_ONLY).lookup_rgb(photos["rocket"])
+    ids = [c.id for c in res.results]
+    assert len(ids) == len(set(ids)) == 10 and ids[0] == "rocket"
+
+
+def test_enrol_and_remove_keep_vectors_features_and_ids_consistent(tmp_path, recog_index, encoder, photos):
+    import shutil
+    path = tmp_path / "index"
+    shutil.copytree(recog_index, path, symlinks=True)
+    holder = IndexHolder(path, expected_bundle_sha256=encoder.sha256, search_k=5000, require_features=True)
+    n = holder.index.size
+    holder.add([make_item(encoder, photos["coffee"], "mug", "Mug", enrolment=ENROL)])
+    idx = holder.index
+    assert idx.size == n + 1 and len(idx.vectors()) == 3 * (n + 1)
+    assert idx.features("mug") is not None and len(idx.features("mug")) > 100
+    moon_before = idx.features("moon").desc.copy()
+    holder.remove(["mug", "chelsea"])
+    idx = holder.index
+    assert idx.size == n - 1 and len(idx.vectors()) == 3 * (n - 1) and not idx.has("mug")
+    assert np.array_equal(idx.features("moon").desc, moon_before)  # features stayed with their item
+    from device.verify import FeatureStore
+    with FeatureStore.open(idx.path / FEATURES_FILE) as store:
+        assert len(store) == idx.size  # no orphan features
+    holder.close()
+
+
+def test_crash_during_rebuild_leaves_old_index_and_features_usable(tmp_path, recog_index, encoder, photos,
+                                                                   monkeypatch):
+    import shutil
+
+    import device.index as index_mod
+    path = tmp_path / "index"
+    shutil.copytree(recog_index, path, symlinks=True)
+    holder = IndexHolder(path, expected_bundle_sha256=encoder.sha256, search_k=5000, require_features=True)
+    before = holder.index.generation
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(index_mod.FeatureStore, "write", staticmethod(boom))
+    with pytest.raises(CatalogIndexError, match="disk full"):
+        holder.add([make_item(encoder, photos["coffee"], "mug", "Mug", enrolment=ENROL)])
+    monkeypatch.undo()
+    fresh = CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)
+    assert fresh.generation == before and not fresh.has("mug")
+    res = Lookup(encoder, fresh, recognition=VERIFIED).lookup_rgb(view(photos, "rocket", "table", seed=3))
+    assert res.match is not None and res.match.id == "rocket" and res.match.inliers > 0
+    holder.close()
+
+
+def test_missing_or_corrupt_features_file(tmp_path, recog_index, encoder, photos):
+    import shutil
+    path = tmp_path / "index"
+    shutil.copytree(recog_index, path, symlinks=True)
+    feats = path / "current" / FEATURES_FILE
+    feats.write_bytes(feats.read_bytes()[:1000])
+    with pytest.raises(CatalogIndexError, match=FEATURES_FILE):
+        CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)
+    idx = CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=False)
+    lookup = Lookup(encoder, idx, recognition=VERIFIED)
+    status = lookup.verification_status()
+    assert status["enabled"] is False and FEATURES_FILE in status["why"]
+    res = lookup.lookup_rgb(view(photos, "rocket", "closeup", seed=1))
+    assert res.results[0].id == "rocket" and "verify" not in res.timings_ms  # global-only, still serving
+    feats.unlink()
+    with pytest.raises(CatalogIndexError, match=f"{FEATURES_FILE}.*No such file"):
+        CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)

@@ -51,7 +51,8 @@ function renderResult(data) {
     thumb.alt = String(c.label ?? "");
     card.querySelector(".label").textContent = String(c.label ?? "");
     card.querySelector(".id").textContent = String(c.id ?? "");
-    card.querySelector(".score").textContent = (Number(c.score) * 100).toFixed(1) + " %";
+    card.querySelector(".score").textContent = (Number(c.score) * 100).toFixed(1) + " %"
+      + (Number.isInteger(c.inliers) ? " · " + c.inliers + " pts" : "");
     if (match && match.id === c.id) card.classList.add("match");
     list.appendChild(card);
   }
@@ -61,8 +62,10 @@ function renderResult(data) {
   line.hidden = !hasMatch;
   line.classList.toggle("no-match", match === null);
   if (hasMatch) {
-    line.textContent = match === null ? "no match"
-      : "match: " + String(match.label ?? "") + " (" + String(match.id ?? "") + ")";
+    const verified = match && Number.isInteger(match.inliers)
+      ? " · verified · " + match.inliers + " matching points" : "";
+    line.textContent = match === null ? "no match (nearest candidates shown greyed out)"
+      : "match: " + String(match.label ?? "") + " (" + String(match.id ?? "") + ")" + verified;
   }
 
   if (data.timestamp == null) {

@@ -48,16 +48,18 @@ _NETWORK_TIMEOUT_MS = 5000
 # Still images
 # ----------------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side_px: int | None = None) -> np.ndarray:
     """Decode image bytes (an upload, a stored file) into RGB uint8 HxWx3.
 
     The pixel count is checked from the header before any pixel is decoded, EXIF orientation is
     applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit) ends up as RGB (alpha is composited onto
-    white). Raises ``ImageError`` for empty, non-image, truncated/corrupt or too-large input.
+    white). ``min_side_px``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (in the DCT domain, much
+    cheaper) as long as both sides stay ≥ this — for callers that downscale anyway.
+    Raises ``ImageError`` for empty, non-image, truncated/corrupt or too-large input.
     """
     if not data:
         raise ImageError("not an image (or unsupported format): no data")
-    return _decode(io.BytesIO(data), max_pixels)
+    return _decode(io.BytesIO(data), max_pixels, min_side_px)
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -74,7 +76,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
 
 
-def _decode(fp: BinaryIO, max_pixels: int) -> np.ndarray:
+def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np.ndarray:
     try:
         img = Image.open(fp)
     except UnidentifiedImageError as exc:
@@ -91,6 +93,8 @@ def _decode(fp: BinaryIO, max_pixels: int) -> np.ndarray:
                 f"over the limit of {max_pixels / 1e6:.1f} MP"
             )
         try:
+            if min_side_px and img.format == "JPEG":
+                img.draft(img.mode, (min_side_px, min_side_px))
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb_array(img)

@@ -43,7 +43,7 @@ class EncoderConfig(_Section):
 
 class IndexConfig(_Section):
     path: Path = Path("var/catalog")
-    n_trees: int = Field(50, ge=1, le=1000)
+    n_trees: int = Field(10, ge=1, le=1000)
     search_k: int = Field(5000, ge=-1)
     top_k: int = Field(5, ge=1, le=100)
     thumbnail_px: int = Field(160, ge=32, le=1024)

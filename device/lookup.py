@@ -114,6 +114,11 @@ class Lookup:
     def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:
         """Encoded image bytes (JPEG/PNG/…) → ranked candidates; raises ImageError for bad images."""
         t0 = time.perf_counter()
-        rgb = decode_image(data, self.max_pixels)
+        # Decode no larger than the stages need: the model input, or ORB's working size when verifying.
+        spec = self.encoder.manifest.input
+        need = max(spec.height, spec.width)
+        if self.recognition.verify:
+            need = max(need, self.recognition.features.max_side_px)
+        rgb = decode_image(data, self.max_pixels, min_side_px=need)
         decode_ms = (time.perf_counter() - t0) * 1e3
         return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})

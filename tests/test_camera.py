@@ -339,3 +339,15 @@ def test_camera_streams_a_real_video_file_as_rgb(red_video):
         assert frame is not None and _is_red(frame.rgb)
         assert _wait_until(lambda: cam.status()["frames_total"] > 6)  # past the end: looped
         assert cam.status()["reconnects"] == 0 and cam.status()["fps"] > 0
+
+
+def test_jpeg_decoded_at_reduced_scale_keeps_both_sides_above_the_minimum():
+    from device.camera import decode_image, encode_jpeg
+    import skimage.data
+    big = np.ascontiguousarray(np.tile(skimage.data.astronaut(), (2, 2, 1))[:768, :1024])
+    data = encode_jpeg(big, 90)
+    assert decode_image(data).shape == (768, 1024, 3)
+    small = decode_image(data, min_side_px=224)
+    assert small.shape == (384, 512, 3)  # 1/2 scale: 1/4 would make the short side 192 < 224
+    ref = cv2.resize(big, (512, 384), interpolation=cv2.INTER_AREA).astype(np.float32)
+    assert np.abs(small.astype(np.float32) - ref).mean() < 6

@@ -1,0 +1,237 @@
+"""Recognition benchmark and threshold calibration (``python -m bench calibrate``).
+
+The camera-view benchmark (bench/views.py: ≥ 50 queried catalog crops + ≥ 200 distractors, views of every
+kind) plus an OPEN SET: camera views of real photos that are not in the catalog (Debian's wallpaper packages,
+/usr/share/backgrounds) and of empty textured tables, made the same way. Three modes through the device CLI:
+
+  global      one vector per item, no verification (what issue 5 measures)
+  multiview   + database-side views (the item scaled to 70 % and 55 % on a grey canvas)
+  verified    + spatial verification of the top 5 (ORB, one-to-one ratio matches, MAGSAC homography)
+
+It prints recall@1 (overall and per view kind), the decision rates (correct accept / wrong accept / reject
+for in-catalog queries, false accept for open-set ones) at the configured thresholds, the operating curve
+as the thresholds move, and the thresholds it recommends (≤ 2 % open-set false accepts). Writes
+bench/results/recognition.json and bench/results/operating_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from .views import CACHE, REPO, RESULTS, camera_view_set, run_module, write_json
+
+TOP_K = 10
+BASE = "index:\n  search_k: 100000\n"  # near-exact Annoy: measure recognition, not ANN recall
+MODES = {
+    "global": BASE,
+    "multiview": BASE + "recognition:\n  enrol_views: [0.7, 0.55]\n",
+    "verified": BASE + ("recognition:\n  enrol_views: [0.7, 0.55]\n  features: true\n  verify: true\n"
+                        "  require_features: true\n"),
+}
+OPEN_KINDS = ("closeup", "perspective", "table", "table_occluded", "occluded", "lighting")
+WALLPAPERS = Path("/usr/share/backgrounds")
+
+
+def open_set(root: Path, seed: int = 5) -> list[dict]:
+    """Views of real photos that are not in the catalog, and of empty tables (generated once, cached)."""
+    from device.camera import DEFAULT_MAX_PIXELS, encode_jpeg, read_image
+    from device.demo import camera_view, empty_table
+    from device.errors import ImageError
+    meta = root / "open_set.json"
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    queries = []
+    files = sorted(p for p in WALLPAPERS.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    for i, path in enumerate(files):
+        try:
+            img = read_image(path, DEFAULT_MAX_PIXELS)
+        except ImageError:
+            continue
+        scale = 800 / max(img.shape[:2])
+        if scale < 1:
+            import cv2
+            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        for kind in (OPEN_KINDS[i % len(OPEN_KINDS)], OPEN_KINDS[(i + 3) % len(OPEN_KINDS)]):
+            out = root / f"photo_{i:03d}__{kind}.jpg"
+            out.write_bytes(encode_jpeg(camera_view(img, kind, rng), 90))
+            queries.append({"path": str(out), "kind": f"open:{kind}", "source": str(path)})
+    for i in range(40):
+        out = root / f"empty_table_{i:02d}.jpg"
+        out.write_bytes(encode_jpeg(empty_table(rng), 90))
+        queries.append({"path": str(out), "kind": "open:empty_table", "source": None})
+    meta.write_text(json.dumps(queries, indent=1) + "\n")
+    return queries
+
+
+def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
+    """Build the index with the mode's config and query every path through the CLI; answers by path."""
+    work = CACHE / "recognition" / mode
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {REPO / 'models' / 'default'}\n")
+    cfg = ["--config", str(work / "config.yaml")]
+    run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
+               log=work / "index_build.log")
+    out = run_module(["device", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
+                      "--json", *cfg])
+    answers = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            answers[d["query"]] = d
+    index_bytes = {p.name: p.stat().st_size for p in (work / "index" / "current").resolve().iterdir()}
+    return {"answers": answers, "index_bytes": index_bytes}
+
+
+def _top(ans: dict) -> tuple[str | None, float, int]:
+    r = ans["results"]
+    if not r:
+        return None, -1.0, 0
+    return r[0]["id"], float(r[0]["score"]), int(r[0].get("inliers") or 0)
+
+
+def median_invoke_ms(bundle: Path, runs: int = 200) -> float:
+    """Median bare ``invoke()`` of a bundle with the device runtime and the device's 2 threads."""
+    import time
+
+    from device.encoder import Encoder
+    enc = Encoder.from_bundle(bundle, num_threads=2)
+    x = enc.preprocess(np.zeros((480, 640, 3), np.uint8))
+    for _ in range(20):
+        enc.invoke(x)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        enc.invoke(x)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return round(statistics.median(ts), 3)
+
+
+def decide(ans: dict, t_inliers: float, t_score: float) -> str | None:
+    """The device's decision rule at given thresholds: accept the top item when it has ≥ t_inliers verified
+    matching points or a global cosine ≥ t_score."""
+    item, score, inl = _top(ans)
+    return item if item is not None and (inl >= t_inliers or score >= t_score) else None
+
+
+def rates(inside: list[tuple[dict, str]], outside: list[dict], t_inliers: float, t_score: float) -> dict:
+    ca = wa = 0
+    for ans, truth in inside:
+        got = decide(ans, t_inliers, t_score)
+        ca += got == truth
+        wa += got is not None and got != truth
+    fa = sum(decide(ans, t_inliers, t_score) is not None for ans in outside)
+    n = len(inside)
+    return {"correct_accept": round(ca / n, 4), "wrong_accept": round(wa / n, 4),
+            "reject": round((n - ca - wa) / n, 4), "open_set_false_accept": round(fa / len(outside), 4)}
+
+
+def operating_curve(inside, outside, by: str) -> list[dict]:
+    """Correct-accept vs false-accept as the threshold moves: ``by`` = 'score' (global cosine only) or
+    'inliers' (verified points only)."""
+    pts = []
+    grid = np.linspace(0.3, 1.0, 71) if by == "score" else np.arange(0, 101, 1)
+    for t in grid:
+        r = rates(inside, outside, 10 ** 9, t) if by == "score" else rates(inside, outside, t, 10.0)
+        pts.append({"threshold": round(float(t), 3), **r})
+    return pts
+
+
+def recommend(inside, outside, max_fa: float = 0.02) -> dict:
+    """Thresholds with the most correct accepts at ≤ max_fa open-set false accepts."""
+    best = None
+    for t_score in np.linspace(0.6, 1.01, 42):
+        for t_inl in range(6, 61, 2):
+            r = rates(inside, outside, t_inl, t_score)
+            if r["open_set_false_accept"] <= max_fa and (best is None or r["correct_accept"] > best[2]["correct_accept"]):
+                best = (t_inl, round(float(t_score), 3), r)
+    return {"accept_inliers": best[0], "accept_score": best[1], **best[2]} if best else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the results and recommended thresholds, write results + plot."""
+    ap = argparse.ArgumentParser(prog="python -m bench calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    args = ap.parse_args(argv)
+    if not WALLPAPERS.is_dir():
+        print(f"skipped: {WALLPAPERS} is missing (apt-get install mate-backgrounds gnome-backgrounds ukui-wallpapers)")
+        return 0
+    from device.config import RecognitionSettings
+    defaults = RecognitionSettings()
+    data = camera_view_set()
+    openq = open_set(CACHE / "open_set")
+    inq = [(str(data.root / q["path"]), q) for q in data.queries]
+    paths = [p for p, _ in inq] + [q["path"] for q in openq]
+    print(f"camera-view benchmark: {data.n_items} catalog items ({data.n_queried} queried), {len(inq)} in-catalog "
+          f"views, {len(openq)} open-set views ({sum(q['kind'] == 'open:empty_table' for q in openq)} empty tables)")
+    report: dict = {"dataset": data.info, "open_set": len(openq), "modes": {}}
+    kinds = list(dict.fromkeys(q["kind"] for _, q in inq))
+    for mode in args.modes:
+        run = run_mode(mode, data.catalog, paths)
+        ans = run["answers"]
+        inside = [(ans[p], q["item"]) for p, q in inq]
+        outside = [ans[q["path"]] for q in openq]
+        top1 = [(_top(a)[0] == t) for a, t in inside]
+        per_kind = {k: round(float(np.mean([ok for ok, (_, q) in zip(top1, inq) if q["kind"] == k])), 4) for k in kinds}
+        table = [k for k in kinds if k.startswith("table")]
+        timings = {k: round(statistics.median([a["timings_ms"].get(k, 0.0) for a in ans.values()]), 2)
+                   for k in ("decode", "encode", "search", "verify", "total")}
+        m = {"recall_at_1": round(float(np.mean(top1)), 4),
+             "recall_at_1_table_views": round(float(np.mean([ok for ok, (_, q) in zip(top1, inq) if q["kind"] in table])), 4),
+             "recall_at_1_per_kind": per_kind,
+             "at_defaults": rates(inside, outside, defaults.accept_inliers if mode == "verified" else 10 ** 9,
+                                  defaults.accept_score),
+             "recommended": recommend(inside, outside),
+             "curve_score": operating_curve(inside, outside, "score"),
+             "latency_ms_median": timings, "index_bytes": run["index_bytes"], "catalog_items": data.n_items}
+        if mode == "verified":
+            m["curve_inliers"] = operating_curve(inside, outside, "inliers")
+        report["modes"][mode] = m
+        print(f"\n[{mode}] recall@1 {m['recall_at_1']:.3f} (table views {m['recall_at_1_table_views']:.3f}); "
+              f"median ms {timings}")
+        print("  per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()))
+        print(f"  at config defaults: {m['at_defaults']}")
+        print(f"  recommended (≤ 2 % open-set false accepts): {m['recommended']}")
+    invoke = median_invoke_ms(REPO / "models" / "default")
+    report["invoke_ms_median"] = invoke
+    for mode, m in report["modes"].items():
+        m["lookup_over_invoke"] = round((m["latency_ms_median"]["total"] - m["latency_ms_median"]["decode"]) / invoke, 2)
+        print(f"[{mode}] lookup (without JPEG decode) ÷ bare invoke ({invoke:.2f} ms): {m['lookup_over_invoke']}")
+    write_json(RESULTS / "recognition.json", report)
+    _plot(report, RESULTS / "operating_curve.png")
+    print(f"\nwrote {RESULTS / 'recognition.json'} and {RESULTS / 'operating_curve.png'}")
+    return 0
+
+
+def _plot(report: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    for mode, m in report["modes"].items():
+        c = m["curve_score"]
+        ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], label=f"{mode}: cosine threshold")
+    if "verified" in report["modes"]:
+        c = report["modes"]["verified"]["curve_inliers"]
+        ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], "k-",
+                linewidth=2, label="verified: inlier threshold")
+    ax.axvline(0.02, color="grey", linestyle=":", label="2 % false accepts")
+    ax.set_xlabel("open-set false-accept rate")
+    ax.set_ylabel("in-catalog correct-accept rate")
+    ax.set_xlim(0, 0.3)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Decision operating curve (int8 default bundle, CLI)")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

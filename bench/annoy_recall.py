@@ -40,7 +40,13 @@ SEARCH_KS = (-1, 1000, 2000, 5000, 10000, 20000)
 TOP_K = 10
 RECALL_TARGET = 0.95
 TIME_RATIO_TARGET = 0.2  # Annoy at most 1/5 of exact search time
-CONFIG_DEFAULT = {"n_trees": 50, "search_k": 5000}  # device/config.py today
+def _config_default() -> dict:
+    from device.config import IndexConfig
+    d = IndexConfig()
+    return {"n_trees": d.n_trees, "search_k": d.search_k}
+
+
+CONFIG_DEFAULT = _config_default()  # what device/config.py ships
 
 
 def log(msg: str) -> None:
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  fastest reaching the recall target: n_trees {f['n_trees']}, search_k {f['search_k']} → "
                 f"ratio {f['time_ratio']:.3f} ({f['time_ratio'] / TIME_RATIO_TARGET:.1f}x the target)")
     if default:
-        log(f"config default today (n_trees 50, search_k 5000) at {largest:,}: recall@10 "
+        log(f"config default today (n_trees {CONFIG_DEFAULT['n_trees']}, search_k {CONFIG_DEFAULT['search_k']}) "
+            f"at {largest:,}: recall@10 "
             f"{default['recall_at_10']:.3f}, ratio {default['time_ratio']:.3f}, file {default['file_mb']} MB")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"bench": "annoy_recall", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

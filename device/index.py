@@ -342,12 +342,15 @@ class CatalogIndex:
         self._features = features
         self.features_error = features_error
         self._by_item: tuple[np.ndarray, np.ndarray] | None = None
-        self._meta = meta
         self._ann: AnnoyIndex | None = ann
         self._vectors = vectors
         self._thumbs_map = thumbs
-        self._thumb_spans: list[list[int] | None] = meta["thumbs"]
+        # Compact in-memory copies (a 100k-item meta.json parses into ~40 MB of dicts and lists):
+        # spans as one int64 array (-1 = no thumbnail), items as tuples; the parsed lists are dropped.
+        self._thumb_spans = np.array([span if span is not None else (-1, 0) for span in meta["thumbs"]],
+                                     dtype=np.int64).reshape(-1, 2)
         self._items = tuple(IndexedItem(d["id"], d["label"], d.get("source")) for d in meta["items"])
+        self._meta = {k: v for k, v in meta.items() if k not in ("items", "thumbs")}
         self._row_of = {it.id: i for i, it in enumerate(self._items)}
         self._search_k = int(search_k)
 
@@ -613,10 +616,9 @@ class CatalogIndex:
             raise CatalogIndexError(f"id {item_id!r} is not in the catalog index {self._gen_dir}") from None
 
     def _thumbnail_at(self, row: int) -> bytes | None:
-        span = self._thumb_spans[row]
-        if span is None:
+        off, length = (int(v) for v in self._thumb_spans[row])
+        if off < 0:
             return None
-        off, length = span
         if length == 0:
             return b""
         if self._thumbs_map is None:

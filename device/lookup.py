@@ -22,8 +22,8 @@ class RecognitionConfig:
     verify_top_k: int = 5                 # candidates verified, best global score first
     verify_below_score: float = 1.01      # skip verification when the top global score is ≥ this
     stop_inliers: int = 40                # stop verifying once a candidate has this many inliers
-    accept_inliers: int = 15              # verified match: at least this many distinct matching points
-    accept_score: float = 0.92            # unverified match: global cosine at least this
+    accept_inliers: int = 16              # verified match: at least this many distinct matching points
+    accept_score: float = 0.74            # unverified match: global cosine at least this
     fusion_weight: float = 0.5            # fused score = cosine + weight × min(inliers, stop_inliers) / stop_inliers
     features: VerifyConfig = field(default_factory=VerifyConfig)
 

@@ -98,23 +98,6 @@ def _top(ans: dict) -> tuple[str | None, float, int]:
     return r[0]["id"], float(r[0]["score"]), int(r[0].get("inliers") or 0)
 
 
-def median_invoke_ms(bundle: Path, runs: int = 200) -> float:
-    """Median bare ``invoke()`` of a bundle with the device runtime and the device's 2 threads."""
-    import time
-
-    from device.encoder import Encoder
-    enc = Encoder.from_bundle(bundle, num_threads=2)
-    x = enc.preprocess(np.zeros((480, 640, 3), np.uint8))
-    for _ in range(20):
-        enc.invoke(x)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        enc.invoke(x)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(ts), 3)
-
-
 def decide(ans: dict, t_inliers: float, t_score: float) -> str | None:
     """The device's decision rule at given thresholds: accept the top item when it has ≥ t_inliers verified
     matching points or a global cosine ≥ t_score."""
@@ -203,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()))
         print(f"  at config defaults: {m['at_defaults']}")
         print(f"  recommended (≤ 2 % open-set false accepts, ≤ 2 % wrong accepts): {m['recommended']}")
-    invoke = median_invoke_ms(REPO / "models" / "default")
+    from converter.report import invoke_latency_ms  # no TensorFlow: the device runtime only
+    invoke = invoke_latency_ms(REPO / "models" / "default", num_threads=2, runs=200)
     report["invoke_ms_median"] = invoke
     for mode, m in report["modes"].items():
         m["lookup_over_invoke"] = round((m["latency_ms_median"]["total"] - m["latency_ms_median"]["decode"]) / invoke, 2)

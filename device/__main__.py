@@ -172,7 +172,7 @@ def cmd_catalog(cfg: Config, args) -> int:
 
 def _prepare_catalog(cfg: Config, encoder) -> Config:
     """Materialise the demo and build the index from catalog.build_from when no index exists yet."""
-    from .index import _read_current_name  # noqa: PLC2701 - "is there an index?" without loading it
+    from .index import index_exists
     if cfg.catalog.demo:
         from .demo import materialise_demo
         root = cfg.index.path.parent / "demo"
@@ -185,7 +185,7 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
     elif cfg.camera.source == "demo":
         raise ApplianceError("camera.source is 'demo' but catalog.demo is false: set a real source "
                              "(/dev/video0, csi://0, rtsp://…) or enable the demo")
-    if cfg.catalog.build_from and _read_current_name(cfg.index.path) is None:
+    if cfg.catalog.build_from and not index_exists(cfg.index.path):
         log.info("no index at %s yet: building it from %s", cfg.index.path, cfg.catalog.build_from)
         _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels)
     return cfg

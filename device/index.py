@@ -292,6 +292,11 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def index_exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an index with a live generation (without loading it)."""
+    return _read_current_name(Path(path)) is not None
+
+
 def _read_current_name(root: Path) -> str | None:
     try:
         return os.readlink(root / CURRENT)

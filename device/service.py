@@ -72,14 +72,13 @@ class Appliance:
             if frame is None:
                 continue
             last_index = frame.index
-            reason = None
-            if self._requested.is_set():
-                self._requested.clear()
-                if self.trigger is not None:
+            requested = self._requested.is_set()
+            self._requested.clear()
+            if self.trigger is None:
+                reason = "requested" if requested else None
+            else:
+                if requested:
                     self.trigger.request()
-                else:
-                    reason = "requested"
-            if self.trigger is not None:
                 reason = self.trigger.update(frame.rgb, frame.timestamp)
             if reason is None:
                 continue
@@ -88,6 +87,10 @@ class Appliance:
             except ApplianceError as e:  # keep running: log, count, and try the next trigger
                 self._count_error(type(e).__name__)
                 log.error("camera lookup failed: %s", e)
+                continue
+            except Exception:  # noqa: BLE001 - a bug in one lookup must not stop the camera loop
+                self._count_error("internal")
+                log.exception("camera lookup crashed; the loop goes on")
                 continue
             self._record(result)
             m = result.match

@@ -130,3 +130,34 @@ def test_huge_image_is_refused_before_decoding(encoder, holder, tmp_path):
     client = create_app(WebSettings(), app).test_client()
     r = client.post("/api/query", data={"image": (io.BytesIO(buf.getvalue()), "big.png")})
     assert r.status_code in (400, 413) and "limit" in r.get_json()["error"]
+
+
+def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos, tmp_path):
+    shown = view(photos, "chelsea", "closeup", seed=4)
+    h, w = shown.shape[:2]
+    path = tmp_path / "camera.avi"
+    with VideoWriter(path, 20, (w, h)) as wr:
+        for _ in range(60):
+            wr.write(shown)
+    cam = Camera(str(path), fps=20, loop=True)
+    app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=None).start()
+    real, calls = app.lookup.lookup_rgb, []
+
+    def flaky(rgb, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug")
+        return real(rgb, **kw)
+    app.lookup.lookup_rgb = flaky
+    try:
+        app.request_lookup()
+        deadline = time.time() + 5
+        while len(calls) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        app.request_lookup()
+        while app.latest_result() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.latest_result() is not None and app.latest_result().results[0].id == "chelsea"
+        assert app.metrics()["errors_total"] == {"internal": 1}
+    finally:
+        app.stop()

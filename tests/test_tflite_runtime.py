@@ -30,7 +30,7 @@ VENV = CACHE / "tflite-rt-venv"
 REQUIREMENTS = ("tflite-runtime==2.14.0", "numpy<2")
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "china", "flower")
 MIN_COSINE = 0.995
-MIN_COSINE_INT8 = 0.99  # XNNPACK vs built-in int8 kernels (see the int8 test)
+MIN_COSINE_INT8 = 0.975  # XNNPACK vs built-in int8 kernels (see the int8 test)
 
 RUNNER = textwrap.dedent("""
     import sys
@@ -155,7 +155,9 @@ def test_default_int8_bundle_on_tflite_runtime(tflite_rt_python, photos, tmp_pat
     # tflite-runtime computes exactly what ai-edge-litert's built-in int8 kernels compute ...
     assert (vs_builtin >= 0.9999).all(), dict(zip(PHOTO_NAMES, vs_builtin.round(5)))
     # ... while the XNNPACK int8 kernels the device Encoder runs by default round differently: measured
-    # 0.993-0.998 on these photos, so a catalog indexed on one runtime drifts slightly on the other.
+    # 0.993-0.998 with the PCA-128 default, 0.983-0.994 with the whitened PCA-256 default (whitening spreads
+    # rounding differences), so a catalog indexed with one kernel set drifts slightly with the other. The
+    # device builds its index with its own encoder, so both sides use the same kernels.
     assert (vs_encoder >= MIN_COSINE_INT8).all(), dict(zip(PHOTO_NAMES, vs_encoder.round(5)))
 
 

@@ -172,7 +172,6 @@ def cmd_catalog(cfg: Config, args) -> int:
 
 def _prepare_catalog(cfg: Config, encoder) -> Config:
     """Materialise the demo and build the index from catalog.build_from when no index exists yet."""
-    from .index import index_exists
     if cfg.catalog.demo:
         from .demo import materialise_demo
         root = cfg.index.path.parent / "demo"
@@ -185,10 +184,30 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
     elif cfg.camera.source == "demo":
         raise ApplianceError("camera.source is 'demo' but catalog.demo is false: set a real source "
                              "(/dev/video0, csi://0, rtsp://…) or enable the demo")
-    if cfg.catalog.build_from and not index_exists(cfg.index.path):
-        log.info("no index at %s yet: building it from %s", cfg.index.path, cfg.catalog.build_from)
+    if cfg.catalog.build_from and _needs_build(cfg.index.path, encoder):
+        log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
         _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels)
+        from .catalog import EnrolledStore
+        enrolled = EnrolledStore(cfg.catalog.enrolled_dir).items(encoder, _recognition(cfg)[0], cfg.web.max_pixels)
+        if enrolled:
+            _holder(cfg, encoder).add(enrolled)
+            log.info("re-enrolled %d items kept in %s", len(enrolled), cfg.catalog.enrolled_dir)
     return cfg
+
+
+def _needs_build(path: Path, encoder) -> bool:
+    """No index yet, or one made with another bundle / unreadable: rebuild it from the catalog folder."""
+    from .index import CatalogIndex, index_exists
+    if not index_exists(path):
+        return True
+    try:
+        with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
+            if idx.bundle_sha256 == encoder.sha256:
+                return False
+            log.warning("index %s was built with another bundle (%s…): rebuilding it", path, idx.bundle_sha256[:12])
+    except CatalogIndexError as e:
+        log.warning("index %s is unusable (%s): rebuilding it", path, e)
+    return True
 
 
 def cmd_serve(cfg: Config) -> int:

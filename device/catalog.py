@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,3 +139,60 @@ def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: 
     gen = write_index(index_path, items, bundle_sha256=encoder.sha256, n_trees=n_trees, dim=encoder.dim)
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
     return rep
+
+
+class EnrolledStore:
+    """Originals of items enrolled at run time (``catalog.enrolled_dir``): ``<id>.jpg`` + ``labels.json``.
+    Kept so that a rebuild (new bundle, lost index) re-creates them: enrolment loses nothing."""
+
+    LABELS = "labels.json"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._lock = threading.Lock()
+
+    def _labels(self) -> dict[str, str]:
+        path = self.folder / self.LABELS
+        return load_labels(path) if path.is_file() else {}
+
+    def _write_labels(self, labels: dict[str, str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self.LABELS}.tmp"
+        tmp.write_text(json.dumps(labels, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(self.folder / self.LABELS)
+
+    def save(self, item_id: str, jpeg: bytes, label: str) -> Path:
+        """Keep the original (atomically) and its label; returns the file path."""
+        dest = self.folder / f"{validate_id(item_id)}.jpg"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_bytes(jpeg)
+        tmp.replace(dest)
+        with self._lock:
+            labels = self._labels()
+            labels[item_id] = label
+            self._write_labels(labels)
+        return dest
+
+    def delete(self, item_id: str) -> None:
+        """Forget an enrolled item (no error when it was not enrolled at run time)."""
+        (self.folder / f"{item_id}.jpg").unlink(missing_ok=True)
+        with self._lock:
+            labels = self._labels()
+            if labels.pop(item_id, None) is not None:
+                self._write_labels(labels)
+
+    def items(self, encoder, enrolment: Enrolment, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[CatalogItem]:
+        """Re-encode every kept original (unreadable ones are skipped and logged)."""
+        if not self.folder.is_dir():
+            return []
+        labels = self._labels()
+        out = []
+        for path in scan_folder(self.folder):
+            item_id = path.relative_to(self.folder).with_suffix("").as_posix()
+            try:
+                out.append(make_item(encoder, read_image(path, max_pixels), item_id, labels.get(item_id),
+                                     source=str(path), enrolment=enrolment))
+            except (ImageError, CatalogIndexError) as e:
+                log.warning("enrolled item %s skipped: %s", item_id, e)
+        return out

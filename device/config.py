@@ -64,7 +64,7 @@ class RecognitionSettings(_Section):
     features: bool = False
     query_crops: list[float] = Field(default_factory=list)
     verify: bool = False
-    verify_top_k: int = Field(5, ge=1, le=50)
+    verify_top_k: int = Field(10, ge=1, le=50)
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
     stop_inliers: int = Field(40, ge=4, le=1000)
     accept_inliers: int = Field(16, ge=4, le=1000)

@@ -19,7 +19,7 @@ class RecognitionConfig:
 
     query_crops: tuple[float, ...] = ()   # centre crops (fraction of the frame) encoded besides the frame
     verify: bool = True                   # spatial verification of the top candidates (needs index features)
-    verify_top_k: int = 5                 # candidates verified, best global score first
+    verify_top_k: int = 10                # candidates verified, best global score first
     verify_below_score: float = 1.01      # skip verification when the top global score is ≥ this
     stop_inliers: int = 40                # stop verifying once a candidate has this many inliers
     accept_inliers: int = 16              # verified match: at least this many distinct matching points

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .camera import Camera, decode_image, encode_jpeg
-from .catalog import Enrolment, make_item, validate_id
+from .catalog import EnrolledStore, Enrolment, make_item, validate_id
 from .errors import ApplianceError, CatalogIndexError
 from .index import IndexHolder
 from .lookup import Lookup
@@ -31,7 +31,7 @@ class Appliance:
         self.holder = holder
         self.camera = camera
         self.trigger = trigger
-        self.enrolled_dir = Path(enrolled_dir)
+        self.enrolled = EnrolledStore(enrolled_dir)
         self.enrolment = enrolment
         self.stream_quality = stream_quality
         self.started = time.time()
@@ -187,11 +187,7 @@ class Appliance:
         the background; queries keep using the old index until the new one is swapped in."""
         rgb = decode_image(data, self.lookup.max_pixels)
         item_id = validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}")
-        dest = self.enrolled_dir / f"{item_id}.jpg"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".jpg.tmp")
-        tmp.write_bytes(encode_jpeg(rgb, 95))
-        tmp.replace(dest)
+        dest = self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
         item = make_item(self.lookup.encoder, rgb, item_id, label, source=str(dest), enrolment=self.enrolment)
         future = self.holder.add_async([item])
         future.add_done_callback(lambda f: f.exception() and log.error("enrol %s failed: %s", item_id, f.exception()))
@@ -202,9 +198,8 @@ class Appliance:
         if not self.holder.index.has(item_id):
             return False
         removed = self.holder.remove([item_id])
-        kept = self.enrolled_dir / f"{item_id}.jpg"
-        if removed and kept.is_file():
-            kept.unlink()
+        if removed:
+            self.enrolled.delete(item_id)
         return bool(removed)
 
     def thumbnail(self, item_id: str) -> bytes | None:

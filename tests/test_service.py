@@ -161,3 +161,27 @@ def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos
         assert app.metrics()["errors_total"] == {"internal": 1}
     finally:
         app.stop()
+
+
+def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(encoder, catalog_dir, photos, tmp_path):
+    """After a bundle update the old index is refused for queries; with a catalog folder configured, the
+    start rebuilds it from that folder and re-enrols the originals kept in enrolled_dir (with their labels)."""
+    from device.__main__ import _prepare_catalog
+    from device.catalog import EnrolledStore
+    from device.config import load_config
+    from device.index import CatalogIndex, CatalogItem, write_index
+    from .conftest import DEFAULT_BUNDLE
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {DEFAULT_BUNDLE}\n"
+                        f"index:\n  path: {tmp_path / 'index'}\n"
+                        f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {tmp_path / 'enrolled'}\n")
+    cfg = load_config(cfg_file)
+    write_index(tmp_path / "index", [CatalogItem("old", "old", np.ones(8, np.float32))], bundle_sha256="0" * 64)
+    EnrolledStore(tmp_path / "enrolled").save("kitchen/mug", encode_jpeg(photos["coffee"]), "Coffee mug")
+    _prepare_catalog(cfg, encoder)
+    with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256) as idx:
+        assert idx.has("rocket") and not idx.has("old")
+        assert idx.item("kitchen/mug").label == "Coffee mug"
+    gen = CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation
+    _prepare_catalog(cfg, encoder)  # same bundle now: nothing is rebuilt
+    assert CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation == gen

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from device.camera import read_image
+from device.catalog import IMAGE_SUFFIXES
 from device.errors import ImageError
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 @dataclass

@@ -76,7 +76,6 @@ def _build(args) -> int:
     size = args.input_size or (64 if args.backbone == "autoencoder" else 224)
     spec = BackboneSpec(args.backbone, size, args.pooling, args.gem_p, head=args.head, weights=args.weights)
     train = load_folder(args.train_images)
-    train.folder = str(args.train_images)
     print(f"training images: {len(train.images)} read, {len(train.skipped)} skipped "
           f"(unreadable or not images) from {args.train_images}")
     heldout = load_folder(args.heldout_images) if args.heldout_images else None

@@ -141,15 +141,10 @@ def build(opts: BuildOptions, train: ImageSet, heldout: ImageSet | None = None) 
         "output_dim": dim,
         "quantization": opts.quantize,
         "source": source,
-        "training_images": {**train.manifest_entry(train_folder_name(train)), "views_per_image": opts.views_per_image,
+        "training_images": {**train.manifest_entry(), "views_per_image": opts.views_per_image,
                             "calibration_samples": len(calibration)},
     }
     manifest = write_bundle(opts.out, tfl, fields)
     rep = report_mod.quantization_report(model, opts.out, heldout or train, seed=opts.seed)
     (opts.out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     return manifest, rep
-
-
-def train_folder_name(images: ImageSet) -> str:
-    return getattr(images, "folder", "") or ""
-

@@ -23,9 +23,10 @@ class ImageSet:
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     sha256: str = ""
+    folder: str = ""
 
-    def manifest_entry(self, folder: str | Path) -> dict:
-        return {"folder": str(folder), "count": len(self.images), "skipped": len(self.skipped),
+    def manifest_entry(self) -> dict:
+        return {"folder": self.folder, "count": len(self.images), "skipped": len(self.skipped),
                 "sha256": self.sha256}
 
 
@@ -35,7 +36,7 @@ def load_folder(folder: str | Path, *, limit: int | None = None) -> ImageSet:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder of images")
     h = hashlib.sha256()
-    out = ImageSet([], [])
+    out = ImageSet([], [], folder=str(folder))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if path.suffix.lower() not in IMAGE_SUFFIXES:

@@ -81,8 +81,7 @@ def _recognition(cfg: Config):
     from .verify import VerifyConfig
     r = cfg.recognition
     features = VerifyConfig(n_features=r.n_features, query_n_features=r.query_n_features, ratio=r.ratio,
-                            ransac_reproj_px=r.ransac_reproj_px, ransac_iters=r.ransac_iters,
-                            min_inliers=r.accept_inliers)
+                            ransac_reproj_px=r.ransac_reproj_px, ransac_iters=r.ransac_iters)
     enrolment = Enrolment(views=tuple(r.enrol_views), features=features if r.features else None,
                           thumbnail_px=cfg.index.thumbnail_px)
     recognition = RecognitionConfig(query_crops=tuple(r.query_crops), verify=r.verify, verify_top_k=r.verify_top_k,

@@ -4,7 +4,7 @@ The global descriptor says "looks like"; this module says "N matching points". O
 frame are matched to each candidate's stored keypoints (Hamming kNN, Lowe ratio test, one-to-one), and a
 homography is fitted with RANSAC / USAC_MAGSAC. A catalog print lying tilted and partly covered on a desk
 keeps dozens of inliers; a photo that is not in the catalog, or an empty table, gets ~0 against every
-candidate. Callers decide "verified" with ``inliers >= VerifyConfig.min_inliers``.
+candidate. The caller decides "verified" (device/lookup.py: ``RecognitionConfig.accept_inliers``).
 
 Why one-to-one: on smooth, low-texture catalog images (moon, clock, coins) a few catalog keypoints are the
 nearest neighbour of many query keypoints; without the rule any textured frame "verifies" against them
@@ -74,9 +74,9 @@ class VerifyConfig:
     corners (on the shipped table views 500 query keypoints left a small print with 0-18 inliers, 1000
     with >= 39). ``ratio``: Lowe ratio test (best / second-best Hamming distance must be below it).
     ``ransac_reproj_px``: homography inlier threshold in pixels of the downscaled images.
-    ``ransac_iters``: maximum RANSAC iterations. ``min_inliers``: not used here; the callers' decision
-    ("verified" when inliers >= min_inliers; false pairs reach 4-7 because any 4 matches fit a homography,
-    true pairs had >= 39 on the shipped views). ``max_side_px``: images are downscaled so the longer side
+    ``ransac_iters``: maximum RANSAC iterations. (The "verified" threshold is the caller's: false pairs reach
+    4-7 inliers because any 4 matches fit a homography, true pairs had >= 39 on the shipped views.)
+    ``max_side_px``: images are downscaled so the longer side
     is at most this before ORB (cost control; stored xy refer to the downscaled image).
     ``fast_threshold``: ORB's FAST corner threshold. ``method``: "usac_magsac" or "ransac".
     """
@@ -86,7 +86,6 @@ class VerifyConfig:
     ratio: float = 0.8
     ransac_reproj_px: float = 8.0
     ransac_iters: int = 500
-    min_inliers: int = 12
     max_side_px: int = 640
     fast_threshold: int = 20
     method: str = "usac_magsac"

@@ -120,6 +120,6 @@ def test_rerank_stops_early_and_marks_unverified(photos, feats):
     assert full[0] <= FALSE_MAX and full[1] == -1 and full[2] >= TRUE_MIN and full[3] <= FALSE_MAX
     calls.clear()
     q = _query(frame)
-    early = rerank(q, ["chelsea", "astronaut", "moon"], get, CFG, stop_inliers=CFG.min_inliers)
+    early = rerank(q, ["chelsea", "astronaut", "moon"], get, CFG, stop_inliers=12)
     assert early[0] >= TRUE_MIN and early[1:] == [-1, -1]
     assert calls == ["chelsea"]

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from device.config import DEFAULT_BUNDLE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "var" / "bench"
-BUNDLE = ROOT / "models" / "default"
 
 GENERATOR_VERSION = 1
 CROPS_PER_PHOTO = 20
@@ -62,15 +63,16 @@ def real_descriptors(encoder=None, *, cache_dir: Path = CACHE) -> dict[str, np.n
     of each pool row), ``queries`` (one held-out camera view per crop, a kind not in POOL_VIEWS) and
     ``query_group``."""
     from device.bundle import load_manifest
-    sha = load_manifest(BUNDLE, verify_sha=False).sha256
+    sha = load_manifest(DEFAULT_BUNDLE, verify_sha=False).sha256
     path = cache_dir / f"real-descriptors-{sha[:12]}-v{GENERATOR_VERSION}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    from device.demo import camera_view, photo_crops, shipped_photos
+    from device.views import camera_view
+    from device.demo import photo_crops, shipped_photos
     from device.encoder import Encoder
     own = encoder is None
-    enc = encoder or Encoder.from_bundle(BUNDLE, num_threads=2)
+    enc = encoder or Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=2)
     crops = photo_crops(shipped_photos(), CROPS_PER_PHOTO, seed=7)
     log(f"encoding real descriptors: {len(crops)} crops x (1 + {len(POOL_VIEWS)} views) + 1 held-out view "
         f"each (once; cached in {path.relative_to(ROOT)})")
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{default['recall_at_10']:.3f}, ratio {default['time_ratio']:.3f}, file {default['file_mb']} MB")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"bench": "annoy_recall", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "bundle": str(BUNDLE.relative_to(ROOT)), "dim": int(real["pool"].shape[1]), "metric": "angular",
+           "bundle": str(DEFAULT_BUNDLE.relative_to(ROOT)), "dim": int(real["pool"].shape[1]), "metric": "angular",
            "top_k": TOP_K, "queries": int(len(queries)), "real_pool": int(len(real["pool"])),
            "fill_up": fills, "exact_search": "float32 matrix @ query + argpartition top-10 (numpy, BLAS limited to 1 thread like Annoy)",
            "targets": {"recall_at_10": RECALL_TARGET, "time_ratio_max": TIME_RATIO_TARGET},

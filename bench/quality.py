@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from device.config import DEFAULT_BUNDLE
+
 from .views import (CACHE, REPO, RESULTS, build_bundle, bundle_size_bytes, camera_view_set, instance_metrics,
                     rank_of, run_module, write_json)
 
 TOP_K = 10
-DEFAULT_BUNDLE = REPO / "models" / "default"
 BACKGROUNDS = Path("/usr/share/backgrounds")  # the default bundle's PCA/calibration images; never in the catalog
 NEAR_EXACT_CONFIG = "index:\n  search_k: 100000\n"
 

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .views import CACHE, REPO, RESULTS, camera_view_set, run_module, write_json
+from device.config import DEFAULT_BUNDLE
+
+from .views import CACHE, RESULTS, camera_view_set, run_module, write_json
 
 TOP_K = 10
 BASE = "index:\n  search_k: 100000\n"  # near-exact Annoy: measure recognition, not ANN recall
+# Each mode spells out every switch it depends on, so a change of config defaults cannot change a mode.
 MODES = {
-    "global": BASE,
-    "multiview": BASE + "recognition:\n  enrol_views: [0.7, 0.55]\n",
+    "global": BASE + "recognition:\n  enrol_views: []\n  features: false\n  verify: false\n",
+    "multiview": BASE + "recognition:\n  enrol_views: [0.7, 0.55]\n  features: false\n  verify: false\n",
     "verified": BASE + ("recognition:\n  enrol_views: [0.7, 0.55]\n  features: true\n  verify: true\n"
                         "  require_features: true\n"),
 }
@@ -43,8 +46,8 @@ WALLPAPERS = Path("/usr/share/backgrounds")
 
 def open_set(root: Path, seed: int = 5) -> list[dict]:
     """Views of real photos that are not in the catalog, and of empty tables (generated once, cached)."""
-    from device.camera import DEFAULT_MAX_PIXELS, encode_jpeg, read_image
-    from device.demo import camera_view, empty_table
+    from device.images import DEFAULT_MAX_PIXELS, encode_jpeg, read_image
+    from device.views import camera_view, empty_table
     from device.errors import ImageError
     meta = root / "open_set.json"
     if meta.is_file():
@@ -80,7 +83,7 @@ def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
     work = CACHE / "recognition" / mode
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {REPO / 'models' / 'default'}\n")
+    (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {DEFAULT_BUNDLE}\n")
     cfg = ["--config", str(work / "config.yaml")]
     run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
                log=work / "index_build.log")
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if not WALLPAPERS.is_dir():
         print(f"skipped: {WALLPAPERS} is missing (apt-get install mate-backgrounds gnome-backgrounds ukui-wallpapers)")
         return 0
-    from device.config import RecognitionSettings
-    defaults = RecognitionSettings()
+    from device.config import RecognitionConfig
+    defaults = RecognitionConfig()
     data = camera_view_set()
     openq = open_set(CACHE / "open_set")
     inq = [(str(data.root / q["path"]), q) for q in data.queries]
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  at config defaults: {m['at_defaults']}")
         print(f"  recommended (≤ 2 % open-set false accepts, ≤ 2 % wrong accepts): {m['recommended']}")
     from converter.report import invoke_latency_ms  # no TensorFlow: the device runtime only
-    invoke = invoke_latency_ms(REPO / "models" / "default", num_threads=2, runs=200)
+    invoke = invoke_latency_ms(DEFAULT_BUNDLE, num_threads=2, runs=200)
     report["invoke_ms_median"] = invoke
     for mode, m in report["modes"].items():
         m["lookup_over_invoke"] = round((m["latency_ms_median"]["total"] - m["latency_ms_median"]["decode"]) / invoke, 2)

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from device.config import DEFAULT_BUNDLE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "var" / "bench"
 WORK = CACHE / "speed"
-BUNDLE = ROOT / "models" / "default"
 CONFIG = ROOT / "config.yaml"
 
 CATALOG_CROPS_PER_PHOTO = 14    # ~300 catalog items from the shipped photos
@@ -79,6 +80,13 @@ def verdict(value: float, target: float, *, upper: bool) -> str:
             f"{target:.3g})")
 
 
+def global_only():
+    """The recognition settings this bench measures: one vector per item, no verification (the global path a
+    camera frame takes; the verified path is measured by ``python -m bench calibrate``)."""
+    from device.config import RecognitionConfig
+    return RecognitionConfig(enrol_views=[], features=False, verify=False)
+
+
 def device_settings() -> dict:
     from device.config import load_config
     cfg = load_config(CONFIG)
@@ -93,8 +101,9 @@ def prepare_data() -> dict:
     so the parent and the worker subprocesses read the very same bytes."""
     catalog, queries = WORK / "catalog", WORK / "queries"
     if not (catalog.is_dir() and queries.is_dir()):
-        from device.camera import encode_jpeg
-        from device.demo import VIEW_KINDS, camera_view, photo_crops, shipped_photos
+        from device.images import encode_jpeg
+        from device.views import VIEW_KINDS, camera_view
+        from device.demo import photo_crops, shipped_photos
         crops = photo_crops(shipped_photos(), CATALOG_CROPS_PER_PHOTO, seed=1)
         for d in (catalog, queries):
             d.mkdir(parents=True, exist_ok=True)
@@ -126,9 +135,9 @@ def worker_device(n: int) -> dict:
     from device.lookup import Lookup
     s = device_settings()
     data = prepare_data()
-    enc = Encoder.from_bundle(BUNDLE, num_threads=s["num_threads"])
+    enc = Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=s["num_threads"])
     idx = CatalogIndex.load(catalog_index_path(), expected_bundle_sha256=enc.sha256, search_k=s["search_k"])
-    lk = Lookup(enc, idx, top_k=s["top_k"])
+    lk = Lookup(enc, idx, global_only(), top_k=s["top_k"])
     ts = []
     for i in range(n + 3):
         t0 = time.perf_counter()
@@ -195,9 +204,9 @@ def worker_baseline(n: int, pairs: int) -> dict:
     from device.index import CatalogIndex
     from device.lookup import Lookup
     s = device_settings()
-    enc = Encoder.from_bundle(BUNDLE, num_threads=s["num_threads"])
+    enc = Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=s["num_threads"])
     lk = Lookup(enc, CatalogIndex.load(catalog_index_path(), expected_bundle_sha256=enc.sha256,
-                                       search_k=s["search_k"]), top_k=s["top_k"])
+                                       search_k=s["search_k"]), global_only(), top_k=s["top_k"])
     t_ours, t_base = [], []
     for i in range(pairs):
         b = data["queries"][i % len(data["queries"])]
@@ -215,9 +224,10 @@ def worker_baseline(n: int, pairs: int) -> dict:
 def build_big_index(n: int) -> Path:
     """A 100k-item index of real descriptors + perturbations (bench/annoy_recall.py), built once."""
     from device.bundle import load_manifest
-    from device.index import FORMAT_VERSION, CatalogItem, write_index
+    from device.index import FORMAT_VERSION, CatalogItem
+    from device.index_writer import write_index
     from bench.annoy_recall import filled_index_vectors, real_descriptors
-    sha = load_manifest(BUNDLE, verify_sha=False).sha256
+    sha = load_manifest(DEFAULT_BUNDLE, verify_sha=False).sha256
     s = device_settings()
     path = CACHE / f"index-{n // 1000}k"
     stamp = path / "bench-stamp.json"
@@ -243,12 +253,12 @@ def worker_rss_big(queries: int) -> dict:
     stages["imports"] = rss_now_mb()
     s = device_settings()
     data = prepare_data()
-    enc = Encoder.from_bundle(BUNDLE, num_threads=s["num_threads"])
+    enc = Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=s["num_threads"])
     stages["encoder_loaded"] = rss_now_mb()
     idx = CatalogIndex.load(CACHE / f"index-{BIG_INDEX_SIZE // 1000}k", expected_bundle_sha256=enc.sha256,
                             search_k=s["search_k"])
     stages["index_loaded"] = rss_now_mb()
-    lk = Lookup(enc, idx, top_k=s["top_k"])
+    lk = Lookup(enc, idx, global_only(), top_k=s["top_k"])
     ts = []
     for i in range(queries):
         t0 = time.perf_counter()
@@ -299,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    from device.camera import decode_image
-    from device.catalog import build_index
+    from device.images import decode_image
+    from device.catalog import ItemMaker, build_index
+    from device.config import IndexConfig
     from device.encoder import Encoder
     from device.index import CatalogIndex
     from device.lookup import Lookup
     s = device_settings()
     data = prepare_data()
-    enc = Encoder.from_bundle(BUNDLE, num_threads=s["num_threads"])
+    enc = Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=s["num_threads"])
     log(f"default bundle {enc.manifest.name}: {enc.info()['backbone']} {enc.manifest.quantization}, runtime "
         f"{enc.runtime}, {s['num_threads']} interpreter threads; config n_trees {s['n_trees']}, search_k "
         f"{s['search_k']}, top_k {s['top_k']}; {os.cpu_count()} CPU cores")
@@ -327,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     invoke_burst(10)
     inv_ts, builds = invoke_burst(60), []
     for _ in range(2):
-        rep = build_index(data["catalog"], enc, catalog_index_path(), n_trees=s["n_trees"], progress=False)
+        rep = build_index(data["catalog"], ItemMaker(enc, global_only(), IndexConfig().thumbnail_px),
+                          catalog_index_path(), n_trees=s["n_trees"], progress=False)
         builds.append(rep.indexed / rep.seconds)
         inv_ts += invoke_burst(60)
     enrol_ips = statistics.median(builds)
@@ -339,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 1. lookup end to end vs bare invoke, interleaved
     idx = CatalogIndex.load(catalog_index_path(), expected_bundle_sha256=enc.sha256, search_k=s["search_k"])
-    lk = Lookup(enc, idx, top_k=s["top_k"])
+    lk = Lookup(enc, idx, global_only(), top_k=s["top_k"])
     t_lookup, t_invoke, hits = [], [], 0
     for i in range(args.pairs + 5):
         b = qbytes[i % len(qbytes)]

@@ -113,8 +113,9 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     """Generate (or reuse) the camera-view benchmark data: catalog/{q,d}/*.jpg and queries/*.jpg, plus
     ``dataset.json`` with the ground truth. View kinds cycle over VIEW_KINDS across all queries, so each kind
     gets about the same number of queries and each item ``views_per_item`` different kinds."""
-    from device.camera import encode_jpeg
-    from device.demo import VIEW_KINDS, camera_view, shipped_photos
+    from device.images import encode_jpeg
+    from device.views import VIEW_KINDS, camera_view
+    from device.demo import shipped_photos
     root = Path(root or CACHE / "camera_views")
     meta = root / "dataset.json"
     params = {"version": DATASET_VERSION, "views_per_item": views_per_item, "seed": seed, "plan": plan.__dict__}

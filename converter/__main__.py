@@ -109,7 +109,7 @@ def _report(args) -> int:
 
 
 def _sample_images(args) -> int:
-    from device.camera import encode_jpeg
+    from device.images import encode_jpeg
     from device.demo import photo_crops, shipped_photos
     photos = shipped_photos()
     images = {**photos, **photo_crops(photos, args.crops_per_photo, seed=0)}

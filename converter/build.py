@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from device.bundle import InputSpec, Manifest, prepare_pixels, write_bundle
-from device.demo import VIEW_KINDS, camera_view
+from device.views import VIEW_KINDS, camera_view
 
 from . import report as report_mod
 from .autoencoder import build_autoencoder, train_autoencoder
@@ -131,20 +131,17 @@ def build(opts: BuildOptions, train: ImageSet, heldout: ImageSet | None = None) 
     tfl = to_tflite(model, opts.quantize, calibration)
     source.update(tensorflow=tf.__version__)
     dim = int(model.output.shape[-1])
-    fields = {
-        "name": opts.name or opts.out.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"height": size, "width": size, "channels": 3,
-                  "dtype": "uint8" if opts.quantize == "int8" else "float32", "color_order": "RGB",
-                  "resize": "stretch", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-                  "graph_normalization": source.get("normalization", "")},
-        "output_dim": dim,
-        "quantization": opts.quantize,
-        "source": source,
-        "training_images": {**train.manifest_entry(), "views_per_image": opts.views_per_image,
-                            "calibration_samples": len(calibration)},
-    }
-    manifest = write_bundle(opts.out, tfl, fields)
+    manifest = write_bundle(opts.out, tfl, Manifest(
+        name=opts.name or opts.out.name,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        input=InputSpec(height=size, width=size, dtype="uint8" if opts.quantize == "int8" else "float32",
+                        graph_normalization=source.get("normalization", "")),
+        output_dim=dim,
+        quantization=opts.quantize,
+        source=source,
+        training_images={**train.manifest_entry(), "views_per_image": opts.views_per_image,
+                         "calibration_samples": len(calibration)},
+    ))
     rep = report_mod.quantization_report(model, opts.out, heldout or train, seed=opts.seed)
     (opts.out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     return manifest, rep

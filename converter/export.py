@@ -9,8 +9,9 @@ from collections.abc import Iterable
 import numpy as np
 import tensorflow as tf
 
+from device.bundle import QUANTIZATIONS as MODES
+
 log = logging.getLogger(__name__)
-MODES = ("float32", "float16", "dynamic", "int8")
 
 
 def to_tflite(model, mode: str, calibration: Iterable[np.ndarray] | None = None) -> bytes:

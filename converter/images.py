@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.camera import read_image
-from device.catalog import IMAGE_SUFFIXES
+from device.images import IMAGE_SUFFIXES, read_image
 from device.errors import ImageError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from device.bundle import InputSpec, prepare_pixels
-from device.demo import VIEW_KINDS, camera_view
+from device.views import VIEW_KINDS, camera_view
 from device.encoder import Encoder
 
 REPORT_VIEW_KINDS = ("closeup", "perspective", "lighting", "blur", "table")
@@ -70,7 +70,7 @@ def encode_all(encoder: Encoder, images: list[np.ndarray]) -> np.ndarray:
 def quantization_report(model, bundle: Path, heldout, seed: int = 0) -> dict:
     """Float Keras ``model`` vs the bundle's TFLite on held-out images (+ their camera views)."""
     enc = Encoder.from_bundle(bundle, num_threads=2)
-    spec = InputSpec(enc.manifest.input.height, enc.manifest.input.width, dtype="float32")
+    spec = InputSpec(height=enc.manifest.input.height, width=enc.manifest.input.width, dtype="float32")
     images = heldout.images
     views, owner = _views(images, seed)
 

@@ -68,40 +68,26 @@ def _encoder(cfg: Config, bundle: Path | None = None):
 
 
 def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):
-    from .index import IndexHolder
-    return IndexHolder(path or cfg.index.path, expected_bundle_sha256=encoder.sha256, search_k=cfg.index.search_k,
-                       n_trees=cfg.index.n_trees, create_empty=create_empty, dim=encoder.dim,
+    from .index_writer import IndexHolder
+    index = cfg.index if path is None else cfg.index.model_copy(update={"path": path})
+    return IndexHolder(index, expected_bundle_sha256=encoder.sha256, create_empty=create_empty, dim=encoder.dim,
                        require_features=cfg.recognition.require_features)
 
 
-def _recognition(cfg: Config):
-    """(Enrolment, RecognitionConfig) from the config's recognition section."""
-    from .catalog import Enrolment
-    from .lookup import RecognitionConfig
-    from .verify import VerifyConfig
-    r = cfg.recognition
-    features = VerifyConfig(n_features=r.n_features, query_n_features=r.query_n_features, ratio=r.ratio,
-                            ransac_reproj_px=r.ransac_reproj_px, ransac_iters=r.ransac_iters)
-    enrolment = Enrolment(views=tuple(r.enrol_views), features=features if r.features else None,
-                          thumbnail_px=cfg.index.thumbnail_px)
-    recognition = RecognitionConfig(query_crops=tuple(r.query_crops), verify=r.verify, verify_top_k=r.verify_top_k,
-                                    verify_below_score=r.verify_below_score, stop_inliers=r.stop_inliers,
-                                    accept_inliers=r.accept_inliers, accept_score=r.accept_score,
-                                    fusion_weight=r.fusion_weight, features=features)
-    return enrolment, recognition
+def _maker(cfg: Config, encoder):
+    from .catalog import ItemMaker
+    return ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px)
 
 
 def _lookup(cfg: Config, encoder, holder, top_k: int | None = None):
     from .lookup import Lookup
-    return Lookup(encoder, holder, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels,
-                  recognition=_recognition(cfg)[1])
+    return Lookup(encoder, holder, cfg.recognition, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels)
 
 
 def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None) -> None:
     from .catalog import build_index, load_labels
-    rep = build_index(folder, encoder, out, labels=load_labels(labels), n_trees=cfg.index.n_trees,
-                      enrolment=_recognition(cfg)[0], max_pixels=cfg.web.max_pixels,
-                      progress=sys.stderr.isatty())
+    rep = build_index(folder, _maker(cfg, encoder), out, n_trees=cfg.index.n_trees, labels=load_labels(labels),
+                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty())
     print(f"indexed {rep.indexed} images from {folder} into {out} ({rep.generation}) in {rep.seconds:.1f} s; "
           f"skipped {len(rep.skipped)}", file=sys.stderr)
     for rel, why in rep.skipped:
@@ -144,28 +130,28 @@ def cmd_query(cfg: Config, args) -> int:
 
 
 def cmd_catalog(cfg: Config, args) -> int:
-    from .camera import read_image
-    from .catalog import make_item
+    from .images import read_image
     encoder = _encoder(cfg)
     holder = _holder(cfg, encoder, create_empty=True)
     if args.catalog_cmd == "list":
-        for it in holder.index.items:
+        for it in holder.current().items:
             print(f"{it.id}\t{it.label}")
         return 0
     if args.catalog_cmd == "remove":
         removed = holder.remove(args.ids)
         missing = [i for i in args.ids if i not in removed]
-        print(f"removed {len(removed)}; index now has {holder.index.size} items", file=sys.stderr)
+        print(f"removed {len(removed)}; index now has {holder.current().size} items", file=sys.stderr)
         if missing:
             raise CatalogIndexError(f"not in the catalog: {', '.join(missing)}")
         return 0
     if args.item_id and len(args.images) > 1:
         raise CatalogIndexError("--id names one item: give one image with it")
-    enrolment = _recognition(cfg)[0]
-    items = [make_item(encoder, read_image(p, cfg.web.max_pixels), args.item_id or p.stem, args.label,
-                       source=str(p.resolve()), enrolment=enrolment) for p in args.images]
+    maker = _maker(cfg, encoder)
+    items = [maker.make(read_image(p, cfg.web.max_pixels), args.item_id or p.stem, args.label,
+                        source=str(p.resolve())) for p in args.images]
     holder.add(items)
-    print(f"enrolled {', '.join(i.id for i in items)}; index now has {holder.index.size} items", file=sys.stderr)
+    print(f"enrolled {', '.join(i.id for i in items)}; index now has {holder.current().size} items",
+          file=sys.stderr)
     return 0
 
 
@@ -187,7 +173,7 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
         log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
         _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels)
         from .catalog import EnrolledStore
-        enrolled = EnrolledStore(cfg.catalog.enrolled_dir).items(encoder, _recognition(cfg)[0], cfg.web.max_pixels)
+        enrolled = EnrolledStore(cfg.catalog.enrolled_dir).items(_maker(cfg, encoder), cfg.web.max_pixels)
         if enrolled:
             _holder(cfg, encoder).add(enrolled)
             log.info("re-enrolled %d items kept in %s", len(enrolled), cfg.catalog.enrolled_dir)
@@ -210,37 +196,29 @@ def _needs_build(path: Path, encoder) -> bool:
 
 
 def cmd_serve(cfg: Config) -> int:
+    from .appliance import Appliance
     from .camera import Camera
-    from .service import Appliance
-    from .trigger import Trigger, TriggerConfig
-    from .web import WebSettings, create_app, serve
+    from .trigger import Trigger
+    from .web import create_app, serve
     encoder = _encoder(cfg)
     cfg = _prepare_catalog(cfg, encoder)
     holder = _holder(cfg, encoder, create_empty=True)
-    lookup = _lookup(cfg, encoder, holder)
-    cam = cfg.camera
-    camera = Camera(cam.source, fps=cam.fps, stall_timeout_s=cam.stall_timeout_s, backoff_initial_s=cam.backoff_initial_s,
-                    backoff_max_s=cam.backoff_max_s, loop=cam.loop, width=cam.width, height=cam.height)
-    t = cfg.trigger
-    trigger = Trigger(TriggerConfig(t.motion_threshold, t.still_threshold, t.still_time_s, t.min_sharpness,
-                                    t.min_interval_s, t.analysis_width_px)) if t.enabled else None
-    app_services = Appliance(lookup=lookup, holder=holder, camera=camera, trigger=trigger,
-                             enrolled_dir=cfg.catalog.enrolled_dir, enrolment=_recognition(cfg)[0]).start()
+    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), holder=holder, maker=_maker(cfg, encoder),
+                          camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
+                          enrolled_dir=cfg.catalog.enrolled_dir).start()
     w = cfg.web
-    web = WebSettings(host=w.host, port=w.port, max_upload_mb=w.max_upload_mb, api_token=w.api_token,
-                      stream_fps=w.stream_fps)
     log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web http://%s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,
-             holder.index.size, cfg.index.path, cam.source, w.host, w.port,
+             holder.current().size, cfg.index.path, cfg.camera.source, w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     _notify_systemd()
     try:
-        serve(create_app(web, app_services), web, threads=w.threads)
+        serve(create_app(w, appliance), w)
     except KeyboardInterrupt:
         pass
     finally:
-        app_services.stop()
+        appliance.stop()
     return 0
 
 

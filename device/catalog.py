@@ -1,5 +1,6 @@
-"""Catalog items from images: one function turns an RGB image into a CatalogItem (with the SAME encoder the
-device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the demo."""
+"""Catalog items from images: one ``ItemMaker`` turns an RGB image into a CatalogItem (with the SAME encoder
+and settings the device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the
+demo; labels files; the store of originals enrolled at run time."""
 from __future__ import annotations
 
 import csv
@@ -14,12 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import verify
-from .camera import DEFAULT_MAX_PIXELS, make_thumbnail, read_image
+from .config import RecognitionConfig
 from .errors import CatalogIndexError, ImageError
-from .index import CatalogItem, write_index
+from .images import DEFAULT_MAX_PIXELS, is_image_file, make_thumbnail, read_image
+from .index import CatalogItem
+from .index_writer import write_index
+from .views import padded_view
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 _ID_RE = re.compile(r"^[\w][\w.\-/ ]{0,199}$")
 
 
@@ -31,39 +34,25 @@ def validate_id(item_id: str) -> str:
     return item_id
 
 
-@dataclass(frozen=True)
-class Enrolment:
-    """How catalog images become index items (config.yaml ``recognition:``).
+class ItemMaker:
+    """Encodes catalog images into index items: descriptors of the image and of its padded views
+    (``recognition.enrol_views``: a print seen from further away), ORB features when ``recognition.features``,
+    and a JPEG thumbnail of at most ``thumbnail_px``. Holds the SAME encoder the device queries with."""
 
-    ``views``: besides the image itself, index it as seen from further away — scaled to each fraction of
-    the frame on a neutral grey canvas (database-side augmentation: a print lying on a table fills only part
-    of the camera frame). ``features``: ORB features for spatial verification (None = off)."""
+    def __init__(self, encoder, recognition: RecognitionConfig, thumbnail_px: int):
+        self.encoder = encoder
+        self.recognition = recognition
+        self.thumbnail_px = thumbnail_px
 
-    views: tuple[float, ...] = ()
-    features: verify.VerifyConfig | None = None
-    thumbnail_px: int = 160
-
-
-def padded_view(rgb: np.ndarray, frac: float, grey: int = 128) -> np.ndarray:
-    """The image scaled to ``frac`` of its size, centred on a grey canvas of the original size."""
-    import cv2
-    h, w = rgb.shape[:2]
-    sh, sw = max(1, int(h * frac)), max(1, int(w * frac))
-    canvas = np.full_like(rgb, grey)
-    y0, x0 = (h - sh) // 2, (w - sw) // 2
-    canvas[y0:y0 + sh, x0:x0 + sw] = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
-    return canvas
-
-
-def make_item(encoder, rgb: np.ndarray, item_id: str, label: str | None = None, *, source: str | None = None,
-              enrolment: Enrolment = Enrolment()) -> CatalogItem:
-    """Encode one catalog image into an index item: descriptors of the image and its views, local features,
-    JPEG thumbnail. The same encoder the device queries with."""
-    vectors = [encoder.embed(rgb)] + [encoder.embed(padded_view(rgb, f)) for f in enrolment.views]
-    features = verify.extract(rgb, enrolment.features) if enrolment.features is not None else None
-    return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
-                       thumbnail_jpeg=make_thumbnail(rgb, enrolment.thumbnail_px), source=source,
-                       features=features)
+    def make(self, rgb: np.ndarray, item_id: str, label: str | None = None, *,
+             source: str | None = None) -> CatalogItem:
+        """One catalog image (RGB uint8 HxWx3) → a CatalogItem; ``label`` defaults to the id's file name."""
+        rc = self.recognition
+        vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(padded_view(rgb, f)) for f in rc.enrol_views]
+        features = verify.extract(rgb, rc) if rc.features else None
+        return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
+                           thumbnail_jpeg=make_thumbnail(rgb, self.thumbnail_px), source=source,
+                           features=features)
 
 
 def load_labels(path: str | Path | None) -> dict[str, str]:
@@ -107,12 +96,12 @@ def scan_folder(folder: Path) -> list[Path]:
     """Image files under ``folder``, sorted (recursively)."""
     if not folder.is_dir():
         raise CatalogIndexError(f"{folder}: catalog folder does not exist")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p.name)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: dict[str, str] | None = None,
-                n_trees: int = 50, enrolment: Enrolment = Enrolment(), max_pixels: int = DEFAULT_MAX_PIXELS,
+def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
+                labels: dict[str, str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True) -> BuildReport:
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
     files are skipped and reported; the new index replaces the old one atomically."""
@@ -130,13 +119,12 @@ def build_index(folder: str | Path, encoder, index_path: str | Path, *, labels: 
             if item_id in seen:
                 raise ImageError(f"duplicate id {item_id!r} (also {seen[item_id]})")
             rgb = read_image(path, max_pixels)
-            items.append(make_item(encoder, rgb, item_id, labels.get(item_id), source=str(path),
-                                   enrolment=enrolment))
+            items.append(maker.make(rgb, item_id, labels.get(item_id), source=str(path)))
             seen[item_id] = rel.as_posix()
         except (ImageError, CatalogIndexError) as e:
             rep.skipped.append((rel.as_posix(), str(e)))
             log.warning("skipped %s: %s", rel, e)
-    gen = write_index(index_path, items, bundle_sha256=encoder.sha256, n_trees=n_trees, dim=encoder.dim)
+    gen = write_index(index_path, items, bundle_sha256=maker.encoder.sha256, n_trees=n_trees, dim=maker.encoder.dim)
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
     return rep
 
@@ -182,7 +170,7 @@ class EnrolledStore:
             if labels.pop(item_id, None) is not None:
                 self._write_labels(labels)
 
-    def items(self, encoder, enrolment: Enrolment, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[CatalogItem]:
+    def items(self, maker: ItemMaker, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[CatalogItem]:
         """Re-encode every kept original (unreadable ones are skipped and logged)."""
         if not self.folder.is_dir():
             return []
@@ -191,8 +179,7 @@ class EnrolledStore:
         for path in scan_folder(self.folder):
             item_id = path.relative_to(self.folder).with_suffix("").as_posix()
             try:
-                out.append(make_item(encoder, read_image(path, max_pixels), item_id, labels.get(item_id),
-                                     source=str(path), enrolment=enrolment))
+                out.append(maker.make(read_image(path, max_pixels), item_id, labels.get(item_id), source=str(path)))
             except (ImageError, CatalogIndexError) as e:
                 log.warning("enrolled item %s skipped: %s", item_id, e)
         return out

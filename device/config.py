@@ -1,14 +1,22 @@
-"""The one typed config, loaded once from config.yaml. Unknown keys and bad values are refused with the file,
-the key and the allowed values. Relative paths are resolved against the config file's folder."""
+"""The one typed config, loaded once from config.yaml. Every default is written here and nowhere else;
+components take their section as it is (``Trigger(config.trigger)``, ``Lookup(..., config.recognition)``).
+Unknown keys and bad values are refused with the file, the key and the allowed values. Relative paths are
+resolved against the config file's folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ApplianceError, ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+# The committed default bundle (real pretrained weights), used when no config names another one.
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 class _Section(BaseModel):
@@ -16,6 +24,8 @@ class _Section(BaseModel):
 
 
 class CameraConfig(_Section):
+    """Where frames come from and how the capture watchdog reconnects (device/camera.py)."""
+
     source: str = Field("demo", description="demo | /dev/videoN | N | csi://N | rtsp://… | video file | image folder")
     fps: Optional[float] = Field(None, gt=0, le=120, description="pace files/folders; request from cameras")
     width: Optional[int] = Field(None, ge=16, le=8192)
@@ -25,8 +35,20 @@ class CameraConfig(_Section):
     backoff_initial_s: float = Field(0.5, gt=0, le=600)
     backoff_max_s: float = Field(30.0, gt=0, le=3600)
 
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be ≥ backoff_initial_s "
+                             f"({self.backoff_initial_s})")
+        return self
 
-class TriggerSettings(_Section):
+
+class TriggerConfig(_Section):
+    """When a camera frame is worth a lookup (device/trigger.py): the view changed by more than
+    ``motion_threshold`` since the last lookup, then stayed still (consecutive frames differ by less than
+    ``still_threshold``) for ``still_time_s``, is sharp (variance of the Laplacian ≥ ``min_sharpness``) and
+    ``min_interval_s`` passed. Measured on a grey copy ``analysis_width_px`` wide."""
+
     enabled: bool = True
     motion_threshold: float = Field(8.0, gt=0, le=255)
     still_threshold: float = Field(3.0, gt=0, le=255)
@@ -37,11 +59,15 @@ class TriggerSettings(_Section):
 
 
 class EncoderConfig(_Section):
-    bundle: Path = Path("models/default")
+    """The model bundle and its interpreter (device/encoder.py)."""
+
+    bundle: Path = DEFAULT_BUNDLE
     num_threads: int = Field(2, ge=1, le=64)
 
 
 class IndexConfig(_Section):
+    """The Annoy catalog index (device/index.py, device/index_writer.py)."""
+
     path: Path = Path("var/catalog")
     n_trees: int = Field(10, ge=1, le=1000)
     search_k: int = Field(5000, ge=-1)
@@ -50,20 +76,24 @@ class IndexConfig(_Section):
 
 
 class CatalogConfig(_Section):
+    """Where catalog items come from (device/catalog.py, device/demo.py)."""
+
     build_from: Optional[Path] = Field(None, description="folder to index at start when the index is missing")
     labels: Optional[Path] = Field(None, description="CSV/TSV/JSON of id → label for build_from")
     enrolled_dir: Path = Path("var/enrolled")
     demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
 
 
-class RecognitionSettings(_Section):
-    """Multi-view enrolment, spatial verification and the match / no-match decision. Off unless enabled
-    (config.yaml enables it); an index must be rebuilt after changing enrol_views or features."""
+class RecognitionConfig(_Section):
+    """Multi-view enrolment, local features, spatial verification and the match / no-match decision
+    (device/catalog.py, device/verify.py, device/lookup.py). The defaults are what ``python -m bench
+    calibrate`` measured; an index must be rebuilt after changing ``enrol_views`` or the feature settings."""
 
-    enrol_views: list[float] = Field(default_factory=list, description="extra catalog views: fraction of frame")
-    features: bool = False
+    enrol_views: list[float] = Field(default_factory=lambda: [0.7, 0.55],
+                                     description="extra catalog views: fraction of the frame")
+    features: bool = True
     query_crops: list[float] = Field(default_factory=list)
-    verify: bool = False
+    verify: bool = True
     verify_top_k: int = Field(10, ge=1, le=50)
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
     stop_inliers: int = Field(40, ge=4, le=1000)
@@ -72,7 +102,10 @@ class RecognitionSettings(_Section):
     fusion_weight: float = Field(0.5, ge=0, le=10)
     n_features: int = Field(500, ge=50, le=5000)
     query_n_features: int = Field(1000, ge=50, le=5000)
+    features_max_side_px: int = Field(640, ge=64, le=4096)
+    fast_threshold: int = Field(20, ge=1, le=255)
     ratio: float = Field(0.8, gt=0, lt=1)
+    ransac_method: Literal["usac_magsac", "ransac"] = "usac_magsac"
     ransac_reproj_px: float = Field(8.0, gt=0, le=100)
     ransac_iters: int = Field(500, ge=10, le=100000)
     require_features: bool = False
@@ -86,6 +119,8 @@ class RecognitionSettings(_Section):
 
 
 class WebConfig(_Section):
+    """The LAN page and JSON API (device/web/)."""
+
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
     threads: int = Field(6, ge=4, le=64)
@@ -97,11 +132,11 @@ class WebConfig(_Section):
 
 class Config(_Section):
     camera: CameraConfig = CameraConfig()
-    trigger: TriggerSettings = TriggerSettings()
+    trigger: TriggerConfig = TriggerConfig()
     encoder: EncoderConfig = EncoderConfig()
     index: IndexConfig = IndexConfig()
     catalog: CatalogConfig = CatalogConfig()
-    recognition: RecognitionSettings = RecognitionSettings()
+    recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     source_file: Optional[Path] = Field(None, exclude=True)
@@ -172,3 +207,35 @@ def load_config(path: str | Path | None) -> Config:
     except ValidationError as e:
         raise ConfigError(_describe(e, path)) from None
     return _resolve(cfg, path.resolve().parent)
+
+
+def read_json_model(path: Path, model: type[M], error: type[ApplianceError], *, format_version: int,
+                    hint: str) -> M:
+    """Read a versioned JSON file (a bundle manifest, an index generation's meta) into a pydantic ``model``.
+
+    A file of another ``format_version`` is refused before its fields are looked at; every other problem
+    raises ``error`` naming the file and the first bad field, followed by ``hint`` (what to do about it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text)
+    except FileNotFoundError:
+        raise error(f"{path}: missing; {hint}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise error(f"{path}: not valid JSON ({e}); {hint}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: must hold a JSON object; {hint}")
+    if raw.get("format_version") != format_version:
+        raise error(f"{path}: field 'format_version' is {raw.get('format_version')!r}; this device reads "
+                    f"{format_version}; {hint}")
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            why = f"missing field '{key}'"
+        elif err["type"] == "extra_forbidden":
+            why = f"unknown field '{key}'"
+        else:
+            why = f"field '{key}' is {err.get('input')!r}: {err['msg']}"
+        raise error(f"{path}: {why}; {hint}") from None

@@ -4,28 +4,24 @@ CLI measures exactly what the camera does."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from .verify import VerifyConfig, extract, rerank
-from .camera import DEFAULT_MAX_PIXELS, decode_image
+from .config import RecognitionConfig
+from .images import DEFAULT_MAX_PIXELS, decode_image
+from .index import CatalogIndex
 from .results import Candidate, LookupResult
+from .verify import extract, rerank
 
 
-@dataclass(frozen=True)
-class RecognitionConfig:
-    """How a lookup decides (config.yaml ``recognition:``). The defaults are what bench/ calibrated."""
+class IndexSource(Protocol):
+    """What a lookup reads: the generation to use for one whole query (a loaded ``CatalogIndex`` is its
+    own; the appliance's ``IndexHolder`` hands out whichever is live)."""
 
-    query_crops: tuple[float, ...] = ()   # centre crops (fraction of the frame) encoded besides the frame
-    verify: bool = True                   # spatial verification of the top candidates (needs index features)
-    verify_top_k: int = 10                # candidates verified, best global score first
-    verify_below_score: float = 1.01      # skip verification when the top global score is ≥ this
-    stop_inliers: int = 40                # stop verifying once a candidate has this many inliers
-    accept_inliers: int = 16              # verified match: at least this many distinct matching points
-    accept_score: float = 0.74            # unverified match: global cosine at least this
-    fusion_weight: float = 0.5            # fused score = cosine + weight × min(inliers, stop_inliers) / stop_inliers
-    features: VerifyConfig = field(default_factory=VerifyConfig)
+    def current(self) -> CatalogIndex:
+        """The generation to query."""
+        ...
 
 
 def centre_crop(rgb: np.ndarray, frac: float) -> np.ndarray:
@@ -37,23 +33,20 @@ def centre_crop(rgb: np.ndarray, frac: float) -> np.ndarray:
 
 
 class Lookup:
-    """Wraps the shared encoder and index. ``index`` is a CatalogIndex or an IndexHolder (whose ``index``
-    attribute is swapped on enrolment; one lookup uses one generation throughout)."""
+    """Wraps the shared encoder and index. ``index`` is a loaded CatalogIndex or the appliance's
+    IndexHolder (swapped on enrolment); one lookup uses one generation throughout."""
 
-    def __init__(self, encoder, index, *, top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 recognition: RecognitionConfig | None = None):
+    def __init__(self, encoder, index: IndexSource, recognition: RecognitionConfig, *, top_k: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.encoder = encoder
         self.index = index
+        self.recognition = recognition
         self.top_k = top_k
         self.max_pixels = max_pixels
-        self.recognition = recognition or RecognitionConfig(verify=False)
-
-    def _generation(self):
-        return getattr(self.index, "index", self.index)
 
     def verification_status(self) -> dict:
         """Whether verification runs, and why not (for /api/health)."""
-        idx = self._generation()
+        idx = self.index.current()
         if not self.recognition.verify:
             return {"enabled": False, "why": "recognition.verify is false in the config"}
         if not idx.has_features:
@@ -66,7 +59,7 @@ class Lookup:
         """RGB uint8 HxWx3 → ranked candidates and the decision, with per-stage timings in milliseconds."""
         rc = self.recognition
         top_k = top_k or self.top_k
-        idx = self._generation()
+        idx = self.index.current()
         timings = dict(timings or {})
         t0 = time.perf_counter()
         vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(centre_crop(rgb, f)) for f in rc.query_crops]
@@ -87,11 +80,11 @@ class Lookup:
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=self._decide(ranked))
 
-    def _verify(self, rgb: np.ndarray, ranked: list[Candidate], idx) -> list[Candidate]:
+    def _verify(self, rgb: np.ndarray, ranked: list[Candidate], idx: CatalogIndex) -> list[Candidate]:
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
-        query = extract(rgb, rc.features, query=True)
-        inliers = rerank(query, head, lambda c: idx.features(c.id), rc.features, stop_inliers=rc.stop_inliers)
+        query = extract(rgb, rc, query=True)
+        inliers = rerank(query, head, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
         head = [c.with_inliers(n if n >= 0 else None) for c, n in zip(head, inliers)]
         cap = max(rc.stop_inliers, 1)
 
@@ -118,7 +111,7 @@ class Lookup:
         spec = self.encoder.manifest.input
         need = max(spec.height, spec.width)
         if self.recognition.verify:
-            need = max(need, self.recognition.features.max_side_px)
+            need = max(need, self.recognition.features_max_side_px)
         rgb = decode_image(data, self.max_pixels, min_side_px=need)
         decode_ms = (time.perf_counter() - t0) * 1e3
         return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})

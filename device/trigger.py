@@ -5,38 +5,10 @@ deterministic and testable. All measures are taken on a small grayscale copy of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TriggerConfig:
-    """Thresholds of the lookup trigger.
-
-    ``motion_threshold``: mean absolute difference (0..255) between the current frame and the frame
-    at the last lookup above which the view has "changed" and the trigger re-arms.
-    ``still_threshold``: mean absolute difference between consecutive frames below which they are
-    "still". ``still_time_s``: how long the view must stay still before a lookup. ``min_sharpness``:
-    minimum variance of the Laplacian (focus / motion-blur measure). ``min_interval_s``: minimum time
-    between two automatic lookups. ``analysis_width_px``: width of the grayscale copy measured on.
-    """
-
-    motion_threshold: float = 8.0
-    still_threshold: float = 3.0
-    still_time_s: float = 0.5
-    min_sharpness: float = 60.0
-    min_interval_s: float = 1.0
-    analysis_width_px: int = 160
-
-    def __post_init__(self) -> None:
-        for name in ("motion_threshold", "still_threshold", "still_time_s", "min_sharpness",
-                     "min_interval_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"trigger {name} must be >= 0, got {getattr(self, name)}")
-        if self.analysis_width_px < 8:
-            raise ValueError(f"trigger analysis_width_px must be >= 8, got {self.analysis_width_px}")
+from .config import TriggerConfig
 
 
 def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,8 +26,8 @@ class Trigger:
     ``motion_threshold``. ``request()`` makes the next ``update`` fire ("requested") unconditionally.
     """
 
-    def __init__(self, cfg: TriggerConfig | None = None):
-        self.cfg = cfg if cfg is not None else TriggerConfig()
+    def __init__(self, cfg: TriggerConfig):
+        self.cfg = cfg
         self._armed = True
         self._requested = False
         self._prev: np.ndarray | None = None

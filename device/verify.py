@@ -22,24 +22,7 @@ Features file (``FeatureStore``), one per index generation, beside the index, me
 Bytes per item: 16 + 40 per keypoint, i.e. ≈ 20 KB at 500 features (≈ 2 GB for a 100k-item catalog, which
 is why it is mapped, not read). Only the candidates' pages are touched per query.
 
-Measured costs (2-core x86 dev machine shared with other jobs, ``cv2.setNumThreads(1)``, median ms; query =
-640x480 table view, candidates = shipped photos; a Raspberry Pi 4 core is roughly 3-5x slower)::
-
-    ORB extract, query frame                      500 kp: 3.7    1000 kp (default): 4.7
-    ORB extract, 512x512 catalog photo            500 kp: 5.4
-    verify one candidate (knn + ratio + one-to-one + homography), query kp x catalog kp:
-                           500x500   1000x500 (default)   1000x1000
-        USAC_MAGSAC         2.1          4.2                 7.7
-        RANSAC              2.7          7.4                11.0
-
-knnMatch is ~95% of a verification (4.0 of 4.2 ms at the defaults); MAGSAC stops early where RANSAC runs its
-500 iterations, and it kept a true pair RANSAC lost. K = 10 candidates at the defaults: ≈ 47 ms per
-lookup here, so on a Pi verify K ≈ 5 or pass ``stop_inliers`` (a matching print usually ends it at one).
-
-Threads: the cv2 bindings release the GIL inside every call (another Python thread kept ~50% of its idle
-speed during knnMatch/findHomography, ~4% during a GIL-holding list.sort), so a thread pool could spread K
-verifications over a Pi's 4 cores. On this shared 2-core box 2 threads gave no reliable gain (43 vs 40 ms,
-another run 67 vs 74 ms), so ``rerank`` stays sequential.
+Costs (ORB extraction, knnMatch, MAGSAC vs RANSAC) and why ``rerank`` stays sequential: README, "Benchmarks".
 """
 from __future__ import annotations
 
@@ -53,7 +36,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from device.errors import CatalogIndexError
+from .config import RecognitionConfig
+from .errors import CatalogIndexError
 
 MAGIC = b"ORBF"
 FORMAT_VERSION = 1
@@ -62,37 +46,6 @@ _HEADER = struct.Struct("<4sIII")
 MIN_MATCHES_TO_FIT = 8  # fewer ratio-test matches than this: no homography is tried, 0 inliers
 _MAX_SCALE_CHANGE = 10.0
 _METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """Settings of spatial verification.
-
-    ``n_features``: ORB keypoints per catalog image (what the features file stores).
-    ``query_n_features``: ORB keypoints of a query frame; more than the catalog's because a print lying on a
-    cluttered desk fills only part of the frame and the table's texture takes its share of the strongest
-    corners (on the shipped table views 500 query keypoints left a small print with 0-18 inliers, 1000
-    with >= 39). ``ratio``: Lowe ratio test (best / second-best Hamming distance must be below it).
-    ``ransac_reproj_px``: homography inlier threshold in pixels of the downscaled images.
-    ``ransac_iters``: maximum RANSAC iterations. (The "verified" threshold is the caller's: false pairs reach
-    4-7 inliers because any 4 matches fit a homography, true pairs had >= 39 on the shipped views.)
-    ``max_side_px``: images are downscaled so the longer side
-    is at most this before ORB (cost control; stored xy refer to the downscaled image).
-    ``fast_threshold``: ORB's FAST corner threshold. ``method``: "usac_magsac" or "ransac".
-    """
-
-    n_features: int = 500
-    query_n_features: int = 1000
-    ratio: float = 0.8
-    ransac_reproj_px: float = 8.0
-    ransac_iters: int = 500
-    max_side_px: int = 640
-    fast_threshold: int = 20
-    method: str = "usac_magsac"
-
-    def __post_init__(self) -> None:
-        if self.method not in _METHODS:
-            raise ValueError(f"VerifyConfig.method must be one of {', '.join(_METHODS)}, got {self.method!r}")
 
 
 @dataclass(frozen=True)
@@ -117,13 +70,13 @@ def _empty(size_wh: tuple[int, int]) -> Features:
     return Features(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8), size_wh)
 
 
-def extract(rgb: np.ndarray, cfg: VerifyConfig = VerifyConfig(), *, query: bool = False) -> Features:
+def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> Features:
     """ORB features of an RGB uint8 HxWx3 image (grayscale HxW is accepted too), after downscaling so the
-    longer side is at most ``cfg.max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
+    longer side is at most ``cfg.features_max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
     ``cfg.query_n_features`` with ``query=True``. A flat image gives empty arrays, never None."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
     h, w = gray.shape[:2]
-    scale = cfg.max_side_px / max(h, w)
+    scale = cfg.features_max_side_px / max(h, w)
     if scale < 1.0:
         gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
@@ -135,7 +88,7 @@ def extract(rgb: np.ndarray, cfg: VerifyConfig = VerifyConfig(), *, query: bool 
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size_wh)
 
 
-def ratio_matches(query: Features, cand: Features, cfg: VerifyConfig = VerifyConfig(), *,
+def ratio_matches(query: Features, cand: Features, cfg: RecognitionConfig, *,
                   one_to_one: bool = True) -> np.ndarray:
     """Putative matches query → candidate as int [M, 2] (query index, candidate index): Hamming 2-NN, Lowe
     ratio test, and (``one_to_one``) each candidate keypoint kept only for its best-distance query keypoint.
@@ -157,7 +110,7 @@ def ratio_matches(query: Features, cand: Features, cfg: VerifyConfig = VerifyCon
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def match_inliers(query: Features, cand: Features, cfg: VerifyConfig = VerifyConfig()) -> int:
+def match_inliers(query: Features, cand: Features, cfg: RecognitionConfig) -> int:
     """Number of keypoints of ``query`` that a homography maps onto ``cand`` (0 when there is no credible
     one). Inliers are counted as distinct keypoint locations on both sides; a homography that mirrors the
     image or changes scale by more than 10x counts as none. Never raises on ordinary images."""
@@ -167,7 +120,7 @@ def match_inliers(query: Features, cand: Features, cfg: VerifyConfig = VerifyCon
     src = query.xy[pairs[:, 0]].reshape(-1, 1, 2)
     dst = cand.xy[pairs[:, 1]].reshape(-1, 1, 2)
     try:
-        h, mask = cv2.findHomography(src, dst, _METHODS[cfg.method], cfg.ransac_reproj_px,
+        h, mask = cv2.findHomography(src, dst, _METHODS[cfg.ransac_method], cfg.ransac_reproj_px,
                                      maxIters=cfg.ransac_iters, confidence=0.995)
     except cv2.error:
         return 0
@@ -185,7 +138,7 @@ def match_inliers(query: Features, cand: Features, cfg: VerifyConfig = VerifyCon
 
 
 def rerank(query: np.ndarray | Features, candidates: Sequence[Any],
-           get_features: Callable[[Any], Features | None], cfg: VerifyConfig = VerifyConfig(), *,
+           get_features: Callable[[Any], Features | None], cfg: RecognitionConfig, *,
            stop_inliers: int | None = None) -> list[int]:
     """Inliers of ``query`` (an RGB frame or its Features) against each candidate, in the given order.
 

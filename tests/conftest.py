@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.camera import encode_jpeg
-from device.demo import camera_view, shipped_photos
+from device.images import encode_jpeg
+from device.views import camera_view
+from device.config import DEFAULT_BUNDLE
+from device.demo import shipped_photos
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = ROOT / "models" / "default"
 # Catalog photos for the device tests; "coffee" and "grace_hopper" stay out (not-in-catalog queries).
 CATALOG = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
            "coins", "moon", "clock", "page", "brick", "china", "flower")

@@ -1,4 +1,5 @@
-"""device/camera.py: decoding, the BGR→RGB contract of every source, and the capture watchdog."""
+"""device/images.py decoding, the BGR→RGB contract of every source (device/camera_sources.py), and the capture
+watchdog (device/camera.py)."""
 from __future__ import annotations
 
 import io
@@ -14,16 +15,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from device.camera import (
-    Camera,
-    Frame,
-    FrameSource,
-    decode_image,
-    encode_jpeg,
-    make_thumbnail,
-    open_source,
-    read_image,
-)
+from device.camera import Camera, Frame
+from device.camera_sources import FrameSource, open_source
+from device.config import CameraConfig
+from device.images import decode_image, encode_jpeg, make_thumbnail, read_image
 from device.errors import CameraError, ImageError
 
 RED_RGB = (220, 20, 30)
@@ -283,7 +278,8 @@ class FakeOpener:
 
 
 def _fast_camera(spec, opener, **kw) -> Camera:
-    return Camera(spec, stall_timeout_s=0.3, backoff_initial_s=0.02, backoff_max_s=0.1, opener=opener, **kw)
+    return Camera(CameraConfig(source=spec, stall_timeout_s=0.3, backoff_initial_s=0.02, backoff_max_s=0.1, **kw),
+                  opener=opener)
 
 
 @pytest.mark.parametrize("then", ["block", "none"])
@@ -313,7 +309,7 @@ def test_camera_reconnects_after_stall_or_end(then, unblock, caplog):
 
 def test_stop_returns_while_a_reader_is_blocked(unblock):
     opener = FakeOpener("block", unblock, n_frames=1)
-    cam = Camera("fake://dead", stall_timeout_s=60, opener=opener).start()
+    cam = Camera(CameraConfig(source="fake://dead", stall_timeout_s=60), opener=opener).start()
     assert cam.wait_frame(0, timeout_s=10) is not None
     assert _wait_until(lambda: opener.sources[0].sent == 1)
     cam.stop()  # the reader is stuck in read(): stop must not wait for it
@@ -324,7 +320,7 @@ def test_stop_returns_while_a_reader_is_blocked(unblock):
 
 def test_camera_with_unopenable_spec_keeps_retrying(tmp_path):
     spec = str(tmp_path / "missing.mp4")
-    cam = Camera(spec, stall_timeout_s=0.3, backoff_initial_s=0.01, backoff_max_s=0.05)
+    cam = Camera(CameraConfig(source=spec, stall_timeout_s=0.3, backoff_initial_s=0.01, backoff_max_s=0.05))
     with cam:
         assert _wait_until(lambda: cam.status()["reconnects"] >= 3)
         assert cam.state == "reconnecting"
@@ -334,7 +330,7 @@ def test_camera_with_unopenable_spec_keeps_retrying(tmp_path):
 
 
 def test_camera_streams_a_real_video_file_as_rgb(red_video):
-    with Camera(str(red_video), fps=200, stall_timeout_s=2) as cam:
+    with Camera(CameraConfig(source=str(red_video), fps=100, stall_timeout_s=2)) as cam:
         frame = cam.wait_frame(0, timeout_s=10)
         assert frame is not None and _is_red(frame.rgb)
         assert _wait_until(lambda: cam.status()["frames_total"] > 6)  # past the end: looped
@@ -342,7 +338,7 @@ def test_camera_streams_a_real_video_file_as_rgb(red_video):
 
 
 def test_jpeg_decoded_at_reduced_scale_keeps_both_sides_above_the_minimum():
-    from device.camera import decode_image, encode_jpeg
+    from device.images import decode_image, encode_jpeg
     import skimage.data
     big = np.ascontiguousarray(np.tile(skimage.data.astronaut(), (2, 2, 1))[:768, :1024])
     data = encode_jpeg(big, 90)

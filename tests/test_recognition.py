@@ -5,24 +5,34 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.catalog import Enrolment, build_index, make_item
+from device.catalog import ItemMaker, build_index
+from device.config import IndexConfig, RecognitionConfig
 from device.errors import CatalogIndexError
-from device.index import FEATURES_FILE, CatalogIndex, IndexHolder
-from device.lookup import Lookup, RecognitionConfig
-from device.verify import VerifyConfig
+from device.index import FEATURES_FILE, CatalogIndex
+from device.index_writer import IndexHolder
+from device.lookup import Lookup
 
 from .conftest import CATALOG, view
 
-FEATURES = VerifyConfig()
-ENROL = Enrolment(views=(0.7, 0.55), features=FEATURES)
-VERIFIED = RecognitionConfig(verify=True, verify_top_k=5, features=FEATURES)
+ENROL = RecognitionConfig(enrol_views=[0.7, 0.55], features=True)
+VERIFIED = RecognitionConfig(verify=True, verify_top_k=5)
 GLOBAL_ONLY = RecognitionConfig(verify=False)
+SINGLE_VIEW = RecognitionConfig(enrol_views=[], features=False)
+
+
+def maker(encoder, recognition=ENROL) -> ItemMaker:
+    return ItemMaker(encoder, recognition, 160)
+
+
+def holder_of(path, encoder) -> IndexHolder:
+    return IndexHolder(IndexConfig(path=path, search_k=5000), expected_bundle_sha256=encoder.sha256,
+                       require_features=True)
 
 
 @pytest.fixture(scope="module")
 def recog_index(tmp_path_factory, catalog_dir, encoder):
     path = tmp_path_factory.mktemp("recog") / "index"
-    build_index(catalog_dir, encoder, path, enrolment=ENROL, progress=False)
+    build_index(catalog_dir, maker(encoder), path, n_trees=10, progress=False)
     return path
 
 
@@ -30,7 +40,7 @@ def recog_index(tmp_path_factory, catalog_dir, encoder):
 def single_view_index(tmp_path_factory, catalog_dir, encoder):
     """The issue-5 baseline: one vector per item, no features."""
     path = tmp_path_factory.mktemp("single") / "index"
-    build_index(catalog_dir, encoder, path, progress=False)
+    build_index(catalog_dir, maker(encoder, SINGLE_VIEW), path, n_trees=10, progress=False)
     with CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, search_k=5000) as idx:
         yield idx
 
@@ -53,8 +63,8 @@ def table_views(photos):
 
 
 def test_verification_beats_global_only_on_table_views(encoder, index, single_view_index, table_views):
-    glob = Lookup(encoder, single_view_index, top_k=5, recognition=GLOBAL_ONLY)
-    ver = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    glob = Lookup(encoder, single_view_index, GLOBAL_ONLY, top_k=5)
+    ver = Lookup(encoder, index, VERIFIED, top_k=5)
     g = [glob.lookup_rgb(v).results[0].id == t for t, v in table_views]
     r = [ver.lookup_rgb(v) for _, v in table_views]
     vtop = [res.results[0].id == t for (t, _), res in zip(table_views, r)]
@@ -69,8 +79,8 @@ def test_verification_beats_global_only_on_table_views(encoder, index, single_vi
 
 
 def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos):
-    from device.demo import empty_table
-    lookup = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    from device.views import empty_table
+    lookup = Lookup(encoder, index, VERIFIED, top_k=5)
     negatives = [view(photos, name, kind, seed=7 + i) for i, name in enumerate(("coffee", "grace_hopper"))
                  for kind in ("closeup", "table", "perspective")]
     negatives += [empty_table(np.random.default_rng(s)) for s in range(3)]
@@ -81,7 +91,7 @@ def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos):
 
 
 def test_closeups_of_catalog_items_are_accepted(encoder, index, photos):
-    lookup = Lookup(encoder, index, top_k=5, recognition=VERIFIED)
+    lookup = Lookup(encoder, index, VERIFIED, top_k=5)
     for i, name in enumerate(CATALOG):
         result = lookup.lookup_rgb(view(photos, name, "closeup", seed=200 + i))
         assert result.match is not None and result.match.id == truth(name), (name, result.results[:2])
@@ -89,7 +99,7 @@ def test_closeups_of_catalog_items_are_accepted(encoder, index, photos):
 
 def test_multi_view_items_return_each_item_once(encoder, index, photos):
     assert index.size == len(CATALOG) and len(index.vectors()) == 3 * len(CATALOG)
-    res = Lookup(encoder, index, top_k=10, recognition=GLOBAL_ONLY).lookup_rgb(photos["rocket"])
+    res = Lookup(encoder, index, GLOBAL_ONLY, top_k=10).lookup_rgb(photos["rocket"])
     ids = [c.id for c in res.results]
     assert len(ids) == len(set(ids)) == 10 and ids[0] == "rocket"
 
@@ -98,15 +108,15 @@ def test_enrol_and_remove_keep_vectors_features_and_ids_consistent(tmp_path, rec
     import shutil
     path = tmp_path / "index"
     shutil.copytree(recog_index, path, symlinks=True)
-    holder = IndexHolder(path, expected_bundle_sha256=encoder.sha256, search_k=5000, require_features=True)
-    n = holder.index.size
-    holder.add([make_item(encoder, photos["coffee"], "mug", "Mug", enrolment=ENROL)])
-    idx = holder.index
+    holder = holder_of(path, encoder)
+    n = holder.current().size
+    holder.add([maker(encoder).make(photos["coffee"], "mug", "Mug")])
+    idx = holder.current()
     assert idx.size == n + 1 and len(idx.vectors()) == 3 * (n + 1)
     assert idx.features("mug") is not None and len(idx.features("mug")) > 100
     moon_before = idx.features("moon").desc.copy()
     holder.remove(["mug", "chelsea"])
-    idx = holder.index
+    idx = holder.current()
     assert idx.size == n - 1 and len(idx.vectors()) == 3 * (n - 1) and not idx.has("mug")
     assert np.array_equal(idx.features("moon").desc, moon_before)  # features stayed with their item
     from device.verify import FeatureStore
@@ -119,21 +129,21 @@ def test_crash_during_rebuild_leaves_old_index_and_features_usable(tmp_path, rec
                                                                    monkeypatch):
     import shutil
 
-    import device.index as index_mod
+    import device.index_writer as index_mod
     path = tmp_path / "index"
     shutil.copytree(recog_index, path, symlinks=True)
-    holder = IndexHolder(path, expected_bundle_sha256=encoder.sha256, search_k=5000, require_features=True)
-    before = holder.index.generation
+    holder = holder_of(path, encoder)
+    before = holder.current().generation
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
     monkeypatch.setattr(index_mod.FeatureStore, "write", staticmethod(boom))
     with pytest.raises(CatalogIndexError, match="disk full"):
-        holder.add([make_item(encoder, photos["coffee"], "mug", "Mug", enrolment=ENROL)])
+        holder.add([maker(encoder).make(photos["coffee"], "mug", "Mug")])
     monkeypatch.undo()
     fresh = CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)
     assert fresh.generation == before and not fresh.has("mug")
-    res = Lookup(encoder, fresh, recognition=VERIFIED).lookup_rgb(view(photos, "rocket", "table", seed=3))
+    res = Lookup(encoder, fresh, VERIFIED, top_k=5).lookup_rgb(view(photos, "rocket", "table", seed=3))
     assert res.match is not None and res.match.id == "rocket" and res.match.inliers > 0
     holder.close()
 
@@ -147,7 +157,7 @@ def test_missing_or_corrupt_features_file(tmp_path, recog_index, encoder, photos
     with pytest.raises(CatalogIndexError, match=FEATURES_FILE):
         CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)
     idx = CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=False)
-    lookup = Lookup(encoder, idx, recognition=VERIFIED)
+    lookup = Lookup(encoder, idx, VERIFIED, top_k=5)
     status = lookup.verification_status()
     assert status["enabled"] is False and FEATURES_FILE in status["why"]
     res = lookup.lookup_rgb(view(photos, "rocket", "closeup", seed=1))

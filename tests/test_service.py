@@ -1,4 +1,4 @@
-"""The running appliance with real parts: a fake camera (video file of simulated views) drives the trigger
+"""The running appliance (device/appliance.py) with real parts: a fake camera (video file of simulated views) drives the trigger
 and produces lookups; the HTTP API on the real Appliance (upload, enrol, remove, health, metrics)."""
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import time
 import numpy as np
 import pytest
 
-from device.camera import Camera, VideoWriter, encode_jpeg
-from device.catalog import build_index
-from device.index import IndexHolder
+from device.appliance import Appliance
+from device.camera import Camera
+from device.camera_sources import VideoWriter
+from device.catalog import ItemMaker, build_index
+from device.config import CameraConfig, IndexConfig, RecognitionConfig, TriggerConfig, WebConfig
+from device.images import encode_jpeg
+from device.index_writer import IndexHolder
 from device.lookup import Lookup
-from device.service import Appliance
-from device.trigger import Trigger, TriggerConfig
-from device.web import WebSettings, create_app
+from device.trigger import Trigger
+from device.web import create_app
 
 from .conftest import view
 
@@ -23,14 +26,17 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture()
 def holder(tmp_path, catalog_dir, encoder):
-    build_index(catalog_dir, encoder, tmp_path / "index", progress=False)
-    h = IndexHolder(tmp_path / "index", expected_bundle_sha256=encoder.sha256, search_k=2000)
+    build_index(catalog_dir, ItemMaker(encoder, RecognitionConfig(), 160), tmp_path / "index", n_trees=10,
+                progress=False)
+    h = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
     yield h
     h.close()
 
 
 def make_appliance(encoder, holder, tmp_path, camera=None, trigger=None):
-    return Appliance(lookup=Lookup(encoder, holder, top_k=3), holder=holder, camera=camera, trigger=trigger,
+    recognition = RecognitionConfig()
+    return Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder,
+                     maker=ItemMaker(encoder, recognition, 160), camera=camera, trigger=trigger,
                      enrolled_dir=tmp_path / "enrolled")
 
 
@@ -44,7 +50,7 @@ def test_fake_camera_drives_the_trigger_to_a_correct_lookup(encoder, holder, pho
             wr.write(np.roll(shown, i * 60, axis=1))
         for _ in range(30):  # ...then held still for 1.5 s
             wr.write(np.clip(shown.astype(np.int16) + rng.integers(-2, 3, shown.shape), 0, 255).astype(np.uint8))
-    cam = Camera(str(path), fps=20, loop=False, stall_timeout_s=5)
+    cam = Camera(CameraConfig(source=str(path), fps=20, loop=False, stall_timeout_s=5))
     trig = Trigger(TriggerConfig(still_time_s=0.3, min_interval_s=0.5))
     app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=trig).start()
     try:
@@ -54,16 +60,17 @@ def test_fake_camera_drives_the_trigger_to_a_correct_lookup(encoder, holder, pho
         result = app.latest_result()
         assert result is not None, "the trigger never fired"
         assert result.source == "camera" and result.results[0].id == "rocket"
-        assert app.metrics()["lookups_total"]["camera"] >= 1
+        assert app.metrics.value("appliance_lookups_total", source="camera") >= 1
         assert app.latest_frame_jpeg()[1][:2] == b"\xff\xd8"
     finally:
         app.stop()
 
 
 def test_health_reports_a_lost_camera_and_the_device_keeps_serving(encoder, holder, photos, tmp_path):
-    cam = Camera(str(tmp_path / "unplugged.avi"), stall_timeout_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.1)
-    app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=Trigger()).start()
-    client = create_app(WebSettings(), app).test_client()
+    cam = Camera(CameraConfig(source=str(tmp_path / "unplugged.avi"), stall_timeout_s=0.2, backoff_initial_s=0.05,
+                              backoff_max_s=0.1))
+    app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=Trigger(TriggerConfig())).start()
+    client = create_app(WebConfig(), app).test_client()
     try:
         time.sleep(0.5)
         health = client.get("/api/health")
@@ -80,7 +87,7 @@ def test_health_reports_a_lost_camera_and_the_device_keeps_serving(encoder, hold
 
 def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, photos, tmp_path):
     app = make_appliance(encoder, holder, tmp_path)
-    client = create_app(WebSettings(api_token=TOKEN), app).test_client()
+    client = create_app(WebConfig(api_token=TOKEN), app).test_client()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     q = encode_jpeg(view(photos, "coffee", "rotate", seed=2))
 
@@ -93,7 +100,7 @@ def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, pho
                     data={"image": (io.BytesIO(encode_jpeg(photos["coffee"], 92)), "c.jpg"), "label": "Mug", "id": "mug"})
     assert r.status_code in (201, 202) and r.get_json()["id"] == "mug"
     deadline = time.time() + 20
-    while not holder.index.has("mug") and time.time() < deadline:
+    while not holder.current().has("mug") and time.time() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "enrolled" / "mug.jpg").is_file()  # the original is kept: nothing is lost
     assert client.get("/api/catalog/mug/thumb.jpg").data[:2] == b"\xff\xd8"
@@ -101,7 +108,7 @@ def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, pho
     assert r.get_json()["results"][0]["id"] == "mug"
 
     assert client.delete("/api/catalog/mug", headers=auth).status_code == 200
-    assert not holder.index.has("mug") and not (tmp_path / "enrolled" / "mug.jpg").exists()
+    assert not holder.current().has("mug") and not (tmp_path / "enrolled" / "mug.jpg").exists()
     assert client.delete("/api/catalog/mug", headers=auth).status_code == 404
 
 
@@ -111,14 +118,14 @@ def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, pho
 ])
 def test_bad_uploads_get_a_clear_4xx_and_lose_nothing(encoder, holder, photos, tmp_path, payload, status, words):
     app = make_appliance(encoder, holder, tmp_path)
-    client = create_app(WebSettings(), app).test_client()
+    client = create_app(WebConfig(), app).test_client()
     if payload is None:
         payload = encode_jpeg(photos["astronaut"])[:3000]
     r = client.post("/api/query", data={"image": (io.BytesIO(payload), "x.jpg")})
     assert r.status_code == status and words in r.get_json()["error"]
     ok = client.post("/api/query", data={"image": (io.BytesIO(encode_jpeg(photos["moon"])), "m.jpg")})
     assert ok.status_code == 200 and ok.get_json()["results"][0]["id"] == "moon"
-    assert app.metrics()["errors_total"] == {"ImageError": 1}
+    assert app.metrics.value("appliance_errors_total", kind="ImageError") == 1
 
 
 def test_huge_image_is_refused_before_decoding(encoder, holder, tmp_path):
@@ -127,7 +134,7 @@ def test_huge_image_is_refused_before_decoding(encoder, holder, tmp_path):
     app.lookup.max_pixels = 1_000_000
     buf = io.BytesIO()
     Image.new("RGB", (2000, 1000), (10, 20, 30)).save(buf, format="PNG")
-    client = create_app(WebSettings(), app).test_client()
+    client = create_app(WebConfig(), app).test_client()
     r = client.post("/api/query", data={"image": (io.BytesIO(buf.getvalue()), "big.png")})
     assert r.status_code in (400, 413) and "limit" in r.get_json()["error"]
 
@@ -139,7 +146,7 @@ def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos
     with VideoWriter(path, 20, (w, h)) as wr:
         for _ in range(60):
             wr.write(shown)
-    cam = Camera(str(path), fps=20, loop=True)
+    cam = Camera(CameraConfig(source=str(path), fps=20, loop=True))
     app = make_appliance(encoder, holder, tmp_path, camera=cam, trigger=None).start()
     real, calls = app.lookup.lookup_rgb, []
 
@@ -158,7 +165,7 @@ def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos
         while app.latest_result() is None and time.time() < deadline:
             time.sleep(0.02)
         assert app.latest_result() is not None and app.latest_result().results[0].id == "chelsea"
-        assert app.metrics()["errors_total"] == {"internal": 1}
+        assert app.metrics.value("appliance_errors_total", kind="internal") == 1
     finally:
         app.stop()
 
@@ -169,14 +176,16 @@ def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(enco
     from device.__main__ import _prepare_catalog
     from device.catalog import EnrolledStore
     from device.config import load_config
-    from device.index import CatalogIndex, CatalogItem, write_index
+    from device.index import CatalogIndex, CatalogItem
+    from device.index_writer import write_index
     from .conftest import DEFAULT_BUNDLE
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {DEFAULT_BUNDLE}\n"
                         f"index:\n  path: {tmp_path / 'index'}\n"
                         f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {tmp_path / 'enrolled'}\n")
     cfg = load_config(cfg_file)
-    write_index(tmp_path / "index", [CatalogItem("old", "old", np.ones(8, np.float32))], bundle_sha256="0" * 64)
+    write_index(tmp_path / "index", [CatalogItem("old", "old", np.ones(8, np.float32))], bundle_sha256="0" * 64,
+                n_trees=2)
     EnrolledStore(tmp_path / "enrolled").save("kitchen/mug", encode_jpeg(photos["coffee"]), "Coffee mug")
     _prepare_catalog(cfg, encoder)
     with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256) as idx:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device.config import DEFAULT_BUNDLE
 from device.demo import photo_crops, shipped_photos
 from device.encoder import Encoder
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = ROOT / "models" / "default"
 CACHE = Path(os.environ.get("EDGE_RETRIEVAL_CACHE", Path.home() / ".cache" / "edge-retrieval"))
 VENV = CACHE / "tflite-rt-venv"
 REQUIREMENTS = ("tflite-runtime==2.14.0", "numpy<2")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from device.trigger import Trigger, TriggerConfig
+from device.config import TriggerConfig
+from device.trigger import Trigger
 
 FPS = 10
 DT_S = 1.0 / FPS

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.demo import camera_view, empty_table
+from device.config import RecognitionConfig
 from device.errors import CatalogIndexError
-from device.verify import (MIN_MATCHES_TO_FIT, Features, FeatureStore, VerifyConfig, extract, match_inliers,
+from device.views import camera_view, empty_table
+from device.verify import (MIN_MATCHES_TO_FIT, Features, FeatureStore, extract, match_inliers,
                            ratio_matches, rerank)
 
-CFG = VerifyConfig()
+CFG = RecognitionConfig()
 TRUE_MIN = 15   # a true pair has at least this many inliers (seen: >= 39 on these views)
 FALSE_MAX = 6   # a false pair has at most this many (4-point homography noise; seen: <= 7 over many views)
 CANDIDATES = ("astronaut", "rocket", "chelsea", "coffee", "camera", "moon", "clock", "coins")

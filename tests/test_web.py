@@ -1,4 +1,4 @@
-"""HTTP tests of device/web.py against a fake Services (no camera, no model), flaskr style."""
+"""HTTP tests of device/web/ against a fake appliance (no camera, no model), flaskr style."""
 from __future__ import annotations
 
 import io
@@ -16,7 +16,9 @@ from PIL import Image
 
 from device.errors import CatalogIndexError, ImageError
 from device.results import Candidate, LookupResult
-from device.web import WebSettings, create_app, render_metrics, serve
+from device.config import WebConfig
+from device.metrics import Metrics
+from device.web import create_app, serve
 
 
 def jpeg_of(rgb: np.ndarray, size: int = 64) -> bytes:
@@ -33,10 +35,15 @@ COFFEE = jpeg_of(skimage.data.coffee())
 
 
 class FakeServices:
-    """Implements device.web.Services with canned answers and records the calls."""
+    """Has the methods of device.appliance.Appliance that the web layer calls, with canned answers, and
+    records the calls."""
 
     def __init__(self, *, camera: bool = True, ok: bool = True):
         self.ok = ok
+        self.metrics = Metrics()
+        self.metrics.lookups.labels("camera").inc(3)
+        self.metrics.lookups.labels("upload").inc()
+        self.metrics.read_at_scrape("appliance_index_items", "items", "gauge", lambda: len(self.catalog))
         self.frames = [(1, ASTRONAUT), (2, COFFEE)] if camera else []
         self.latest: LookupResult | None = None
         self.lookups_requested = 0
@@ -87,13 +94,6 @@ class FakeServices:
             "uptime_s": 12.5,
         }
 
-    def metrics(self) -> dict:
-        return {
-            "lookups_total": {"camera": 3, "upload": 1},
-            "index_size": len(self.catalog),
-            "lookup_latency_ms": 22.25,
-        }
-
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
         self.enrolled.append((data, label, item_id))
         item_id = item_id or f"cat/{len(self.catalog) + 1}"
@@ -117,15 +117,15 @@ def services() -> FakeServices:
 
 
 def make_client(services: FakeServices, **settings):
-    settings.setdefault("stream_fps", 100.0)
-    app = create_app(WebSettings(**settings), services)
+    settings.setdefault("stream_fps", 60.0)
+    app = create_app(WebConfig(**settings), services)
     app.testing = True
     return app.test_client()
 
 
 @pytest.fixture
 def client(services):
-    return make_client(services, api_token="s3cret")
+    return make_client(services, api_token="s3cret-token")
 
 
 def upload(client, url, data: bytes, **fields):
@@ -171,20 +171,14 @@ def test_metrics_prometheus_text(client):
     assert response.content_type.startswith("text/plain; version=0.0.4")
     text = response.get_data(as_text=True)
     assert "# TYPE appliance_lookups_total counter" in text
-    assert 'appliance_lookups_total{source="camera"} 3' in text
-    assert 'appliance_lookups_total{source="upload"} 1' in text
-    assert "# TYPE appliance_index_size gauge" in text
-    assert "appliance_http_streams_open 0" in text
-    assert 'appliance_http_requests_total{method="GET",route="/api/health",status="200"} 1' in text
+    assert 'appliance_lookups_total{source="camera"} 3.0' in text
+    assert 'appliance_lookups_total{source="upload"} 1.0' in text
+    assert "# TYPE appliance_index_items gauge" in text and "appliance_index_items 2.0" in text
+    assert "appliance_http_streams_open 0.0" in text
+    assert 'appliance_http_requests_total{method="GET",route="/api/health",status="200"} 1.0' in text
     assert 'route="unmatched",status="404"' in text
     for line in text.splitlines():
-        assert line.startswith("# TYPE ") or METRIC_LINE.match(line), line
-
-
-def test_render_metrics_escapes_and_explicit_label_names():
-    text = render_metrics({"errors_total": {'reason=bad "x"': 2}, "up": True, "t": float("nan")}, {})
-    assert 'appliance_errors_total{reason="bad \\"x\\""} 2' in text
-    assert "appliance_up 1" in text and "appliance_t NaN" in text
+        assert line.startswith(("# TYPE ", "# HELP ")) or METRIC_LINE.match(line), line
 
 
 # --- lookups ------------------------------------------------------------------------------------
@@ -274,7 +268,7 @@ def test_catalog_changes_disabled_without_token(services):
     assert services.enrolled == [] and services.removed == []
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic s3cret", "Bearer s3cret-and-more"])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic s3cret-token", "Bearer s3cret-token-and-more"])
 def test_catalog_changes_need_the_right_token(client, services, header):
     headers = {"Authorization": header} if header else {}
     response = client.delete("/api/catalog/cat/1", headers=headers)
@@ -284,7 +278,7 @@ def test_catalog_changes_need_the_right_token(client, services, header):
 
 
 def test_catalog_enrol_list_thumb_and_delete_with_token(client, services):
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": "Bearer s3cret-token"}
     response = client.post(
         "/api/catalog",
         data={"image": (io.BytesIO(COFFEE), "c.jpg"), "label": "mug", "id": "shop/mug-7"},
@@ -311,7 +305,7 @@ def test_catalog_enrol_list_thumb_and_delete_with_token(client, services):
 def test_catalog_enrol_needs_a_label(client):
     response = client.post("/api/catalog", data={"image": (io.BytesIO(ASTRONAUT), "a.jpg")},
                            content_type="multipart/form-data",
-                           headers={"Authorization": "Bearer s3cret"})
+                           headers={"Authorization": "Bearer s3cret-token"})
     assert response.status_code == 400
     assert response.get_json() == {"error": "missing form field 'label'"}
 
@@ -412,7 +406,7 @@ def waitress_server():
 
 
 def test_served_by_waitress_over_real_http(services, waitress_server):
-    port = waitress_server(create_app(WebSettings(), services))
+    port = waitress_server(create_app(WebConfig(), services))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as response:
         assert response.status == 200
         assert response.headers["Server"] == "waitress"
@@ -420,7 +414,7 @@ def test_served_by_waitress_over_real_http(services, waitress_server):
 
 
 def test_waitress_stream_ends_when_viewer_disconnects(services, waitress_server):
-    app = create_app(WebSettings(stream_fps=50.0), services)
+    app = create_app(WebConfig(stream_fps=50.0), services)
     app.config["MAX_STREAMS"] = 1
     port = waitress_server(app)
     viewer = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -434,18 +428,19 @@ def test_waitress_stream_ends_when_viewer_disconnects(services, waitress_server)
     deadline = time.monotonic() + 5
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            if "appliance_http_streams_open 0" in response.read().decode():
+            if "appliance_http_streams_open 0.0" in response.read().decode():
                 break
         assert time.monotonic() < deadline, "stream still open after the viewer left"
         time.sleep(0.05)
 
 
-def test_serve_uses_waitress_with_at_least_four_threads(services, monkeypatch):
+def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     import waitress
 
     calls = {}
     monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls.update(kw))
-    app = create_app(WebSettings(host="127.0.0.1", port=9), services)
-    serve(app, WebSettings(host="127.0.0.1", port=9), threads=2)
+    config = WebConfig(host="127.0.0.1", port=9, threads=4)
+    app = create_app(config, services)
+    serve(app, config)
     assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4}
     assert app.config["MAX_STREAMS"] == 2

@@ -1,21 +1,23 @@
-"""The running appliance: camera → trigger → lookup → latest result, plus the Services the web app calls.
+"""The running appliance: camera → trigger → lookup → latest result, and what the web layer calls (upload a
+query, enrol, remove, health, metrics).
 
-It owns no model code: it is handed the camera, the trigger, the shared Lookup and the IndexHolder by
-``device/__main__.py`` (the one place that wires components)."""
+It owns no model code: it is handed the camera, the trigger, the shared Lookup, the IndexHolder and the
+ItemMaker by ``device/__main__.py`` (the one place that wires components)."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
-from .camera import Camera, decode_image, encode_jpeg
-from .catalog import EnrolledStore, Enrolment, make_item, validate_id
+from .camera import Camera
+from .catalog import EnrolledStore, ItemMaker, validate_id
 from .errors import ApplianceError, CatalogIndexError
-from .index import IndexHolder
+from .images import decode_image, encode_jpeg
+from .index_writer import IndexHolder
 from .lookup import Lookup
+from .metrics import Metrics
 from .results import LookupResult
 from .trigger import Trigger
 
@@ -23,29 +25,42 @@ log = logging.getLogger(__name__)
 
 
 class Appliance:
-    """Implements ``device.web.Services`` and runs the camera loop in a thread."""
+    """Runs the camera loop in a thread and answers the web layer (device/web/). Thread-safe."""
 
-    def __init__(self, *, lookup: Lookup, holder: IndexHolder, camera: Camera | None, trigger: Trigger | None,
-                 enrolled_dir: Path, enrolment: Enrolment = Enrolment(), stream_quality: int = 75):
+    def __init__(self, *, lookup: Lookup, holder: IndexHolder, maker: ItemMaker, camera: Camera | None,
+                 trigger: Trigger | None, enrolled_dir: Path, stream_quality: int = 75):
         self.lookup = lookup
         self.holder = holder
+        self.maker = maker
         self.camera = camera
         self.trigger = trigger
         self.enrolled = EnrolledStore(enrolled_dir)
-        self.enrolment = enrolment
         self.stream_quality = stream_quality
         self.started = time.time()
+        self.metrics = Metrics()
+        self._watch_metrics()
         self._latest: LookupResult | None = None
-        self._lock = threading.Lock()
-        self._counts: Counter = Counter()
-        self._errors: Counter = Counter()
-        self._outcomes: Counter = Counter()
-        self._lookup_ms_sum = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._jpeg_cache: tuple[int, bytes] | None = None
         self._jpeg_lock = threading.Lock()
         self._requested = threading.Event()
+
+    def _watch_metrics(self) -> None:
+        m = self.metrics
+
+        def camera(key: str, default: float = 0.0):
+            return lambda: (self.camera.status().get(key) or default) if self.camera is not None else default
+
+        m.read_at_scrape("appliance_index_items", "Items in the catalog index", "gauge",
+                         lambda: self.holder.current().size)
+        m.read_at_scrape("appliance_camera_frames", "Frames captured", "counter", camera("frames_total"))
+        m.read_at_scrape("appliance_camera_reconnects", "Camera reconnects", "counter", camera("reconnects"))
+        m.read_at_scrape("appliance_camera_fps", "Measured camera frames per second", "gauge", camera("fps"))
+        m.read_at_scrape("appliance_camera_streaming", "1 while the camera delivers frames", "gauge",
+                         lambda: float(self.camera is not None and self.camera.state == "streaming"))
+        m.read_at_scrape("appliance_uptime_seconds", "Seconds since start", "gauge",
+                         lambda: time.time() - self.started)
 
     # ---- camera loop -------------------------------------------------------------------------------
     def start(self) -> "Appliance":
@@ -100,17 +115,15 @@ class Appliance:
                      result.timings_ms["total"], top.id if top else "-", top.score if top else 0.0)
 
     def _record(self, result: LookupResult) -> None:
-        with self._lock:
-            self._latest = result
-            self._counts[result.source] += 1
-            self._outcomes["match" if result.match is not None else "no_match"] += 1
-            self._lookup_ms_sum += result.timings_ms.get("total", 0.0)
+        self._latest = result  # one reference store: atomic
+        self.metrics.lookups.labels(result.source).inc()
+        self.metrics.outcomes.labels("match" if result.match is not None else "no_match").inc()
+        self.metrics.lookup_ms.inc(result.timings_ms.get("total", 0.0))
 
     def _count_error(self, kind: str) -> None:
-        with self._lock:
-            self._errors[kind] += 1
+        self.metrics.errors.labels(kind).inc()
 
-    # ---- Services (device.web) -----------------------------------------------------------------------
+    # ---- what the web layer calls ---------------------------------------------------------------------
     def query_image(self, data: bytes, source: str) -> LookupResult:
         """Decode + encode + search through the shared Lookup; the result becomes the latest one."""
         try:
@@ -149,13 +162,13 @@ class Appliance:
 
     def health(self) -> dict:
         """Camera, bundle, index and uptime; ``ok`` is False while the camera is not streaming."""
-        idx = self.holder.index
+        idx = self.holder.current()
         cam = self.camera.status() if self.camera is not None else {"state": "absent"}
         enc = self.lookup.encoder.info()
         ok = self.camera is None or cam.get("state") == "streaming"
         out = {"ok": ok, "camera": cam, "bundle": enc,
                "index": {"size": idx.size, "generation": idx.generation, "path": str(self.holder.path),
-                         "n_trees": idx.n_trees, "search_k": self.holder.search_k},
+                         "n_trees": idx.n_trees, "search_k": self.holder.config.search_k},
                "verification": self.lookup.verification_status(),
                "uptime_s": round(time.time() - self.started, 1)}
         if self.trigger is not None:
@@ -163,39 +176,20 @@ class Appliance:
                               for k, v in self.trigger.last_metrics.items()}
         return out
 
-    def metrics(self) -> dict:
-        """Counters and gauges for /metrics."""
-        with self._lock:
-            counts, errors, ms = dict(self._counts), dict(self._errors), self._lookup_ms_sum
-            outcomes = {f"outcome={o}": self._outcomes.get(o, 0) for o in ("match", "no_match")}
-        cam = self.camera.status() if self.camera is not None else {}
-        return {
-            "lookups_total": {s: counts.get(s, 0) for s in ("camera", "upload", "cli")},
-            "lookup_ms_sum_total": ms,
-            "lookup_outcomes_total": outcomes,
-            "errors_total": errors or {"none": 0},
-            "index_items": self.holder.index.size,
-            "camera_frames_total": cam.get("frames_total", 0),
-            "camera_reconnects_total": cam.get("reconnects", 0),
-            "camera_fps": cam.get("fps") or 0.0,
-            "camera_streaming": 1.0 if cam.get("state") == "streaming" else 0.0,
-            "uptime_seconds": time.time() - self.started,
-        }
-
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
         """Decode, keep the original under enrolled_dir (so a rebuild loses nothing), encode and add in
         the background; queries keep using the old index until the new one is swapped in."""
         rgb = decode_image(data, self.lookup.max_pixels)
         item_id = validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}")
         dest = self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
-        item = make_item(self.lookup.encoder, rgb, item_id, label, source=str(dest), enrolment=self.enrolment)
+        item = self.maker.make(rgb, item_id, label, source=str(dest))
         future = self.holder.add_async([item])
         future.add_done_callback(lambda f: f.exception() and log.error("enrol %s failed: %s", item_id, f.exception()))
         return {"id": item_id, "label": item.label, "status": "queued"}
 
     def remove(self, item_id: str) -> bool:
         """Remove an item (blocks for the rebuild, a second or so); False if unknown."""
-        if not self.holder.index.has(item_id):
+        if not self.holder.current().has(item_id):
             return False
         removed = self.holder.remove([item_id])
         if removed:
@@ -205,10 +199,10 @@ class Appliance:
     def thumbnail(self, item_id: str) -> bytes | None:
         """JPEG thumbnail of a catalog item, None if unknown."""
         try:
-            return self.holder.index.thumbnail(item_id)
+            return self.holder.current().thumbnail(item_id)
         except CatalogIndexError:
             return None
 
     def catalog_items(self) -> list[dict]:
         """All items as {"id", "label"}."""
-        return [{"id": it.id, "label": it.label} for it in self.holder.index.items]
+        return [{"id": it.id, "label": it.label} for it in self.holder.current().items]

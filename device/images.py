@@ -1,0 +1,149 @@
+"""Image I/O of the device: decoding with size/pixel limits and EXIF orientation, reduced-scale JPEG decoding,
+JPEG encoding, thumbnails, and the one list of image file suffixes.
+
+Everything decoded here is RGB ``uint8`` HxWx3 and C-contiguous. Camera frames come from device/camera.py,
+the only place where OpenCV's BGR frames become RGB; the RGB→BGR step of ``encode_jpeg`` only feeds OpenCV's
+encoder.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import BinaryIO
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .config import WebConfig
+from .errors import ImageError
+
+# Library callers (tests, benches, the converter) get the configured default; the device passes web.max_pixels.
+DEFAULT_MAX_PIXELS: int = WebConfig.model_fields["max_pixels"].default
+
+# The files an image folder (catalog, camera folder source, enrolled originals) is made of, by suffix.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+# A truncated upload must fail loudly rather than come back as a half-grey picture that then gets
+# "matched"; something else in the process could have flipped this global, so pin it.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We enforce our own (smaller, configurable) pixel limit before decoding; Pillow's warning is noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of the image suffixes and is not hidden (dot-files are never images)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side_px: int | None = None) -> np.ndarray:
+    """Decode image bytes (an upload, a stored file) into RGB uint8 HxWx3.
+
+    The pixel count is checked from the header before any pixel is decoded, EXIF orientation is
+    applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit) ends up as RGB (alpha is composited onto
+    white). ``min_side_px``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (in the DCT domain, much
+    cheaper) as long as both sides stay ≥ this — for callers that downscale anyway.
+    Raises ``ImageError`` for empty, non-image, truncated/corrupt or too-large input.
+    """
+    if not data:
+        raise ImageError("not an image (or unsupported format): no data")
+    return _decode(io.BytesIO(data), max_pixels, min_side_px)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image file into RGB uint8 HxWx3 (see ``decode_image``).
+
+    Raises ``ImageError`` naming the file when it is missing, unreadable, not an image or too large.
+    """
+    try:
+        with open(path, "rb") as fp:
+            return _decode(fp, max_pixels)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+
+
+def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np.ndarray:
+    try:
+        img = Image.open(fp)
+    except UnidentifiedImageError as exc:
+        raise ImageError("not an image (or unsupported format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"not an image (or unsupported format): {exc}") from exc
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height / 1e6:.1f} MP, "
+                f"over the limit of {max_pixels / 1e6:.1f} MP"
+            )
+        try:
+            if min_side_px and img.format == "JPEG":
+                img.draft(img.mode, (min_side_px, min_side_px))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb_array(img)
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"image is too large ({exc})") from exc
+        except MemoryError as exc:
+            raise ImageError(f"image is {width}x{height}: not enough memory to decode it") from exc
+        except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
+            raise ImageError(f"truncated or corrupt image: {exc}") from exc
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        # Pillow's own conversion clips 16-bit values at 255 (a white picture); scale instead.
+        values = np.asarray(img, dtype=np.float64)
+        if mode != "F":
+            values = values / 257.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        # Transparent product shots are meant to be seen on white, not on whatever the RGB under
+        # alpha=0 happens to be (often black).
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8, order="C")
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 80) -> bytes:
+    """Encode an RGB uint8 HxWx3 image as JPEG bytes (live view, thumbnails). Raises ``ImageError``."""
+    check_rgb(rgb)
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
+    if not ok:
+        raise ImageError(f"JPEG encoding failed for a {rgb.shape[1]}x{rgb.shape[0]} image")
+    return buf.tobytes()
+
+
+def make_thumbnail(rgb: np.ndarray, max_side_px: int) -> bytes:
+    """JPEG thumbnail of an RGB image whose longer side is at most ``max_side_px`` (never upscaled)."""
+    check_rgb(rgb)
+    height, width = rgb.shape[:2]
+    scale = max_side_px / max(height, width)
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return encode_jpeg(rgb)
+
+
+def check_rgb(rgb: np.ndarray) -> None:
+    """Raise ``ImageError`` unless ``rgb`` is a non-empty RGB uint8 HxWx3 array (the pixel contract)."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ImageError(f"expected an RGB uint8 HxWx3 array, got {desc}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageError(f"empty image {rgb.shape}")

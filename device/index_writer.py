@@ -1,0 +1,320 @@
+"""Writing the catalog index: a new generation is built in ``.tmp-gen-XXXX``, fsynced, renamed to ``gen-N``
+and only then made live by replacing the ``current`` symlink (layout: device/index.py). A crash before that
+replace leaves ``current`` on the old, intact generation; the leftovers (``.tmp-*`` folders, an orphan
+``gen-N``) are removed by the next build. ``IndexHolder`` is the live index of a running appliance, with
+enrol / remove rebuilding a generation in the background while queries go on.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import fcntl
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from .config import IndexConfig
+from .errors import CatalogIndexError
+from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, META_FILE, METRIC, NPY_FILE, OWNERS_FILE,
+                    THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
+from .verify import Features, FeatureStore
+
+log = logging.getLogger(__name__)
+_GEN_RE = re.compile(r"^gen-(\d{6,})$")
+
+
+def write_index(
+    path: str | os.PathLike,
+    items: Sequence[CatalogItem],
+    *,
+    bundle_sha256: str,
+    n_trees: int,
+    dim: int | None = None,
+) -> Path:
+    """Write ``items`` as a new generation under the index directory ``path`` and make it live.
+
+    Vectors are L2-normalised on the way in. ``dim``, when given, is the encoder's descriptor size and
+    every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
+    ``dim`` (0 when not given: fixed by the first enrolment). Returns the new generation directory.
+    Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
+    """
+    root = Path(path)
+    vectors, owners, dim = validate_items(items, dim)
+    if not isinstance(bundle_sha256, str) or not bundle_sha256:
+        raise CatalogIndexError("write_index: bundle_sha256 must be the encoder bundle's sha256 (non-empty)")
+    if int(n_trees) < 1:
+        raise CatalogIndexError(f"write_index: n_trees must be >= 1, got {n_trees}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CatalogIndexError(f"cannot create the index directory {root}: {e}") from e
+
+    with _build_lock(root):
+        _remove_leftovers(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gen-", dir=root))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user than the CLI
+        gen_dir: Path | None = None
+        try:
+            _write_generation(tmp, items, vectors, owners, dim=dim, bundle_sha256=bundle_sha256,
+                              n_trees=int(n_trees))
+            gen_dir = root / f"gen-{_next_generation_number(root):06d}"
+            os.rename(tmp, gen_dir)
+            previous = read_current_name(root)
+            link_tmp = root / f"{TMP_PREFIX}current-{os.getpid()}-{threading.get_ident()}"
+            with contextlib.suppress(FileNotFoundError):
+                link_tmp.unlink()
+            os.symlink(gen_dir.name, link_tmp)
+            os.replace(link_tmp, root / CURRENT)
+            _fsync_dir(root)
+        except BaseException as e:
+            # The old generation is still live; drop what this attempt wrote. (A hard crash leaves it
+            # behind instead, and the next build's _remove_leftovers takes care of it.)
+            if gen_dir is None or not gen_dir.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif read_current_name(root) != gen_dir.name:
+                shutil.rmtree(gen_dir, ignore_errors=True)
+            for leftover in root.glob(f"{TMP_PREFIX}current-*"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if isinstance(e, OSError):
+                raise CatalogIndexError(f"could not write a new index generation in {root}: {e}") from e
+            raise
+        _remove_old_generations(root, keep={gen_dir.name, previous})
+    return gen_dir
+
+
+def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(vectors L2-normalised, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
+    seen: set[str] = set()
+    rows = []
+    owners: list[int] = []
+    for n, item in enumerate(items):
+        if not isinstance(item.id, str) or not item.id.strip():
+            raise CatalogIndexError(f"catalog item #{n} has an empty id; every item needs a unique id")
+        if item.id in seen:
+            raise CatalogIndexError(f"duplicate catalog id {item.id!r}; ids must be unique")
+        seen.add(item.id)
+        v = np.asarray(item.vector, dtype=np.float32)
+        v = v.reshape(1, -1) if v.ndim <= 1 else v
+        if dim is None:
+            dim = v.shape[1]
+        if v.ndim != 2 or v.shape[1] != dim or v.size == 0:
+            raise CatalogIndexError(
+                f"catalog item {item.id!r}: vector has dim {v.shape[-1]}, expected dim {dim} (all vectors "
+                "must come from the same encoder)")
+        if not np.all(np.isfinite(v)):
+            raise CatalogIndexError(f"catalog item {item.id!r}: vector has NaN or infinite values")
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        if float(norm.min()) < 1e-12:
+            raise CatalogIndexError(f"catalog item {item.id!r}: vector is all zeros")
+        if item.thumbnail_jpeg is not None and not isinstance(item.thumbnail_jpeg, (bytes, bytearray, memoryview)):
+            raise CatalogIndexError(f"catalog item {item.id!r}: thumbnail_jpeg must be bytes or None")
+        rows.append(v / norm)
+        owners.extend([n] * len(v))
+    dim = int(dim or 0)
+    vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
+    return vectors, np.asarray(owners, dtype=np.int32), dim
+
+
+def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
+                      dim: int, bundle_sha256: str, n_trees: int) -> None:
+    for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
+        with open(gen / name, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            _fsync_file(f)
+    # Features are all-or-nothing: an item without them gets an empty entry (never verified).
+    with_features = any(it.features is not None for it in items)
+    if with_features:
+        FeatureStore.write(gen / FEATURES_FILE, [it.features if it.features is not None
+                                                 else Features.empty() for it in items])
+
+    thumbs: list[list[int] | None] = []
+    with open(gen / THUMBS_FILE, "wb") as f:
+        offset = 0
+        for item in items:
+            if item.thumbnail_jpeg is None:
+                thumbs.append(None)
+                continue
+            data = bytes(item.thumbnail_jpeg)
+            f.write(data)
+            thumbs.append([offset, len(data)])
+            offset += len(data)
+        _fsync_file(f)
+
+    ann = AnnoyIndex(max(dim, 1), METRIC)
+    ann.set_seed(0)  # same catalog, same trees: builds are reproducible
+    for i, v in enumerate(vectors):
+        ann.add_item(i, v)
+    ann.build(n_trees)
+    ann.save(str(gen / ANN_FILE))
+    ann.unload()
+    with open(gen / ANN_FILE, "rb") as f:
+        os.fsync(f.fileno())
+
+    meta = IndexMeta(
+        format_version=FORMAT_VERSION, dim=dim, metric=METRIC, bundle_sha256=bundle_sha256, n_trees=n_trees,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        ann_bytes=(gen / ANN_FILE).stat().st_size, vectors=int(len(vectors)), features=with_features,
+        items=[{"id": it.id, "label": it.label, "source": it.source} for it in items],
+        thumbs=[tuple(t) if t is not None else None for t in thumbs],
+    )
+    with open(gen / META_FILE, "w", encoding="utf-8") as f:
+        f.write(meta.model_dump_json(indent=1))
+        _fsync_file(f)
+    _fsync_dir(gen)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    # flock, not only a threading lock: the CLI and the server may build the same directory.
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _generation_dirs(root: Path) -> dict[str, int]:
+    return {p.name: int(m.group(1)) for p in root.iterdir() if (m := _GEN_RE.match(p.name))}
+
+
+def _next_generation_number(root: Path) -> int:
+    return max(_generation_dirs(root).values(), default=0) + 1
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Called under the build lock: anything named .tmp-* is a crashed build's debris."""
+    for p in root.glob(f"{TMP_PREFIX}*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _remove_old_generations(root: Path, keep: set[str | None]) -> None:
+    # Unlinking files another reader has mmapped is safe on Linux: its mapping stays valid.
+    for name in _generation_dirs(root):
+        if name not in keep:
+            try:
+                shutil.rmtree(root / name)
+            except OSError as e:
+                log.warning("could not remove old index generation %s: %s", root / name, e)
+
+
+class IndexHolder:
+    """The index shared by the server's threads, with enrol / remove.
+
+    ``holder.current()`` is the live CatalogIndex; queries go to whichever object was live when they
+    started. ``add`` / ``remove`` run one at a time (a lock), rebuild a whole
+    new generation from the live one's vectors + metadata + thumbnails, and then swap the live one; the
+    replaced object is not closed (a query may still be running on it) but left to garbage collection.
+    They block for the rebuild; ``add_async`` / ``remove_async`` run them on one background worker and
+    return a Future, while queries keep being served from the old index.
+    """
+
+    def __init__(self, config: IndexConfig, *, expected_bundle_sha256: str | None, create_empty: bool = False,
+                 dim: int | None = None, require_features: bool = False):
+        """Load the index at ``config.path``. With ``create_empty`` (and ``expected_bundle_sha256``), a
+        directory without an index gets an empty one of descriptor size ``dim`` (a fresh appliance)."""
+        self.config = config
+        self.path = Path(config.path)
+        self.expected_bundle_sha256 = expected_bundle_sha256
+        self.require_features = require_features
+        self._lock = threading.Lock()  # one mutation at a time
+        self._executor_lock = threading.Lock()  # not _lock: submitting must not wait for a rebuild
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if create_empty and read_current_name(self.path) is None:
+            if not expected_bundle_sha256:
+                raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
+            write_index(self.path, [], bundle_sha256=expected_bundle_sha256, n_trees=config.n_trees, dim=dim)
+        self._index: CatalogIndex = self._load()
+
+    def current(self) -> CatalogIndex:
+        """The live generation (swapped atomically on enrol/remove; a query keeps the one it got)."""
+        return self._index
+
+    def add(self, items: Sequence[CatalogItem]) -> None:
+        """Enrol ``items``; an id already in the index is replaced (re-enrolment: new vector, label,
+        thumbnail and source). Rebuilds and swaps in a new generation; blocks until done."""
+        items = list(items)
+        validate_items(items, None)  # duplicates inside the batch are an error, not "last one wins"
+        if not items:
+            return
+        with self._lock:
+            cur = self._index
+            new_ids = {it.id for it in items}
+            kept = cur.stored_items(skip=new_ids)
+            self._rebuild(cur, kept + items)
+
+    def remove(self, ids: Sequence[str]) -> list[str]:
+        """Remove ``ids`` from the index. Returns the ids actually removed, in the order given; ids that
+        are not in the index are not an error and simply do not appear in the result (so the caller
+        can report them as not found). Nothing is rebuilt when nothing is removed."""
+        with self._lock:
+            cur = self._index
+            removed = list(dict.fromkeys(i for i in ids if cur.has(i)))
+            if removed:
+                self._rebuild(cur, cur.stored_items(skip=set(removed)))
+            return removed
+
+    def add_async(self, items: Sequence[CatalogItem]) -> concurrent.futures.Future:
+        """:meth:`add` on the background worker; the Future's result is None (or its exception)."""
+        return self._submit(self.add, list(items))
+
+    def remove_async(self, ids: Sequence[str]) -> concurrent.futures.Future:
+        """:meth:`remove` on the background worker; the Future's result is the removed ids."""
+        return self._submit(self.remove, list(ids))
+
+    def reload(self) -> CatalogIndex:
+        """Re-read ``current`` from disk (e.g. after a CLI build) and swap it in; returns it."""
+        with self._lock:
+            self._index = self._load()
+            return self._index
+
+    def close(self) -> None:
+        """Stop the background worker (waiting for a running rebuild). The index is left to GC."""
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _load(self) -> CatalogIndex:
+        return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
+                                 search_k=self.config.search_k, require_features=self.require_features)
+
+    def _submit(self, fn: Callable, arg) -> concurrent.futures.Future:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="index-rebuild")
+            return self._executor.submit(fn, arg)
+
+    def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem]) -> None:
+        gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
+                              dim=cur.dim or None)
+        new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
+                                           search_k=self.config.search_k, require_features=self.require_features)
+        self._index = new  # the old object stays usable for queries already holding it

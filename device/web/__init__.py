@@ -1,0 +1,93 @@
+"""The LAN web page and JSON API of the appliance: routes only, no model code.
+
+``create_app(config, appliance)`` registers three blueprints — the page (``page.py``), the live view
+(``stream.py``) and the JSON API (``api.py``) — and keeps the appliance in ``app.extensions["appliance"]``.
+The appliance is ``device.appliance.Appliance`` (its methods are what the routes call); tests/test_web.py
+passes a fake with the same methods, so the HTTP layer is tested without a camera or a model.
+
+Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
+``{"error": "..."}``: ImageError → 400, other ApplianceError → 503, anything else → 500 (logged).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import flask
+from werkzeug.exceptions import HTTPException
+
+from device.config import WebConfig
+from device.errors import ApplianceError, ImageError
+
+from . import api, page, stream
+from .common import THREADS_KEPT_FOR_API, error
+
+if TYPE_CHECKING:  # the web layer never imports model code at run time
+    from device.appliance import Appliance
+
+log = logging.getLogger(__name__)
+
+
+def _register_errors(app: flask.Flask, config: WebConfig) -> None:
+    @app.errorhandler(413)
+    def too_large(_exc: HTTPException) -> flask.Response:
+        return error(413, f"upload larger than {config.max_upload_mb:g} MB (web.max_upload_mb)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> flask.Response | HTTPException:
+        if exc.code is None or exc.code < 400:
+            return exc
+        response = error(exc.code, exc.description or exc.name)
+        for key, value in exc.get_headers():  # keep Allow on 405 and similar headers werkzeug adds
+            if key.lower() != "content-type":
+                response.headers[key] = value
+        return response
+
+    @app.errorhandler(ImageError)
+    def image_error(exc: ImageError) -> flask.Response:
+        status = getattr(exc, "http_status", 400)  # 413 too many pixels, 415 unsupported format
+        return error(status if status in (400, 413, 415) else 400, str(exc))
+
+    @app.errorhandler(ApplianceError)
+    def appliance_error(exc: ApplianceError) -> flask.Response:
+        log.warning("%s: %s", type(exc).__name__, exc)
+        return error(503, str(exc))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> flask.Response:
+        log.exception("unexpected error in %s %s", flask.request.method, flask.request.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the appliance log")
+
+
+def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
+    """The Flask app of the appliance: the page, the MJPEG live view and the JSON API."""
+    app = flask.Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
+    app.config["MAX_STREAMS"] = config.threads - THREADS_KEPT_FOR_API
+    app.json.sort_keys = False  # keep the LookupResult key order readable
+    app.extensions["appliance"] = appliance
+    app.extensions["web_config"] = config
+    _register_errors(app, config)
+
+    @app.after_request
+    def count_request(response: flask.Response) -> flask.Response:
+        # the rule, not the path, so scanners probing random URLs cannot grow the metric set
+        rule = flask.request.url_rule
+        appliance.metrics.http_requests.labels(
+            flask.request.method, rule.rule if rule else "unmatched", str(response.status_code)).inc()
+        return response
+
+    app.register_blueprint(page.bp)
+    app.register_blueprint(stream.bp)
+    app.register_blueprint(api.bp)
+    return app
+
+
+def serve(app: flask.Flask, config: WebConfig) -> None:
+    """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
+    interrupted; live views are capped at ``threads - 2`` so two threads stay free for the API."""
+    import waitress
+
+    log.info("web: http://%s:%d (%d threads, up to %d live viewers)",
+             config.host, config.port, config.threads, app.config["MAX_STREAMS"])
+    waitress.serve(app, host=config.host, port=config.port, threads=config.threads)

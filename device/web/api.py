@@ -1,0 +1,141 @@
+"""The JSON API: health, metrics, lookups (upload, "look up now", latest) and the catalog (list, thumbnails,
+enrol and remove behind the bearer token)."""
+from __future__ import annotations
+
+import hmac
+
+import flask
+
+from device.metrics import CONTENT_TYPE
+from device.results import LookupResult
+
+from .common import appliance, error, web_config
+
+bp = flask.Blueprint("api", __name__)
+
+_CATALOG_PAGE_DEFAULT = 100
+_CATALOG_PAGE_MAX = 1000
+
+
+def _result_json(result: LookupResult | None) -> dict:
+    """A LookupResult as JSON with a ``thumbnail_url`` for each candidate (and the match, if any).
+
+    Before the first lookup: ``{"results": [], "timings_ms": {}, "source": null, "timestamp": null}``
+    so the page needs no special case.
+    """
+    if result is None:
+        return {"results": [], "timings_ms": {}, "source": None, "timestamp": None}
+    body = result.to_json()
+    candidates = list(body["results"]) + ([body["match"]] if body.get("match") else [])
+    for candidate in candidates:
+        candidate["thumbnail_url"] = flask.url_for("api.catalog_thumbnail", item_id=str(candidate["id"]))
+    return body
+
+
+def _require_token() -> flask.Response | None:
+    token = web_config().api_token
+    if token is None:
+        return error(403, "catalog changes are disabled: set web.api_token in config.yaml")
+    scheme, _, given = flask.request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def _uploaded_image() -> bytes:
+    upload = flask.request.files.get("image")
+    if upload is None:
+        flask.abort(400, "missing multipart field 'image'")
+    return upload.read()
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+@bp.get("/api/health")
+def health() -> flask.Response:
+    """Camera, bundle, index, verification and uptime; 200 when ``ok``, else 503."""
+    status = appliance().health()
+    response = flask.jsonify(status)
+    response.status_code = 200 if status.get("ok") is True else 503
+    return response
+
+
+@bp.get("/metrics")
+def metrics() -> flask.Response:
+    """Prometheus text exposition."""
+    return flask.Response(appliance().metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+# --- lookups ---------------------------------------------------------------------------------------
+
+@bp.get("/api/results/latest")
+def latest() -> flask.Response:
+    """The latest lookup (camera trigger, button or upload)."""
+    response = flask.jsonify(_result_json(appliance().latest_result()))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/api/query")
+def query() -> flask.Response:
+    """Look up the uploaded image (multipart field ``image``)."""
+    data = _uploaded_image()
+    return flask.jsonify(_result_json(appliance().query_image(data, "upload")))
+
+
+@bp.post("/api/lookup")
+def lookup_now() -> tuple[flask.Response, int]:
+    """Look up the next camera frame, whatever the trigger says."""
+    appliance().request_lookup()
+    return flask.jsonify(status="requested"), 202
+
+
+# --- catalog ---------------------------------------------------------------------------------------
+
+@bp.get("/api/catalog")
+def catalog_list() -> flask.Response:
+    """The catalog items, paged by ``offset`` and ``limit``."""
+    try:
+        offset = max(int(flask.request.args.get("offset", 0)), 0)
+        limit = min(max(int(flask.request.args.get("limit", _CATALOG_PAGE_DEFAULT)), 0), _CATALOG_PAGE_MAX)
+    except ValueError:
+        return error(400, "offset and limit must be integers")
+    items = appliance().catalog_items()
+    return flask.jsonify(items=items[offset:offset + limit], total=len(items), offset=offset, limit=limit)
+
+
+@bp.post("/api/catalog")
+def catalog_add() -> tuple[flask.Response, int] | flask.Response:
+    """Enrol an item (multipart ``image`` + ``label`` (+ ``id``)); needs the bearer token."""
+    denied = _require_token()
+    if denied is not None:
+        return denied
+    data = _uploaded_image()
+    label = flask.request.form.get("label", "").strip()
+    if not label:
+        return error(400, "missing form field 'label'")
+    item_id = flask.request.form.get("id", "").strip() or None
+    outcome = appliance().enrol(data, label, item_id)
+    return flask.jsonify(outcome), 201 if outcome.get("status") == "done" else 202
+
+
+@bp.delete("/api/catalog/<path:item_id>")
+def catalog_remove(item_id: str) -> flask.Response:
+    """Remove an item; needs the bearer token."""
+    denied = _require_token()
+    if denied is not None:
+        return denied
+    if not appliance().remove(item_id):
+        return error(404, f"unknown catalog item {item_id!r}")
+    return flask.jsonify(id=item_id, status="removed")
+
+
+@bp.get("/api/catalog/<path:item_id>/thumb.jpg")
+def catalog_thumbnail(item_id: str) -> flask.Response:
+    """The item's JPEG thumbnail."""
+    jpeg = appliance().thumbnail(item_id)
+    if jpeg is None:
+        return error(404, f"no thumbnail for catalog item {item_id!r}")
+    response = flask.Response(jpeg, mimetype="image/jpeg")
+    response.headers["Cache-Control"] = "max-age=60"  # an item can be re-enrolled under its id
+    return response

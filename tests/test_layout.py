@@ -1,0 +1,78 @@
+"""The device's layout holds: every module imports only the stages before it (nothing upward, no cycles),
+never TensorFlow, Keras, torch or the converter, and no module grows past the size a newcomer can read."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+# The frame path and its helpers, lowest first: a module may import only modules listed before it.
+LAYERS = ("errors", "config", "results", "images", "views", "bundle", "encoder", "verify", "index",
+          "index_writer", "catalog", "trigger", "camera_sources", "camera", "lookup", "metrics", "appliance",
+          "demo", "web.common", "web.page", "web.stream", "web.api", "web", "__main__")
+MAX_LINES = 450
+
+
+def _device_modules() -> dict[str, object]:
+    out = {}
+    for path in sorted((ROOT / "device").rglob("*.py")):
+        rel = path.relative_to(ROOT / "device").with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path) -> set[str]:
+    """device modules imported by ``name`` (absolute ``device.x`` and relative ``.x`` forms)."""
+    tree = ast.parse(path.read_text())
+    package = name.rsplit(".", 1)[0] if (path.name != "__init__.py" and "." in name) else name
+    if path.name != "__init__.py" and "." not in name:
+        package = ""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(base + ([node.module] if node.module else []))
+                targets = [mod] if node.module else [".".join(base + [a.name]) for a in node.names]
+            elif node.module and node.module.startswith("device"):
+                targets = [node.module[len("device."):]] if node.module != "device" else [a.name for a in node.names]
+            else:
+                continue
+            found.update(t for t in targets if t)
+        elif isinstance(node, ast.Import):
+            found.update(a.name[len("device."):] for a in node.names if a.name.startswith("device."))
+    return found
+
+
+def test_every_device_module_is_in_the_layer_list():
+    assert set(_device_modules()) - {""} == set(LAYERS)
+
+
+def test_modules_import_only_earlier_stages():
+    order = {name: i for i, name in enumerate(LAYERS)}
+    for name, path in _device_modules().items():
+        if not name:
+            continue
+        for target in _imports(name, path):
+            assert target in order, f"device/{name} imports unknown module {target}"
+            assert order[target] < order[name], (
+                f"device/{name} imports device/{target}, which comes after it in the frame path")
+
+
+def test_no_device_module_is_over_the_size_limit():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _device_modules().items()}
+    assert max(sizes.values()) <= MAX_LINES, {k: v for k, v in sizes.items() if v > MAX_LINES}
+
+
+def test_device_never_imports_tensorflow_keras_torch_or_the_converter():
+    modules = ", ".join(f"device.{m}" for m in LAYERS)
+    code = (f"import sys, {modules}\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'torch', 'converter'))\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -130,14 +130,19 @@ def cmd_query(cfg: Config, args) -> int:
 
 
 def cmd_catalog(cfg: Config, args) -> int:
-    from .images import read_image
+    from .images import encode_jpeg, read_image
     encoder = _encoder(cfg)
     holder = _holder(cfg, encoder, create_empty=True)
     if args.catalog_cmd == "list":
         for it in holder.current().items:
             print(f"{it.id}\t{it.label}")
         return 0
+    from .catalog import EnrolledStore, validate_label
+    store = EnrolledStore(cfg.catalog.enrolled_dir)
     if args.catalog_cmd == "remove":
+        for item_id in args.ids:
+            if holder.current().has(item_id):
+                store.record_removal(item_id)  # journalled first: a crash or a rebuild cannot bring it back
         removed = holder.remove(args.ids)
         missing = [i for i in args.ids if i not in removed]
         print(f"removed {len(removed)}; index now has {holder.current().size} items", file=sys.stderr)
@@ -146,9 +151,12 @@ def cmd_catalog(cfg: Config, args) -> int:
         return 0
     if args.item_id and len(args.images) > 1:
         raise CatalogIndexError("--id names one item: give one image with it")
-    maker = _maker(cfg, encoder)
-    items = [maker.make(read_image(p, cfg.web.max_pixels), args.item_id or p.stem, args.label,
-                        source=str(p.resolve())) for p in args.images]
+    maker, items = _maker(cfg, encoder), []
+    for p in args.images:  # the same path as an HTTP enrolment: validated, then kept durably, then indexed
+        rgb, item_id = read_image(p, cfg.web.max_pixels), args.item_id or p.stem
+        label = validate_label(args.label or item_id.rsplit("/", 1)[-1])
+        items.append(maker.make(rgb, item_id, label, source=str(store.path(item_id))))
+        store.save(item_id, encode_jpeg(rgb, 95), label)
     holder.add(items)
     print(f"enrolled {', '.join(i.id for i in items)}; index now has {holder.current().size} items",
           file=sys.stderr)
@@ -172,11 +180,7 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
     if cfg.catalog.build_from and _needs_build(cfg.index.path, encoder):
         log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
         _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels)
-        from .catalog import EnrolledStore
-        enrolled = EnrolledStore(cfg.catalog.enrolled_dir).items(_maker(cfg, encoder), cfg.web.max_pixels)
-        if enrolled:
-            _holder(cfg, encoder).add(enrolled)
-            log.info("re-enrolled %d items kept in %s", len(enrolled), cfg.catalog.enrolled_dir)
+        # the items enrolled at run time come back, and removed ones stay out: serve reconciles next
     return cfg
 
 
@@ -205,7 +209,9 @@ def cmd_serve(cfg: Config) -> int:
     holder = _holder(cfg, encoder, create_empty=True)
     appliance = Appliance(lookup=_lookup(cfg, encoder, holder), holder=holder, maker=_maker(cfg, encoder),
                           camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                          enrolled_dir=cfg.catalog.enrolled_dir).start()
+                          enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads)
+    appliance.reconcile()
+    appliance.start()
     w = cfg.web
     log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web http://%s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,

@@ -5,6 +5,7 @@ It owns no model code: it is handed the camera, the trigger, the shared Lookup, 
 ItemMaker by ``device/__main__.py`` (the one place that wires components)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -12,8 +13,8 @@ import uuid
 from pathlib import Path
 
 from .camera import Camera
-from .catalog import EnrolledStore, ItemMaker, validate_id
-from .errors import ApplianceError, CatalogIndexError
+from .catalog import EnrolledStore, ItemMaker, ReconcileReport, reconcile, validate_id, validate_label
+from .errors import ApplianceError, BusyError, CatalogIndexError
 from .images import decode_image, encode_jpeg
 from .index_writer import IndexHolder
 from .lookup import Lookup
@@ -28,7 +29,8 @@ class Appliance:
     """Runs the camera loop in a thread and answers the web layer (device/web/). Thread-safe."""
 
     def __init__(self, *, lookup: Lookup, holder: IndexHolder, maker: ItemMaker, camera: Camera | None,
-                 trigger: Trigger | None, enrolled_dir: Path, stream_quality: int = 75):
+                 trigger: Trigger | None, enrolled_dir: Path, max_parallel_uploads: int = 2,
+                 stream_quality: int = 75):
         self.lookup = lookup
         self.holder = holder
         self.maker = maker
@@ -45,6 +47,11 @@ class Appliance:
         self._jpeg_cache: tuple[int, bytes] | None = None
         self._jpeg_lock = threading.Lock()
         self._requested = threading.Event()
+        # Each upload may hold ~50–100 MB while decoded and encoded: a bounded number at a time.
+        self._uploads = threading.BoundedSemaphore(max_parallel_uploads)
+        self._max_uploads = max_parallel_uploads
+        self.reconciled: ReconcileReport | None = None
+        self._enrol_error: str | None = None
 
     def _watch_metrics(self) -> None:
         m = self.metrics
@@ -124,15 +131,34 @@ class Appliance:
         self.metrics.errors.labels(kind).inc()
 
     # ---- what the web layer calls ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _upload_slot(self):
+        """One of ``max_parallel_uploads`` slots, or BusyError at once (the web layer: 503 + Retry-After)."""
+        if not self._uploads.acquire(blocking=False):
+            self._count_error("BusyError")
+            raise BusyError(f"{self._max_uploads} uploads are being processed (web.max_parallel_uploads); "
+                            "try again in a second")
+        try:
+            yield
+        finally:
+            self._uploads.release()
+
     def query_image(self, data: bytes, source: str) -> LookupResult:
         """Decode + encode + search through the shared Lookup; the result becomes the latest one."""
-        try:
-            result = self.lookup.lookup_bytes(data, source=source)
-        except ApplianceError as e:
-            self._count_error(type(e).__name__)
-            raise
+        with self._upload_slot():
+            try:
+                result = self.lookup.lookup_bytes(data, source=source)
+            except ApplianceError as e:
+                self._count_error(type(e).__name__)
+                raise
         self._record(result)
         return result
+
+    def reconcile(self) -> ReconcileReport:
+        """Make the index agree with the kept originals and the removal journal (at start; see
+        device.catalog.reconcile). The report is shown by ``health``."""
+        self.reconciled = reconcile(self.holder, self.enrolled, self.maker, self.lookup.max_pixels)
+        return self.reconciled
 
     def latest_result(self) -> LookupResult | None:
         """The latest lookup (camera or upload)."""
@@ -174,27 +200,42 @@ class Appliance:
         if self.trigger is not None:
             out["trigger"] = {k: (round(v, 2) if isinstance(v, float) else v)
                               for k, v in self.trigger.last_metrics.items()}
+        rep = self.reconciled
+        out["enrolled"] = {"dir": str(self.enrolled.folder), "last_error": self._enrol_error,
+                           "reconciled_at_start": None if rep is None else len(rep.enrolled),
+                           "removals_applied_at_start": None if rep is None else len(rep.removed),
+                           "skipped": [] if rep is None else [{"id": i, "why": w} for i, w in rep.skipped]}
         return out
 
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
-        """Decode, keep the original under enrolled_dir (so a rebuild loses nothing), encode and add in
-        the background; queries keep using the old index until the new one is swapped in."""
-        rgb = decode_image(data, self.lookup.max_pixels)
+        """Validate everything first (id, label, decode, encoding and features), then keep the original and
+        its label durably under enrolled_dir, then add in the background; queries keep using the old index
+        until the new one is swapped in. A crash after this returns loses nothing: the next start reconciles.
+        Raises InputError (400/413) before anything is written."""
         item_id = validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}")
-        dest = self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
-        item = self.maker.make(rgb, item_id, label, source=str(dest))
+        label = validate_label(label)
+        with self._upload_slot():
+            rgb = decode_image(data, self.lookup.max_pixels, min_side_px=self.lookup.decode_side_px())
+            item = self.maker.make(rgb, item_id, label, source=str(self.enrolled.path(item_id)))
+            self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
         future = self.holder.add_async([item])
-        future.add_done_callback(lambda f: f.exception() and log.error("enrol %s failed: %s", item_id, f.exception()))
+        future.add_done_callback(self._enrol_done(item_id))
         return {"id": item_id, "label": item.label, "status": "queued"}
 
+    def _enrol_done(self, item_id: str):
+        def done(future) -> None:
+            if future.exception() is not None:  # the original is kept: the next start reconciles it
+                self._enrol_error = f"enrol {item_id}: {future.exception()}"
+                log.error("%s (kept in %s; enrolled at the next start)", self._enrol_error, self.enrolled.folder)
+        return done
+
     def remove(self, item_id: str) -> bool:
-        """Remove an item (blocks for the rebuild, a second or so); False if unknown."""
+        """Remove an item: the removal is journalled durably first (so it survives a crash and a rebuild from
+        the catalog folder), then the index is rebuilt (blocks a second or so). False if unknown."""
         if not self.holder.current().has(item_id):
             return False
-        removed = self.holder.remove([item_id])
-        if removed:
-            self.enrolled.delete(item_id)
-        return bool(removed)
+        self.enrolled.record_removal(validate_id(item_id))
+        return bool(self.holder.remove([item_id]))
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """JPEG thumbnail of a catalog item, None if unknown."""

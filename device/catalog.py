@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,22 +18,39 @@ from tqdm import tqdm
 
 from . import verify
 from .config import RecognitionConfig
-from .errors import CatalogIndexError, ImageError
-from .images import DEFAULT_MAX_PIXELS, is_image_file, make_thumbnail, read_image
+from .errors import CatalogIndexError, ImageError, InputError
+from .images import DEFAULT_MAX_PIXELS, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
-from .index_writer import write_index
+from .index_writer import IndexHolder, fsync_dir, write_index
 from .views import padded_view
 
 log = logging.getLogger(__name__)
-_ID_RE = re.compile(r"^[\w][\w.\-/ ]{0,199}$")
+MAX_ID_CHARS = 200
+MAX_ID_PART_BYTES = 120  # a part becomes a file name under enrolled_dir: ext4 allows 255 bytes
+MAX_LABEL_CHARS = 200
+_ID_PART_RE = re.compile(r"^\w[\w.\- ]*$")
+ID_RULE = (f"an id is up to {MAX_ID_CHARS} characters in parts separated by '/'; each part starts with a letter, "
+           f"digit or '_', then letters, digits, '_', '-', '.' or spaces, at most {MAX_ID_PART_BYTES} bytes in UTF-8 "
+           "(no empty parts, no leading '.', no '..')")
 
 
 def validate_id(item_id: str) -> str:
-    """Catalog ids are relative-path-like: letters, digits, _ - . / and spaces, no '..', ≤ 200 chars."""
-    if not _ID_RE.match(item_id) or ".." in item_id.split("/") or item_id.endswith("/"):
-        raise CatalogIndexError(f"invalid catalog id {item_id!r}: use letters, digits, '_', '-', '.', '/', "
-                                "spaces (no leading '/', no '..', at most 200 characters)")
+    """Check a catalog id against the one id rule (``ID_RULE``); it is also a relative path under
+    ``enrolled_dir``, so it must stay inside it and be a legal, visible file name. Raises InputError (400)."""
+    parts = item_id.split("/") if isinstance(item_id, str) else [""]
+    if (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS or item_id != item_id.strip()
+            or any(not _ID_PART_RE.match(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
+        raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
     return item_id
+
+
+def validate_label(label: str) -> str:
+    """Labels are shown on the page and in events: 1–MAX_LABEL_CHARS printable characters. Raises InputError."""
+    label = label.strip()
+    if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+        raise InputError(f"invalid label ({len(label)} characters): a label is at most {MAX_LABEL_CHARS} printable "
+                         "characters, and not empty")
+    return label
 
 
 class ItemMaker:
@@ -48,6 +67,7 @@ class ItemMaker:
              source: str | None = None) -> CatalogItem:
         """One catalog image (RGB uint8 HxWx3) → a CatalogItem; ``label`` defaults to the id's file name."""
         rc = self.recognition
+        check_shape(rgb.shape[1], rgb.shape[0])
         vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(padded_view(rgb, f)) for f in rc.enrol_views]
         features = verify.extract(rgb, rc) if rc.features else None
         return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
@@ -121,7 +141,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
             rgb = read_image(path, max_pixels)
             items.append(maker.make(rgb, item_id, labels.get(item_id), source=str(path)))
             seen[item_id] = rel.as_posix()
-        except (ImageError, CatalogIndexError) as e:
+        except (InputError, CatalogIndexError) as e:
             rep.skipped.append((rel.as_posix(), str(e)))
             log.warning("skipped %s: %s", rel, e)
     gen = write_index(index_path, items, bundle_sha256=maker.encoder.sha256, n_trees=n_trees, dim=maker.encoder.dim)
@@ -130,56 +150,126 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
 
 
 class EnrolledStore:
-    """Originals of items enrolled at run time (``catalog.enrolled_dir``): ``<id>.jpg`` + ``labels.json``.
-    Kept so that a rebuild (new bundle, lost index) re-creates them: enrolment loses nothing."""
+    """Originals of items enrolled at run time (``catalog.enrolled_dir``): ``<id>.jpg``, ``labels.json`` and a
+    journal of removals (``removed.json``). Everything is written atomically and fsynced (file and folder)
+    before an enrolment or a removal is acknowledged, so ``reconcile`` can make the index agree with it after
+    a crash: enrolment loses nothing, and a removed item never comes back."""
 
     LABELS = "labels.json"
+    REMOVED = "removed.json"
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._lock = threading.Lock()
 
-    def _labels(self) -> dict[str, str]:
-        path = self.folder / self.LABELS
+    def _read(self, name: str) -> dict[str, str]:
+        path = self.folder / name
         return load_labels(path) if path.is_file() else {}
 
-    def _write_labels(self, labels: dict[str, str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{self.LABELS}.tmp"
-        tmp.write_text(json.dumps(labels, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.folder / self.LABELS)
+    def _write(self, name: str, data: dict[str, str]) -> None:
+        _durable_write(self.folder / name, (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode())
+
+    def path(self, item_id: str) -> Path:
+        """Where the original of ``item_id`` is kept."""
+        return self.folder / f"{validate_id(item_id)}.jpg"
 
     def save(self, item_id: str, jpeg: bytes, label: str) -> Path:
-        """Keep the original (atomically) and its label; returns the file path."""
-        dest = self.folder / f"{validate_id(item_id)}.jpg"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        tmp.write_bytes(jpeg)
-        tmp.replace(dest)
+        """Keep the original and its label durably (and forget an earlier removal of the id); returns the
+        file path. When this returns, a crash cannot lose the enrolment."""
+        dest = self.path(item_id)
         with self._lock:
-            labels = self._labels()
+            _durable_write(dest, jpeg)
+            labels = self._read(self.LABELS)
             labels[item_id] = label
-            self._write_labels(labels)
+            self._write(self.LABELS, labels)
+            removed = self._read(self.REMOVED)
+            if removed.pop(item_id, None) is not None:
+                self._write(self.REMOVED, removed)
         return dest
 
-    def delete(self, item_id: str) -> None:
-        """Forget an enrolled item (no error when it was not enrolled at run time)."""
-        (self.folder / f"{item_id}.jpg").unlink(missing_ok=True)
+    def record_removal(self, item_id: str) -> None:
+        """Journal the removal of ``item_id`` durably, then drop its original (if it was enrolled at run time):
+        from now on ``reconcile`` keeps it out of the index, also after a rebuild from the catalog folder."""
         with self._lock:
-            labels = self._labels()
+            removed = self._read(self.REMOVED)
+            removed[item_id] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._write(self.REMOVED, removed)
+            original = self.folder / f"{item_id}.jpg"
+            if original.is_file():
+                original.unlink()
+                fsync_dir(original.parent)
+            labels = self._read(self.LABELS)
             if labels.pop(item_id, None) is not None:
-                self._write_labels(labels)
+                self._write(self.LABELS, labels)
 
-    def items(self, maker: ItemMaker, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[CatalogItem]:
-        """Re-encode every kept original (unreadable ones are skipped and logged)."""
+    def removed(self) -> set[str]:
+        """Ids whose removal was acknowledged."""
+        return set(self._read(self.REMOVED))
+
+    def originals(self) -> dict[str, Path]:
+        """id → path of every kept original."""
         if not self.folder.is_dir():
-            return []
-        labels = self._labels()
-        out = []
-        for path in scan_folder(self.folder):
-            item_id = path.relative_to(self.folder).with_suffix("").as_posix()
+            return {}
+        return {p.relative_to(self.folder).with_suffix("").as_posix(): p for p in scan_folder(self.folder)}
+
+    def items(self, maker: ItemMaker, ids: list[str] | None = None,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[CatalogItem], list[tuple[str, str]]]:
+        """Re-encode the kept originals (all, or ``ids``): (items, [(id, why) of those that could not be]).
+        An original that cannot be indexed any more is skipped and logged, never fatal."""
+        originals, labels = self.originals(), self._read(self.LABELS)
+        out, skipped = [], []
+        for item_id in sorted(originals if ids is None else ids):
             try:
-                out.append(maker.make(read_image(path, max_pixels), item_id, labels.get(item_id), source=str(path)))
-            except (ImageError, CatalogIndexError) as e:
+                out.append(maker.make(read_image(originals[item_id], max_pixels), item_id, labels.get(item_id),
+                                      source=str(originals[item_id])))
+            except (InputError, CatalogIndexError) as e:
                 log.warning("enrolled item %s skipped: %s", item_id, e)
-        return out
+                skipped.append((item_id, str(e)))
+        return out, skipped
+
+
+@dataclass
+class ReconcileReport:
+    """What ``reconcile`` changed: ids enrolled from kept originals, removals applied, originals skipped."""
+
+    enrolled: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def reconcile(holder: IndexHolder, store: EnrolledStore, maker: ItemMaker,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> ReconcileReport:
+    """Make the live index agree with ``store`` (run at every start): every kept original that is missing
+    from the index, or newer than the live generation (a replacement the crash interrupted), is enrolled;
+    every journalled removal still in the index is removed. One rebuild at most."""
+    idx = holder.current()
+    created = idx.path.stat().st_mtime  # the generation folder: written once, last entry at its creation
+    stale = [i for i, p in store.originals().items() if not idx.has(i) or p.stat().st_mtime >= created]
+    rep = ReconcileReport(removed=sorted(i for i in store.removed() if idx.has(i)))
+    items, rep.skipped = store.items(maker, stale, max_pixels)
+    rep.enrolled = [it.id for it in items]
+    if items or rep.removed:
+        holder.update(add=items, remove=rep.removed)
+    log.info("catalog reconciled with %s: %d enrolled from kept originals, %d removals applied, %d skipped",
+             store.folder, len(rep.enrolled), len(rep.removed), len(rep.skipped))
+    return rep
+
+
+def _durable_write(dest: Path, data: bytes) -> None:
+    """Write ``data`` to ``dest`` atomically and durably: temp file, fsync, rename, fsync of the folder (and of
+    each folder created on the way, so the new name itself survives a power cut)."""
+    created = []
+    parent = dest.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    for folder in created:  # a new folder's own name lives in its parent
+        fsync_dir(folder.parent)

@@ -125,7 +125,8 @@ class WebConfig(_Section):
     port: int = Field(8080, ge=1, le=65535)
     threads: int = Field(6, ge=4, le=64)
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
-    max_pixels: int = Field(40_000_000, ge=1024, le=500_000_000)
+    max_pixels: int = Field(16_000_000, ge=1024, le=500_000_000)
+    max_parallel_uploads: int = Field(2, ge=1, le=64)
     api_token: Optional[str] = Field(None, min_length=8)
     stream_fps: float = Field(5.0, gt=0, le=60)
 

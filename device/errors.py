@@ -18,8 +18,21 @@ class CatalogIndexError(ApplianceError):
     """The catalog index is missing, corrupt, or was built with another bundle."""
 
 
-class ImageError(ApplianceError):
-    """An image (upload, file, frame) could not be decoded or is too large."""
+class InputError(ApplianceError):
+    """What a caller sent is wrong (an id, a label, an image): the web layer answers 4xx with the message.
+    ``http_status`` is 400 unless a subclass or the raiser says otherwise (413: over a size limit)."""
+
+    def __init__(self, message: str, *, http_status: int = 400):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class ImageError(InputError):
+    """An image (upload, file, frame) could not be decoded, is too large, too small or too narrow."""
+
+
+class BusyError(ApplianceError):
+    """Too many requests are being served at once; the web layer answers 503 with Retry-After."""
 
 
 class CameraError(ApplianceError):

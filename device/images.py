@@ -22,13 +22,20 @@ from .errors import ImageError
 # Library callers (tests, benches, the converter) get the configured default; the device passes web.max_pixels.
 DEFAULT_MAX_PIXELS: int = WebConfig.model_fields["max_pixels"].default
 
+MIN_SIDE_PX = 16  # smaller images carry nothing to recognise
+MAX_ASPECT = 20  # a 40000x1 strip is not a photo of anything
+# A JPEG decoded at reduced scale needs only the decoded pixels in memory: its header may claim this many
+# times the pixel limit (a 200 MP phone photo decodes at 1/4 or 1/8 scale).
+_DRAFT_HEADER_FACTOR = 16
+
 # The files an image folder (catalog, camera folder source, enrolled originals) is made of, by suffix.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 # A truncated upload must fail loudly rather than come back as a half-grey picture that then gets
 # "matched"; something else in the process could have flipped this global, so pin it.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# We enforce our own (smaller, configurable) pixel limit before decoding; Pillow's warning is noise.
+# We enforce our own (smaller, configurable) pixel limit from the header, before decoding; Pillow's warning is
+# noise, and its error (over ~358 MP) stays as a backstop.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
@@ -40,11 +47,14 @@ def is_image_file(name: str) -> bool:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side_px: int | None = None) -> np.ndarray:
     """Decode image bytes (an upload, a stored file) into RGB uint8 HxWx3.
 
-    The pixel count is checked from the header before any pixel is decoded, EXIF orientation is
-    applied, and every mode (L, LA, P, RGBA, CMYK, 16-bit) ends up as RGB (alpha is composited onto
-    white). ``min_side_px``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (in the DCT domain, much
-    cheaper) as long as both sides stay ≥ this — for callers that downscale anyway.
-    Raises ``ImageError`` for empty, non-image, truncated/corrupt or too-large input.
+    Sizes are checked from the header before any pixel is decoded, EXIF orientation is applied, and every
+    mode (L, LA, P, RGBA, CMYK, 16-bit) ends up as RGB (alpha is composited onto white).
+
+    ``min_side_px`` is for callers that downscale anyway: the image comes back only as large as needed to keep
+    both sides ≥ this. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (its header may
+    claim up to ``16 × max_pixels`` as long as the decoded pixels stay within ``max_pixels``); other formats
+    are reduced right after decoding, before the colour conversion — so memory per request stays bounded.
+    Raises ``ImageError`` for empty, non-image, truncated/corrupt, too large (413), too small or too narrow input.
     """
     if not data:
         raise ImageError("not an image (or unsupported format): no data")
@@ -60,9 +70,25 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         with open(path, "rb") as fp:
             return _decode(fp, max_pixels)
     except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from exc
+        raise ImageError(f"{path}: {exc}", http_status=exc.http_status) from exc
     except OSError as exc:
         raise ImageError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+
+
+def check_shape(width: int, height: int) -> None:
+    """Refuse images with nothing to recognise: a side under MIN_SIDE_PX, or longer than MAX_ASPECT × the
+    other (a 40000×1 strip). Raises ``ImageError`` (400) stating the rule."""
+    if min(width, height) < MIN_SIDE_PX:
+        raise ImageError(f"image is {width}x{height} px: too small to recognise (each side must be at least "
+                         f"{MIN_SIDE_PX} px)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"image is {width}x{height} px: too narrow to recognise (the longer side may be at most "
+                         f"{MAX_ASPECT}x the shorter)")
+
+
+def _over_limit(width: int, height: int, limit: int, what: str) -> ImageError:
+    return ImageError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP{what}, over the limit of "
+                      f"{limit / 1e6:.1f} MP (web.max_pixels)", http_status=413)
 
 
 def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np.ndarray:
@@ -71,28 +97,47 @@ def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np
     except UnidentifiedImageError as exc:
         raise ImageError("not an image (or unsupported format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP") from exc
+        raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP (web.max_pixels)",
+                         http_status=413) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"not an image (or unsupported format): {exc}") from exc
     with img:
         width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(
-                f"image is {width}x{height} = {width * height / 1e6:.1f} MP, "
-                f"over the limit of {max_pixels / 1e6:.1f} MP"
-            )
+        check_shape(width, height)
+        draft = bool(min_side_px) and img.format == "JPEG"
+        header_limit = max_pixels * _DRAFT_HEADER_FACTOR if draft else max_pixels
+        if width * height > header_limit:
+            raise _over_limit(width, height, header_limit, "")
         try:
-            if min_side_px and img.format == "JPEG":
+            if draft:
                 img.draft(img.mode, (min_side_px, min_side_px))
+                if img.size[0] * img.size[1] > max_pixels:
+                    raise _over_limit(width, height, max_pixels, f" (decoded at {img.size[0]}x{img.size[1]})")
             img.load()
+            if min_side_px:
+                img = _reduce(img, min_side_px)
             img = ImageOps.exif_transpose(img)
             return _to_rgb_array(img)
+        except ImageError:
+            raise
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"image is too large ({exc})") from exc
+            raise ImageError(f"image is too large ({exc})", http_status=413) from exc
         except MemoryError as exc:
-            raise ImageError(f"image is {width}x{height}: not enough memory to decode it") from exc
+            raise ImageError(f"image is {width}x{height}: not enough memory to decode it", http_status=413) from exc
         except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
             raise ImageError(f"truncated or corrupt image: {exc}") from exc
+
+
+def _reduce(img: Image.Image, min_side_px: int) -> Image.Image:
+    """Box-reduce by the largest integer factor that keeps both sides ≥ ``min_side_px``, in the image's own
+    mode (1 byte per pixel for greyscale) before any conversion multiplies its size."""
+    factor = min(img.size) // min_side_px
+    if factor < 2 or img.mode == "P":  # a palette must be expanded first; it is 1 byte per pixel anyway
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support (16-bit variants): convert at full size instead
+        return img
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

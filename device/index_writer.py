@@ -74,7 +74,7 @@ def write_index(
                 link_tmp.unlink()
             os.symlink(gen_dir.name, link_tmp)
             os.replace(link_tmp, root / CURRENT)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException as e:
             # The old generation is still live; drop what this attempt wrote. (A hard crash leaves it
             # behind instead, and the next build's _remove_leftovers takes care of it.)
@@ -170,7 +170,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
     with open(gen / META_FILE, "w", encoding="utf-8") as f:
         f.write(meta.model_dump_json(indent=1))
         _fsync_file(f)
-    _fsync_dir(gen)
+    fsync_dir(gen)
 
 
 @contextlib.contextmanager
@@ -189,7 +189,8 @@ def _fsync_file(f) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a folder, so that the names created or removed in it survive a power cut."""
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -260,25 +261,25 @@ class IndexHolder:
     def add(self, items: Sequence[CatalogItem]) -> None:
         """Enrol ``items``; an id already in the index is replaced (re-enrolment: new vector, label,
         thumbnail and source). Rebuilds and swaps in a new generation; blocks until done."""
-        items = list(items)
-        validate_items(items, None)  # duplicates inside the batch are an error, not "last one wins"
-        if not items:
-            return
-        with self._lock:
-            cur = self._index
-            new_ids = {it.id for it in items}
-            kept = cur.stored_items(skip=new_ids)
-            self._rebuild(cur, kept + items)
+        self.update(add=items)
 
     def remove(self, ids: Sequence[str]) -> list[str]:
         """Remove ``ids`` from the index. Returns the ids actually removed, in the order given; ids that
         are not in the index are not an error and simply do not appear in the result (so the caller
         can report them as not found). Nothing is rebuilt when nothing is removed."""
+        return self.update(remove=ids)
+
+    def update(self, *, add: Sequence[CatalogItem] = (), remove: Sequence[str] = ()) -> list[str]:
+        """Enrol ``add`` and remove ``remove`` in one rebuild (nothing is rebuilt when nothing changes);
+        returns the ids actually removed."""
+        items = list(add)
+        validate_items(items, None)  # duplicates inside the batch are an error, not "last one wins"
         with self._lock:
             cur = self._index
-            removed = list(dict.fromkeys(i for i in ids if cur.has(i)))
-            if removed:
-                self._rebuild(cur, cur.stored_items(skip=set(removed)))
+            removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
+            if items or removed:
+                kept = cur.stored_items(skip={it.id for it in items} | set(removed))
+                self._rebuild(cur, kept + items)
             return removed
 
     def add_async(self, items: Sequence[CatalogItem]) -> concurrent.futures.Future:

@@ -104,14 +104,16 @@ class Lookup:
             return top
         return None
 
+    def decode_side_px(self) -> int:
+        """How large an image must stay when decoded: the model input, or ORB's working size when verifying
+        or enrolling with features (decoding no larger bounds the memory of a request)."""
+        spec, rc = self.encoder.manifest.input, self.recognition
+        need = max(spec.height, spec.width)
+        return max(need, rc.features_max_side_px) if (rc.verify or rc.features) else need
+
     def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:
         """Encoded image bytes (JPEG/PNG/…) → ranked candidates; raises ImageError for bad images."""
         t0 = time.perf_counter()
-        # Decode no larger than the stages need: the model input, or ORB's working size when verifying.
-        spec = self.encoder.manifest.input
-        need = max(spec.height, spec.width)
-        if self.recognition.verify:
-            need = max(need, self.recognition.features_max_side_px)
-        rgb = decode_image(data, self.max_pixels, min_side_px=need)
+        rgb = decode_image(data, self.max_pixels, min_side_px=self.decode_side_px())
         decode_ms = (time.perf_counter() - t0) * 1e3
         return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})

@@ -81,7 +81,10 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
         gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
     orb = cv2.ORB_create(nfeatures=cfg.query_n_features if query else cfg.n_features, fastThreshold=cfg.fast_threshold)
-    kps, desc = orb.detectAndCompute(gray, None)
+    try:
+        kps, desc = orb.detectAndCompute(gray, None)
+    except cv2.error:  # degenerate input (a few pixels across after downscaling): nothing to verify with
+        return _empty(size_wh)
     if desc is None or not kps:
         return _empty(size_wh)
     xy = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)

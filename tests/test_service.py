@@ -172,9 +172,10 @@ def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos
 
 def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(encoder, catalog_dir, photos, tmp_path):
     """After a bundle update the old index is refused for queries; with a catalog folder configured, the
-    start rebuilds it from that folder and re-enrols the originals kept in enrolled_dir (with their labels)."""
+    start rebuilds it from that folder, and reconciling re-enrols the originals kept in enrolled_dir (with their
+    labels) and keeps journalled removals out."""
     from device.__main__ import _prepare_catalog
-    from device.catalog import EnrolledStore
+    from device.catalog import EnrolledStore, reconcile
     from device.config import load_config
     from device.index import CatalogIndex, CatalogItem
     from device.index_writer import write_index
@@ -186,11 +187,18 @@ def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(enco
     cfg = load_config(cfg_file)
     write_index(tmp_path / "index", [CatalogItem("old", "old", np.ones(8, np.float32))], bundle_sha256="0" * 64,
                 n_trees=2)
-    EnrolledStore(tmp_path / "enrolled").save("kitchen/mug", encode_jpeg(photos["coffee"]), "Coffee mug")
+    store = EnrolledStore(tmp_path / "enrolled")
+    store.save("kitchen/mug", encode_jpeg(photos["coffee"]), "Coffee mug")
+    store.record_removal("moon")  # removed over HTTP earlier: a rebuild from the folder must not bring it back
     _prepare_catalog(cfg, encoder)
-    with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256) as idx:
-        assert idx.has("rocket") and not idx.has("old")
-        assert idx.item("kitchen/mug").label == "Coffee mug"
-    gen = CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation
-    _prepare_catalog(cfg, encoder)  # same bundle now: nothing is rebuilt
+    holder = IndexHolder(cfg.index, expected_bundle_sha256=encoder.sha256)
+    rep = reconcile(holder, store, ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px))
+    assert rep.enrolled == ["kitchen/mug"] and rep.removed == ["moon"] and rep.skipped == []
+    idx = holder.current()
+    assert idx.has("rocket") and not idx.has("old") and not idx.has("moon")
+    assert idx.item("kitchen/mug").label == "Coffee mug"
+    gen = idx.generation
+    _prepare_catalog(cfg, encoder)  # same bundle now: nothing is rebuilt, and nothing is left to reconcile
+    assert reconcile(holder, store, ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px)).enrolled == []
     assert CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation == gen
+    holder.close()

@@ -6,7 +6,9 @@ The appliance is ``device.appliance.Appliance`` (its methods are what the routes
 passes a fake with the same methods, so the HTTP layer is tested without a camera or a model.
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
-``{"error": "..."}``: ImageError → 400, other ApplianceError → 503, anything else → 500 (logged).
+``{"error": "..."}``: InputError → 400 (or its 413/415), BusyError → 503 + Retry-After, other ApplianceError →
+503, anything else → 500 (logged). Every answer carries nosniff / CSP / frame-deny headers, and a POST or
+DELETE from another site's page (its ``Origin``) is refused with 403.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from device.config import WebConfig
-from device.errors import ApplianceError, ImageError
+from device.errors import ApplianceError, BusyError, InputError
 
 from . import api, page, stream
 from .common import THREADS_KEPT_FOR_API, error
@@ -28,9 +30,25 @@ if TYPE_CHECKING:  # the web layer never imports model code at run time
 log = logging.getLogger(__name__)
 
 
+# Labels and ids are short; a form field over this is refused with 413 (not a 10 MB upload's message).
+MAX_FORM_FIELD_BYTES = 64 * 1024
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # Everything the page needs comes from the device itself; no inline script, no framing, no plugins.
+    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def _register_errors(app: flask.Flask, config: WebConfig) -> None:
     @app.errorhandler(413)
     def too_large(_exc: HTTPException) -> flask.Response:
+        length = flask.request.content_length
+        if length is not None and length <= app.config["MAX_CONTENT_LENGTH"]:
+            return error(413, f"a form field is larger than {MAX_FORM_FIELD_BYTES // 1024} KB (labels are at most "
+                              "200 characters; the image goes in the multipart file field 'image')")
         return error(413, f"upload larger than {config.max_upload_mb:g} MB (web.max_upload_mb)")
 
     @app.errorhandler(HTTPException)
@@ -43,10 +61,13 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
                 response.headers[key] = value
         return response
 
-    @app.errorhandler(ImageError)
-    def image_error(exc: ImageError) -> flask.Response:
-        status = getattr(exc, "http_status", 400)  # 413 too many pixels, 415 unsupported format
-        return error(status if status in (400, 413, 415) else 400, str(exc))
+    @app.errorhandler(InputError)
+    def input_error(exc: InputError) -> flask.Response:
+        return error(exc.http_status if exc.http_status in (400, 413, 415) else 400, str(exc))
+
+    @app.errorhandler(BusyError)
+    def busy(exc: BusyError) -> flask.Response:
+        return error(503, str(exc), **{"Retry-After": "1"})
 
     @app.errorhandler(ApplianceError)
     def appliance_error(exc: ApplianceError) -> flask.Response:
@@ -59,18 +80,39 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
         return error(500, f"internal error ({type(exc).__name__}); see the appliance log")
 
 
+def _same_origin() -> flask.Response | None:
+    """Refuse a state-changing request that a browser sends on behalf of another site (a form post from a
+    page elsewhere could drive the device or feed it bombs). Tools without an Origin header (curl, scripts,
+    Home Assistant) are not browsers and pass."""
+    if flask.request.method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = flask.request.headers.get("Origin")
+    if origin is None:
+        if flask.request.headers.get("Sec-Fetch-Site") == "cross-site":
+            return error(403, "cross-site request refused")
+        return None
+    if origin != flask.request.host_url.rstrip("/"):
+        return error(403, f"cross-origin request from {origin} refused; use the device's own page or an API "
+                          "client without an Origin header")
+    return None
+
+
 def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
     """The Flask app of the appliance: the page, the MJPEG live view and the JSON API."""
     app = flask.Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     app.config["MAX_STREAMS"] = config.threads - THREADS_KEPT_FOR_API
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     app.json.sort_keys = False  # keep the LookupResult key order readable
     app.extensions["appliance"] = appliance
     app.extensions["web_config"] = config
     _register_errors(app, config)
 
+    app.before_request(_same_origin)
+
     @app.after_request
     def count_request(response: flask.Response) -> flask.Response:
+        response.headers.update({k: v for k, v in _SECURITY_HEADERS.items() if k not in response.headers})
         # the rule, not the path, so scanners probing random URLs cannot grow the metric set
         rule = flask.request.url_rule
         appliance.metrics.http_requests.labels(

@@ -3,6 +3,7 @@ enrol and remove behind the bearer token)."""
 from __future__ import annotations
 
 import hmac
+from pathlib import PurePosixPath
 
 import flask
 
@@ -32,14 +33,41 @@ def _result_json(result: LookupResult | None) -> dict:
     return body
 
 
-def _require_token() -> flask.Response | None:
+def _has_token() -> bool:
+    """Whether the request carries the configured bearer token (constant-time comparison)."""
     token = web_config().api_token
-    if token is None:
-        return error(403, "catalog changes are disabled: set web.api_token in config.yaml")
     scheme, _, given = flask.request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    return (token is not None and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode()))
+
+
+def _require_token() -> flask.Response | None:
+    if web_config().api_token is None:
+        return error(403, "catalog changes are disabled: set web.api_token in config.yaml")
+    if not _has_token():
         return error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
     return None
+
+
+def _names_not_paths(status: dict) -> dict:
+    """The health document with every absolute file path it mentions cut to its file name: anyone on the
+    LAN may read /api/health, and the layout of the device's disk is none of their business."""
+    paths = [status.get("bundle", {}).get("path"), status.get("index", {}).get("path"),
+             status.get("enrolled", {}).get("dir"), status.get("camera", {}).get("spec")]
+    names = {p: PurePosixPath(p).name for p in paths
+             if isinstance(p, str) and p.startswith("/") and not p.startswith("/dev/")}
+
+    def scrub(value):
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, str):
+            for path in sorted(names, key=len, reverse=True):
+                value = value.replace(path, names[path])
+        return value
+
+    return scrub(status)
 
 
 def _uploaded_image() -> bytes:
@@ -53,9 +81,10 @@ def _uploaded_image() -> bytes:
 
 @bp.get("/api/health")
 def health() -> flask.Response:
-    """Camera, bundle, index, verification and uptime; 200 when ``ok``, else 503."""
+    """Camera, bundle, index, verification and uptime; 200 when ``ok``, else 503. File paths are shown
+    only with the bearer token."""
     status = appliance().health()
-    response = flask.jsonify(status)
+    response = flask.jsonify(status if _has_token() else _names_not_paths(status))
     response.status_code = 200 if status.get("ok") is True else 503
     return response
 

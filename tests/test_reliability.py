@@ -1,0 +1,314 @@
+"""Hostile and broken input, tried as an attacker and a power cut would: every bad upload gets a clear 4xx and
+leaves nothing behind, ids follow one rule, another site's page cannot drive the device, and an acknowledged
+enrolment survives ``kill -9`` of a real ``serve`` process (fast, offline, loopback only, bounded loops)."""
+from __future__ import annotations
+
+import io
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device.appliance import Appliance
+from device.catalog import ItemMaker, build_index
+from device.config import IndexConfig, RecognitionConfig, WebConfig
+from device.images import encode_jpeg
+from device.index_writer import IndexHolder
+from device.lookup import Lookup
+from device.web import create_app
+
+from .conftest import DEFAULT_BUNDLE, ROOT, view
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# ------------------------------------------------------------------------------------------- a bad-input corpus
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (and no pixel data worth the name)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A real small JPEG with its frame header patched to claim ``width`` x ``height``."""
+    data = bytearray(encode_jpeg(np.full((32, 32, 3), 128, np.uint8)))
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(photos) -> dict[str, tuple[bytes, int, str]]:
+    """name → (bytes, expected status, words the error must contain); status 200 = a valid image."""
+    astro = Image.fromarray(photos["astronaut"]).resize((256, 256))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    gif_frames = [astro.convert("P"), astro.rotate(90).convert("P")]
+    return {
+        "empty": (b"", 400, "no data"),
+        "text_as_jpeg": (b"hello, I am text pretending to be a JPEG", 400, "not an image"),
+        "truncated_jpeg": (encode_jpeg(photos["astronaut"])[:3000], 400, "truncated"),
+        "png_claims_20k": (_png_header(20000, 20000), 413, "web.max_pixels"),
+        "jpeg_claims_20k": (_jpeg_claiming(20000, 20000), 413, "web.max_pixels"),
+        "jpeg_claims_65k": (_jpeg_claiming(65000, 65000), 413, "web.max_pixels"),
+        "one_by_one": (_save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), 400, "too small"),
+        "strip_40000x1": (_save(Image.new("L", (40000, 1), 90), "PNG"), 400, "too small"),
+        "strip_40000x20": (_save(Image.new("L", (40000, 20), 90), "PNG"), 400, "too narrow"),
+        "cmyk_jpeg": (_save(astro.convert("CMYK"), "JPEG"), 200, ""),
+        "png_16bit": (_save(Image.fromarray((np.asarray(astro.convert("L"), np.uint16) * 257)), "PNG"), 200, ""),
+        "palette_png": (_save(astro.convert("P"), "PNG"), 200, ""),
+        "animated_gif": (_save(gif_frames[0], "GIF", save_all=True, append_images=gif_frames[1:]), 200, ""),
+        "exif_rotated": (_save(astro.rotate(90, expand=True), "JPEG", exif=exif), 200, ""),
+    }
+
+
+@pytest.fixture()
+def appliance(tmp_path, catalog_dir, encoder):
+    recognition = RecognitionConfig()
+    maker = ItemMaker(encoder, recognition, 160)
+    build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
+    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
+    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder, maker=maker, camera=None,
+                    trigger=None, enrolled_dir=tmp_path / "enrolled", max_parallel_uploads=1)
+    yield app
+    app.stop()
+
+
+def _client(app, **web):
+    return create_app(WebConfig(api_token=TOKEN, **web), app).test_client()
+
+
+def _post(client, url, data: bytes, headers=None, **fields):
+    return client.post(url, headers=headers or {}, data={"image": (io.BytesIO(data), "x.jpg"), **fields})
+
+
+def _nothing_written(app, generation: str, tmp_path) -> None:
+    enrolled = tmp_path / "enrolled"
+    assert not enrolled.exists() or not [p for p in enrolled.rglob("*") if p.is_file()]
+    assert app.holder.current().generation == generation
+
+
+def test_every_bad_upload_gets_its_exact_status_and_nothing_is_written(appliance, corpus, tmp_path):
+    client = _client(appliance)
+    gen = appliance.holder.current().generation
+    for name, (data, status, words) in corpus.items():
+        for url, fields in (("/api/query", {}), ("/api/catalog", {"label": "x", "id": f"t/{name}"})):
+            r = _post(client, url, data, AUTH if url == "/api/catalog" else None, **fields)
+            want = (202 if url == "/api/catalog" else 200) if status == 200 else status
+            assert r.status_code == want, (name, url, r.status_code, r.get_json())
+            if status != 200:
+                assert words in r.get_json()["error"], (name, r.get_json())
+        if status != 200:
+            _nothing_written(appliance, gen, tmp_path)
+    # the device still answers, and the valid odd formats were enrolled under their ids
+    assert client.get("/api/health").status_code == 200
+    deadline = time.monotonic() + 30
+    while not appliance.holder.current().has("t/exif_rotated") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert appliance.holder.current().has("t/cmyk_jpeg")
+
+
+def test_exif_orientation_is_applied_before_the_lookup(appliance, photos, corpus):
+    client = _client(appliance)
+    upright = _post(client, "/api/query", encode_jpeg(np.asarray(Image.fromarray(photos["astronaut"]))))
+    rotated = _post(client, "/api/query", corpus["exif_rotated"][0])
+    assert upright.get_json()["results"][0]["id"] == rotated.get_json()["results"][0]["id"] == "astronaut"
+
+
+@pytest.mark.parametrize("item_id", ["t3/.hidden", "t3/.", "t3/...", "t3//double", "../../etc/passwd", "/abs",
+                                     "trailing/", "a/-b", "界" * 200, "a/" + "界" * 41])
+def test_ids_follow_one_rule_and_a_bad_one_is_a_400_that_states_it(appliance, photos, tmp_path, item_id):
+    client = _client(appliance)
+    gen = appliance.holder.current().generation
+    r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="Mug", id=item_id)
+    assert r.status_code == 400, r.get_json()
+    assert "invalid catalog id" in r.get_json()["error"] and "each part starts with" in r.get_json()["error"]
+    _nothing_written(appliance, gen, tmp_path)
+
+
+def test_labels_and_form_fields_name_the_real_limit(appliance, photos, tmp_path):
+    client = _client(appliance)
+    gen = appliance.holder.current().generation
+    r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="x" * 300, id="ok")
+    assert r.status_code == 400 and "at most 200" in r.get_json()["error"]
+    r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="x" * 600_000, id="ok")
+    assert r.status_code == 413 and "form field" in r.get_json()["error"]
+    small = create_app(WebConfig(api_token=TOKEN, max_upload_mb=1), appliance).test_client()
+    r = _post(small, "/api/query", b"\xff" * 2_000_000)
+    assert r.status_code == 413 and "web.max_upload_mb" in r.get_json()["error"]
+    _nothing_written(appliance, gen, tmp_path)
+
+
+def test_another_sites_page_cannot_post_and_pages_carry_security_headers(appliance, photos):
+    client = _client(appliance)
+    q = encode_jpeg(photos["moon"])
+    evil = _post(client, "/api/query", q, {"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "cross-origin" in evil.get_json()["error"]
+    assert client.post("/api/lookup", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert _post(client, "/api/query", q, {"Origin": "http://localhost"}).status_code == 200  # the device's page
+    assert _post(client, "/api/query", q).status_code == 200  # curl, scripts: no Origin
+    page = client.get("/")
+    assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_health_shows_names_not_paths_without_the_token(appliance, tmp_path):
+    client = _client(appliance)
+    anonymous = json.dumps(client.get("/api/health").get_json())
+    assert str(tmp_path) not in anonymous and str(DEFAULT_BUNDLE) not in anonymous
+    assert '"path": "index"' in anonymous
+    assert str(tmp_path) in json.dumps(client.get("/api/health", headers=AUTH).get_json())
+
+
+def test_a_burst_of_uploads_gets_503_with_retry_after_not_unbounded_memory(appliance, photos):
+    client = _client(appliance)
+    entered, release = threading.Event(), threading.Event()
+    real = appliance.lookup.lookup_bytes
+
+    def slow(data, **kw):
+        entered.set()
+        release.wait(10)
+        return real(data, **kw)
+
+    appliance.lookup.lookup_bytes = slow
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=_post(client, "/api/query", encode_jpeg(photos["moon"]))))
+    t.start()
+    assert entered.wait(10)
+    second = _post(client, "/api/query", encode_jpeg(photos["moon"]))
+    release.set()
+    t.join(10)
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+    assert "web.max_parallel_uploads" in second.get_json()["error"]
+    assert first["r"].status_code == 200
+
+
+# ------------------------------------------------------------------------------------- kill -9 of a real serve
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """A real ``python -m device serve`` on 127.0.0.1 with a small catalog and an image-folder camera."""
+
+    def __init__(self, work, catalog_dir):
+        self.port = _free_port()
+        self.work = work
+        (work / "cam").mkdir(exist_ok=True)
+        first = sorted(catalog_dir.glob("*.jpg"))[0]
+        (work / "cam" / "frame.jpg").write_bytes(first.read_bytes())
+        self.config = work / "config.yaml"
+        self.config.write_text(
+            f"camera:\n  source: {work / 'cam'}\n  fps: 2\ntrigger:\n  enabled: false\n"
+            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {work / 'index'}\n"
+            f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {work / 'enrolled'}\n"
+            f"web:\n  host: 127.0.0.1\n  port: {self.port}\n  api_token: {TOKEN}\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(self.config)],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "ab"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.work / "log").read_text()[-3000:]
+            try:
+                self.request("GET", "/api/health")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("serve did not come up")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
+                                     headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def upload(self, path: str, jpeg: bytes, **fields):
+        boundary = "----edge-test"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+                     f"Content-Type: image/jpeg\r\n\r\n".encode() + jpeg + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                                 **(AUTH if path == "/api/catalog" else {})})
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.fixture()
+def small_catalog(tmp_path, photos):
+    d = tmp_path / "catalog"
+    d.mkdir()
+    for name in ("rocket", "moon", "brick"):
+        (d / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+    return d
+
+
+def test_acknowledged_enrolments_survive_kill_9_and_removals_stay_removed(tmp_path, small_catalog, photos):
+    serve = Serve(tmp_path, small_catalog)
+    try:
+        serve.start()
+        acknowledged = []
+        for i, delay_s in enumerate((0.0, 0.01, 0.03, 0.1)):
+            name = ("coffee", "chelsea", "astronaut", "grace_hopper")[i]
+            status, body = serve.upload("/api/catalog", encode_jpeg(photos[name], 92), label=name.title(),
+                                        id=f"kept/{name}")
+            assert status == 202, body
+            acknowledged.append(name)
+            time.sleep(delay_s)
+            serve.kill9()  # a power cut right after the acknowledgement
+            serve.start()
+        status, body = serve.upload("/api/catalog", encode_jpeg(np.zeros((1, 1, 3), np.uint8)), label="x", id="bad")
+        assert status == 400  # a rejected enrolment is not kept, and the next start is not hurt by it
+        assert serve.request("DELETE", "/api/catalog/moon", headers=AUTH)[0] == 200
+        serve.kill9()
+        serve.start()
+        _, cat = serve.request("GET", "/api/catalog?limit=100")
+        ids = {it["id"] for it in cat["items"]}
+        assert {f"kept/{n}" for n in acknowledged} <= ids and "moon" not in ids and "bad" not in ids
+        for name in acknowledged:  # queryable, not only listed
+            _, res = serve.upload("/api/query", encode_jpeg(view(photos, name, "closeup", seed=5)))
+            assert res["results"][0]["id"] == f"kept/{name}", (name, res["results"][:2])
+        _, health = serve.request("GET", "/api/health", headers=AUTH)
+        assert health["enrolled"]["skipped"] == []
+    finally:
+        serve.stop()

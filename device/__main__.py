@@ -14,12 +14,24 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .config import Config, load_config
-from .errors import ApplianceError, CatalogIndexError, ImageError
+from .errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
 
 log = logging.getLogger("device")
 DEFAULT_CONFIG = "config.yaml"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (``--top-k 0`` used to fall back to the default, -1 to the whole list)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("images", nargs="+", type=Path)
     q.add_argument("--index", type=Path, default=None, help="index folder (default: index.path)")
     q.add_argument("--bundle", type=Path, default=None, help="model bundle (default: encoder.bundle)")
-    q.add_argument("--top-k", type=int, default=None)
+    q.add_argument("--top-k", type=_positive_int, default=None, help="results per query, ≥ 1 (default: index.top_k)")
     q.add_argument("--json", action="store_true", help="one JSON line per query")
     c = sub.add_parser("catalog", help="enrol or remove items").add_subparsers(dest="catalog_cmd", required=True)
     a = c.add_parser("add", parents=[common], help="enrol images (replaces an item with the same id)")
@@ -84,10 +96,10 @@ def _lookup(cfg: Config, encoder, holder, top_k: int | None = None):
     return Lookup(encoder, holder, cfg.recognition, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels)
 
 
-def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None) -> None:
+def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None, allow_empty: bool = False) -> None:
     from .catalog import build_index, load_labels
     rep = build_index(folder, _maker(cfg, encoder), out, n_trees=cfg.index.n_trees, labels=load_labels(labels),
-                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty())
+                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty(), allow_empty=allow_empty)
     print(f"indexed {rep.indexed} images from {folder} into {out} ({rep.generation}) in {rep.seconds:.1f} s; "
           f"skipped {len(rep.skipped)}", file=sys.stderr)
     for rel, why in rep.skipped:
@@ -95,9 +107,28 @@ def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None) -
 
 
 def cmd_index_build(cfg: Config, args) -> int:
+    out = args.out or cfg.index.path
     encoder = _encoder(cfg, args.bundle)
-    _build(cfg, encoder, args.catalog, args.out or cfg.index.path, args.labels or cfg.catalog.labels)
+    previous = _describe_index(out)
+    _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels)
+    if previous:
+        # The index may be the one a running `serve` has loaded: say what went and what that server does.
+        print(f"replaced {previous} in {out}; a running `serve` keeps answering from the old one until it is "
+              "restarted (its next enrolment or removal starts from this one)", file=sys.stderr)
     return 0
+
+
+def _describe_index(path: Path) -> str | None:
+    """'gen-000003 (14 items)' for the live generation at ``path``, None when there is none."""
+    from .index import CatalogIndex, read_current_name
+    name = read_current_name(path)
+    if name is None:
+        return None
+    try:
+        with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
+            return f"{name} ({idx.size} items)"
+    except CatalogIndexError as e:
+        return f"{name} (unreadable: {e})"
 
 
 def cmd_query(cfg: Config, args) -> int:
@@ -179,7 +210,7 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
                              "(/dev/video0, csi://0, rtsp://…) or enable the demo")
     if cfg.catalog.build_from and _needs_build(cfg.index.path, encoder):
         log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
-        _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels)
+        _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels, allow_empty=True)
         # the items enrolled at run time come back, and removed ones stay out: serve reconciles next
     return cfg
 
@@ -204,6 +235,7 @@ def cmd_serve(cfg: Config) -> int:
     from .camera import Camera
     from .trigger import Trigger
     from .web import create_app, serve
+    _check_port_free(cfg)  # before seconds of index work, not after them
     encoder = _encoder(cfg)
     cfg = _prepare_catalog(cfg, encoder)
     holder = _holder(cfg, encoder, create_empty=True)
@@ -218,7 +250,7 @@ def cmd_serve(cfg: Config) -> int:
              holder.current().size, cfg.index.path, cfg.camera.source, w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    _notify_systemd()
+    _notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
     try:
         serve(create_app(w, appliance), w)
     except KeyboardInterrupt:
@@ -228,8 +260,61 @@ def cmd_serve(cfg: Config) -> int:
     return 0
 
 
-def _notify_systemd() -> None:
-    """READY=1 and a watchdog ping thread when run under systemd (Type=notify, WatchdogSec)."""
+def _check_port_free(cfg: Config) -> None:
+    """Bind ``web.host:web.port`` the way waitress will (SO_REUSEADDR) and let go; ConfigError if taken."""
+    import socket
+    w = cfg.web
+    where = cfg.source_file or "config.yaml"
+    try:
+        infos = socket.getaddrinfo(w.host, w.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise ConfigError(f"{where}: web.host {w.host!r} cannot be resolved ({e})") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                raise ConfigError(
+                    f"{where}: cannot listen on web.host {w.host} web.port {w.port} ({e.strerror or e}): another "
+                    "server (or another appliance) is using it — stop it, or set another web.port (or web.host)"
+                ) from None
+
+
+def http_probe(host: str, port: int, timeout_s: float = 5.0) -> Callable[[], tuple[bool, str]]:
+    """A check that the web server answers ``GET /api/health`` on ``host:port`` (a wildcard host is asked
+    on loopback). Any HTTP answer counts, 503 too: that is a lost camera, and the camera has its own check."""
+    import urllib.error
+    import urllib.request
+    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/api/health"
+
+    def probe() -> tuple[bool, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass
+        except OSError as e:  # refused, timed out, reset
+            return False, f"web server did not answer {url} within {timeout_s:g} s ({e})"
+        return True, "web server answers"
+    return probe
+
+
+def watchdog_check(appliance, probe: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+    """Whether the service deserves a systemd watchdog ping: the camera loop and the camera's watchdog run
+    (``appliance.alive()``) and the web server answers (``probe()``). Returns (ok, why)."""
+    ok, why = appliance.alive()
+    if not ok:
+        return False, why
+    web_ok, web_why = probe()
+    return web_ok, f"{why}; {web_why}"
+
+
+def _notify_systemd(check: Callable[[], tuple[bool, str]]) -> None:
+    """READY=1, then (with WatchdogSec) a thread that sends WATCHDOG=1 every half period, but only while
+    ``check()`` passes: a wedged camera loop or web server then stops the pings and systemd restarts the
+    service. Each check also goes out as a STATUS= line (``systemctl status`` shows it)."""
     import os
     import socket
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -238,19 +323,35 @@ def _notify_systemd() -> None:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
 
-    def send(msg: bytes) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.send(msg)
+    def send(msg: str) -> None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(addr)
+                s.send(msg.encode())
+        except OSError as e:
+            log.warning("systemd notify socket %s: %s", addr, e)
 
-    send(b"READY=1")
+    send("READY=1\nSTATUS=starting the web server")
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    if usec:
-        def ping() -> None:
-            while True:
-                threading.Event().wait(usec / 2e6)
-                send(b"WATCHDOG=1")
-        threading.Thread(target=ping, daemon=True, name="sd-watchdog").start()
+    if not usec:
+        return
+
+    def ping() -> None:
+        failing = None
+        while not threading.Event().wait(usec / 2e6):
+            ok, why = check()
+            if ok:
+                if failing:
+                    log.warning("systemd watchdog: healthy again (%s); pinging again", why)
+                failing = None
+                send(f"WATCHDOG=1\nSTATUS={why}")
+            else:
+                # Stop pinging (systemd restarts us after WatchdogSec); say why once, not every period.
+                if why != failing:
+                    log.error("systemd watchdog: %s; not pinging, systemd will restart the service", why)
+                    send(f"STATUS=unhealthy: {why}")
+                failing = why
+    threading.Thread(target=ping, daemon=True, name="sd-watchdog").start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ class Appliance:
         self._max_uploads = max_parallel_uploads
         self.reconciled: ReconcileReport | None = None
         self._enrol_error: str | None = None
+        self._heartbeat_s = time.monotonic()  # the loop stamps it every turn (≤ 0.5 s apart when healthy)
 
     def _watch_metrics(self) -> None:
         m = self.metrics
@@ -90,6 +91,7 @@ class Appliance:
     def _loop(self) -> None:
         last_index = -1
         while not self._stop.is_set():
+            self._heartbeat_s = time.monotonic()
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
                 continue
@@ -120,6 +122,19 @@ class Appliance:
             log.info("lookup (%s): %s in %.1f ms (top %s %.3f)", reason,
                      f"match {m.id}" + (f", {m.inliers} inliers" if m.inliers else "") if m else "no match",
                      result.timings_ms["total"], top.id if top else "-", top.score if top else 0.0)
+
+    def alive(self, max_silence_s: float = 20.0) -> tuple[bool, str]:
+        """(ok, why) for the systemd watchdog: the camera loop thread runs and went round within
+        ``max_silence_s`` (a lookup takes well under a second), and the camera's watchdog runs (a camera that
+        is reconnecting is alive: the watchdog keeps trying)."""
+        if self.camera is None:
+            return True, "no camera"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the camera lookup loop is not running"
+        silent_s = time.monotonic() - self._heartbeat_s
+        if silent_s > max_silence_s:
+            return False, f"the camera lookup loop is stuck (no turn for {silent_s:.0f} s)"
+        return self.camera.alive()
 
     def _record(self, result: LookupResult) -> None:
         self._latest = result  # one reference store: atomic

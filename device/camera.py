@@ -129,6 +129,14 @@ class Camera:
         with self._cond:
             return self._state
 
+    def alive(self) -> tuple[bool, str]:
+        """(ok, why): whether the watchdog thread runs. It never gives up, so "reconnecting" is alive; a
+        dead watchdog means frames never come back."""
+        supervisor = self._supervisor
+        if supervisor is None or not supervisor.is_alive():
+            return False, f"camera {self._name}: the capture watchdog is not running ({self.state})"
+        return True, f"camera {self.state}"
+
     def latest(self) -> Frame | None:
         """The newest frame, or None if none has arrived yet."""
         with self._cond:

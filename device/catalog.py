@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import verify
 from .config import RecognitionConfig
 from .errors import CatalogIndexError, ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, check_shape, is_image_file, make_thumbnail, read_image
+from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
 from .index_writer import IndexHolder, fsync_dir, write_index
 from .views import padded_view
@@ -122,9 +122,11 @@ def scan_folder(folder: Path) -> list[Path]:
 
 def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
                 labels: dict[str, str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                progress: bool = True) -> BuildReport:
+                progress: bool = True, allow_empty: bool = False) -> BuildReport:
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
-    files are skipped and reported; the new index replaces the old one atomically."""
+    files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
+    item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
+    unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP)."""
     import time
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -132,7 +134,13 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     rep = BuildReport()
     items: list[CatalogItem] = []
     seen: dict[str, str] = {}
-    for path in tqdm(scan_folder(folder), desc="indexing", unit="img", disable=not progress):
+    paths = scan_folder(folder)
+    if not paths and not allow_empty:
+        # a wrong --catalog path or a folder of HEIC/RAW files: say what was looked for
+        others = sum(1 for p in folder.rglob("*") if p.is_file())
+        raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
+                                f"{others} other files ignored); the index was not changed")
+    for path in tqdm(paths, desc="indexing", unit="img", disable=not progress):
         rel = path.relative_to(folder)
         item_id = rel.with_suffix("").as_posix()
         try:
@@ -144,6 +152,9 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
         except (InputError, CatalogIndexError) as e:
             rep.skipped.append((rel.as_posix(), str(e)))
             log.warning("skipped %s: %s", rel, e)
+    if not items and not allow_empty:
+        raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
+                                f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
     gen = write_index(index_path, items, bundle_sha256=maker.encoder.sha256, n_trees=n_trees, dim=maker.encoder.dim)
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
     return rep

@@ -129,6 +129,11 @@ class WebConfig(_Section):
     max_parallel_uploads: int = Field(2, ge=1, le=64)
     api_token: Optional[str] = Field(None, min_length=8)
     stream_fps: float = Field(5.0, gt=0, le=60)
+    # A slow client holding a half-sent request must not lock others out: waitress refuses new connections
+    # past connection_limit (its default 100) and keeps an idle one for channel_timeout_s (its default 120).
+    connection_limit: int = Field(500, ge=10, le=10000, description="open connections before new ones wait")
+    channel_timeout_s: float = Field(20.0, gt=0, le=3600, description="close a connection idle this long")
+    cleanup_interval_s: float = Field(5.0, gt=0, le=600, description="how often idle connections are looked for")
 
 
 class Config(_Section):

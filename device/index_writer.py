@@ -275,7 +275,7 @@ class IndexHolder:
         items = list(add)
         validate_items(items, None)  # duplicates inside the batch are an error, not "last one wins"
         with self._lock:
-            cur = self._index
+            cur = self._live_on_disk()
             removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
             if items or removed:
                 kept = cur.stored_items(skip={it.id for it in items} | set(removed))
@@ -306,6 +306,17 @@ class IndexHolder:
     def _load(self) -> CatalogIndex:
         return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
                                  search_k=self.config.search_k, require_features=self.require_features)
+
+    def _live_on_disk(self) -> CatalogIndex:
+        """Called under ``_lock`` before a rebuild: if ``current`` on disk names another generation than the
+        loaded one (an ``index build`` or ``catalog add`` from the CLI meanwhile), load that one first, so
+        the rebuild starts from it instead of silently throwing it away."""
+        on_disk = read_current_name(self.path)
+        if on_disk is not None and on_disk != self._index.generation:
+            log.warning("index %s: 'current' is now %s, not the loaded %s (changed by another process): "
+                        "reloading it before this change", self.path, on_disk, self._index.generation)
+            self._index = self._load()
+        return self._index
 
     def _submit(self, fn: Callable, arg) -> concurrent.futures.Future:
         with self._executor_lock:

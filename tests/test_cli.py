@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +160,78 @@ def test_same_photo_gives_same_descriptor_through_camera_and_upload(encoder, pho
     assert float(from_camera @ from_upload) > 0.9999
     swapped = encoder.embed(np.ascontiguousarray(rgb[..., ::-1]))
     assert float(from_upload @ swapped) < 0.99
+
+
+# --- what a new user runs into ---------------------------------------------------------------------------
+
+def test_index_build_refuses_a_folder_without_usable_images(tmp_path, catalog_dir):
+    from device.index import index_exists
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "rocket.jpg").write_bytes((catalog_dir / "rocket.jpg").read_bytes()[:2000])
+    for folder, words in (("empty", "no images found (looked for .bmp .gif .jpeg .jpg"),
+                          ("notes", "1 other files ignored"),
+                          ("broken", "all 1 image files were skipped (first: rocket.jpg")):
+        proc = run_cli("index", "build", "--catalog", str(tmp_path / folder), "--config", str(cfg))
+        assert proc.returncode == 2, proc.stderr
+        assert words in proc.stderr and "the index was not changed" in proc.stderr
+    assert not index_exists(tmp_path / "index")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "three"])
+def test_query_top_k_must_be_a_positive_integer(value):
+    proc = run_cli("query", "x.jpg", "--top-k", value)
+    assert proc.returncode == 2
+    assert "--top-k" in proc.stderr and ("must be ≥ 1" in proc.stderr or "not an integer" in proc.stderr)
+
+
+def test_index_build_says_what_it_replaced_and_a_running_holder_keeps_that_build(tmp_path, catalog_dir, encoder,
+                                                                                 photos):
+    """`index build` replaces the index a running serve uses: it says so, and the server's next enrolment
+    starts from the new generation on disk instead of rebuilding from the one it had loaded."""
+    from device.catalog import ItemMaker
+    from device.config import IndexConfig, RecognitionConfig
+    from device.index_writer import IndexHolder
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n"
+                   "recognition:\n  enrol_views: []\n")
+    for name, names in (("a", ("rocket", "moon")), ("b", ("chelsea", "coins", "clock"))):
+        (tmp_path / name).mkdir()
+        for n in names:
+            shutil.copy(catalog_dir / f"{n}.jpg", tmp_path / name)
+    first = run_cli("index", "build", "--catalog", str(tmp_path / "a"), "--config", str(cfg))
+    assert first.returncode == 0 and "replaced" not in first.stderr, first.stderr
+    server = IndexHolder(IndexConfig(path=tmp_path / "index"), expected_bundle_sha256=encoder.sha256)
+    try:
+        loaded = server.current().generation
+        second = run_cli("index", "build", "--catalog", str(tmp_path / "b"), "--config", str(cfg))
+        assert second.returncode == 0, second.stderr
+        assert f"replaced {loaded} (2 items)" in second.stderr and "until it is restarted" in second.stderr
+        assert server.current().generation == loaded  # still answering from what it loaded
+        mug = ItemMaker(encoder, RecognitionConfig(enrol_views=[]), 160).make(photos["coffee"], "kitchen/mug")
+        server.add([mug])
+        ids = sorted(it.id for it in server.current().items)
+        assert ids == ["chelsea", "clock", "coins", "kitchen/mug"]
+    finally:
+        server.close()
+
+
+def test_serve_on_a_port_in_use_exits_2_at_once_naming_web_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {DEFAULT_BUNDLE}\n"
+                       f"index:\n  path: {tmp_path / 'index'}\nweb:\n  host: 127.0.0.1\n  port: {port}\n")
+        t0 = time.monotonic()
+        proc = run_cli("serve", "--config", str(cfg))
+        elapsed_s = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert f"web.port {port}" in proc.stderr and "set another web.port" in proc.stderr
+    assert "Traceback" not in proc.stderr and elapsed_s < 20
+    assert not (tmp_path / "index").exists()  # refused before any index work

@@ -442,5 +442,6 @@ def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     config = WebConfig(host="127.0.0.1", port=9, threads=4)
     app = create_app(config, services)
     serve(app, config)
-    assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4}
+    assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4, "connection_limit": 500,
+                     "channel_timeout": 20.0, "cleanup_interval": 5.0}
     assert app.config["MAX_STREAMS"] == 2

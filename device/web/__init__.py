@@ -127,9 +127,12 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
 
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
-    interrupted; live views are capped at ``threads - 2`` so two threads stay free for the API."""
+    interrupted; live views are capped at ``threads - 2`` so two threads stay free for the API, and idle
+    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open)."""
     import waitress
 
     log.info("web: http://%s:%d (%d threads, up to %d live viewers)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
-    waitress.serve(app, host=config.host, port=config.port, threads=config.threads)
+    waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
+                   connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
+                   cleanup_interval=config.cleanup_interval_s)

@@ -129,22 +129,34 @@ def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np
 
 
 def _reduce(img: Image.Image, min_side_px: int) -> Image.Image:
-    """Box-reduce by the largest integer factor that keeps both sides ≥ ``min_side_px``, in the image's own
-    mode (1 byte per pixel for greyscale) before any conversion multiplies its size."""
+    """Box-reduce by the largest integer factor that keeps both sides ≥ ``min_side_px``, in bands of rows and
+    before any full-size conversion: reducing RGBA in one go premultiplies a full-size copy, and expanding a
+    palette or a 16-bit image at full size would multiply the memory of a large upload."""
     factor = min(img.size) // min_side_px
-    if factor < 2 or img.mode == "P":  # a palette must be expanded first; it is 1 byte per pixel anyway
+    if factor < 2:
         return img
+    w, h = (img.size[0] // factor) * factor, (img.size[1] // factor) * factor
     try:
-        return img.reduce(factor)
-    except ValueError:  # a mode reduce() does not support (16-bit variants): convert at full size instead
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # no box filter for these: subsample
+            out = img.resize((w // factor, h // factor), Image.Resampling.NEAREST, box=(0, 0, w, h))
+        else:
+            target = ("RGBA" if "transparency" in img.info else "RGB") if img.mode == "P" else img.mode
+            out = Image.new(target, (w // factor, h // factor))
+            rows = factor * max(1, 256 // factor)
+            for y in range(0, h, rows):
+                band = img.crop((0, y, w, min(y + rows, h)))
+                out.paste((band if band.mode == target else band.convert(target)).reduce(factor), (0, y // factor))
+    except ValueError:  # a mode Pillow cannot reduce: convert at full size instead
         return img
+    out.info, out.format = img.info, img.format  # keep the EXIF orientation for exif_transpose
+    return out
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
         # Pillow's own conversion clips 16-bit values at 255 (a white picture); scale instead.
-        values = np.asarray(img, dtype=np.float64)
+        values = np.asarray(img, dtype=np.float32)
         if mode != "F":
             values = values / 257.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)

@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # the web layer never imports model code at run time
 log = logging.getLogger(__name__)
 
 
-# Labels and ids are short; a form field over this is refused with 413 (not a 10 MB upload's message).
-MAX_FORM_FIELD_BYTES = 64 * 1024
+# Labels and ids are short; a text form field over this is refused with 413 (werkzeug's default, named in the
+# message). The multipart parser may also buffer this much of a file part, so it must not be set much lower.
+MAX_FORM_FIELD_BYTES = 500 * 1024
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -48,7 +49,7 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
         length = flask.request.content_length
         if length is not None and length <= app.config["MAX_CONTENT_LENGTH"]:
             return error(413, f"a form field is larger than {MAX_FORM_FIELD_BYTES // 1024} KB (labels are at most "
-                              "200 characters; the image goes in the multipart file field 'image')")
+                              "200 characters; send the image as the multipart file field 'image')")
         return error(413, f"upload larger than {config.max_upload_mb:g} MB (web.max_upload_mb)")
 
     @app.errorhandler(HTTPException)

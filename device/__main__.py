@@ -224,8 +224,13 @@ def cmd_serve(cfg: Config) -> int:
     t = cfg.trigger
     trigger = Trigger(TriggerConfig(t.motion_threshold, t.still_threshold, t.still_time_s, t.min_sharpness,
                                     t.min_interval_s, t.analysis_width_px)) if t.enabled else None
+    sinks = _event_sinks(cfg)  # events (issue 14)
     app_services = Appliance(lookup=lookup, holder=holder, camera=camera, trigger=trigger,
-                             enrolled_dir=cfg.catalog.enrolled_dir, enrolment=_recognition(cfg)[0]).start()
+                             enrolled_dir=cfg.catalog.enrolled_dir, enrolment=_recognition(cfg)[0],
+                             sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s).start()
+    for sink in sinks:  # events (issue 14): the Home Assistant "look up now" button
+        if hasattr(sink, "on_lookup_command"):
+            sink.on_lookup_command(app_services.request_lookup)
     w = cfg.web
     web = WebSettings(host=w.host, port=w.port, max_upload_mb=w.max_upload_mb, api_token=w.api_token,
                       stream_fps=w.stream_fps)
@@ -241,7 +246,20 @@ def cmd_serve(cfg: Config) -> int:
         pass
     finally:
         app_services.stop()
+        for sink in sinks:  # events (issue 14): MQTT says "offline" on a clean stop
+            sink.stop()
     return 0
+
+
+def _event_sinks(cfg: Config) -> list:
+    """events (issue 14): the MQTT publisher and the webhook notifier that config enables, started."""
+    from .events import MqttPublisher, WebhookNotifier
+    sinks: list = []
+    if cfg.mqtt.enabled:
+        sinks.append(MqttPublisher(cfg.mqtt).start())
+    if cfg.webhook.enabled:
+        sinks.append(WebhookNotifier(cfg.webhook, cfg.mqtt.device_id).start())
+    return sinks
 
 
 def _notify_systemd() -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera, decode_image, encode_jpeg
 from .catalog import EnrolledStore, Enrolment, make_item, validate_id
@@ -19,6 +20,9 @@ from .lookup import Lookup
 from .results import LookupResult
 from .trigger import Trigger
 
+if TYPE_CHECKING:  # events (issue 14)
+    from .events import EventSink
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +30,8 @@ class Appliance:
     """Implements ``device.web.Services`` and runs the camera loop in a thread."""
 
     def __init__(self, *, lookup: Lookup, holder: IndexHolder, camera: Camera | None, trigger: Trigger | None,
-                 enrolled_dir: Path, enrolment: Enrolment = Enrolment(), stream_quality: int = 75):
+                 enrolled_dir: Path, enrolment: Enrolment = Enrolment(), stream_quality: int = 75,
+                 sinks: Sequence["EventSink"] = (), sink_interval_s: float = 10.0):
         self.lookup = lookup
         self.holder = holder
         self.camera = camera
@@ -46,6 +51,10 @@ class Appliance:
         self._jpeg_cache: tuple[int, bytes] | None = None
         self._jpeg_lock = threading.Lock()
         self._requested = threading.Event()
+        # --- events (issue 14): each recorded lookup goes to every sink; health every sink_interval_s ---
+        self.sinks = tuple(sinks)
+        self.sink_interval_s = sink_interval_s
+        self._sink_health_at = 0.0
 
     # ---- camera loop -------------------------------------------------------------------------------
     def start(self) -> "Appliance":
@@ -68,6 +77,7 @@ class Appliance:
     def _loop(self) -> None:
         last_index = -1
         while not self._stop.is_set():
+            self._publish_health_due()  # events (issue 14): before the frame wait, so a dead camera is reported too
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
                 continue
@@ -105,6 +115,17 @@ class Appliance:
             self._counts[result.source] += 1
             self._outcomes["match" if result.match is not None else "no_match"] += 1
             self._lookup_ms_sum += result.timings_ms.get("total", 0.0)
+        for sink in self.sinks:  # events (issue 14): sinks only queue the event, they never block or raise
+            sink.publish_lookup(result)
+
+    def _publish_health_due(self) -> None:
+        """events (issue 14): hand health() to the sinks every sink_interval_s."""
+        now = time.monotonic()
+        if self.sinks and now - self._sink_health_at >= self.sink_interval_s:
+            self._sink_health_at = now
+            health = self.health()
+            for sink in self.sinks:
+                sink.publish_health(health)
 
     def _count_error(self, kind: str) -> None:
         with self._lock:
@@ -180,6 +201,7 @@ class Appliance:
             "camera_fps": cam.get("fps") or 0.0,
             "camera_streaming": 1.0 if cam.get("state") == "streaming" else 0.0,
             "uptime_seconds": time.time() - self.started,
+            **{k: v for sink in self.sinks for k, v in sink.metrics().items()},  # events (issue 14)
         }
 
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:

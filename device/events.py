@@ -316,8 +316,9 @@ class MqttPublisher(_QueueWorker):
         self._connected.set()
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._stopping:
+        if was_connected and not self._stopping:  # (a refused CONNACK also ends here: keep its reason)
             self._last_error = f"disconnected: {reason_code}"
             log.warning("mqtt: lost %s:%d (%s); reconnecting with backoff", self.config.host, self.config.port,
                         reason_code)

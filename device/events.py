@@ -167,8 +167,11 @@ class MqttPublisher(_QueueWorker):
         if c.username is not None:
             client.username_pw_set(c.username, password)
         if c.tls:
-            client.tls_set(ca_certs=str(c.ca_file) if c.ca_file else None,
-                           cert_reqs=ssl.CERT_NONE if c.tls_insecure else ssl.CERT_REQUIRED)
+            try:
+                client.tls_set(ca_certs=str(c.ca_file) if c.ca_file else None,
+                               cert_reqs=ssl.CERT_NONE if c.tls_insecure else ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"mqtt.ca_file {c.ca_file}: cannot use it for TLS ({e.strerror or e})") from None
             client.tls_insecure_set(c.tls_insecure)
         client.will_set(self.topics["availability"], "offline", qos=c.qos, retain=True)
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)

@@ -235,6 +235,8 @@ def test_a_broker_refusing_the_credentials_never_raises(tmp_path, monkeypatch):
         monkeypatch.delenv("EDGE_MQTT_PASSWORD")
         with pytest.raises(ConfigError, match="EDGE_MQTT_PASSWORD"):
             MqttPublisher(publisher_config(b.port, username="device", password_env="EDGE_MQTT_PASSWORD"))
+        with pytest.raises(ConfigError, match=r"mqtt\.ca_file .*missing\.pem"):
+            MqttPublisher(publisher_config(b.port, tls=True, ca_file=tmp_path / "missing.pem"))
     finally:
         b.stop()
 

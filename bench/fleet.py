@@ -103,18 +103,19 @@ def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
         for f in frames[:4]:
             lookup.lookup_rgb(f, source="camera")  # warm-up
         bare, attached, calls = [], [], []
-        for i in range(pairs):
-            frame = frames[i % len(frames)]
+        for i in range(2 * pairs):  # the same frame twice in a row, with and without, in alternating order
+            frame = frames[(i // 2) % len(frames)]
+            with_publisher = (i % 2 == 0) == ((i // 2) % 2 == 0)
             t0 = time.perf_counter()
-            lookup.lookup_rgb(frame, source="camera")
-            t1 = time.perf_counter()
             result = lookup.lookup_rgb(frame, source="camera")
-            t2 = time.perf_counter()
-            pub.publish_lookup(result)
-            t3 = time.perf_counter()
-            bare.append(t1 - t0)
-            attached.append(t3 - t1)
-            calls.append(t3 - t2)
+            t1 = time.perf_counter()
+            if with_publisher:
+                pub.publish_lookup(result)
+                t2 = time.perf_counter()
+                attached.append(t2 - t0)
+                calls.append(t2 - t1)
+            else:
+                bare.append(t1 - t0)
         holder.close()
     _wait(lambda: sub.n >= pairs, 10)
     out = {"pairs": pairs, "lookup_ms_median": round(statistics.median(bare) * 1e3, 3),

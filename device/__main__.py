@@ -239,9 +239,14 @@ def cmd_serve(cfg: Config) -> int:
     encoder = _encoder(cfg)
     cfg = _prepare_catalog(cfg, encoder)
     holder = _holder(cfg, encoder, create_empty=True)
+    sinks = _event_sinks(cfg)
     appliance = Appliance(lookup=_lookup(cfg, encoder, holder), holder=holder, maker=_maker(cfg, encoder),
                           camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                          enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads)
+                          enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads,
+                          sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s)
+    for sink in sinks:  # the Home Assistant "look up now" button
+        if hasattr(sink, "on_lookup_command"):
+            sink.on_lookup_command(appliance.request_lookup)
     appliance.reconcile()
     appliance.start()
     w = cfg.web
@@ -257,7 +262,20 @@ def cmd_serve(cfg: Config) -> int:
         pass
     finally:
         appliance.stop()
+        for sink in sinks:  # MQTT says "offline" on a clean stop
+            sink.stop()
     return 0
+
+
+def _event_sinks(cfg: Config) -> list:
+    """The MQTT publisher and the webhook notifier that the config enables, started."""
+    from .events import MqttPublisher, WebhookNotifier
+    sinks: list = []
+    if cfg.mqtt.enabled:
+        sinks.append(MqttPublisher(cfg.mqtt).start())
+    if cfg.webhook.enabled:
+        sinks.append(WebhookNotifier(cfg.webhook, cfg.mqtt.device_id).start())
+    return sinks
 
 
 def _check_port_free(cfg: Config) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera
 from .catalog import EnrolledStore, ItemMaker, ReconcileReport, reconcile, validate_id, validate_label
@@ -22,6 +23,9 @@ from .metrics import Metrics
 from .results import LookupResult
 from .trigger import Trigger
 
+if TYPE_CHECKING:
+    from .events import EventSink
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +34,7 @@ class Appliance:
 
     def __init__(self, *, lookup: Lookup, holder: IndexHolder, maker: ItemMaker, camera: Camera | None,
                  trigger: Trigger | None, enrolled_dir: Path, max_parallel_uploads: int = 2,
-                 stream_quality: int = 75):
+                 sinks: Sequence["EventSink"] = (), sink_interval_s: float = 10.0, stream_quality: int = 75):
         self.lookup = lookup
         self.holder = holder
         self.maker = maker
@@ -41,6 +45,12 @@ class Appliance:
         self.started = time.time()
         self.metrics = Metrics()
         self._watch_metrics()
+        # Each recorded lookup goes to every event sink (MQTT, webhook); health every sink_interval_s.
+        self.sinks = tuple(sinks)
+        self.sink_interval_s = sink_interval_s
+        self._sink_health_at = 0.0
+        for sink in self.sinks:
+            sink.register_metrics(self.metrics)
         self._latest: LookupResult | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,6 +102,7 @@ class Appliance:
         last_index = -1
         while not self._stop.is_set():
             self._heartbeat_s = time.monotonic()
+            self._publish_health_due()  # before the frame wait, so a dead camera is reported too
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
                 continue
@@ -141,6 +152,16 @@ class Appliance:
         self.metrics.lookups.labels(result.source).inc()
         self.metrics.outcomes.labels("match" if result.match is not None else "no_match").inc()
         self.metrics.lookup_ms.inc(result.timings_ms.get("total", 0.0))
+        for sink in self.sinks:  # sinks only queue the event: they never block or raise
+            sink.publish_lookup(result)
+
+    def _publish_health_due(self) -> None:
+        now = time.monotonic()
+        if self.sinks and now - self._sink_health_at >= self.sink_interval_s:
+            self._sink_health_at = now
+            health = self.health()
+            for sink in self.sinks:
+                sink.publish_health(health)
 
     def _count_error(self, kind: str) -> None:
         self.metrics.errors.labels(kind).inc()

@@ -136,6 +136,61 @@ class WebConfig(_Section):
     cleanup_interval_s: float = Field(5.0, gt=0, le=600, description="how often idle connections are looked for")
 
 
+_TOPIC_WORD = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
+
+
+class MqttConfig(_Section):
+    """MQTT events and Home Assistant discovery (device/events.py). The password never lives in the YAML:
+    it is read from ``password_file`` or the environment variable ``password_env``."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Optional[Path] = Field(None, description="CA bundle for TLS (null = the system's)")
+    tls_insecure: bool = Field(False, description="TLS without checking the certificate or host name")
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    password_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    client_id: Optional[str] = Field(None, max_length=128, description="null = edge-retrieval-<device_id>")
+    topic_prefix: str = Field("edge-retrieval", pattern=_TOPIC_WORD)
+    device_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="null = the host name")
+    device_name: Optional[str] = Field(None, description="shown in Home Assistant (null = the device id)")
+    discovery: bool = True
+    discovery_prefix: str = Field("homeassistant", pattern=_TOPIC_WORD)
+    qos: int = Field(1, ge=0, le=2)
+    retain: bool = True
+    queue_size: int = Field(1000, ge=1, le=1_000_000)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(1.0, gt=0, le=600)
+    reconnect_max_s: float = Field(60.0, gt=0, le=3600)
+    state_interval_s: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _backoff(self):
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) must be ≥ reconnect_min_s ({self.reconnect_min_s})")
+        return self
+
+
+class WebhookConfig(_Section):
+    """POST of a JSON event per lookup to a URL, for systems without MQTT (device/events.py)."""
+
+    enabled: bool = False
+    url: Optional[str] = Field(None, pattern=r"^https?://")
+    matches_only: bool = True
+    timeout_s: float = Field(5.0, gt=0, le=300)
+    retries: int = Field(3, ge=0, le=20)
+    retry_backoff_s: float = Field(1.0, ge=0, le=600)
+    queue_size: int = Field(100, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _url(self):
+        if self.enabled and not self.url:
+            raise ValueError("webhook.enabled needs a url (http:// or https://)")
+        return self
+
+
 class Config(_Section):
     camera: CameraConfig = CameraConfig()
     trigger: TriggerConfig = TriggerConfig()
@@ -144,6 +199,8 @@ class Config(_Section):
     catalog: CatalogConfig = CatalogConfig()
     recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
+    mqtt: MqttConfig = MqttConfig()
+    webhook: WebhookConfig = WebhookConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     source_file: Optional[Path] = Field(None, exclude=True)
 
@@ -168,6 +225,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
         "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
                                                   "labels": fix(cfg.catalog.labels),
                                                   "enrolled_dir": fix(cfg.catalog.enrolled_dir)}),
+        "mqtt": cfg.mqtt.model_copy(update={"ca_file": fix(cfg.mqtt.ca_file),
+                                            "password_file": fix(cfg.mqtt.password_file)}),
     })
 
 

@@ -20,15 +20,21 @@ class _Readings:
     """A collector whose values are read from callables at scrape time (camera status, index size)."""
 
     def __init__(self) -> None:
-        self._readings: list[tuple[str, str, str, Callable[[], float]]] = []
+        self._readings: list[tuple[str, str, str, Callable, str | None]] = []
 
-    def add(self, name: str, documentation: str, kind: str, read: Callable[[], float]) -> None:
-        self._readings.append((name, documentation, kind, read))
+    def add(self, name: str, documentation: str, kind: str, read: Callable, label: str | None) -> None:
+        self._readings.append((name, documentation, kind, read, label))
 
     def collect(self):
-        for name, documentation, kind, read in self._readings:
+        for name, documentation, kind, read, label in self._readings:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, documentation, value=float(read()))
+            if label is None:
+                yield family(name, documentation, value=float(read()))
+                continue
+            labelled = family(name, documentation, labels=[label])
+            for key, value in read().items():
+                labelled.add_metric([str(key)], float(value))
+            yield labelled
 
 
 class Metrics:
@@ -54,9 +60,10 @@ class Metrics:
         r.register(self._readings)
 
     def read_at_scrape(self, name: str, documentation: str, kind: Literal["counter", "gauge"],
-                       read: Callable[[], float]) -> None:
-        """Expose ``read()`` as ``name`` (a counter's name without ``_total``), evaluated at each scrape."""
-        self._readings.add(name, documentation, kind, read)
+                       read: Callable[[], float | dict[str, float]], label: str | None = None) -> None:
+        """Expose ``read()`` as ``name`` (a counter's name without ``_total``), evaluated at each scrape; with
+        ``label``, ``read()`` returns {label value: value}."""
+        self._readings.add(name, documentation, kind, read, label)
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (``appliance_lookups_total``, source="camera"); 0 when absent."""

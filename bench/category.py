@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import statistics
 import sys
 import time
@@ -36,6 +37,9 @@ MODELS: list[tuple[str, list[str], str, tuple[str, ...]]] = [
     ("ae-c32", AE_COMMON + ["--code-size", "32"], "train5000", BOTH),
     ("effnet-gem-pca64", ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "gem",
                           "--pca", "64", "--input-size", "224", "--views-per-image", "1"], "train500", BOTH),
+    ("effnet-vlad-k32-pca64", ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "vlad",
+                               "--clusters", "32", "--pca", "64", "--input-size", "224", "--views-per-image", "1"],
+     "train500", BOTH),
 ]
 EXTRA_MODELS: list[tuple[str, list[str], str, tuple[str, ...]]] = [
     ("dae-c32", AE_COMMON + ["--code-size", "32", "--denoise", "25"], "train5000", BOTH),
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rebuild", action="store_true", help="rebuild cached bundles")
     p.add_argument("--all", action="store_true", help="also the denoising and code-64 autoencoders (slow)")
+    p.add_argument("--only", default=None, metavar="MODEL[,MODEL]", help="run only these models and keep the "
+                   "others' results from bench/results/category.json")
     args = p.parse_args(argv)
     if not (args.data / "t10k-images-idx3-ubyte.gz").is_file():
         print(f"skip: no Fashion-MNIST in {args.data} (apt-get install dataset-fashion-mnist)", file=sys.stderr)
@@ -159,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     raw = x.reshape(len(x), -1).astype(np.float32) / 255.0
     results["raw-pixels"] = {**leave_one_out(raw, y, euclidean=True), "dim": raw.shape[1],
                              "note": "Euclidean distance on 28×28 pixels / 255"}
-    for model, margs, train, exports in MODELS + (EXTRA_MODELS if args.all else []):
+    models = MODELS + (EXTRA_MODELS if args.all else [])
+    if args.only:
+        only = set(args.only.split(","))
+        previous = json.loads((RESULTS / "category.json").read_text())["results"]
+        results.update({k: v for k, v in previous.items() if k != "raw-pixels" and k.split("/")[0] not in only})
+        models = [m for m in MODELS + EXTRA_MODELS if m[0] in only]
+    for model, margs, train, exports in models:
         for quant in exports:
             bundle = build_bundle(root / "bundles" / f"{model}-{quant}",
                                   margs + ["--quantize", quant, "--train-images", str(folders[train]),

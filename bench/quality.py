@@ -132,6 +132,13 @@ COMBOS: list[tuple[str, str, list[str] | None]] = [
     ("gem-pca128-dynamic", "dynamic-range quantization", EFFNET + ["--pooling", "gem", "--pca", "128",
                                                                   "--quantize", "dynamic"]),
     ("ae64-c128-int8", "conv autoencoder 64 px, code 128, trained on the catalog", None),  # args need the catalog
+    # VLAD was measured where /usr/share/backgrounds held only gnome-backgrounds + ukui-wallpapers (28 photos):
+    # 28 × 4 views < 129 descriptors for PCA 128, so 5 views; the GeM control is trained on the same set.
+    ("gem-pca128-int8-gu", "control: GeM p=3, PCA 128, on gnome+ukui wallpapers only (28 photos × 5 views), int8",
+     EFFNET + ["--pooling", "gem", "--pca", "128", "--views-per-image", "5", "--quantize", "int8"]),
+    ("vlad-k32-pca128-int8", "pooling VLAD K=32 (local PCA 128) on the same 28 × 5 views, PCA 128, int8",
+     EFFNET + ["--pooling", "vlad", "--clusters", "32", "--pca", "128", "--views-per-image", "5",
+               "--quantize", "int8"]),
 ]
 
 
@@ -140,11 +147,26 @@ def _ae_args(catalog: Path) -> list[str]:
             "--train-images", str(catalog), "--quantize", "int8"]
 
 
-def run_table(*, force_build: bool = False) -> int:
+def _ranks(row: dict) -> list:
+    """Per-query ranks of a fresh row (per_query) or of one read back from combos.json (ranks)."""
+    return row["ranks"] if "ranks" in row else [p["rank"] for p in row["per_query"]]
+
+
+def run_table(*, force_build: bool = False, only: set[str] | None = None) -> int:
+    """Run the combinations (or only the named ones, keeping the other rows of combos.json) → combos.{json,md}."""
     data = camera_view_set()
     bundles_dir = CACHE / "bundles"
     rows = []
+    if only:
+        unknown = only - {c[0] for c in COMBOS}
+        if unknown:
+            print(f"error: unknown rows {', '.join(sorted(unknown))}; allowed: {', '.join(c[0] for c in COMBOS)}",
+                  file=sys.stderr)
+            return 2
+        rows = [r for r in json.loads((RESULTS / "combos.json").read_text())["rows"] if r["name"] not in only]
     for name, change, args in COMBOS:
+        if only and name not in only:
+            continue
         if name == "default":
             bundle = DEFAULT_BUNDLE
             if not (bundle / "manifest.json").is_file():
@@ -164,9 +186,10 @@ def run_table(*, force_build: bool = False) -> int:
     if not rows:
         print("no combination could be run")
         return 1
+    order = [c[0] for c in COMBOS]
+    rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     out = {"dataset": data.info, "top_k": TOP_K,
-           "rows": [{k: v for k, v in row.items() if k != "per_query"} | {"ranks": [p["rank"] for p in row["per_query"]]}
-                    for row in rows]}
+           "rows": [{k: v for k, v in row.items() if k != "per_query"} | {"ranks": _ranks(row)} for row in rows]}
     write_json(RESULTS / "combos.json", out)
     (RESULTS / "combos.md").write_text(combos_markdown(rows, data.info))
     print(f"wrote {RESULTS / 'combos.json'} and {RESULTS / 'combos.md'}")
@@ -200,9 +223,9 @@ def combos_markdown(rows: list[dict], info: dict) -> str:
         "| bundle | change | dim | recall@1 | recall@5 | mAP@10 | Δ recall@1 vs baseline (+won / −lost) | size | encode ms |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
-    base_ranks = [p["rank"] for p in base["per_query"]]
+    base_ranks = _ranks(base)
     for r in rows:
-        ranks = [p["rank"] for p in r["per_query"]]
+        ranks = _ranks(r)
         won, lost = _paired(base_ranks, ranks)
         delta = "—" if r is base else f"{r['recall_at_1'] - base['recall_at_1']:+.3f} (+{won} / −{lost})"
         lines.append(f"| {r['name']} | {r['change']} | {r['output_dim']} | {r['recall_at_1']:.3f} | "
@@ -238,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="build the converter combinations (cached under "
                    "var/bench/bundles) and write bench/results/combos.{json,md}")
     p.add_argument("--rebuild", action="store_true", help="--table: rebuild cached bundles")
+    p.add_argument("--only", default=None, metavar="ROW[,ROW]", help="--table: run only these rows and keep the "
+                   "others as they are in bench/results/combos.json")
     args = p.parse_args(argv)
     if args.table:
-        return run_table(force_build=args.rebuild)
+        return run_table(force_build=args.rebuild, only=set(args.only.split(",")) if args.only else None)
     bundle = args.bundle.resolve()
     if not (bundle / "manifest.json").is_file():
         print(f"error: {args.bundle}: no bundle (manifest.json) there", file=sys.stderr)

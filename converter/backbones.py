@@ -12,7 +12,7 @@ from .layers import PixelNorm, pooling_layer
 
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16",
              "autoencoder")
-POOLINGS = ("gem", "mac", "avg")
+POOLINGS = ("gem", "mac", "avg", "vlad")
 VGG_HEADS = ("fc6", "fc7")
 
 

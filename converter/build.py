@@ -44,6 +44,8 @@ class BuildOptions:
     epochs: int = 20                 # autoencoder only
     denoise_std: float = 0.0         # autoencoder only: > 0 trains the denoising variant
     optimizer: str = "adam"          # autoencoder only
+    clusters: int = 32               # pooling vlad only: k-means centroids
+    vlad_local_dim: int = 128        # pooling vlad only: local PCA before VLAD (0 = every channel)
     name: str | None = None
     seed: int = 0
     extra_source: dict = field(default_factory=dict)
@@ -114,6 +116,11 @@ def build(opts: BuildOptions, train: ImageSet, heldout: ImageSet | None = None) 
                   "final_loss": round(float(history["loss"][-1]), 6), "normalization": "x / 255"}
     else:
         base, source = build_backbone(b)
+        if source.get("pooling") == "vlad":  # the backbone gave the conv map; the head is fitted on data
+            from .vlad import fit_vlad_head
+            base, vinfo = fit_vlad_head(base, _pixels(views, pix_spec), opts.clusters, opts.vlad_local_dim,
+                                        seed=opts.seed)
+            source.update(vinfo)
     source.update(opts.extra_source)
     pca = None
     if opts.pca_dim:

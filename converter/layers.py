@@ -55,11 +55,14 @@ class L2Normalize(keras.layers.Layer):
 
 
 def pooling_layer(kind: str, gem_p: float = 3.0, trainable_p: bool = False) -> keras.layers.Layer:
-    """The global pooling head: ``gem`` | ``mac`` (max) | ``avg``."""
+    """The global pooling head: ``gem`` | ``mac`` (max) | ``avg`` | ``vlad`` (the map itself: converter.vlad
+    fits the VLAD head on the training images' local descriptors)."""
     if kind == "gem":
         return GeM(p=gem_p, trainable_p=trainable_p, name="gem")
     if kind == "mac":
         return keras.layers.GlobalMaxPooling2D(name="mac")
     if kind == "avg":
         return keras.layers.GlobalAveragePooling2D(name="avg")
-    raise ValueError(f"unknown pooling {kind!r}; allowed: gem, mac, avg")
+    if kind == "vlad":
+        return keras.layers.Identity(name="conv_map")
+    raise ValueError(f"unknown pooling {kind!r}; allowed: gem, mac, avg, vlad")

@@ -26,9 +26,10 @@ from converter.backbones import BackboneSpec, build_backbone  # noqa: E402
 from converter.build import ConverterError, descriptor_model, fit_pca, training_views  # noqa: E402
 from converter.export import to_tflite  # noqa: E402
 from converter.vlad import ASSIGN_TARGET, VladPool, alpha_for, fit_vlad_head, vlad_hard  # noqa: E402
-from device.bundle import InputSpec, load_manifest, prepare_pixels, write_bundle  # noqa: E402
-from device.camera import encode_jpeg  # noqa: E402
-from device.demo import camera_view, photo_crops, shipped_photos  # noqa: E402
+from device.bundle import InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
+from device.images import encode_jpeg  # noqa: E402
+from device.views import camera_view  # noqa: E402
+from device.demo import photo_crops, shipped_photos  # noqa: E402
 from device.encoder import Encoder  # noqa: E402
 
 from .test_tflite_runtime import _compare_runtimes, tflite_rt_python  # noqa: E402,F401  (fixture)
@@ -44,7 +45,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _pixels(images) -> np.ndarray:
-    spec = InputSpec(SIZE, SIZE, dtype="float32")
+    spec = InputSpec(height=SIZE, width=SIZE, dtype="float32")
     return np.concatenate([prepare_pixels(img, spec) for img in images])
 
 
@@ -155,11 +156,10 @@ def test_exports_agree_with_keras_and_load_on_tflite_runtime(mode, min_mean, min
                                                              tmp_path, tflite_rt_python):
     model, pix = vlad_model
     calibration = [pix[i:i + 1] for i in range(len(pix))]
-    fields = {"name": f"vlad-{mode}", "output_dim": 16, "quantization": mode,
-              "input": {"height": SIZE, "width": SIZE, "channels": 3, "color_order": "RGB", "resize": "stretch",
-                        "dtype": "uint8" if mode == "int8" else "float32"}}
+    manifest = Manifest(name=f"vlad-{mode}", output_dim=16, quantization=mode,
+                        input=InputSpec(height=SIZE, width=SIZE, dtype="uint8" if mode == "int8" else "float32"))
     bundle = tmp_path / mode
-    write_bundle(bundle, to_tflite(model, mode, calibration), fields)
+    write_bundle(bundle, to_tflite(model, mode, calibration), manifest)
     with Encoder.from_bundle(bundle) as enc:
         got = np.stack([enc.invoke(enc.preprocess(img)) for img in test_photos])
     assert got.shape == (len(test_photos), 16)

@@ -58,7 +58,7 @@ class Manifest(_Strict):
     :func:`write_bundle`) and the device (which validates one with :func:`load_manifest`). ``source`` and
     ``training_images`` are free-form records of how the bundle was made (backbone, pooling, PCA, images)."""
 
-    format_version: int = FORMAT_VERSION
+    format_version: Literal[1] = FORMAT_VERSION
     name: str = ""
     created: str = ""
     input: InputSpec

@@ -4,7 +4,6 @@ Unknown keys and bad values are refused with the file, the key and the allowed v
 resolved against the config file's folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, Optional, TypeVar
 
@@ -276,31 +275,34 @@ def load_config(path: str | Path | None) -> Config:
 
 def read_json_model(path: Path, model: type[M], error: type[ApplianceError], *, format_version: int,
                     hint: str) -> M:
-    """Read a versioned JSON file (a bundle manifest, an index generation's meta) into a pydantic ``model``.
+    """Read a versioned JSON file (a bundle manifest, an index generation's meta) into a pydantic ``model``
+    whose first field is ``format_version``, parsing it once (an index's meta may list 100k items).
 
-    A file of another ``format_version`` is refused before its fields are looked at; every other problem
-    raises ``error`` naming the file and the first bad field, followed by ``hint`` (what to do about it)."""
+    A file of another ``format_version`` is refused for that alone; every other problem raises ``error`` naming
+    the file and the first bad field, followed by ``hint`` (what to do about it)."""
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = json.loads(text)
+        text = path.read_bytes()
     except FileNotFoundError:
         raise error(f"{path}: missing; {hint}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise error(f"{path}: not valid JSON ({e}); {hint}") from None
-    if not isinstance(raw, dict):
-        raise error(f"{path}: must hold a JSON object; {hint}")
-    if raw.get("format_version") != format_version:
-        raise error(f"{path}: field 'format_version' is {raw.get('format_version')!r}; this device reads "
-                    f"{format_version}; {hint}")
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}); {hint}") from None
     try:
         return model.model_validate_json(text)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "missing":
-            why = f"missing field '{key}'"
-        elif err["type"] == "extra_forbidden":
-            why = f"unknown field '{key}'"
-        else:
-            why = f"field '{key}' is {err.get('input')!r}: {err['msg']}"
-        raise error(f"{path}: {why}; {hint}") from None
+        errors = e.errors()
+    version = [err for err in errors if err["loc"][:1] == ("format_version",)]
+    err = version[0] if version else errors[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "json_invalid":
+        why = f"not valid JSON ({err['msg']})"
+    elif err["type"] in ("model_type", "model_attributes_type"):
+        why = "must hold a JSON object"
+    elif version:
+        why = f"field 'format_version' is {err.get('input')!r}; this device reads {format_version}"
+    elif err["type"] == "missing":
+        why = f"missing field '{key}'"
+    elif err["type"] == "extra_forbidden":
+        why = f"unknown field '{key}'"
+    else:
+        why = f"field '{key}' is {err.get('input')!r}: {err['msg']}"
+    raise error(f"{path}: {why}; {hint}") from None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera
 from .catalog import EnrolledStore, ItemMaker, ReconcileReport, reconcile, validate_id, validate_label
+from .config import MqttConfig, WebConfig
 from .errors import ApplianceError, BusyError, CatalogIndexError
 from .images import decode_image, encode_jpeg
 from .index_writer import IndexHolder
@@ -33,8 +34,11 @@ class Appliance:
     """Runs the camera loop in a thread and answers the web layer (device/web/). Thread-safe."""
 
     def __init__(self, *, lookup: Lookup, holder: IndexHolder, maker: ItemMaker, camera: Camera | None,
-                 trigger: Trigger | None, enrolled_dir: Path, max_parallel_uploads: int = 2,
-                 sinks: Sequence["EventSink"] = (), sink_interval_s: float = 10.0, stream_quality: int = 75):
+                 trigger: Trigger | None, enrolled_dir: Path,
+                 max_parallel_uploads: int = WebConfig.model_fields["max_parallel_uploads"].default,
+                 sinks: Sequence["EventSink"] = (),
+                 sink_interval_s: float = MqttConfig.model_fields["state_interval_s"].default,
+                 stream_quality: int = 75):
         self.lookup = lookup
         self.holder = holder
         self.maker = maker

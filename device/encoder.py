@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Manifest, load_manifest, needs_normalization, prepare_pixels, resize_for_input
+from .config import EncoderConfig
 from .errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Encoder:
                               f"outputs {out_dim} values")
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, *, num_threads: int = 2) -> "Encoder":
+    def from_bundle(cls, bundle_dir: str | Path, *,
+                    num_threads: int = EncoderConfig.model_fields["num_threads"].default) -> "Encoder":
         """Load and verify a bundle (manifest fields, sha256, tensor shapes) and create its interpreter."""
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)

@@ -144,9 +144,14 @@ def _history():
 
 @bp.get("/api/history")
 def history_list() -> flask.Response:
-    """The recent lookups, newest first, each a lookup result with ``n``, ``decision`` and ``image_url``."""
+    """The recent lookups, newest first (at most ``limit``), each a lookup result with ``n``, ``decision`` and
+    ``image_url``."""
+    try:
+        limit = max(int(flask.request.args.get("limit", _history().config.size)), 0)
+    except ValueError:
+        return error(400, "limit must be an integer")
     entries = []
-    for entry in _history().entries():
+    for entry in _history().entries()[:limit]:
         body = _with_thumbnails(entry.to_json())
         body["image_url"] = flask.url_for("api.history_image", n=entry.n) if entry.has_image else None
         entries.append(body)

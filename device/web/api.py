@@ -171,12 +171,9 @@ def history_csv() -> flask.Response:
 @bp.get("/api/history/<int:n>/image.jpg")
 def history_image(n: int) -> flask.Response:
     """The snapshot of lookup ``n`` (the camera frame or the uploaded photo, small)."""
-    jpeg = _history().image(n)
-    if jpeg is None:
-        return error(404, f"no snapshot of lookup {n} (only the last {_history().config.size} are kept)")
-    response = flask.Response(jpeg, mimetype="image/jpeg")
-    response.headers["Cache-Control"] = "max-age=3600"  # numbers are not reused within a run
-    return response
+    # numbers are not reused within a run: long caching is safe
+    return _jpeg(_history().image(n), f"no snapshot of lookup {n} (only the last {_history().config.size} are kept)",
+                 max_age_s=3600)
 
 
 # --- catalog ---------------------------------------------------------------------------------------
@@ -240,9 +237,14 @@ def catalog_remove(item_id: str) -> flask.Response:
 @bp.get("/api/catalog/<path:item_id>/thumb.jpg")
 def catalog_thumbnail(item_id: str) -> flask.Response:
     """The item's JPEG thumbnail."""
-    jpeg = appliance().thumbnail(item_id)
+    # an item can be re-enrolled under its id: cache briefly
+    return _jpeg(appliance().thumbnail(item_id), f"no thumbnail for catalog item {item_id!r}", max_age_s=60)
+
+
+def _jpeg(jpeg: bytes | None, missing: str, *, max_age_s: int) -> flask.Response:
+    """A JPEG answer cached ``max_age_s``, or 404 with ``missing`` when there is none."""
     if jpeg is None:
-        return error(404, f"no thumbnail for catalog item {item_id!r}")
+        return error(404, missing)
     response = flask.Response(jpeg, mimetype="image/jpeg")
-    response.headers["Cache-Control"] = "max-age=60"  # an item can be re-enrolled under its id
+    response.headers["Cache-Control"] = f"max-age={max_age_s}"
     return response

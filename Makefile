@@ -9,21 +9,31 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-venv-device: $(BIN)/python
-	$(BIN)/pip install -q -e '.[demo]'
+# Stamps: the venv is (re)installed only when pyproject.toml changed (editable installs pick up code changes).
+venv-device: $(VENV)/.installed-demo
+venv-all: $(VENV)/.installed-all
 
-venv-all: $(BIN)/python
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[demo,converter,dev]'
+	touch $@ $(VENV)/.installed-demo
 
 demo: venv-device
-	$(BIN)/python -m device serve --config config.yaml
+	$(BIN)/edge-retrieval serve --config config.yaml $(ARGS)
 
-# Tests that need a real component (the Mosquitto broker) install it when they can (root, apt) and are
+# Tests that need a real component (the Mosquitto broker, Chromium + chromedriver) install it when they can (root, apt) and are
 # skipped with the reason when they cannot.
 test-deps:
 	@command -v mosquitto >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) ; } || \
 	  echo "mosquitto is not installed (apt-get install mosquitto): the MQTT tests will be skipped"
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
+	  echo "chromium/chromium-driver are not installed (apt-get install chromium chromium-driver): the browser tests will be skipped"
 
 test: venv-all test-deps
 	$(BIN)/python -m pytest -q
@@ -32,4 +42,4 @@ bench: venv-all
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf var .pytest_cache
+	rm -rf var .pytest_cache $(VENV)/.installed-*

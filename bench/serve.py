@@ -36,15 +36,21 @@ def free_port() -> int:
 class Serve:
     """A real ``python -m device serve`` on 127.0.0.1 with a small catalog and an image-folder camera."""
 
-    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = ""):
+    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | None = None,
+                 trigger: bool = False):
+        """``camera``: a video or folder to play (default: the first catalog image, still, at 2 fps);
+        ``trigger``: look up when the view changes and settles (default: only when asked)."""
         self.port = free_port()
         self.work = work
-        (work / "cam").mkdir(exist_ok=True)
-        first = sorted(catalog_dir.glob("*.jpg"))[0]
-        (work / "cam" / "frame.jpg").write_bytes(first.read_bytes())
+        if camera is None:
+            camera = work / "cam"
+            camera.mkdir(exist_ok=True)
+            first = sorted(catalog_dir.glob("*.jpg"))[0]
+            (camera / "frame.jpg").write_bytes(first.read_bytes())
         self.config = work / "config.yaml"
         self.config.write_text(
-            f"camera:\n  source: {work / 'cam'}\n  fps: 2\ntrigger:\n  enabled: false\n"
+            f"camera:\n  source: {camera}\n  fps: {10 if trigger else 2}\n"
+            f"trigger:\n  enabled: {str(trigger).lower()}\n"
             f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {work / 'index'}\n"
             f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {work / 'enrolled'}\n"
             f"web:\n  host: 127.0.0.1\n  port: {self.port}\n  api_token: {TOKEN}\n" + extra_config)

@@ -129,7 +129,13 @@ def _sample_images(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: the only place the converter turns errors into exit codes."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except ModuleNotFoundError as e:  # a device or demo install has no TensorFlow/Keras: say what to install
+        print(f"error: the converter needs TensorFlow/Keras (No module named {e.name!r}); install its extra: "
+              "pip install -e '.[converter]'", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .build import ConverterError

@@ -1,6 +1,7 @@
-"""python -m device serve|index build|query|catalog — the one place that wires components and exits on error.
+"""edge-retrieval (or python -m device) serve|index build|query|catalog — the one place that wires components
+and exits on error.
 
-  python -m device serve [--config config.yaml]
+  edge-retrieval serve [--config config.yaml] [--host HOST] [--port PORT]
   python -m device index build --catalog DIR [--bundle DIR] [--out PATH] [--labels FILE]
   python -m device query IMAGE... [--index PATH] [--top-k K] [--json]
   python -m device catalog add IMAGE... [--label L] [--id ID]   |   catalog remove ID...   |   catalog list
@@ -35,14 +36,16 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m device", description=__doc__,
+    p = argparse.ArgumentParser(prog="edge-retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
     # --config is accepted after the subcommand too (`python -m device serve --config config.yaml`)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", parents=[common], help="run the appliance: camera, trigger, lookups, web page")
+    s = sub.add_parser("serve", parents=[common], help="run the appliance: camera, trigger, lookups, web page")
+    s.add_argument("--host", default=None, help="listen address (overrides web.host; 127.0.0.1 = this machine only)")
+    s.add_argument("--port", type=_positive_int, default=None, help="listen port (overrides web.port)")
     idx = sub.add_parser("index", help="catalog index commands").add_subparsers(dest="index_cmd", required=True)
     b = idx.add_parser("build", parents=[common],
                        help="index a folder of images (id = relative path without extension)")
@@ -233,6 +236,7 @@ def _needs_build(path: Path, encoder) -> bool:
 def cmd_serve(cfg: Config) -> int:
     from .appliance import Appliance
     from .camera import Camera
+    from .history import History
     from .trigger import Trigger
     from .web import create_app, serve
     _check_port_free(cfg)  # before seconds of index work, not after them
@@ -243,17 +247,19 @@ def cmd_serve(cfg: Config) -> int:
     appliance = Appliance(lookup=_lookup(cfg, encoder, holder), holder=holder, maker=_maker(cfg, encoder),
                           camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
                           enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads,
-                          sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s)
+                          sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
+                          summary_interval_s=cfg.history.summary_interval_s)
     for sink in sinks:  # the Home Assistant "look up now" button
         if hasattr(sink, "on_lookup_command"):
             sink.on_lookup_command(appliance.request_lookup)
     appliance.reconcile()
     appliance.start()
     w = cfg.web
-    log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web http://%s:%d, catalog changes %s",
+    log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web %s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,
              holder.current().size, cfg.index.path, cfg.camera.source, w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
+    log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     _notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
     try:
@@ -265,6 +271,36 @@ def cmd_serve(cfg: Config) -> int:
         for sink in sinks:  # MQTT says "offline" on a clean stop
             sink.stop()
     return 0
+
+
+def _with_listen_flags(cfg: Config, args) -> Config:
+    """``serve --host/--port`` override ``web.host``/``web.port`` (validated like the config's values)."""
+    update = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if not update:
+        return cfg
+    try:
+        web = type(cfg.web).model_validate({**cfg.web.model_dump(), **update})
+    except ValueError as e:
+        raise ConfigError(f"--host/--port: {e}") from None
+    return cfg.model_copy(update={"web": web})
+
+
+def page_urls(host: str, port: int) -> list[str]:
+    """Clickable addresses of the page: 127.0.0.1 (when it listens there), and the machine's LAN address when
+    it listens on every interface (0.0.0.0 / ::) — a wildcard is not an address a browser can open."""
+    import socket
+    if host not in ("0.0.0.0", "::", ""):
+        return [f"http://{host}:{port}/"]
+    urls = [f"http://127.0.0.1:{port}/"]
+    try:  # the source address of a route out; a UDP connect sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            lan = s.getsockname()[0]
+        if not lan.startswith("127."):
+            urls.append(f"http://{lan}:{port}/")
+    except OSError:
+        pass
+    return urls
 
 
 def _event_sinks(cfg: Config) -> list:
@@ -379,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.cmd == "serve":
-            return cmd_serve(cfg)
+            return cmd_serve(_with_listen_flags(cfg, args))
         if args.cmd == "index":
             return cmd_index_build(cfg, args)
         if args.cmd == "query":

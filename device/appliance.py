@@ -10,17 +10,20 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera
 from .catalog import EnrolledStore, ItemMaker, ReconcileReport, reconcile, validate_id, validate_label
-from .config import MqttConfig, WebConfig
-from .errors import ApplianceError, BusyError, CatalogIndexError
+from .config import HistoryConfig, MqttConfig, WebConfig
+from .errors import ApplianceError, BusyError, CatalogIndexError, InputError
+from .history import History
 from .images import decode_image, encode_jpeg
 from .index_writer import IndexHolder
 from .lookup import Lookup
 from .metrics import Metrics
+from .procstat import CpuMeter, rss_mb
 from .results import LookupResult
 from .trigger import Trigger
 
@@ -38,7 +41,8 @@ class Appliance:
                  max_parallel_uploads: int = WebConfig.model_fields["max_parallel_uploads"].default,
                  sinks: Sequence["EventSink"] = (),
                  sink_interval_s: float = MqttConfig.model_fields["state_interval_s"].default,
-                 stream_quality: int = 75):
+                 stream_quality: int = 75, history: History | None = None,
+                 summary_interval_s: float = HistoryConfig.model_fields["summary_interval_s"].default):
         self.lookup = lookup
         self.holder = holder
         self.maker = maker
@@ -67,6 +71,16 @@ class Appliance:
         self.reconciled: ReconcileReport | None = None
         self._enrol_error: str | None = None
         self._heartbeat_s = time.monotonic()  # the loop stamps it every turn (≤ 0.5 s apart when healthy)
+        # What the page's status panel shows: recent lookups, the last error, whether a lookup runs now.
+        self.history = history
+        self._recent_s: deque[float] = deque()  # monotonic times of the last minute's lookups
+        self._last_error: dict | None = None
+        self._looking_up_since: float | None = None
+        self._cpu = CpuMeter()
+        # Each lookup is logged at DEBUG; an INFO line sums them up every summary_interval_s.
+        self.summary_interval_s = summary_interval_s
+        self._summary = {"lookups": 0, "matches": 0, "errors": 0}
+        self._summary_at = time.monotonic()
 
     def _watch_metrics(self) -> None:
         m = self.metrics
@@ -107,6 +121,7 @@ class Appliance:
         while not self._stop.is_set():
             self._heartbeat_s = time.monotonic()
             self._publish_health_due()  # before the frame wait, so a dead camera is reported too
+            self._log_summary_due()
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
                 continue
@@ -121,20 +136,24 @@ class Appliance:
                 reason = self.trigger.update(frame.rgb, frame.timestamp)
             if reason is None:
                 continue
+            self._looking_up_since = time.time()
             try:
-                result = self.lookup.lookup_rgb(frame.rgb, source="camera")
+                # "requested": the page's button (or MQTT's); "camera": the trigger saw something worth it
+                result = self.lookup.lookup_rgb(frame.rgb, source="requested" if reason == "requested" else "camera")
             except ApplianceError as e:  # keep running: log, count, and try the next trigger
-                self._count_error(type(e).__name__)
+                self._count_error(type(e).__name__, str(e))
                 log.error("camera lookup failed: %s", e)
                 continue
             except Exception:  # noqa: BLE001 - a bug in one lookup must not stop the camera loop
-                self._count_error("internal")
+                self._count_error("internal", "a camera lookup crashed; see the appliance log")
                 log.exception("camera lookup crashed; the loop goes on")
                 continue
-            self._record(result)
+            finally:
+                self._looking_up_since = None
+            self._record(result, frame.rgb)
             m = result.match
             top = result.results[0] if result.results else None
-            log.info("lookup (%s): %s in %.1f ms (top %s %.3f)", reason,
+            log.debug("lookup (%s): %s in %.1f ms (top %s %.3f)", reason,
                      f"match {m.id}" + (f", {m.inliers} inliers" if m.inliers else "") if m else "no match",
                      result.timings_ms["total"], top.id if top else "-", top.score if top else 0.0)
 
@@ -151,8 +170,14 @@ class Appliance:
             return False, f"the camera lookup loop is stuck (no turn for {silent_s:.0f} s)"
         return self.camera.alive()
 
-    def _record(self, result: LookupResult) -> None:
+    def _record(self, result: LookupResult, rgb=None) -> None:
+        """Every lookup passes here: latest result, history (with a snapshot of ``rgb``), metrics, sinks."""
         self._latest = result  # one reference store: atomic
+        if self.history is not None:
+            self.history.record(result, rgb)
+        self._recent_s.append(time.monotonic())
+        self._summary["lookups"] += 1
+        self._summary["matches"] += result.match is not None
         self.metrics.lookups.labels(result.source).inc()
         self.metrics.outcomes.labels("match" if result.match is not None else "no_match").inc()
         self.metrics.lookup_ms.inc(result.timings_ms.get("total", 0.0))
@@ -167,8 +192,18 @@ class Appliance:
             for sink in self.sinks:
                 sink.publish_health(health)
 
-    def _count_error(self, kind: str) -> None:
+    def _count_error(self, kind: str, message: str | None = None) -> None:
         self.metrics.errors.labels(kind).inc()
+        self._summary["errors"] += 1
+        self._last_error = {"kind": kind, "message": message or kind, "timestamp": time.time()}
+
+    def _log_summary_due(self) -> None:
+        now = time.monotonic()
+        if now - self._summary_at >= self.summary_interval_s:
+            s, self._summary = self._summary, {"lookups": 0, "matches": 0, "errors": 0}
+            log.info("last %.0f s: %d lookups, %d matches, %d errors", now - self._summary_at, s["lookups"],
+                     s["matches"], s["errors"])
+            self._summary_at = now
 
     # ---- what the web layer calls ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -184,14 +219,16 @@ class Appliance:
             self._uploads.release()
 
     def query_image(self, data: bytes, source: str) -> LookupResult:
-        """Decode + encode + search through the shared Lookup; the result becomes the latest one."""
+        """Decode + encode + search through the shared Lookup; the result becomes the latest one, and the
+        decoded photo its history snapshot."""
         with self._upload_slot():
             try:
-                result = self.lookup.lookup_bytes(data, source=source)
+                rgb, decode_ms = self.lookup.decode(data)
+                result = self.lookup.lookup_rgb(rgb, source=source, timings={"decode": decode_ms})
             except ApplianceError as e:
-                self._count_error(type(e).__name__)
+                self._count_error(type(e).__name__, str(e))
                 raise
-        self._record(result)
+            self._record(result, rgb)
         return result
 
     def reconcile(self) -> ReconcileReport:
@@ -247,15 +284,54 @@ class Appliance:
                            "skipped": [] if rep is None else [{"id": i, "why": w} for i, w in rep.skipped]}
         return out
 
+    def status(self) -> dict:
+        """What the page's status panel polls (small, cheap): camera state/fps, trigger, lookups in the last
+        minute, whether a lookup runs now, the last error, CPU and RSS of this process, index size and
+        generation, verification, and the latest lookup's time and history number."""
+        now = time.monotonic()
+        while self._recent_s and now - self._recent_s[0] > 60.0:
+            self._recent_s.popleft()
+        cam = self.camera.status() if self.camera is not None else {"state": "absent"}
+        idx, latest = self.holder.current(), self._latest
+        entries = self.history.entries()[:1] if self.history is not None else []
+        return {
+            "camera": {k: cam.get(k) for k in ("state", "spec", "fps", "last_frame_age_s", "last_error")},
+            "trigger": {"enabled": self.trigger is not None,
+                        **(self.trigger.last_metrics if self.trigger is not None else {})},
+            "looking_up": self._looking_up_since is not None or self._requested.is_set(),
+            "lookups_per_min": len(self._recent_s),
+            "last_error": self._last_error or ({"kind": "enrol", "message": self._enrol_error}
+                                               if self._enrol_error else None),
+            "process": {"cpu_percent": self._cpu.percent(), "rss_mb": rss_mb()},
+            "index": {"size": idx.size, "generation": idx.generation},
+            "verification": self.lookup.verification_status(),
+            "latest": {"timestamp": latest.timestamp if latest else None,
+                       "n": entries[0].n if entries else None},
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
         """Validate everything first (id, label, decode, encoding and features), then keep the original and
         its label durably under enrolled_dir, then add in the background; queries keep using the old index
         until the new one is swapped in. A crash after this returns loses nothing: the next start reconciles.
         Raises InputError (400/413) before anything is written."""
+        return self._enrol(
+            lambda: decode_image(data, self.lookup.max_pixels, min_side_px=self.lookup.decode_side_px()),
+            label, item_id)
+
+    def enrol_frame(self, label: str, item_id: str | None) -> dict:
+        """Enrol what the camera sees now (its latest frame), like :meth:`enrol`; InputError (409) without a
+        camera frame."""
+        frame = self.camera.latest() if self.camera is not None else None
+        if frame is None:
+            raise InputError("no camera frame to enrol (is the camera streaming?)", http_status=409)
+        return self._enrol(lambda: frame.rgb, label, item_id)
+
+    def _enrol(self, get_rgb, label: str, item_id: str | None) -> dict:
         item_id = validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}")
         label = validate_label(label)
         with self._upload_slot():
-            rgb = decode_image(data, self.lookup.max_pixels, min_side_px=self.lookup.decode_side_px())
+            rgb = get_rgb()
             item = self.maker.make(rgb, item_id, label, source=str(self.enrolled.path(item_id)))
             self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
         future = self.holder.add_async([item])

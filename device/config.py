@@ -138,6 +138,15 @@ class WebConfig(_Section):
 _TOPIC_WORD = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
 
 
+class HistoryConfig(_Section):
+    """Recent lookups shown on the page and exported by /api/history (device/history.py)."""
+
+    size: int = Field(50, ge=1, le=10_000)
+    dir: Path = Path("var/history")
+    snapshot_px: int = Field(320, ge=32, le=2048)
+    summary_interval_s: float = Field(60.0, gt=0)
+
+
 class MqttConfig(_Section):
     """MQTT events and Home Assistant discovery (device/events.py). The password never lives in the YAML:
     it is read from ``password_file`` or the environment variable ``password_env``."""
@@ -198,6 +207,7 @@ class Config(_Section):
     catalog: CatalogConfig = CatalogConfig()
     recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
+    history: HistoryConfig = HistoryConfig()
     mqtt: MqttConfig = MqttConfig()
     webhook: WebhookConfig = WebhookConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -224,6 +234,7 @@ def _resolve(cfg: Config, base: Path) -> Config:
         "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
                                                   "labels": fix(cfg.catalog.labels),
                                                   "enrolled_dir": fix(cfg.catalog.enrolled_dir)}),
+        "history": cfg.history.model_copy(update={"dir": fix(cfg.history.dir)}),
         "mqtt": cfg.mqtt.model_copy(update={"ca_file": fix(cfg.mqtt.ca_file),
                                             "password_file": fix(cfg.mqtt.password_file)}),
     })

@@ -4,6 +4,7 @@ CLI measures exactly what the camera does."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -12,7 +13,7 @@ from .config import RecognitionConfig
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .index import CatalogIndex
 from .results import Candidate, LookupResult
-from .verify import extract, rerank
+from .verify import extract, region, rerank
 
 
 class IndexSource(Protocol):
@@ -91,7 +92,11 @@ class Lookup:
         def fused(c: Candidate) -> float:
             return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
 
-        return sorted(head, key=lambda c: -fused(c)) + tail
+        head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
+        top, feats = head[0], idx.features(head[0].id)
+        if feats is not None and top.inliers is not None and top.inliers >= rc.accept_inliers:
+            head[0] = replace(top, quad=region(query, feats, rc))  # the page outlines a verified match
+        return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:
         """Accept the top item only when the evidence says so; else "no match"."""
@@ -113,7 +118,12 @@ class Lookup:
 
     def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:
         """Encoded image bytes (JPEG/PNG/…) → ranked candidates; raises ImageError for bad images."""
+        rgb, decode_ms = self.decode(data)
+        return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        """Encoded image bytes → (RGB uint8 HxWx3 no larger than a lookup needs, milliseconds it took); raises
+        ImageError. The appliance decodes an upload once and keeps the RGB for its history snapshot."""
         t0 = time.perf_counter()
         rgb = decode_image(data, self.max_pixels, min_side_px=self.decode_side_px())
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})
+        return rgb, (time.perf_counter() - t0) * 1e3

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
-LOOKUP_SOURCES = ("camera", "upload", "cli")
+LOOKUP_SOURCES = ("camera", "requested", "upload", "cli")
 
 
 class _Readings:

@@ -8,17 +8,25 @@ from dataclasses import dataclass, field, replace
 @dataclass(frozen=True)
 class Candidate:
     """One catalog item returned by a lookup. ``score`` is the cosine similarity (1 = identical) of the
-    global descriptors; ``inliers`` the spatially verified matching points (None: not verified)."""
+    global descriptors; ``inliers`` the spatially verified matching points (None: not verified);
+    ``rank_score`` what the candidates are ranked by (the cosine fused with the inliers; None = the cosine);
+    ``quad`` where the verified item lies in the query frame (four (x, y) corners, fractions 0..1)."""
 
     id: str
     label: str
     score: float
     inliers: int | None = None
+    rank_score: float | None = None
+    quad: tuple[tuple[float, float], ...] | None = None
 
     def to_json(self) -> dict:
-        d = {"id": self.id, "label": self.label, "score": round(float(self.score), 4)}
+        """The JSON shape: ``score`` stays the cosine (API compatibility); ``rank_score`` is the ranking score."""
+        d = {"id": self.id, "label": self.label, "score": round(float(self.score), 4),
+             "rank_score": round(float(self.score if self.rank_score is None else self.rank_score), 4)}
         if self.inliers is not None:
             d["inliers"] = int(self.inliers)
+        if self.quad is not None:
+            d["quad"] = [list(corner) for corner in self.quad]
         return d
 
     def with_inliers(self, inliers: int | None) -> "Candidate":
@@ -32,7 +40,7 @@ class LookupResult:
 
     results: list[Candidate]
     timings_ms: dict[str, float]
-    source: str = "cli"  # "camera" | "upload" | "cli"
+    source: str = "cli"  # "camera" (trigger) | "requested" ("Look up now") | "upload" | "cli"
     timestamp: float = field(default_factory=time.time)
     match: Candidate | None = None
 

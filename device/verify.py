@@ -117,27 +117,54 @@ def match_inliers(query: Features, cand: Features, cfg: RecognitionConfig) -> in
     """Number of keypoints of ``query`` that a homography maps onto ``cand`` (0 when there is no credible
     one). Inliers are counted as distinct keypoint locations on both sides; a homography that mirrors the
     image or changes scale by more than 10x counts as none. Never raises on ordinary images."""
+    return match_homography(query, cand, cfg)[0]
+
+
+def match_homography(query: Features, cand: Features, cfg: RecognitionConfig) -> tuple[int, np.ndarray | None]:
+    """``(inliers, H)``: what :func:`match_inliers` counts, and the 3x3 homography mapping ``query`` keypoint
+    coordinates onto ``cand``'s (None when there is no credible one, and then 0 inliers)."""
     pairs = ratio_matches(query, cand, cfg)
     if len(pairs) < MIN_MATCHES_TO_FIT:
-        return 0
+        return 0, None
     src = query.xy[pairs[:, 0]].reshape(-1, 1, 2)
     dst = cand.xy[pairs[:, 1]].reshape(-1, 1, 2)
     try:
         h, mask = cv2.findHomography(src, dst, _METHODS[cfg.ransac_method], cfg.ransac_reproj_px,
                                      maxIters=cfg.ransac_iters, confidence=0.995)
     except cv2.error:
-        return 0
+        return 0, None
     if h is None or mask is None or not np.isfinite(h).all() or abs(h[2, 2]) < 1e-12:
-        return 0
+        return 0, None
     a = h[:2, :2] / h[2, 2]
     det = float(np.linalg.det(a))
     if det <= 0 or not (1 / _MAX_SCALE_CHANGE ** 2 <= det <= _MAX_SCALE_CHANGE ** 2):
-        return 0
+        return 0, None
     inl = mask.ravel().astype(bool)
     # Distinct locations: ORB may put several keypoints (pyramid levels) on one spot; count it once.
     q_loc = np.unique(np.round(src.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
     c_loc = np.unique(np.round(dst.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
-    return int(min(len(q_loc), len(c_loc)))
+    return int(min(len(q_loc), len(c_loc))), h
+
+
+def region(query: Features, cand: Features, cfg: RecognitionConfig) -> tuple[tuple[float, float], ...] | None:
+    """Where the catalog image ``cand`` lies in the query frame: its four corners (top-left, top-right,
+    bottom-right, bottom-left) mapped through the verified homography, as (x, y) fractions 0..1 of the query
+    frame (clipped to -0.5..1.5, a print may reach out of view). None without a credible homography. The page
+    outlines the matched print with it."""
+    inliers, h = match_homography(query, cand, cfg)
+    qw, qh = query.size_wh
+    cw, ch = cand.size_wh
+    if h is None or not inliers or min(qw, qh, cw, ch) <= 0:
+        return None
+    try:
+        inverse = np.linalg.inv(h)  # H maps query → catalog; the outline needs catalog → query
+    except np.linalg.LinAlgError:
+        return None
+    corners = np.array([[0, 0], [cw, 0], [cw, ch], [0, ch]], np.float64).reshape(-1, 1, 2)
+    mapped = cv2.perspectiveTransform(corners, inverse).reshape(-1, 2) / (qw, qh)
+    if not np.isfinite(mapped).all():
+        return None
+    return tuple((round(float(x), 4), round(float(y), 4)) for x, y in np.clip(mapped, -0.5, 1.5))
 
 
 def rerank(query: np.ndarray | Features, candidates: Sequence[Any],

@@ -294,7 +294,7 @@ def test_serve_wires_the_button_and_the_broker_sends_the_last_will_when_killed(b
         assert state["index_items"] == 3
         sub.client.publish("edge-retrieval/door/command/lookup", "PRESS", qos=1)
         event = json.loads(wait_until(lambda: sub.on("edge-retrieval/door/lookup"), 30, "the button's lookup")[0])
-        assert event["source"] == "camera" and event["candidates"][0]["id"] == "rocket"
+        assert event["source"] == "requested" and event["candidates"][0]["id"] == "rocket"  # a button, not the trigger
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         wait_until(lambda: sub.on("edge-retrieval/door/availability")[-1:] == ["offline"], 10, "the last will")

@@ -133,14 +133,14 @@ def test_health_shows_names_not_paths_without_the_token(appliance, tmp_path):
 def test_a_burst_of_uploads_gets_503_with_retry_after_not_unbounded_memory(appliance, photos):
     client = _client(appliance)
     entered, release = threading.Event(), threading.Event()
-    real = appliance.lookup.lookup_bytes
+    real = appliance.lookup.decode  # an upload's first step
 
-    def slow(data, **kw):
+    def slow(data):
         entered.set()
         release.wait(10)
-        return real(data, **kw)
+        return real(data)
 
-    appliance.lookup.lookup_bytes = slow
+    appliance.lookup.decode = slow
     first: dict = {}
     t = threading.Thread(target=lambda: first.update(r=_post(client, "/api/query", encode_jpeg(photos["moon"]))))
     t.start()

@@ -64,7 +64,7 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
 
     @app.errorhandler(InputError)
     def input_error(exc: InputError) -> flask.Response:
-        return error(exc.http_status if exc.http_status in (400, 413, 415) else 400, str(exc))
+        return error(exc.http_status if exc.http_status in (400, 409, 413, 415) else 400, str(exc))
 
     @app.errorhandler(BusyError)
     def busy(exc: BusyError) -> flask.Response:
@@ -132,7 +132,7 @@ def serve(app: flask.Flask, config: WebConfig) -> None:
     connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open)."""
     import waitress
 
-    log.info("web: http://%s:%d (%d threads, up to %d live viewers)",
+    log.info("web: listening on %s:%d (%d threads, up to %d live viewers)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,

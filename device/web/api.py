@@ -26,7 +26,11 @@ def _result_json(result: LookupResult | None) -> dict:
     """
     if result is None:
         return {"results": [], "timings_ms": {}, "source": None, "timestamp": None}
-    body = result.to_json()
+    return _with_thumbnails(result.to_json())
+
+
+def _with_thumbnails(body: dict) -> dict:
+    """``body`` (a LookupResult's JSON) with a ``thumbnail_url`` on each candidate and on the match."""
     candidates = list(body["results"]) + ([body["match"]] if body.get("match") else [])
     for candidate in candidates:
         candidate["thumbnail_url"] = flask.url_for("api.catalog_thumbnail", item_id=str(candidate["id"]))
@@ -52,7 +56,7 @@ def _require_token() -> flask.Response | None:
 def _names_not_paths(status: dict) -> dict:
     """The health document with every absolute file path it mentions cut to its file name: anyone on the
     LAN may read /api/health, and the layout of the device's disk is none of their business."""
-    paths = [status.get("bundle", {}).get("path"), status.get("index", {}).get("path"),
+    paths = [(status.get("bundle") or {}).get("path"), status.get("index", {}).get("path"),
              status.get("enrolled", {}).get("dir"), status.get("camera", {}).get("spec")]
     names = {p: PurePosixPath(p).name for p in paths
              if isinstance(p, str) and p.startswith("/") and not p.startswith("/dev/")}
@@ -89,6 +93,16 @@ def health() -> flask.Response:
     return response
 
 
+@bp.get("/api/status")
+def status() -> flask.Response:
+    """The page's status panel, polled every few seconds: camera, trigger, lookups/min, last error, CPU/RSS,
+    index, verification, latest lookup (file paths cut to names without the bearer token, as in health)."""
+    body = appliance().status()
+    response = flask.jsonify(body if _has_token() else _names_not_paths(body))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @bp.get("/metrics")
 def metrics() -> flask.Response:
     """Prometheus text exposition."""
@@ -119,17 +133,64 @@ def lookup_now() -> tuple[flask.Response, int]:
     return flask.jsonify(status="requested"), 202
 
 
+# --- history ---------------------------------------------------------------------------------------
+
+def _history():
+    history = appliance().history
+    if history is None:
+        flask.abort(404, "no lookup history on this device (history: in config.yaml)")
+    return history
+
+
+@bp.get("/api/history")
+def history_list() -> flask.Response:
+    """The recent lookups, newest first (at most ``limit``), each a lookup result with ``n``, ``decision`` and
+    ``image_url``."""
+    try:
+        limit = max(int(flask.request.args.get("limit", _history().config.size)), 0)
+    except ValueError:
+        return error(400, "limit must be an integer")
+    entries = []
+    for entry in _history().entries()[:limit]:
+        body = _with_thumbnails(entry.to_json())
+        body["image_url"] = flask.url_for("api.history_image", n=entry.n) if entry.has_image else None
+        entries.append(body)
+    response = flask.jsonify(entries=entries, size=_history().config.size)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/api/history.csv")
+def history_csv() -> flask.Response:
+    """The recent lookups as CSV (a download)."""
+    response = flask.Response(_history().to_csv(), mimetype="text/csv")
+    response.headers["Content-Disposition"] = 'attachment; filename="lookups.csv"'
+    return response
+
+
+@bp.get("/api/history/<int:n>/image.jpg")
+def history_image(n: int) -> flask.Response:
+    """The snapshot of lookup ``n`` (the camera frame or the uploaded photo, small)."""
+    # numbers are not reused within a run: long caching is safe
+    return _jpeg(_history().image(n), f"no snapshot of lookup {n} (only the last {_history().config.size} are kept)",
+                 max_age_s=3600)
+
+
 # --- catalog ---------------------------------------------------------------------------------------
 
 @bp.get("/api/catalog")
 def catalog_list() -> flask.Response:
-    """The catalog items, paged by ``offset`` and ``limit``."""
+    """The catalog items whose id or label contains ``q`` (any case; all without it), paged by ``offset``
+    and ``limit``; ``total`` counts the matching items."""
     try:
         offset = max(int(flask.request.args.get("offset", 0)), 0)
         limit = min(max(int(flask.request.args.get("limit", _CATALOG_PAGE_DEFAULT)), 0), _CATALOG_PAGE_MAX)
     except ValueError:
         return error(400, "offset and limit must be integers")
     items = appliance().catalog_items()
+    q = flask.request.args.get("q", "").strip().casefold()
+    if q:
+        items = [it for it in items if q in it["id"].casefold() or q in it["label"].casefold()]
     return flask.jsonify(items=items[offset:offset + limit], total=len(items), offset=offset, limit=limit)
 
 
@@ -148,6 +209,20 @@ def catalog_add() -> tuple[flask.Response, int] | flask.Response:
     return flask.jsonify(outcome), 201 if outcome.get("status") == "done" else 202
 
 
+@bp.post("/api/catalog/camera")
+def catalog_add_frame() -> tuple[flask.Response, int] | flask.Response:
+    """Enrol what the camera sees now (form or JSON ``label`` (+ ``id``)); needs the bearer token."""
+    denied = _require_token()
+    if denied is not None:
+        return denied
+    fields = flask.request.get_json(silent=True) or flask.request.form
+    label = str(fields.get("label", "")).strip()
+    if not label:
+        return error(400, "missing field 'label'")
+    item_id = str(fields.get("id", "") or "").strip() or None
+    return flask.jsonify(appliance().enrol_frame(label, item_id)), 202
+
+
 @bp.delete("/api/catalog/<path:item_id>")
 def catalog_remove(item_id: str) -> flask.Response:
     """Remove an item; needs the bearer token."""
@@ -162,9 +237,14 @@ def catalog_remove(item_id: str) -> flask.Response:
 @bp.get("/api/catalog/<path:item_id>/thumb.jpg")
 def catalog_thumbnail(item_id: str) -> flask.Response:
     """The item's JPEG thumbnail."""
-    jpeg = appliance().thumbnail(item_id)
+    # an item can be re-enrolled under its id: cache briefly
+    return _jpeg(appliance().thumbnail(item_id), f"no thumbnail for catalog item {item_id!r}", max_age_s=60)
+
+
+def _jpeg(jpeg: bytes | None, missing: str, *, max_age_s: int) -> flask.Response:
+    """A JPEG answer cached ``max_age_s``, or 404 with ``missing`` when there is none."""
     if jpeg is None:
-        return error(404, f"no thumbnail for catalog item {item_id!r}")
+        return error(404, missing)
     response = flask.Response(jpeg, mimetype="image/jpeg")
-    response.headers["Cache-Control"] = "max-age=60"  # an item can be re-enrolled under its id
+    response.headers["Cache-Control"] = f"max-age={max_age_s}"
     return response

@@ -1,12 +1,25 @@
-// The appliance page: live view, latest lookup, "Look up now", photo upload, health line.
-// Plain JS, no build step. Data from the device is only ever written with textContent.
+// The appliance page: live view with the matched region, lookups with their query image, recent lookups,
+// live status, and the catalog manager. Plain JS, no build step; it uses the same JSON API as everyone else.
+// Data from the device is only ever written with textContent / attributes, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let shownTimestamp = undefined; // timestamp of the result on screen
-let pinnedUntil = 0;            // an upload's result stays on screen a while before camera results replace it
+const HISTORY_SHOWN = 20;       // lookups in the strip
+const PIN_UPLOAD_MS = 15000;    // an upload's result stays on screen this long before newer lookups replace it
+const REGION_SHOW_MS = 4000;    // how long a verified match stays outlined on the live view
+const CATALOG_PAGE = 24;
+const SOURCES = { camera: "camera (trigger)", requested: "requested (button)", upload: "upload", cli: "command line" };
+const TOKEN_KEY = "edge-retrieval-token"; // sessionStorage: gone when the tab closes; sent as a bearer header
+
+let latestN = null;       // newest history number seen
+let shownN = undefined;   // history number of the lookup on screen
+let pinnedUntil = 0;      // > now: do not replace the lookup on screen (Infinity: the user picked one)
+let historyEntries = [];
+let regionTimer = null;
+let requestedAt = 0;      // "Look up now" pressed; the cue shows until a newer lookup arrives
 
 function setStatus(text) { $("action-status").textContent = text; }
+const str = (v) => String(v ?? "");
 
 async function getJson(url, options) {
   const response = await fetch(url, options);
@@ -36,25 +49,50 @@ function startLiveView() {
   });
 }
 
-// --- results --------------------------------------------------------------------------------
+function showRegion(quad) {
+  if (!Array.isArray(quad) || quad.length !== 4) return;
+  $("region-quad").setAttribute("points", quad.map((p) => Number(p[0]) + "," + Number(p[1])).join(" "));
+  $("region").hidden = false;
+  clearTimeout(regionTimer);
+  regionTimer = setTimeout(() => { $("region").hidden = true; }, REGION_SHOW_MS);
+}
+
+// --- one lookup on screen: query image beside its candidates ------------------------------------
+function scoreText(c) {
+  const rank = Number(c.rank_score ?? c.score);
+  return rank.toFixed(3);
+}
+
+function scoreTitle(c) {
+  const parts = ["ranked by " + Number(c.rank_score ?? c.score).toFixed(3),
+    "cosine similarity " + Number(c.score).toFixed(3)];
+  parts.push(Number.isInteger(c.inliers) ? c.inliers + " verified matching points" : "not verified");
+  return parts.join(" · ");
+}
+
+function card(c) {
+  const li = $("card-template").content.firstElementChild.cloneNode(true);
+  const thumb = li.querySelector(".thumb");
+  if (c.thumbnail_url) { thumb.src = c.thumbnail_url; } else { thumb.remove(); }
+  thumb.alt = str(c.label);
+  li.querySelector(".label").textContent = str(c.label);
+  li.querySelector(".id").textContent = str(c.id);
+  return li;
+}
+
 function renderResult(data) {
   const list = $("candidates");
   list.replaceChildren();
-  const template = $("card-template");
-  // "match" is optional: absent = not verified yet, null = verified "no match", object = the match
+  // "match" is optional: absent = not verified yet, null = "no match", object = the match
   const hasMatch = Object.prototype.hasOwnProperty.call(data, "match");
   const match = hasMatch ? data.match : undefined;
   for (const c of data.results || []) {
-    const card = template.content.firstElementChild.cloneNode(true);
-    const thumb = card.querySelector(".thumb");
-    if (c.thumbnail_url) { thumb.src = c.thumbnail_url; } else { thumb.remove(); }
-    thumb.alt = String(c.label ?? "");
-    card.querySelector(".label").textContent = String(c.label ?? "");
-    card.querySelector(".id").textContent = String(c.id ?? "");
-    card.querySelector(".score").textContent = (Number(c.score) * 100).toFixed(1) + " %"
-      + (Number.isInteger(c.inliers) ? " · " + c.inliers + " pts" : "");
-    if (match && match.id === c.id) card.classList.add("match");
-    list.appendChild(card);
+    const li = card(c);
+    const score = li.querySelector(".score");
+    score.textContent = scoreText(c);
+    score.title = scoreTitle(c);
+    if (match && match.id === c.id) li.classList.add("match");
+    list.appendChild(li);
   }
   list.classList.toggle("greyed", hasMatch && match === null);
 
@@ -62,44 +100,138 @@ function renderResult(data) {
   line.hidden = !hasMatch;
   line.classList.toggle("no-match", match === null);
   if (hasMatch) {
-    const verified = match && Number.isInteger(match.inliers)
-      ? " · verified · " + match.inliers + " matching points" : "";
+    const verified = match && Number.isInteger(match.inliers) ? " · " + match.inliers + " verified points" : "";
     line.textContent = match === null ? "no match (nearest candidates shown greyed out)"
-      : "match: " + String(match.label ?? "") + " (" + String(match.id ?? "") + ")" + verified;
+      : "match: " + str(match.label) + " (" + str(match.id) + ")" + verified;
   }
 
+  const figure = $("query-figure");
+  figure.hidden = !data.image_url;
+  if (data.image_url) {
+    $("query-img").src = data.image_url;
+    $("query-caption").textContent = data.source === "upload" ? "your photo" : "camera frame";
+  }
   if (data.timestamp == null) {
     $("result-meta").textContent = "— nothing yet";
     $("timings").textContent = "";
     return;
   }
   const when = new Date(data.timestamp * 1000).toLocaleTimeString();
-  $("result-meta").textContent = "— " + String(data.source ?? "") + " at " + when;
+  $("result-meta").textContent = "— " + (SOURCES[data.source] || str(data.source)) + " at " + when;
   const timings = data.timings_ms || {};
-  const parts = [];
-  let total = 0;
-  for (const [stage, ms] of Object.entries(timings)) {
-    if (stage === "total") continue;
-    parts.push(stage + " " + Number(ms).toFixed(1));
-    total += Number(ms);
+  const parts = Object.entries(timings).filter(([k]) => k !== "total").map(([k, ms]) => k + " " + Number(ms).toFixed(1));
+  $("timings").textContent = parts.length && timings.total != null
+    ? parts.join(" · ") + " · total " + Number(timings.total).toFixed(1) + " ms" : "";
+}
+
+function show(entry, pinMs) {
+  shownN = entry.n;
+  pinnedUntil = pinMs ? Date.now() + pinMs : 0;
+  renderResult(entry);
+  $("pinned-note").hidden = !pinMs;
+  for (const b of document.querySelectorAll("#history-strip .hist")) {
+    b.classList.toggle("selected", Number(b.dataset.n) === entry.n);
   }
-  if (timings.total != null) total = Number(timings.total);
-  $("timings").textContent = parts.length
-    ? parts.join(" · ") + " · total " + total.toFixed(1) + " ms" : "";
 }
 
-async function pollLatest() {
+// --- recent lookups -------------------------------------------------------------------------
+function renderHistory() {
+  const strip = $("history-strip");
+  strip.replaceChildren();
+  for (const e of historyEntries) {
+    const li = $("history-template").content.firstElementChild.cloneNode(true);
+    const b = li.querySelector(".hist");
+    b.dataset.n = String(e.n);
+    const snap = li.querySelector(".snap");
+    if (e.image_url) { snap.src = e.image_url; } else { snap.remove(); }
+    const m = e.match;
+    li.querySelector(".decision").textContent = m
+      ? str(m.label) + (Number.isInteger(m.inliers) ? " · " + m.inliers + " pts" : "") : "no match";
+    b.classList.add(m ? "is-match" : "is-none");
+    li.querySelector(".when").textContent = (SOURCES[e.source] || str(e.source)).split(" ")[0] + " "
+      + new Date(e.timestamp * 1000).toLocaleTimeString();
+    b.title = "lookup #" + e.n;
+    b.addEventListener("click", () => show(e, Infinity));
+    b.classList.toggle("selected", e.n === shownN);
+    strip.appendChild(li);
+  }
+}
+
+async function refreshHistory() {
+  const { ok, body } = await getJson("/api/history?limit=" + HISTORY_SHOWN);
+  if (!ok) return;
+  historyEntries = body.entries || [];
+  const newest = historyEntries[0];
+  if (newest && Date.now() > pinnedUntil && newest.n !== shownN) {
+    show(newest, 0);
+    if (newest.match && newest.match.quad && newest.source !== "upload") showRegion(newest.match.quad);
+  }
+  renderHistory();
+}
+
+// --- live status ----------------------------------------------------------------------------
+function statusRow(name, value, bad) {
+  const dt = document.createElement("dt");
+  dt.textContent = name;
+  const dd = document.createElement("dd");
+  dd.textContent = value;
+  if (bad) dd.classList.add("bad");
+  $("status-panel").append(dt, dd);
+}
+
+function renderStatus(s) {
+  $("status-panel").replaceChildren();
+  const cam = s.camera || {};
+  const state = str(cam.state || "absent");
+  const lost = !["streaming", "absent"].includes(state);
+  statusRow("camera", state + (cam.fps ? " · " + Number(cam.fps).toFixed(1) + " fps" : ""), lost);
+  const t = s.trigger || {};
+  statusRow("trigger", !t.enabled ? "off (button and uploads only)"
+    : (t.armed ? "armed: waiting for a still view" : "waiting for a change")
+      + (t.sharpness != null ? " · sharpness " + Number(t.sharpness).toFixed(0) : ""));
+  statusRow("lookups", String(s.lookups_per_min ?? 0) + " in the last minute");
+  const err = s.last_error;
+  statusRow("last error", err ? str(err.message) + " (" + new Date(err.timestamp * 1000).toLocaleTimeString() + ")"
+    : "none", !!err);
+  const p = s.process || {};
+  statusRow("process", (p.cpu_percent != null ? Number(p.cpu_percent).toFixed(0) + " % CPU" : "CPU ?") + " · "
+    + (p.rss_mb != null ? Number(p.rss_mb).toFixed(0) + " MB RSS" : "RSS ?"));
+  const idx = s.index || {};
+  statusRow("index", str(idx.size) + " items · " + str(idx.generation));
+  const v = s.verification || {};
+  statusRow("verification", v.enabled ? "on (top " + str(v.top_k) + ", ≥ " + str(v.accept_inliers) + " points)"
+    : "off: " + str(v.why));
+
+  const banner = $("camera-banner");
+  banner.hidden = !lost;
+  if (lost) banner.textContent = "Camera lost (" + state + ")" + (cam.last_error ? ": " + str(cam.last_error) : "")
+    + ". The device keeps trying; uploads still work.";
+  const badge = $("camera-badge");
+  badge.textContent = "camera: " + state;
+  badge.className = "badge " + (state === "streaming" ? "good" : state === "absent" ? "unknown" : "bad");
+
+  const busy = s.looking_up || (requestedAt && Date.now() - requestedAt < 5000);
+  $("cue").hidden = !busy;
+  const n = s.latest ? s.latest.n : null;
+  if (n != null && n !== latestN) {
+    latestN = n;
+    requestedAt = 0;
+    $("cue").hidden = true;
+    refreshHistory();
+  }
+}
+
+async function pollStatus() {
   try {
-    const { ok, body } = await getJson("/api/results/latest");
-    if (ok && Date.now() > pinnedUntil && body.timestamp !== shownTimestamp) {
-      shownTimestamp = body.timestamp;
-      renderResult(body);
-    }
-  } catch (_) { /* device restarting: try again next tick */ }
-  setTimeout(pollLatest, 1000);
+    const { ok, body } = await getJson("/api/status");
+    if (ok) renderStatus(body);
+  } catch (_) {
+    $("camera-badge").textContent = "device unreachable";
+    $("camera-badge").className = "badge bad";
+  }
+  setTimeout(pollStatus, 1000);
 }
 
-// --- health ---------------------------------------------------------------------------------
 function formatUptime(s) {
   s = Math.floor(Number(s) || 0);
   const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
@@ -107,27 +239,16 @@ function formatUptime(s) {
 }
 
 async function pollHealth() {
-  const badge = $("camera-badge");
   try {
     const { body } = await getJson("/api/health");
-    const camera = body.camera || {};
-    const state = String(camera.state ?? (body.camera ? "unknown" : "absent"));
-    badge.textContent = "camera: " + state;
-    badge.className = "badge " + (["running", "ok", "streaming"].includes(state) ? "good"
-      : ["absent", "disabled", "none"].includes(state) ? "unknown" : "bad");
     const bits = [];
-    if (body.bundle) bits.push("model " + String(body.bundle.name ?? "?") +
-      (body.bundle.quantization ? " (" + String(body.bundle.quantization) + ")" : ""));
-    if (body.index) bits.push("index " + String(body.index.size ?? "?") + " items" +
-      (body.index.generation != null ? ", gen " + String(body.index.generation) : ""));
+    if (body.bundle) bits.push("model " + str(body.bundle.name || "?") +
+      (body.bundle.quantization ? " (" + str(body.bundle.quantization) + ")" : ""));
     if (body.uptime_s != null) bits.push("up " + formatUptime(body.uptime_s));
     bits.push(body.ok ? "healthy" : "NOT healthy");
     $("health-line").textContent = bits.join(" · ");
-  } catch (_) {
-    badge.textContent = "device unreachable";
-    badge.className = "badge bad";
-  }
-  setTimeout(pollHealth, 2000);
+  } catch (_) { /* the status poll shows "unreachable" */ }
+  setTimeout(pollHealth, 10000);
 }
 
 // --- actions --------------------------------------------------------------------------------
@@ -136,7 +257,10 @@ async function lookupNow() {
   try {
     const { ok, body } = await getJson("/api/lookup", { method: "POST" });
     pinnedUntil = 0;
-    setStatus(ok ? "Lookup requested." : "Failed: " + String(body.error ?? "error"));
+    $("pinned-note").hidden = true;
+    requestedAt = ok ? Date.now() : 0;
+    $("cue").hidden = !ok;
+    setStatus(ok ? "Lookup requested." : "Failed: " + str(body.error || "error"));
   } catch (_) { setStatus("Device unreachable."); }
 }
 
@@ -147,37 +271,144 @@ async function upload(event) {
   setStatus("Searching…");
   try {
     const { ok, body } = await getJson(form.action, { method: "POST", body: new FormData(form) });
-    if (!ok) { setStatus("Failed: " + String(body.error ?? "error")); return; }
-    pinnedUntil = Date.now() + 15000;
-    shownTimestamp = body.timestamp;
-    renderResult(body);
+    if (!ok) { setStatus("Failed: " + str(body.error || "error")); return; }
+    pinnedUntil = Date.now() + PIN_UPLOAD_MS;
+    await refreshHistory();
+    const mine = historyEntries.find((e) => e.source === "upload" && e.timestamp === body.timestamp);
+    show(mine || body, PIN_UPLOAD_MS);
     setStatus("Showing your photo's result.");
   } catch (_) { setStatus("Device unreachable."); }
 }
 
-// --- catalog list (paged, loaded when opened) -------------------------------------------------
+// --- catalog manager ------------------------------------------------------------------------
 let catalogOffset = 0;
-async function loadCatalogPage() {
-  const { ok, body } = await getJson("/api/catalog?limit=50&offset=" + catalogOffset);
-  if (!ok) return;
-  $("catalog-total").textContent = "(" + String(body.total) + ")";
+let catalogTotal = 0;
+let searchTimer = null;
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+function authHeaders() { return token() ? { Authorization: "Bearer " + token() } : {}; }
+function catalogNote(text) { $("catalog-note").textContent = text; }
+
+function showTokenState() {
+  $("token-forget").hidden = !token();
+  $("token").placeholder = token() ? "token set for this tab" : "web.api_token";
+}
+
+async function loadCatalog() {
+  const q = $("catalog-search").value.trim();
+  const url = "/api/catalog?limit=" + CATALOG_PAGE + "&offset=" + catalogOffset + (q ? "&q=" + encodeURIComponent(q) : "");
+  const { ok, body } = await getJson(url);
+  if (!ok) { catalogNote("Cannot load the catalog: " + str(body.error)); return; }
+  catalogTotal = body.total;
+  $("catalog-total").textContent = "(" + str(body.total) + (q ? " found" : "") + ")";
+  const grid = $("catalog-grid");
+  grid.replaceChildren();
   for (const item of body.items) {
-    const li = document.createElement("li");
-    li.textContent = String(item.label ?? "") + " — " + String(item.id ?? "");
-    $("catalog-list").appendChild(li);
+    const li = card({ ...item, thumbnail_url: "/api/catalog/" + item.id.split("/").map(encodeURIComponent).join("/") + "/thumb.jpg" });
+    li.dataset.id = item.id;
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "secondary delete";
+    del.textContent = "Delete";
+    del.addEventListener("click", () => removeItem(item.id, del));
+    li.querySelector(".score").replaceWith(del);
+    grid.appendChild(li);
   }
-  catalogOffset += body.items.length;
-  $("catalog-more").hidden = catalogOffset >= body.total;
+  const pages = Math.max(1, Math.ceil(body.total / CATALOG_PAGE));
+  $("catalog-page").textContent = "page " + (Math.floor(catalogOffset / CATALOG_PAGE) + 1) + " of " + pages;
+  $("catalog-prev").disabled = catalogOffset === 0;
+  $("catalog-next").disabled = catalogOffset + CATALOG_PAGE >= body.total;
+}
+
+async function catalogHas(id) {
+  const { ok, body } = await getJson("/api/catalog?limit=50&q=" + encodeURIComponent(id));
+  return ok && body.items.some((it) => it.id === id);
+}
+
+// The enrolment is queued (202): the index is rebuilt in the background; say so until the item is listed.
+async function waitIndexed(id) {
+  for (let i = 0; i < 120; i++) {
+    catalogNote("indexing " + id + "…");
+    if (await catalogHas(id)) { catalogNote("enrolled " + id + "."); loadCatalog(); return; }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  catalogNote("still indexing " + id + "; see the status panel for errors.");
+}
+
+async function sendEnrol(url, options) {
+  if (!token()) { catalogNote("Enter the API token first."); return; }
+  catalogNote("Sending…");
+  try {
+    const { ok, body } = await getJson(url, { method: "POST", ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    if (!ok) { catalogNote("Failed: " + str(body.error || "error")); return; }
+    $("enrol-label").value = "";
+    $("enrol-id").value = "";
+    $("enrol-file").value = "";
+    waitIndexed(str(body.id));
+  } catch (_) { catalogNote("Device unreachable."); }
+}
+
+function enrolUpload(event) {
+  event.preventDefault();
+  if (!$("enrol-file").files.length) { catalogNote("Choose a photo, or enrol what the camera sees."); return; }
+  sendEnrol(event.target.action, { body: new FormData(event.target) });
+}
+
+function enrolCamera() {
+  const label = $("enrol-label").value.trim();
+  if (!label) { catalogNote("Give it a label first."); return; }
+  sendEnrol("/api/catalog/camera", { headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ label, id: $("enrol-id").value.trim() }) });
+}
+
+async function removeItem(id, button) {
+  if (!token()) { catalogNote("Enter the API token first."); return; }
+  if (button.dataset.armed !== "1") {  // a second click confirms: no modal dialog
+    button.dataset.armed = "1";
+    button.textContent = "Sure? Delete";
+    return;
+  }
+  button.disabled = true;
+  catalogNote("removing " + id + "…");
+  const url = "/api/catalog/" + id.split("/").map(encodeURIComponent).join("/");
+  const { ok, body } = await getJson(url, { method: "DELETE", headers: authHeaders() });
+  catalogNote(ok ? "removed " + id + "." : "Failed: " + str(body.error || "error"));
+  loadCatalog();
+}
+
+function startCatalog() {
+  $("catalog").addEventListener("toggle", (e) => { if (e.target.open) loadCatalog(); });
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const value = $("token").value.trim();
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    $("token").value = "";
+    showTokenState();
+    catalogNote(value ? "Token kept for this tab." : "");
+  });
+  $("token-forget").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); });
+  $("enrol-form").addEventListener("submit", enrolUpload);
+  $("enrol-camera").addEventListener("click", enrolCamera);
+  $("catalog-search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => { catalogOffset = 0; loadCatalog(); }, 300);
+  });
+  $("catalog-prev").addEventListener("click", () => { catalogOffset = Math.max(0, catalogOffset - CATALOG_PAGE); loadCatalog(); });
+  $("catalog-next").addEventListener("click", () => {
+    if (catalogOffset + CATALOG_PAGE < catalogTotal) { catalogOffset += CATALOG_PAGE; loadCatalog(); }
+  });
+  showTokenState();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   startLiveView();
   $("lookup-now").addEventListener("click", lookupNow);
   $("upload-form").addEventListener("submit", upload);
-  $("catalog").addEventListener("toggle", (e) => {
-    if (e.target.open && catalogOffset === 0) loadCatalogPage();
+  $("follow-live").addEventListener("click", () => {
+    pinnedUntil = 0;
+    if (historyEntries[0]) show(historyEntries[0], 0);
   });
-  $("catalog-more").addEventListener("click", loadCatalogPage);
-  pollLatest();
+  startCatalog();
+  pollStatus();
   pollHealth();
 });

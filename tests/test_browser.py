@@ -1,0 +1,190 @@
+"""The page in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by Selenium; nothing
+downloads a browser) against a real ``serve`` on 127.0.0.1 whose camera plays the demo video with the trigger on.
+
+Skipped, with the reason, when chromium, chromedriver or selenium is missing (``make test`` installs them when it
+can). With ``SCREENSHOTS_DIR`` set, the desktop and phone screenshots are written there (docs/ in the README)."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.serve import AUTH, TOKEN, Serve
+from device.demo import materialise_demo
+from device.images import encode_jpeg
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # pragma: no cover - the dev extra has it
+    webdriver = None
+
+pytestmark = pytest.mark.skipif(
+    webdriver is None or not CHROMIUM or not CHROMEDRIVER,
+    reason="browser tests need selenium (dev extra) and Debian's chromium + chromium-driver "
+           "(apt-get install chromium chromium-driver; `make test` installs them when root)")
+
+WAIT_S = 60  # a generous bound for a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, catalog_dir):
+    work = tmp_path_factory.mktemp("browser")
+    _, video = materialise_demo(work / "demo", seconds_per_view=1.5)
+    s = Serve(work, catalog_dir, camera=video, trigger=True)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    d.set_page_load_timeout(WAIT_S)
+    yield d
+    d.quit()
+
+
+def _url(server, path: str = "/") -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+def _wait(driver, condition, what: str):
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(lambda d: condition(d), message=what)
+
+
+def _text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def _history_size(driver) -> int:
+    return len(driver.find_elements(By.CSS_SELECTOR, "#history-strip .hist"))
+
+
+def _catalog_ids(driver) -> list[str]:
+    # read in one script: the grid is re-rendered while the search box is typed into
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#catalog-grid .card')].map((c) => c.dataset.id)")
+
+
+def _severe(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _screenshot(driver, name: str) -> None:
+    folder = os.environ.get("SCREENSHOTS_DIR")
+    if folder:
+        image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+        image.save(Path(folder) / name, "JPEG", quality=70, optimize=True)
+
+
+def test_page_loads_clean_and_a_triggered_result_appears_without_reload(server, driver):
+    driver.get(_url(server))
+    _wait(driver, lambda d: _history_size(d) >= 1 and "camera" in _text(d, "result-meta"),
+          "a camera-triggered lookup on the page")
+    # the query frame is shown beside its candidates, and the candidates carry one ranked score with its why
+    assert "/api/history/" in driver.find_element(By.ID, "query-img").get_attribute("src")
+    score = driver.find_element(By.CSS_SELECTOR, "#candidates .score")
+    assert "ranked by" in score.get_attribute("title") and "cosine" in score.get_attribute("title")
+    assert "pts" not in score.text
+    # the status panel is fed by /api/status
+    _wait(driver, lambda d: "streaming" in _text(d, "status-panel") and "MB RSS" in _text(d, "status-panel"),
+          "the status panel")
+    assert driver.find_element(By.ID, "camera-banner").get_attribute("hidden") is not None
+    assert _severe(driver) == []
+
+
+def test_look_up_now_is_labelled_requested(server, driver):
+    before = _history_size(driver)
+    driver.find_element(By.ID, "lookup-now").click()
+    _wait(driver, lambda d: "requested" in _text(d, "result-meta"), "a 'requested' lookup")
+    assert _history_size(driver) >= min(before + 1, 20)
+
+
+def test_an_upload_shows_the_users_photo_and_its_result_and_the_history_grows(server, driver, photos, tmp_path):
+    photo = tmp_path / "my photo.jpg"
+    photo.write_bytes(encode_jpeg(photos["astronaut"], 90))
+    before = _history_size(driver)
+    driver.find_element(By.ID, "upload-file").send_keys(str(photo))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    _wait(driver, lambda d: _text(d, "query-caption") == "your photo", "the uploaded photo beside its result")
+    assert "upload" in _text(driver, "result-meta")
+    assert "/api/history/" in driver.find_element(By.ID, "query-img").get_attribute("src")
+    assert driver.find_elements(By.CSS_SELECTOR, "#candidates .card")
+    assert _history_size(driver) >= min(before + 1, 20)
+    status, body = server.request("GET", "/api/history?limit=5")
+    assert status == 200 and any(e["source"] == "upload" for e in body["entries"])
+    # an earlier lookup opens beside its candidates when clicked
+    driver.find_elements(By.CSS_SELECTOR, "#history-strip .hist")[-1].click()
+    assert not driver.find_element(By.ID, "pinned-note").get_attribute("hidden")
+    _screenshot(driver, "page-desktop.jpg")
+    assert _severe(driver) == []
+
+
+def test_enrol_and_delete_from_the_catalog_manager_change_the_catalog(server, driver, photos, tmp_path):
+    _, before = server.request("GET", "/api/catalog?limit=1")
+    driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .card"), "catalog thumbnails")
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+    photo = tmp_path / "mug.jpg"
+    photo.write_bytes(encode_jpeg(photos["coffee"], 90))
+    driver.find_element(By.ID, "enrol-label").send_keys("browser mug")
+    driver.find_element(By.ID, "enrol-id").send_keys("browser/mug")
+    driver.find_element(By.ID, "enrol-file").send_keys(str(photo))
+    driver.find_element(By.CSS_SELECTOR, "#enrol-form button[type=submit]").click()
+    _wait(driver, lambda d: "enrolled browser/mug" in _text(d, "catalog-note"), "the enrolment to be indexed")
+    _, after = server.request("GET", "/api/catalog?limit=1")
+    assert after["total"] == before["total"] + 1
+    # the camera's view can be enrolled too
+    driver.find_element(By.ID, "enrol-label").send_keys("seen by the camera")
+    driver.find_element(By.ID, "enrol-id").send_keys("browser/camera")
+    driver.find_element(By.ID, "enrol-camera").click()
+    _wait(driver, lambda d: "enrolled browser/camera" in _text(d, "catalog-note"), "the camera enrolment")
+
+    driver.find_element(By.ID, "catalog-search").send_keys("browser mug")
+    _wait(driver, lambda d: _catalog_ids(d) == ["browser/mug"], "the search to find the item")
+    time.sleep(0.6)  # the search box waits 0.3 s after the last key before it asks: let the last answer land
+    button = driver.find_element(By.CSS_SELECTOR, "#catalog-grid .card .delete")
+    button.click()
+    button.click()  # the second click confirms
+    _wait(driver, lambda d: "removed browser/mug" in _text(d, "catalog-note"), "the removal")
+    _, gone = server.request("GET", "/api/catalog?q=browser")
+    assert [it["id"] for it in gone["items"]] == ["browser/camera"]
+    assert server.request("DELETE", "/api/catalog/browser/camera", headers=AUTH)[0] == 200
+    assert _severe(driver) == []
+
+
+def test_a_phone_sized_viewport_has_no_horizontal_scroll(server, driver):
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        driver.get(_url(server))
+        _wait(driver, lambda d: _history_size(d) >= 1 and d.find_elements(By.CSS_SELECTOR, "#status-panel dd"),
+              "the page to fill in")
+        driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
+        _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .card"), "catalog thumbnails")
+        time.sleep(0.5)
+        width, inner = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width <= inner, f"the page is {width} px wide in a {inner} px viewport"
+        driver.execute_script("window.scrollTo(0, 0)")
+        _screenshot(driver, "page-phone.jpg")
+        assert _severe(driver) == []
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -1,0 +1,164 @@
+"""Recent lookups (device/history.py), the page's status and history API on a real appliance, the verified
+region (verify.region → Candidate.quad), the ranked score in the JSON, and the start-up friction fixes."""
+from __future__ import annotations
+
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from device.__main__ import _parser, _with_listen_flags, page_urls
+from device.appliance import Appliance
+from device.catalog import ItemMaker, build_index
+from device.config import Config, HistoryConfig, IndexConfig, RecognitionConfig, WebConfig
+from device.errors import ConfigError
+from device.history import CSV_COLUMNS, History
+from device.images import encode_jpeg
+from device.index_writer import IndexHolder
+from device.lookup import Lookup
+from device.results import Candidate, LookupResult
+from device.verify import extract, region
+from device.web import create_app
+
+TOKEN = "s3cret-token"
+
+
+def _result(i: int, match: bool = True) -> LookupResult:
+    c = Candidate(f"cat/{i}", f"item {i}", 0.8, inliers=30, rank_score=1.175)
+    return LookupResult(results=[c], timings_ms={"total": 12.0}, source="camera", match=c if match else None)
+
+
+def test_history_is_bounded_in_memory_and_on_disk(tmp_path):
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "lookup-00000007.jpg").write_bytes(b"from the last run")
+    history = History(HistoryConfig(size=3, dir=tmp_path / "h", snapshot_px=64))
+    frame = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    for i in range(5):
+        history.record(_result(i, match=i % 2 == 0), frame if i != 3 else None)
+    assert [e.n for e in history.entries()] == [5, 4, 3]
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["lookup-00000003.jpg", "lookup-00000005.jpg"]
+    assert history.image(1) is None and history.image(4) is None  # gone / recorded without a frame
+    jpeg = history.image(5)
+    assert jpeg[:2] == b"\xff\xd8" and max(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1).shape[:2]) == 64
+    rows = history.to_csv().splitlines()
+    assert rows[0].split(",") == list(CSV_COLUMNS) and len(rows) == 4
+    assert rows[1].split(",")[2:7] == ["camera", "match", "cat/4", "item 4", "30"]
+    assert history.entries()[1].to_json()["decision"] == "no match"
+
+
+def test_history_without_a_writable_folder_keeps_lookups_without_snapshots(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    history = History(HistoryConfig(dir=blocker / "h"))
+    history.record(_result(1), np.zeros((32, 32, 3), np.uint8))
+    assert [e.has_image for e in history.entries()] == [False]
+
+
+def test_candidate_json_carries_the_ranked_score_and_the_region():
+    plain = Candidate("a", "A", 0.5).to_json()
+    assert plain == {"id": "a", "label": "A", "score": 0.5, "rank_score": 0.5}
+    fused = Candidate("a", "A", 0.5, inliers=20, rank_score=0.75, quad=((0, 0), (1, 0), (1, 1), (0, 1))).to_json()
+    assert fused["score"] == 0.5 and fused["rank_score"] == 0.75 and fused["quad"][2] == [1, 1]
+
+
+def _on_canvas(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` at half size in the middle of a grey 2x canvas: its region is (0.25, 0.25)..(0.75, 0.75)."""
+    h, w = rgb.shape[:2]
+    canvas = np.full((h * 2, w * 2, 3), 120, np.uint8)
+    canvas[h // 2:h // 2 + h, w // 2:w // 2 + w] = rgb
+    return canvas
+
+
+def test_region_maps_the_catalog_corners_into_the_query_frame(photos):
+    cfg = RecognitionConfig()
+    astronaut = photos["astronaut"]
+    quad = region(extract(_on_canvas(astronaut), cfg, query=True), extract(astronaut, cfg), cfg)
+    assert quad is not None
+    assert np.allclose(quad, [(0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75)], atol=0.03)
+    flat = np.full((480, 640, 3), 128, np.uint8)  # no homography: no region (lookup asks only for verified matches)
+    assert region(extract(flat, cfg, query=True), extract(astronaut, cfg), cfg) is None
+
+
+@pytest.fixture()
+def appliance(tmp_path, catalog_dir, encoder):
+    recognition = RecognitionConfig()
+    build_index(catalog_dir, ItemMaker(encoder, recognition, 160), tmp_path / "index", n_trees=10, progress=False)
+    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
+    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder,
+                    maker=ItemMaker(encoder, recognition, 160), camera=None, trigger=None,
+                    enrolled_dir=tmp_path / "enrolled", history=History(HistoryConfig(dir=tmp_path / "history")))
+    yield app
+    app.stop()
+
+
+def test_an_upload_is_kept_with_its_photo_ranked_score_and_region(appliance, photos):
+    client = create_app(WebConfig(api_token=TOKEN), appliance).test_client()
+    photo = encode_jpeg(_on_canvas(photos["rocket"]), 90)
+    body = client.post("/api/query", data={"image": (io.BytesIO(photo), "p.jpg")},
+                       content_type="multipart/form-data").get_json()
+    match = body["match"]
+    assert match["id"] == "rocket" and match["rank_score"] > match["score"]
+    assert np.allclose(match["quad"], [(0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75)], atol=0.05)
+    ranks = [c["rank_score"] for c in body["results"]]
+    assert ranks == sorted(ranks, reverse=True)  # the score shown is the one they are ranked by
+
+    history = client.get("/api/history").get_json()
+    entry = history["entries"][0]
+    assert entry["n"] == 1 and entry["source"] == "upload" and entry["decision"] == "match"
+    image = client.get(entry["image_url"])
+    assert image.status_code == 200 and image.mimetype == "image/jpeg"
+    assert client.get("/api/history/99/image.jpg").status_code == 404
+    csv_text = client.get("/api/history.csv").get_data(as_text=True)
+    assert csv_text.splitlines()[1].startswith("1,") and ",upload,match,rocket," in csv_text
+
+    status = client.get("/api/status").get_json()
+    assert status["lookups_per_min"] == 1 and status["latest"]["n"] == 1 and status["looking_up"] is False
+    assert status["camera"]["state"] == "absent" and status["trigger"] == {"enabled": False}
+    assert status["process"]["rss_mb"] > 10 and status["index"]["size"] > 0
+    assert status["verification"]["enabled"] is True
+
+
+def test_catalog_search_and_enrol_from_the_camera_need_the_token(appliance):
+    client = create_app(WebConfig(api_token=TOKEN), appliance).test_client()
+    found = client.get("/api/catalog?q=SPACE").get_json()
+    assert [it["id"] for it in found["items"]] == ["space/hubble_deep_field"] and found["total"] == 1
+    assert client.post("/api/catalog/camera", json={"label": "x"}).status_code == 401
+    no_camera = client.post("/api/catalog/camera", json={"label": "x"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert no_camera.status_code == 409 and "camera" in no_camera.get_json()["error"]
+    assert client.get("/favicon.ico").status_code == 301
+    assert client.get("/static/favicon.svg").status_code == 200
+
+
+def test_serve_flags_override_the_web_section_and_urls_are_clickable():
+    args = _parser().parse_args(["serve", "--port", "9090", "--host", "127.0.0.1"])
+    web = _with_listen_flags(Config(), args).web
+    assert (web.host, web.port) == ("127.0.0.1", 9090)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--port", "0"])
+    with pytest.raises(ConfigError):
+        _with_listen_flags(Config(), _parser().parse_args(["serve", "--port", "70000"]))
+    assert page_urls("127.0.0.1", 8080) == ["http://127.0.0.1:8080/"]
+    urls = page_urls("0.0.0.0", 8080)
+    assert urls[0] == "http://127.0.0.1:8080/" and all("0.0.0.0" not in u for u in urls)
+
+
+def test_the_converter_says_which_extra_to_install_without_tensorflow(monkeypatch, capsys):
+    import converter.__main__ as cli
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'keras'", name="keras")
+
+    monkeypatch.setattr(cli, "_parser", missing)
+    assert cli.main(["--help"]) == 2
+    assert "pip install -e '.[converter]'" in capsys.readouterr().err
+
+
+def test_the_console_script_is_declared():
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"edge-retrieval": "device.__main__:main"}
+    assert isinstance(project["license"], str) and "selenium>=4.10" in project["optional-dependencies"]["dev"]
+    assert json.dumps(project)  # plain data

@@ -7,6 +7,7 @@ kind) plus an OPEN SET: camera views of real photos that are not in the catalog 
   global      one vector per item, no verification (what issue 5 measures)
   multiview   + database-side views (the item scaled to 70 % and 55 % on a grey canvas)
   verified    + spatial verification of the top 10 (ORB, one-to-one ratio matches, MAGSAC homography)
+  adapted, adapted_verified   multiview / verified + catalog adaptation (the default since issue 12)
 
 It prints recall@1 (overall and per view kind), the decision rates (correct accept / wrong accept / reject
 for in-catalog queries, false accept for open-set ones) at the configured thresholds, the operating curve
@@ -19,6 +20,7 @@ import argparse
 import json
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,14 @@ TOP_K = 10
 BASE = "index:\n  search_k: 100000\n"  # near-exact Annoy: measure recognition, not ANN recall
 # Each mode spells out every switch it depends on, so a change of config defaults cannot change a mode.
 MODES = {
-    "global": BASE + "recognition:\n  enrol_views: []\n  features: false\n  verify: false\n",
-    "multiview": BASE + "recognition:\n  enrol_views: [0.7, 0.55]\n  features: false\n  verify: false\n",
-    "verified": BASE + ("recognition:\n  enrol_views: [0.7, 0.55]\n  features: true\n  verify: true\n"
+    "global": BASE + "recognition:\n  adapt: false\n  enrol_views: []\n  features: false\n  verify: false\n",
+    "multiview": BASE + "recognition:\n  adapt: false\n  enrol_views: [0.7, 0.55]\n  features: false\n  verify: false\n",
+    "verified": BASE + ("recognition:\n  adapt: false\n  enrol_views: [0.7, 0.55]\n  features: true\n  verify: true\n"
                         "  require_features: true\n"),
 }
+# Catalog adaptation (learned whitening fitted at index build, device/adapt.py), global only and verified.
+MODES["adapted"] = MODES["multiview"].replace("adapt: false", "adapt: true")
+MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: true")
 # Options measured beside the default (python -m bench calibrate --modes verified_crop verified_top5).
 MODES["verified_crop"] = MODES["verified"] + "  query_crops: [0.7]\n"
 MODES["verified_top5"] = MODES["verified"] + "  verify_top_k: 5\n"
@@ -85,8 +90,10 @@ def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
     work.mkdir(parents=True)
     (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {DEFAULT_BUNDLE}\n")
     cfg = ["--config", str(work / "config.yaml")]
+    t0 = time.perf_counter()
     run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
                log=work / "index_build.log")
+    build_s = round(time.perf_counter() - t0, 1)
     out = run_module(["device", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
                       "--json", *cfg])
     answers = {}
@@ -95,7 +102,7 @@ def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
             d = json.loads(line)
             answers[d["query"]] = d
     index_bytes = {p.name: p.stat().st_size for p in (work / "index" / "current").resolve().iterdir()}
-    return {"answers": answers, "index_bytes": index_bytes}
+    return {"answers": answers, "index_bytes": index_bytes, "build_s": build_s}
 
 
 def _top(ans: dict) -> tuple[str | None, float, int]:
@@ -181,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         m = {"recall_at_1": round(float(np.mean(top1)), 4),
              "recall_at_1_table_views": round(float(np.mean([ok for ok, (_, q) in zip(top1, inq) if q["kind"] in table])), 4),
              "recall_at_1_per_kind": per_kind,
-             "at_defaults": rates(inside, outside, defaults.accept_inliers if mode.startswith("verified") else 10 ** 9,
+             "at_defaults": rates(inside, outside, defaults.accept_inliers if "verified" in mode else 10 ** 9,
                                   defaults.accept_score),
+             "build_s": run["build_s"],
              "recommended": recommend(inside, outside),
              "curve_score": operating_curve(inside, outside, "score"),
              "latency_ms_median": timings, "index_bytes": run["index_bytes"], "catalog_items": data.n_items}
-        if mode.startswith("verified"):
+        if "verified" in mode:
             m["curve_inliers"] = operating_curve(inside, outside, "inliers")
         report["modes"][mode] = m
         print(f"\n[{mode}] recall@1 {m['recall_at_1']:.3f} (table views {m['recall_at_1_table_views']:.3f}); "

@@ -105,6 +105,9 @@ def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None, a
                       max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty(), allow_empty=allow_empty)
     print(f"indexed {rep.indexed} images from {folder} into {out} ({rep.generation}) in {rep.seconds:.1f} s; "
           f"skipped {len(rep.skipped)}", file=sys.stderr)
+    if rep.adapted:
+        print(f"catalog-adapted projection: {rep.adapted['in_dim']} → {rep.adapted['dim']} dims, fitted on "
+              f"{rep.adapted['fit_items']} items × {rep.adapted['views_per_item']} views", file=sys.stderr)
     for rel, why in rep.skipped:
         print(f"  skipped {rel}: {why}", file=sys.stderr)
 

@@ -273,6 +273,9 @@ class Appliance:
                "index": {"size": idx.size, "generation": idx.generation, "path": str(self.holder.path),
                          "n_trees": idx.n_trees, "search_k": self.holder.config.search_k},
                "verification": self.lookup.verification_status(),
+               "adaptation": idx.projection.describe() if idx.projection is not None else
+               {"enabled": False, "why": "recognition.adapt is false" if not self.maker.recognition.adapt else
+                "the index was built without a catalog-adapted projection (rebuild it with `index build`)"},
                "uptime_s": round(time.time() - self.started, 1)}
         if self.trigger is not None:
             out["trigger"] = {k: (round(v, 2) if isinstance(v, float) else v)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import verify
+from .adapt import AdaptationFit
 from .config import RecognitionConfig
 from .errors import CatalogIndexError, ImageError, InputError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
@@ -110,6 +111,7 @@ class BuildReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     generation: str = ""
     seconds: float = 0.0
+    adapted: dict | None = None  # the fitted projection (Projection.describe()), None without adaptation
 
 
 def scan_folder(folder: Path) -> list[Path]:
@@ -126,7 +128,8 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
     files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
     item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
-    unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP)."""
+    unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP). With ``recognition.adapt``
+    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored."""
     import time
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -140,7 +143,10 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
         others = sum(1 for p in folder.rglob("*") if p.is_file())
         raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
                                 f"{others} other files ignored); the index was not changed")
-    for path in tqdm(paths, desc="indexing", unit="img", disable=not progress):
+    enc, rc = maker.encoder, maker.recognition
+    fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
+    sample = fit.sample(len(paths)) if fit is not None else set()
+    for row, path in enumerate(tqdm(paths, desc="indexing", unit="img", disable=not progress)):
         rel = path.relative_to(folder)
         item_id = rel.with_suffix("").as_posix()
         try:
@@ -149,14 +155,18 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
             rgb = read_image(path, max_pixels)
             items.append(maker.make(rgb, item_id, labels.get(item_id), source=str(path)))
             seen[item_id] = rel.as_posix()
+            if row in sample:  # seeded by the row: the same folder gives the same projection
+                fit.add(rgb, items[-1].vector[0], seed=row)
         except (InputError, CatalogIndexError) as e:
             rep.skipped.append((rel.as_posix(), str(e)))
             log.warning("skipped %s: %s", rel, e)
     if not items and not allow_empty:
         raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
                                 f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
-    gen = write_index(index_path, items, bundle_sha256=maker.encoder.sha256, n_trees=n_trees, dim=maker.encoder.dim)
+    projection = fit.fit() if fit is not None else None
+    gen = write_index(index_path, items, bundle_sha256=enc.sha256, n_trees=n_trees, dim=enc.dim, projection=projection)
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
+    rep.adapted = projection.describe() if projection is not None else None
     return rep
 
 

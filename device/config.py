@@ -96,8 +96,8 @@ class RecognitionConfig(_Section):
     verify_top_k: int = Field(10, ge=1, le=50)
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
     stop_inliers: int = Field(40, ge=4, le=1000)
-    accept_inliers: int = Field(16, ge=4, le=1000)
-    accept_score: float = Field(0.74, ge=-1, le=1.01)
+    accept_inliers: int = Field(8, ge=4, le=1000)
+    accept_score: float = Field(0.64, ge=-1, le=1.01)
     fusion_weight: float = Field(0.5, ge=0, le=10)
     n_features: int = Field(500, ge=50, le=5000)
     query_n_features: int = Field(1000, ge=50, le=5000)
@@ -108,6 +108,11 @@ class RecognitionConfig(_Section):
     ransac_reproj_px: float = Field(8.0, gt=0, le=100)
     ransac_iters: int = Field(500, ge=10, le=100000)
     require_features: bool = False
+    adapt: bool = Field(True, description="fit learned whitening on the catalog's synthetic views at index build")
+    adapt_views: int = Field(8, ge=1, le=64, description="synthetic camera views per catalog image for the fit")
+    adapt_dim: int = Field(256, ge=8, le=4096, description="projected dims (the bundle's dim when smaller)")
+    adapt_max_items: int = Field(500, ge=2, le=1_000_000, description="fit on a seeded sample of this many items")
+    adapt_shrinkage: float = Field(0.3, ge=0, le=1, description="shrink the view-difference covariance")
 
     @field_validator("enrol_views", "query_crops")
     @classmethod

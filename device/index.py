@@ -15,8 +15,9 @@ On disk the index is a directory::
         features.bin         local features (ORB) of every item for spatial verification, one mmap file
                              (device/verify.py FeatureStore); absent when the catalog was built without them
         thumbs.bin           the items' JPEG thumbnails back to back; ``meta.json`` thumbs holds [offset, length]
+        projection.npz       the catalog-adapted projection (device/adapt.py); absent = vectors used as they are
         meta.json            ``IndexMeta``: format_version, dim, metric, bundle_sha256, n_trees, created, ann_bytes,
-                             vectors, features, items [{id, label, source}], thumbs [[offset, length] | null]
+                             vectors, features, projection, items [{id, label, source}], thumbs [[offset, length] | null]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import numpy as np
 from annoy import AnnoyIndex
 from pydantic import BaseModel, ConfigDict, Field
 
+from .adapt import PROJECTION_FILE, Projection
 from .config import read_json_model
 from .errors import CatalogIndexError
 from .results import Candidate
@@ -101,6 +103,7 @@ class IndexMeta(BaseModel):
     ann_bytes: int = Field(ge=0)
     vectors: Optional[int] = Field(None, ge=0, description="absent in old files: one vector per item")
     features: bool = False
+    projection: Optional[dict[str, int]] = Field(None, description="dim, fit_items, views_per_item of projection.npz")
     items: list[_MetaItem]
     thumbs: list[Optional[tuple[int, int]]]
 
@@ -128,9 +131,11 @@ class CatalogIndex:
 
     def __init__(self, gen_dir: Path, meta: IndexMeta, ann: AnnoyIndex, vectors: np.ndarray,
                  thumbs: mmap.mmap | None, *, search_k: int = -1, owners: np.ndarray | None = None,
-                 features: FeatureStore | None = None, features_error: str | None = None):
+                 features: FeatureStore | None = None, features_error: str | None = None,
+                 projection: Projection | None = None):
         """Use :meth:`load`; this constructor takes already-validated parts."""
         self._gen_dir = gen_dir
+        self.projection = projection  # catalog-adapted Lw: Annoy holds projected vectors, vectors.npy the raw
         self._owners = owners if owners is not None else np.arange(len(vectors), dtype=np.int32)
         self._views_max = int(np.bincount(self._owners).max()) if len(self._owners) else 1
         self._features = features
@@ -218,7 +223,14 @@ class CatalogIndex:
         if size != meta.ann_bytes:
             raise CatalogIndexError(f"{ann_path} is {size} bytes but {gen_dir / META_FILE} recorded "
                                     f"{meta.ann_bytes} (field ann_bytes): the file is corrupt; {_REBUILD_HINT}")
-        ann = AnnoyIndex(max(dim, 1), METRIC)
+        projection = None
+        if meta.projection is not None:
+            projection = Projection.load(gen_dir / PROJECTION_FILE, bundle_sha256=sha)
+            if projection.in_dim != dim or projection.dim != meta.projection.get("dim"):
+                raise CatalogIndexError(f"{gen_dir / PROJECTION_FILE} maps {projection.in_dim} → {projection.dim} "
+                                        f"dims but {gen_dir / META_FILE} says {dim} → {meta.projection}; {_REBUILD_HINT}")
+        ann_dim = projection.dim if projection is not None else dim
+        ann = AnnoyIndex(max(ann_dim, 1), METRIC)
         try:
             ann.load(str(ann_path))  # mmap
         except OSError as e:
@@ -260,7 +272,7 @@ class CatalogIndex:
             with open(thumbs_path, "rb") as f:
                 thumbs = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return cls(gen_dir, meta, ann, vectors, thumbs, search_k=search_k, owners=owners, features=features,
-                   features_error=features_error)
+                   features_error=features_error, projection=projection)
 
     # -- properties
     @property
@@ -313,12 +325,13 @@ class CatalogIndex:
         return self._thumbnail_at(self._row(item_id))
 
     def vectors(self) -> np.ndarray:
-        """The N x D float32 L2-normalised descriptors (read-only memory map of vectors.npy)."""
+        """The N x D float32 L2-normalised descriptors as the bundle made them (read-only memory map of
+        vectors.npy; not projected)."""
         return self._vectors
 
     def query(self, vector: np.ndarray, top_k: int) -> list[Candidate]:
-        """The ``top_k`` items nearest to ``vector`` (any scale; cosine), best first.
-        An empty catalog returns []."""
+        """The ``top_k`` items nearest to ``vector`` (the bundle's descriptor, any scale; projected here when the
+        generation is catalog-adapted; cosine), best first. An empty catalog returns []."""
         if int(top_k) < 1:
             raise CatalogIndexError(f"top_k must be >= 1, got {top_k}")
         ann = self._ann
@@ -332,6 +345,8 @@ class CatalogIndex:
                                     f"{self.dim}; was it built with another encoder? {_REBUILD_HINT}")
         if not np.all(np.isfinite(v)):
             raise CatalogIndexError("query vector has NaN or infinite values")
+        if self.projection is not None:
+            v = self.projection.apply(v)
         # Several vectors per item: ask for enough neighbours to still find top_k distinct items.
         n_vec = int(top_k) * self._views_max
         rows, dists = ann.get_nns_by_vector(v.tolist(), n_vec, self._search_k, include_distances=True)

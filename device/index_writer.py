@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from annoy import AnnoyIndex
 
+from .adapt import PROJECTION_FILE, Projection
 from .config import IndexConfig
 from .errors import CatalogIndexError
 from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, META_FILE, METRIC, NPY_FILE, OWNERS_FILE,
@@ -39,12 +40,15 @@ def write_index(
     bundle_sha256: str,
     n_trees: int,
     dim: int | None = None,
+    projection: Projection | None = None,
 ) -> Path:
     """Write ``items`` as a new generation under the index directory ``path`` and make it live.
 
     Vectors are L2-normalised on the way in. ``dim``, when given, is the encoder's descriptor size and
     every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
-    ``dim`` (0 when not given: fixed by the first enrolment). Returns the new generation directory.
+    ``dim`` (0 when not given: fixed by the first enrolment). ``projection`` (device/adapt.py), made for the
+    same bundle, is stored with the generation and the Annoy index holds the projected vectors; vectors.npy
+    keeps them as given. Returns the new generation directory.
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
     root = Path(path)
@@ -53,6 +57,9 @@ def write_index(
         raise CatalogIndexError("write_index: bundle_sha256 must be the encoder bundle's sha256 (non-empty)")
     if int(n_trees) < 1:
         raise CatalogIndexError(f"write_index: n_trees must be >= 1, got {n_trees}")
+    if projection is not None and (projection.bundle_sha256 != bundle_sha256 or projection.in_dim != dim):
+        raise CatalogIndexError(f"write_index: the projection was fitted for bundle {projection.bundle_sha256[:12]}… "
+                                f"({projection.in_dim}-d), not {bundle_sha256[:12]}… ({dim}-d); rebuild the index")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -65,7 +72,7 @@ def write_index(
         gen_dir: Path | None = None
         try:
             _write_generation(tmp, items, vectors, owners, dim=dim, bundle_sha256=bundle_sha256,
-                              n_trees=int(n_trees))
+                              n_trees=int(n_trees), projection=projection)
             gen_dir = root / f"gen-{_next_generation_number(root):06d}"
             os.rename(tmp, gen_dir)
             previous = read_current_name(root)
@@ -126,7 +133,7 @@ def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.nd
 
 
 def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
-                      dim: int, bundle_sha256: str, n_trees: int) -> None:
+                      dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None) -> None:
     for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
         with open(gen / name, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -150,9 +157,13 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
             offset += len(data)
         _fsync_file(f)
 
-    ann = AnnoyIndex(max(dim, 1), METRIC)
+    searched = vectors
+    if projection is not None:
+        projection.save(gen / PROJECTION_FILE)
+        searched = projection.apply(vectors)
+    ann = AnnoyIndex(max(searched.shape[1], 1), METRIC)
     ann.set_seed(0)  # same catalog, same trees: builds are reproducible
-    for i, v in enumerate(vectors):
+    for i, v in enumerate(searched):
         ann.add_item(i, v)
     ann.build(n_trees)
     ann.save(str(gen / ANN_FILE))
@@ -164,6 +175,8 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         format_version=FORMAT_VERSION, dim=dim, metric=METRIC, bundle_sha256=bundle_sha256, n_trees=n_trees,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         ann_bytes=(gen / ANN_FILE).stat().st_size, vectors=int(len(vectors)), features=with_features,
+        projection=None if projection is None else {"dim": projection.dim, "fit_items": projection.fit_items,
+                                                    "views_per_item": projection.views_per_item},
         items=[{"id": it.id, "label": it.label, "source": it.source} for it in items],
         thumbs=[tuple(t) if t is not None else None for t in thumbs],
     )
@@ -325,8 +338,9 @@ class IndexHolder:
             return self._executor.submit(fn, arg)
 
     def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem]) -> None:
+        # The live generation's projection is carried over (only a full `index build` refits it).
         gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
-                              dim=cur.dim or None)
+                              dim=cur.dim or None, projection=cur.projection)
         new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
                                            search_k=self.config.search_k, require_features=self.require_features)
         self._index = new  # the old object stays usable for queries already holding it

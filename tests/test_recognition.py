@@ -17,7 +17,7 @@ from .conftest import CATALOG, view
 ENROL = RecognitionConfig(enrol_views=[0.7, 0.55], features=True)
 VERIFIED = RecognitionConfig(verify=True, verify_top_k=5)
 GLOBAL_ONLY = RecognitionConfig(verify=False)
-SINGLE_VIEW = RecognitionConfig(enrol_views=[], features=False)
+SINGLE_VIEW = RecognitionConfig(enrol_views=[], features=False, adapt=False)  # issue 5: no adaptation either
 
 
 def maker(encoder, recognition=ENROL) -> ItemMaker:

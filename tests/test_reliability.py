@@ -24,6 +24,10 @@ from bench.serve import AUTH, TOKEN, Serve, bad_input_corpus
 
 from .conftest import DEFAULT_BUNDLE, view
 
+# The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
+# synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
+FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74)
+
 
 # ------------------------------------------------------------------------------------------- a bad-input corpus
 
@@ -34,7 +38,7 @@ def corpus(photos) -> dict[str, tuple[bytes, int, str]]:
 
 @pytest.fixture()
 def appliance(tmp_path, catalog_dir, encoder):
-    recognition = RecognitionConfig()
+    recognition = FAST
     maker = ItemMaker(encoder, recognition, 160)
     build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
     holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)

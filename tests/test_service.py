@@ -21,12 +21,16 @@ from device.web import create_app
 
 from .conftest import view
 
+# The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
+# synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
+FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74)
+
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture()
 def holder(tmp_path, catalog_dir, encoder):
-    build_index(catalog_dir, ItemMaker(encoder, RecognitionConfig(), 160), tmp_path / "index", n_trees=10,
+    build_index(catalog_dir, ItemMaker(encoder, FAST, 160), tmp_path / "index", n_trees=10,
                 progress=False)
     h = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
     yield h
@@ -34,7 +38,7 @@ def holder(tmp_path, catalog_dir, encoder):
 
 
 def make_appliance(encoder, holder, tmp_path, camera=None, trigger=None):
-    recognition = RecognitionConfig()
+    recognition = FAST
     return Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder,
                      maker=ItemMaker(encoder, recognition, 160), camera=camera, trigger=trigger,
                      enrolled_dir=tmp_path / "enrolled")

@@ -49,6 +49,11 @@ function startLiveView() {
   });
 }
 
+function hideRegion() {
+  clearTimeout(regionTimer);
+  $("region").hidden = true;
+}
+
 function showRegion(quad) {
   if (!Array.isArray(quad) || quad.length !== 4) return;
   $("region-quad").setAttribute("points", quad.map((p) => Number(p[0]) + "," + Number(p[1])).join(" "));
@@ -164,7 +169,9 @@ async function refreshHistory() {
   const newest = historyEntries[0];
   if (newest && Date.now() > pinnedUntil && newest.n !== shownN) {
     show(newest, 0);
+    // a newer lookup without a verified region (no match, another item, an upload) ends the outline at once
     if (newest.match && newest.match.quad && newest.source !== "upload") showRegion(newest.match.quad);
+    else hideRegion();
   }
   renderHistory();
 }

@@ -210,6 +210,11 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
         updates = {"catalog": cfg.catalog.model_copy(update={"build_from": cfg.catalog.build_from or catalog})}
         if cfg.camera.source == "demo":
             updates["camera"] = cfg.camera.model_copy(update={"source": str(video), "fps": cfg.camera.fps or 10.0})
+        if cfg.web.api_token is None:  # so the demo's catalog manager can be tried; a device sets its own token
+            import secrets
+            updates["web"] = cfg.web.model_copy(update={"api_token": secrets.token_urlsafe(12)})
+            log.info("demo: catalog changes on the page need this token (valid until restart): %s",
+                     updates["web"].api_token)
         cfg = cfg.model_copy(update=updates)
     elif cfg.camera.source == "demo":
         raise ApplianceError("camera.source is 'demo' but catalog.demo is false: set a real source "

@@ -27,7 +27,7 @@ import numpy as np
 
 from device.config import DEFAULT_BUNDLE
 
-from .views import CACHE, RESULTS, camera_view_set, run_module, write_json
+from .views import CACHE, RESULTS, camera_view_set, catalog_view_set, run_module, write_json
 
 TOP_K = 10
 BASE = "index:\n  search_k: 100000\n"  # near-exact Annoy: measure recognition, not ANN recall
@@ -85,15 +85,17 @@ def open_set(root: Path, seed: int = 5) -> list[dict]:
     return queries
 
 
-def work_dir(mode: str, bundle: Path) -> Path:
-    """Where a mode's index, config and answers live (git-ignored cache)."""
-    return CACHE / "recognition" / (mode if bundle.resolve() == DEFAULT_BUNDLE else f"{bundle.name}_{mode}")
+def work_dir(mode: str, bundle: Path, catalog: Path | None = None) -> Path:
+    """Where a mode's index, config and answers live (git-ignored cache), per bundle and catalog."""
+    name = mode if bundle.resolve() == DEFAULT_BUNDLE else f"{bundle.name}_{mode}"
+    return CACHE / "recognition" / (name if catalog is None else f"{name}_catalog_{catalog.resolve().name}")
 
 
-def run_mode(mode: str, catalog: Path, paths: list[str], bundle: Path = DEFAULT_BUNDLE) -> dict[str, dict]:
+def run_mode(mode: str, catalog: Path, paths: list[str], bundle: Path = DEFAULT_BUNDLE,
+             work: Path | None = None) -> dict[str, dict]:
     """Build the index with the mode's config and ``bundle``, query every path through the CLI; answers by path
     (also kept in the work folder, ``answers.json``, to refit a decision without querying again)."""
-    work = work_dir(mode, bundle)
+    work = work or work_dir(mode, bundle)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {bundle.resolve()}\n")
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="the model bundle to build and query with")
+    ap.add_argument("--catalog", type=Path, default=None,
+                    help="calibrate on your own catalog folder (every image queried through seeded camera views) "
+                         "instead of the benchmark's crops of the shipped photos")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse each mode's answers of the last run (refit the decision without querying again)")
     args = ap.parse_args(argv)
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from device.config import RecognitionConfig
     defaults = RecognitionConfig()
-    data = camera_view_set()
+    data = camera_view_set() if args.catalog is None else catalog_view_set(args.catalog)
     openq = open_set(CACHE / "open_set")
     inq = [(str(data.root / q["path"]), q) for q in data.queries]
     paths = [p for p, _ in inq] + [q["path"] for q in openq]
@@ -200,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     out_name = "recognition" if set(args.modes) == set(DEFAULT_MODES) else "recognition_" + "_".join(args.modes)
     if args.bundle.resolve() != DEFAULT_BUNDLE:
         out_name += f"_{args.bundle.name}"
+    if args.catalog is not None:
+        out_name += f"_catalog_{args.catalog.resolve().name}"
     report: dict = {"dataset": data.info, "open_set": len(openq), "bundle": args.bundle.name, "modes": {}}
     kinds = list(dict.fromkeys(q["kind"] for _, q in inq))
     for mode in args.modes:
         if args.reuse:
-            work = work_dir(mode, args.bundle)
+            work = work_dir(mode, args.bundle, args.catalog)
             run = {"answers": json.loads((work / "answers.json").read_text()), "build_s": None,
                    "index_bytes": {p.name: p.stat().st_size for p in (work / "index" / "current").resolve().iterdir()}}
         else:
-            run = run_mode(mode, data.catalog, paths, args.bundle)
+            run = run_mode(mode, data.catalog, paths, args.bundle, work_dir(mode, args.bundle, args.catalog))
         ans = run["answers"]
         inside = [(ans[p], q["item"]) for p, q in inq]
         outside = [ans[q["path"]] for q in openq]

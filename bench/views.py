@@ -153,6 +153,33 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     return CameraViewSet(root, root / "catalog", queries, len(queried) + len(distractors), len(queried), info)
 
 
+def catalog_view_set(folder: Path, *, views_per_item: int = 4, seed: int = 0) -> CameraViewSet:
+    """The same kind of benchmark from a user's own catalog folder (``python -m bench calibrate --catalog DIR``):
+    the folder is indexed as it is and every image gets ``views_per_item`` seeded camera views (kinds cycle over
+    VIEW_KINDS), generated into the cache. Item ids follow ``index build`` (relative path without suffix)."""
+    from device.catalog import scan_folder
+    from device.images import DEFAULT_MAX_PIXELS, encode_jpeg, read_image
+    from device.views import VIEW_KINDS, camera_view
+    folder = Path(folder).resolve()
+    root = CACHE / "catalog_views" / folder.name
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "queries").mkdir(parents=True)
+    rng = np.random.default_rng(seed + 1)
+    queries, j = [], 0
+    paths = scan_folder(folder)
+    for path in paths:
+        item = path.relative_to(folder).with_suffix("").as_posix()
+        rgb = read_image(path, DEFAULT_MAX_PIXELS)
+        for _ in range(views_per_item):
+            kind = VIEW_KINDS[j % len(VIEW_KINDS)]
+            j += 1
+            out = root / "queries" / f"{item.replace('/', '_')}__{kind}.jpg"
+            out.write_bytes(encode_jpeg(camera_view(rgb, kind, rng), 90))
+            queries.append({"path": str(out.relative_to(root)), "item": item, "kind": kind})
+    info = {"catalog": str(folder), "queries": len(queries), "views_per_item": views_per_item}
+    return CameraViewSet(root, folder, queries, len(paths), len(paths), info)
+
+
 # ---------------------------------------------------------------- metrics
 def rank_of(results: list[str], truth: str) -> int | None:
     """1-based rank of ``truth`` in the returned ids, None when it is not among them."""

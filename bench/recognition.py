@@ -276,17 +276,8 @@ def _plot(report: dict, out: Path) -> None:
         c = report["modes"]["verified"]["curve_inliers"]
         ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], "k-",
                 linewidth=2, label="verified: inlier threshold")
-    ax.axvline(0.02, color="grey", linestyle=":", label="2 % false accepts")
-    ax.set_xlabel("open-set false-accept rate")
-    ax.set_ylabel("in-catalog correct-accept rate")
-    ax.set_xlim(0, 0.3)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Decision operating curve (int8 default bundle, CLI)")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _finish(plt, fig, ax, out, xmax=0.3, ylabel="in-catalog correct-accept rate", legend="lower right",
+            title="Decision operating curve (int8 default bundle, CLI)")
 
 
 def _plot_decision(mode: str, m: dict, out: Path) -> None:
@@ -308,14 +299,20 @@ def _plot_decision(mode: str, m: dict, out: Path) -> None:
     ax.plot([d["open_set_false_accept"]], [d["correct_accept"]], "ko", label="two thresholds (accept_inliers/score)")
     h = m["decision"]["held_out_mean"]
     ax.plot([h["open_set_false_accept"]], [h["correct_accept"]], "bs", label="learned, threshold fitted on the other half")
+    _finish(plt, fig, ax, out, xmax=0.2, ylabel="rate among in-catalog views", legend="center right",
+            title=f"Match / no-match decision ({mode}, CLI)")
+
+
+def _finish(plt, fig, ax, out: Path, *, xmax: float, ylabel: str, legend: str, title: str) -> None:
+    """The axes, grid, 2 % line and legend both operating-curve plots share; save and close."""
     ax.axvline(0.02, color="grey", linestyle=":", label="2 % false accepts")
     ax.set_xlabel("open-set false-accept rate")
-    ax.set_ylabel("rate among in-catalog views")
-    ax.set_xlim(0, 0.2)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, xmax)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
-    ax.set_title(f"Match / no-match decision ({mode}, CLI)")
+    ax.legend(fontsize=7, loc=legend)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

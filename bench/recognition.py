@@ -27,7 +27,7 @@ import numpy as np
 
 from device.config import DEFAULT_BUNDLE
 
-from .views import CACHE, RESULTS, camera_view_set, run_module, write_json
+from .views import CACHE, RESULTS, camera_view_set, catalog_view_set, run_module, write_json
 
 TOP_K = 10
 BASE = "index:\n  search_k: 100000\n"  # near-exact Annoy: measure recognition, not ANN recall
@@ -44,6 +44,8 @@ MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: tr
 # Options measured beside the default (python -m bench calibrate --modes verified_crop verified_top5).
 MODES["verified_crop"] = MODES["verified"] + "  query_crops: [0.7]\n"
 MODES["verified_top5"] = MODES["verified"] + "  verify_top_k: 5\n"
+# Issue 12, item 3: twice the query keypoints (the views are 640 x 480, already ORB's full working size).
+MODES["adapted_verified_q2000"] = MODES["adapted_verified"] + "  query_n_features: 2000\n"
 DEFAULT_MODES = ("global", "multiview", "verified")
 OPEN_KINDS = ("closeup", "perspective", "table", "table_occluded", "occluded", "lighting")
 WALLPAPERS = Path("/usr/share/backgrounds")
@@ -83,12 +85,20 @@ def open_set(root: Path, seed: int = 5) -> list[dict]:
     return queries
 
 
-def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
-    """Build the index with the mode's config and query every path through the CLI; answers by path."""
-    work = CACHE / "recognition" / mode
+def work_dir(mode: str, bundle: Path, catalog: Path | None = None) -> Path:
+    """Where a mode's index, config and answers live (git-ignored cache), per bundle and catalog."""
+    name = mode if bundle.resolve() == DEFAULT_BUNDLE else f"{bundle.name}_{mode}"
+    return CACHE / "recognition" / (name if catalog is None else f"{name}_catalog_{catalog.resolve().name}")
+
+
+def run_mode(mode: str, catalog: Path, paths: list[str], bundle: Path = DEFAULT_BUNDLE,
+             work: Path | None = None) -> dict[str, dict]:
+    """Build the index with the mode's config and ``bundle``, query every path through the CLI; answers by path
+    (also kept in the work folder, ``answers.json``, to refit a decision without querying again)."""
+    work = work or work_dir(mode, bundle)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {DEFAULT_BUNDLE}\n")
+    (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {bundle.resolve()}\n")
     cfg = ["--config", str(work / "config.yaml")]
     t0 = time.perf_counter()
     run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
@@ -101,6 +111,7 @@ def run_mode(mode: str, catalog: Path, paths: list[str]) -> dict[str, dict]:
         if line.startswith("{"):
             d = json.loads(line)
             answers[d["query"]] = d
+    write_json(work / "answers.json", answers)
     index_bytes = {p.name: p.stat().st_size for p in (work / "index" / "current").resolve().iterdir()}
     return {"answers": answers, "index_bytes": index_bytes, "build_s": build_s}
 
@@ -155,28 +166,56 @@ def recommend(inside, outside, max_fa: float = 0.02, max_wa: float = 0.02) -> di
     return {"accept_inliers": best[0], "accept_score": best[1], **best[2]} if best else {}
 
 
+def learned_decision(ans: dict, inq: list, openq: list, fitted_on: str) -> dict:
+    """Fit and evaluate the learned decision on one verified mode's answers (bench/decision.py), and rate the
+    model the config ships on the same answers."""
+    from device.config import RecognitionConfig
+    from .decision import fit_and_evaluate, predict, rates, table
+    t = table([(ans[p], q["item"], q["item"]) for p, q in inq],
+              [(ans[q["path"]], q["source"] or q["path"]) for q in openq])
+    out = fit_and_evaluate(t, fitted_on=fitted_on)
+    shipped = RecognitionConfig().decision
+    out["at_config"] = rates(predict(shipped, t), t, shipped.threshold) if shipped else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the results and recommended thresholds, write results + plot."""
     ap = argparse.ArgumentParser(prog="python -m bench calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
+    ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="the model bundle to build and query with")
+    ap.add_argument("--catalog", type=Path, default=None,
+                    help="calibrate on your own catalog folder (every image queried through seeded camera views) "
+                         "instead of the benchmark's crops of the shipped photos")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse each mode's answers of the last run (refit the decision without querying again)")
     args = ap.parse_args(argv)
     if not WALLPAPERS.is_dir():
         print(f"skipped: {WALLPAPERS} is missing (apt-get install mate-backgrounds gnome-backgrounds ukui-wallpapers)")
         return 0
     from device.config import RecognitionConfig
     defaults = RecognitionConfig()
-    data = camera_view_set()
+    data = camera_view_set() if args.catalog is None else catalog_view_set(args.catalog)
     openq = open_set(CACHE / "open_set")
     inq = [(str(data.root / q["path"]), q) for q in data.queries]
     paths = [p for p, _ in inq] + [q["path"] for q in openq]
     print(f"camera-view benchmark: {data.n_items} catalog items ({data.n_queried} queried), {len(inq)} in-catalog "
           f"views, {len(openq)} open-set views ({sum(q['kind'] == 'open:empty_table' for q in openq)} empty tables)")
     out_name = "recognition" if set(args.modes) == set(DEFAULT_MODES) else "recognition_" + "_".join(args.modes)
-    report: dict = {"dataset": data.info, "open_set": len(openq), "modes": {}}
+    if args.bundle.resolve() != DEFAULT_BUNDLE:
+        out_name += f"_{args.bundle.name}"
+    if args.catalog is not None:
+        out_name += f"_catalog_{args.catalog.resolve().name}"
+    report: dict = {"dataset": data.info, "open_set": len(openq), "bundle": args.bundle.name, "modes": {}}
     kinds = list(dict.fromkeys(q["kind"] for _, q in inq))
     for mode in args.modes:
-        run = run_mode(mode, data.catalog, paths)
+        if args.reuse:
+            work = work_dir(mode, args.bundle, args.catalog)
+            run = {"answers": json.loads((work / "answers.json").read_text()), "build_s": None,
+                   "index_bytes": {p.name: p.stat().st_size for p in (work / "index" / "current").resolve().iterdir()}}
+        else:
+            run = run_mode(mode, data.catalog, paths, args.bundle, work_dir(mode, args.bundle, args.catalog))
         ans = run["answers"]
         inside = [(ans[p], q["item"]) for p, q in inq]
         outside = [ans[q["path"]] for q in openq]
@@ -196,14 +235,21 @@ def main(argv: list[str] | None = None) -> int:
              "latency_ms_median": timings, "index_bytes": run["index_bytes"], "catalog_items": data.n_items}
         if "verified" in mode:
             m["curve_inliers"] = operating_curve(inside, outside, "inliers")
+            m["decision"] = learned_decision(ans, inq, openq, f"{mode}, bundle {args.bundle.name}, {data.info['queries']} "
+                                             f"in-catalog + {len(openq)} open-set views of `python -m bench calibrate`")
         report["modes"][mode] = m
         print(f"\n[{mode}] recall@1 {m['recall_at_1']:.3f} (table views {m['recall_at_1_table_views']:.3f}); "
               f"median ms {timings}")
         print("  per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()))
         print(f"  at config defaults: {m['at_defaults']}")
         print(f"  recommended (≤ 2 % open-set false accepts, ≤ 2 % wrong accepts): {m['recommended']}")
+        if "decision" in m:
+            d = m["decision"]
+            print(f"  learned decision, held out (2 folds): {d['held_out_mean']}; configured model: {d['at_config']}")
+            print("  recognition.decision fitted on all views (paste into config.yaml):\n    decision: "
+                  + json.dumps({k: v for k, v in d["model"].items()}, ensure_ascii=False))
     from converter.report import invoke_latency_ms  # no TensorFlow: the device runtime only
-    invoke = invoke_latency_ms(DEFAULT_BUNDLE, num_threads=2, runs=200)
+    invoke = invoke_latency_ms(args.bundle, num_threads=2, runs=200)
     report["invoke_ms_median"] = invoke
     for mode, m in report["modes"].items():
         m["lookup_over_invoke"] = round((m["latency_ms_median"]["total"] - m["latency_ms_median"]["decode"]) / invoke, 2)
@@ -211,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(RESULTS / f"{out_name}.json", report)
     if out_name == "recognition":
         _plot(report, RESULTS / "operating_curve.png")
+    for mode, m in report["modes"].items():
+        if "decision" in m:
+            _plot_decision(mode, m, RESULTS / f"{out_name}_decision.png")
     print(f"\nwrote {RESULTS / (out_name + '.json')}")
     return 0
 
@@ -227,14 +276,43 @@ def _plot(report: dict, out: Path) -> None:
         c = report["modes"]["verified"]["curve_inliers"]
         ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], "k-",
                 linewidth=2, label="verified: inlier threshold")
+    _finish(plt, fig, ax, out, xmax=0.3, ylabel="in-catalog correct-accept rate", legend="lower right",
+            title="Decision operating curve (int8 default bundle, CLI)")
+
+
+def _plot_decision(mode: str, m: dict, out: Path) -> None:
+    """Correct vs false (and wrong) accepts of the learned decision as its threshold moves (held-out halves),
+    beside the inlier-threshold rule it replaces."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    c = m["decision"]["held_out_curve"]
+    ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], "b-", linewidth=2,
+            label="learned decision (held out), correct accepts")
+    ax.plot([p["open_set_false_accept"] for p in c], [p["wrong_accept"] for p in c], "b:",
+            label="learned decision (held out), wrong accepts")
+    c = m["curve_inliers"]
+    ax.plot([p["open_set_false_accept"] for p in c], [p["correct_accept"] for p in c], "k-",
+            label="inlier threshold alone, correct accepts")
+    d = m["at_defaults"]
+    ax.plot([d["open_set_false_accept"]], [d["correct_accept"]], "ko", label="two thresholds (accept_inliers/score)")
+    h = m["decision"]["held_out_mean"]
+    ax.plot([h["open_set_false_accept"]], [h["correct_accept"]], "bs", label="learned, threshold fitted on the other half")
+    _finish(plt, fig, ax, out, xmax=0.2, ylabel="rate among in-catalog views", legend="center right",
+            title=f"Match / no-match decision ({mode}, CLI)")
+
+
+def _finish(plt, fig, ax, out: Path, *, xmax: float, ylabel: str, legend: str, title: str) -> None:
+    """The axes, grid, 2 % line and legend both operating-curve plots share; save and close."""
     ax.axvline(0.02, color="grey", linestyle=":", label="2 % false accepts")
     ax.set_xlabel("open-set false-accept rate")
-    ax.set_ylabel("in-catalog correct-accept rate")
-    ax.set_xlim(0, 0.3)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, xmax)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Decision operating curve (int8 default bundle, CLI)")
+    ax.legend(fontsize=7, loc=legend)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

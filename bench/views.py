@@ -98,6 +98,21 @@ def _cut(img: np.ndarray, box: tuple, size_px: int) -> np.ndarray:
     return cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
 
 
+def _write_views(rgb: np.ndarray, item: str, root: Path, n: int, rng: np.random.Generator, j: int,
+                 queries: list[dict]) -> int:
+    """Write ``n`` camera views of one item under ``root/queries`` (kinds cycle over VIEW_KINDS from the running
+    count ``j``), append their ground truth to ``queries``; returns the new count."""
+    from device.images import encode_jpeg
+    from device.views import VIEW_KINDS, camera_view
+    for _ in range(n):
+        kind = VIEW_KINDS[j % len(VIEW_KINDS)]
+        j += 1
+        path = root / "queries" / f"{item.replace('/', '_')}__{kind}.jpg"
+        path.write_bytes(encode_jpeg(camera_view(rgb, kind, rng), 90))
+        queries.append({"path": str(path.relative_to(root)), "item": item, "kind": kind})
+    return j
+
+
 @dataclass
 class CameraViewSet:
     root: Path
@@ -114,7 +129,7 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     ``dataset.json`` with the ground truth. View kinds cycle over VIEW_KINDS across all queries, so each kind
     gets about the same number of queries and each item ``views_per_item`` different kinds."""
     from device.images import encode_jpeg
-    from device.views import VIEW_KINDS, camera_view
+    from device.views import VIEW_KINDS
     from device.demo import shipped_photos
     root = Path(root or CACHE / "camera_views")
     meta = root / "dataset.json"
@@ -136,13 +151,7 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     rng = np.random.default_rng(seed + 1)
     queries, j = [], 0
     for item, (name, box) in sorted(queried.items()):
-        crop = _cut(photos[name], box, plan.size_px)
-        for _ in range(views_per_item):
-            kind = VIEW_KINDS[j % len(VIEW_KINDS)]
-            j += 1
-            path = root / "queries" / f"{item.replace('/', '_')}__{kind}.jpg"
-            path.write_bytes(encode_jpeg(camera_view(crop, kind, rng), 90))
-            queries.append({"path": str(path.relative_to(root)), "item": item, "kind": kind})
+        j = _write_views(_cut(photos[name], box, plan.size_px), item, root, views_per_item, rng, j, queries)
     info = {"photos": sorted(photos), "queried_items": len(queried), "distractor_items": len(distractors),
             "queries": len(queries), "queries_per_kind": {k: sum(q["kind"] == k for q in queries) for k in VIEW_KINDS},
             "crop_rule": (f"queried crops of one photo overlap <= {plan.max_queried_overlap:.0%} of the smaller crop; "
@@ -151,6 +160,26 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     meta.write_text(json.dumps({"params": params, "queries": queries, "n_items": len(queried) + len(distractors),
                                 "n_queried": len(queried), "info": info}, indent=1) + "\n")
     return CameraViewSet(root, root / "catalog", queries, len(queried) + len(distractors), len(queried), info)
+
+
+def catalog_view_set(folder: Path, *, views_per_item: int = 4, seed: int = 0) -> CameraViewSet:
+    """The same kind of benchmark from a user's own catalog folder (``python -m bench calibrate --catalog DIR``):
+    the folder is indexed as it is and every image gets ``views_per_item`` seeded camera views (kinds cycle over
+    VIEW_KINDS), generated into the cache. Item ids follow ``index build`` (relative path without suffix)."""
+    from device.catalog import scan_folder
+    from device.images import DEFAULT_MAX_PIXELS, read_image
+    folder = Path(folder).resolve()
+    root = CACHE / "catalog_views" / folder.name
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "queries").mkdir(parents=True)
+    rng = np.random.default_rng(seed + 1)
+    queries, j = [], 0
+    paths = scan_folder(folder)
+    for path in paths:
+        item = path.relative_to(folder).with_suffix("").as_posix()
+        j = _write_views(read_image(path, DEFAULT_MAX_PIXELS), item, root, views_per_item, rng, j, queries)
+    info = {"catalog": str(folder), "queries": len(queries), "views_per_item": views_per_item}
+    return CameraViewSet(root, folder, queries, len(paths), len(paths), info)
 
 
 # ---------------------------------------------------------------- metrics

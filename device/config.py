@@ -4,6 +4,7 @@ Unknown keys and bad values are refused with the file, the key and the allowed v
 resolved against the config file's folder."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Optional, TypeVar
 
@@ -83,6 +84,38 @@ class CatalogConfig(_Section):
     demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
 
 
+DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin")
+
+
+class DecisionModel(_Section):
+    """A learned match / no-match decision (device/decision.py): accept the top item of a verified lookup when
+    ``sigmoid(weights · features + bias) ≥ threshold``. Fitted by ``python -m bench calibrate``; valid for the
+    bundle, adaptation setting and kind of catalog it was fitted on (``fitted_on`` says which)."""
+
+    features: list[Literal[DECISION_FEATURES]] = Field(min_length=1, description="names, in weight order")
+    weights: list[float] = Field(min_length=1)
+    bias: float
+    threshold: float = Field(ge=0, le=1, description="accept at this probability or more")
+    fitted_on: str = Field("", max_length=500, description="what the coefficients were fitted on")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if len(self.weights) != len(self.features):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.features)} features {self.features}")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features repeat: {self.features}")
+        if not all(math.isfinite(w) for w in (*self.weights, self.bias)):
+            raise ValueError("weights and bias must be finite numbers")
+        return self
+
+
+# Written once here, documented in config.yaml; refit with `python -m bench calibrate` (README, "Recognition").
+DEFAULT_DECISION = dict(
+    features=list(DECISION_FEATURES), weights=[7.12505, 5.56679, 0.69426, 0.36652], bias=-5.30168, threshold=0.6694,
+    fitted_on="adapted_verified, bundle models/default (1280-d), 264 in-catalog + 126 open-set views of "
+              "`python -m bench calibrate`; threshold for <= 2 % open-set false and <= 1 % wrong accepts")
+
+
 class RecognitionConfig(_Section):
     """Multi-view enrolment, local features, spatial verification and the match / no-match decision
     (device/catalog.py, device/verify.py, device/lookup.py). The defaults are what ``python -m bench
@@ -97,7 +130,7 @@ class RecognitionConfig(_Section):
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
     stop_inliers: int = Field(40, ge=4, le=1000)
     accept_inliers: int = Field(8, ge=4, le=1000)
-    accept_score: float = Field(0.64, ge=-1, le=1.01)
+    accept_score: float = Field(0.83, ge=-1, le=1.01)
     fusion_weight: float = Field(0.5, ge=0, le=10)
     n_features: int = Field(500, ge=50, le=5000)
     query_n_features: int = Field(1000, ge=50, le=5000)
@@ -113,6 +146,8 @@ class RecognitionConfig(_Section):
     adapt_dim: int = Field(256, ge=8, le=4096, description="projected dims (the bundle's dim when smaller)")
     adapt_max_items: int = Field(500, ge=2, le=1_000_000, description="fit on a seeded sample of this many items")
     adapt_shrinkage: float = Field(0.3, ge=0, le=1, description="shrink the view-difference covariance")
+    decision: Optional[DecisionModel] = Field(default_factory=lambda: DecisionModel(**DEFAULT_DECISION),
+                                              description="learned decision; null = the two thresholds")
 
     @field_validator("enrol_views", "query_crops")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from .config import RecognitionConfig
+from .decision import accepts
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .index import CatalogIndex
 from .results import Candidate, LookupResult
@@ -53,7 +54,8 @@ class Lookup:
         if not idx.has_features:
             return {"enabled": False, "why": idx.features_error or "the index has no local features"}
         return {"enabled": True, "top_k": self.recognition.verify_top_k,
-                "accept_inliers": self.recognition.accept_inliers}
+                "accept_inliers": self.recognition.accept_inliers,
+                "decision": "learned" if self.recognition.decision is not None else "thresholds"}
 
     def lookup_rgb(self, rgb: np.ndarray, *, source: str = "cli", top_k: int | None = None,
                    timings: dict[str, float] | None = None) -> LookupResult:
@@ -99,10 +101,14 @@ class Lookup:
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:
-        """Accept the top item only when the evidence says so; else "no match"."""
+        """Accept the top item only when the evidence says so; else "no match". A verified lookup is decided by
+        the learned model when one is configured; otherwise (or when nothing was verified: verification off, an
+        index without features) by the two thresholds, since the model's inlier features would all be zero."""
         if not ranked:
             return None
-        top = ranked[0]
+        top, model = ranked[0], self.recognition.decision
+        if model is not None and any(c.inliers is not None for c in ranked):
+            return top if accepts(model, ranked) else None
         if top.inliers is not None and top.inliers >= self.recognition.accept_inliers:
             return top
         if top.score >= self.recognition.accept_score:

@@ -15,7 +15,9 @@ from device.lookup import Lookup
 from .conftest import CATALOG, view
 
 ENROL = RecognitionConfig(enrol_views=[0.7, 0.55], features=True)
-VERIFIED = RecognitionConfig(verify=True, verify_top_k=5)
+VERIFIED = RecognitionConfig(verify=True, verify_top_k=5)  # the shipped learned decision
+THRESHOLDS = VERIFIED.model_copy(update={"decision": None})  # its fallback: accept_inliers / accept_score
+DECISIONS = pytest.mark.parametrize("rc", [VERIFIED, THRESHOLDS], ids=["learned", "thresholds"])
 GLOBAL_ONLY = RecognitionConfig(verify=False)
 SINGLE_VIEW = RecognitionConfig(enrol_views=[], features=False, adapt=False)  # issue 5: no adaptation either
 
@@ -78,9 +80,10 @@ def test_verification_beats_global_only_on_table_views(encoder, index, single_vi
     assert sum(vtop) >= len(table_views) - 3  # ≥ 81/84 table + occluded-table views first
 
 
-def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos):
+@DECISIONS
+def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos, rc):
     from device.views import empty_table
-    lookup = Lookup(encoder, index, VERIFIED, top_k=5)
+    lookup = Lookup(encoder, index, rc, top_k=5)
     negatives = [view(photos, name, kind, seed=7 + i) for i, name in enumerate(("coffee", "grace_hopper"))
                  for kind in ("closeup", "table", "perspective")]
     negatives += [empty_table(np.random.default_rng(s)) for s in range(3)]
@@ -90,8 +93,9 @@ def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos):
         assert result.results  # nearest candidates are still shown (greyed out by the page)
 
 
-def test_closeups_of_catalog_items_are_accepted(encoder, index, photos):
-    lookup = Lookup(encoder, index, VERIFIED, top_k=5)
+@DECISIONS
+def test_closeups_of_catalog_items_are_accepted(encoder, index, photos, rc):
+    lookup = Lookup(encoder, index, rc, top_k=5)
     for i, name in enumerate(CATALOG):
         result = lookup.lookup_rgb(view(photos, name, "closeup", seed=200 + i))
         assert result.match is not None and result.match.id == truth(name), (name, result.results[:2])

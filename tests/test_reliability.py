@@ -26,7 +26,7 @@ from .conftest import DEFAULT_BUNDLE, view
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
-FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74)
+FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74, decision=None)
 
 
 # ------------------------------------------------------------------------------------------- a bad-input corpus

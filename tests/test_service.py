@@ -23,7 +23,7 @@ from .conftest import view
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
-FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74)
+FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74, decision=None)
 
 TOKEN = "s3cret-token"
 

@@ -1,0 +1,77 @@
+"""The learned match / no-match decision (device/decision.py): its features, its fallback to the two thresholds,
+and the config validation of its coefficients. Real lookups with the shipped coefficients are in
+tests/test_recognition.py (unknown photos and empty tables → no match, close-ups → the right item)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from device.config import RecognitionConfig, load_config
+from device.decision import decision_features, probability
+from device.errors import ConfigError
+from device.lookup import Lookup
+from device.results import Candidate
+
+REJECT_ALL = dict(features=["log_inliers"], weights=[0.0], bias=-50.0, threshold=0.5)
+
+
+def _decide(rc: RecognitionConfig, ranked: list[Candidate]):
+    return Lookup(None, None, rc, top_k=5)._decide(ranked)  # the decision needs neither encoder nor index
+
+
+def test_features_of_a_verified_lookup():
+    ranked = [Candidate("a", "A", 0.8, 15), Candidate("b", "B", 0.85, 3), Candidate("c", "C", 0.5, None)]
+    f = decision_features(ranked)
+    assert f["score"] == pytest.approx(0.8) and f["score_margin"] == pytest.approx(-0.05)
+    assert f["log_inliers"] == pytest.approx(math.log(16))
+    assert f["log_inlier_margin"] == pytest.approx(math.log(16) - math.log(4))
+    alone = decision_features([Candidate("a", "A", 0.7, None)])
+    assert alone == {"score": pytest.approx(0.7), "score_margin": pytest.approx(0.7), "log_inliers": 0.0,
+                     "log_inlier_margin": 0.0}
+
+
+def test_the_model_decides_verified_lookups_and_the_thresholds_the_rest():
+    verified = [Candidate("a", "A", 0.9, 60), Candidate("b", "B", 0.2, 0)]
+    unverified = [Candidate("a", "A", 0.9), Candidate("b", "B", 0.2)]
+    strict = RecognitionConfig(decision=REJECT_ALL)
+    assert _decide(strict, verified) is None  # the model, not accept_inliers, says no
+    assert _decide(strict, unverified).id == "a"  # nothing verified: cosine ≥ accept_score
+    assert _decide(strict.model_copy(update={"decision": None}), verified).id == "a"  # no model: thresholds
+    assert _decide(RecognitionConfig(decision=None, accept_inliers=100, accept_score=0.95), verified) is None
+    assert _decide(strict, []) is None
+
+
+def test_the_shipped_model_is_documented_and_behaves():
+    model = RecognitionConfig().decision
+    assert model is not None and model.fitted_on
+    sure = decision_features([Candidate("a", "A", 0.8, 80), Candidate("b", "B", 0.3, 2)])
+    nothing = decision_features([Candidate("a", "A", 0.3, 0), Candidate("b", "B", 0.29, 0)])
+    assert probability(model, sure) >= model.threshold > probability(model, nothing)
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_decision_config_is_validated(tmp_path):
+    ok = load_config(_write(tmp_path, "recognition:\n  decision:\n    features: [score, log_inliers]\n"
+                                      "    weights: [2.0, 1.5]\n    bias: -4\n    threshold: 0.6\n"))
+    assert ok.recognition.decision.weights == [2.0, 1.5] and ok.recognition.decision.threshold == 0.6
+    assert load_config(_write(tmp_path, "recognition:\n  decision: null\n")).recognition.decision is None
+    bad = {
+        "weights: [1.0]\n    bias: 0\n    threshold: 0.5": r"1 weights for 2 features",
+        "weights: [1.0, 2.0]\n    bias: 0\n    threshold: 1.5": r"recognition\.decision\.threshold",
+        "weights: [1.0, .nan]\n    bias: 0\n    threshold: 0.5": r"finite",
+    }
+    for rest, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, f"recognition:\n  decision:\n    features: [score, log_inliers]\n    {rest}\n"))
+    with pytest.raises(ConfigError, match=r"recognition\.decision\.features\.0.*'score'"):
+        load_config(_write(tmp_path, "recognition:\n  decision:\n    features: [cosine]\n    weights: [1]\n"
+                                     "    bias: 0\n    threshold: 0.5\n"))
+    with pytest.raises(ConfigError, match=r"recognition\.decision\.bias: Field required"):
+        load_config(_write(tmp_path, "recognition:\n  decision:\n    features: [score]\n    weights: [1]\n"
+                                     "    threshold: 0.5\n"))

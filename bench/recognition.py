@@ -46,6 +46,9 @@ MODES["verified_crop"] = MODES["verified"] + "  query_crops: [0.7]\n"
 MODES["verified_top5"] = MODES["verified"] + "  verify_top_k: 5\n"
 # Issue 12, item 3: twice the query keypoints (the views are 640 x 480, already ORB's full working size).
 MODES["adapted_verified_q2000"] = MODES["adapted_verified"] + "  query_n_features: 2000\n"
+MODES["adapted_verified_s01"] = MODES["adapted_verified"] + "  adapt_shrinkage: 0.1\n"
+MODES["adapted_verified_top20"] = MODES["adapted_verified"] + "  verify_top_k: 20\n"
+MODES["adapted_verified_crop"] = MODES["adapted_verified"] + "  query_crops: [0.7]\n"
 DEFAULT_MODES = ("global", "multiview", "verified")
 OPEN_KINDS = ("closeup", "perspective", "table", "table_occluded", "occluded", "lighting")
 WALLPAPERS = Path("/usr/share/backgrounds")

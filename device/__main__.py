@@ -119,8 +119,8 @@ def cmd_index_build(cfg: Config, args) -> int:
     _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels)
     if previous:
         # The index may be the one a running `serve` has loaded: say what went and what that server does.
-        print(f"replaced {previous} in {out}; a running `serve` keeps answering from the old one until it is "
-              "restarted (its next enrolment or removal starts from this one)", file=sys.stderr)
+        print(f"replaced {previous} in {out}; a running `serve` switches to this one within a few seconds "
+              "and re-enrols the items enrolled on it", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .events import EventSink
 
 log = logging.getLogger(__name__)
+INDEX_CHECK_S = 5.0  # how often the camera loop looks whether another process replaced the index
 
 
 class Appliance:
@@ -70,6 +71,7 @@ class Appliance:
         self._max_uploads = max_parallel_uploads
         self.reconciled: ReconcileReport | None = None
         self._enrol_error: str | None = None
+        self._index_checked_at = time.monotonic()
         self._heartbeat_s = time.monotonic()  # the loop stamps it every turn (≤ 0.5 s apart when healthy)
         # What the page's status panel shows: recent lookups, the last error, whether a lookup runs now.
         self.history = history
@@ -122,8 +124,11 @@ class Appliance:
             self._heartbeat_s = time.monotonic()
             self._publish_health_due()  # before the frame wait, so a dead camera is reported too
             self._log_summary_due()
+            self._refresh_index_due()
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
+                if self.camera.state == "stopped":  # wait_frame returns at once then: don't spin
+                    self._stop.wait(0.5)
                 continue
             last_index = frame.index
             requested = self._requested.is_set()
@@ -183,6 +188,25 @@ class Appliance:
         self.metrics.lookup_ms.inc(result.timings_ms.get("total", 0.0))
         for sink in self.sinks:  # sinks only queue the event: they never block or raise
             sink.publish_lookup(result)
+
+    def _refresh_index_due(self) -> None:
+        """Every few seconds: pick up a generation another process made live (a CLI build, one shipped to this
+        device), then reconcile it with the items enrolled here, as a restart would."""
+        now = time.monotonic()
+        if now - self._index_checked_at < INDEX_CHECK_S:
+            return
+        self._index_checked_at = now
+        if self.holder.refresh():
+            idx = self.holder.current()
+            log.info("index: now %s (%d items), made live by another process", idx.generation, idx.size)
+            # re-encoding kept originals can take a while: not on the camera loop (its heartbeat feeds the watchdog)
+            threading.Thread(target=self._reconcile_logged, name="reconcile", daemon=True).start()
+
+    def _reconcile_logged(self) -> None:
+        try:
+            self.reconcile()
+        except ApplianceError as e:  # the originals stay kept; the next start tries again
+            log.error("reconciling the new index failed: %s", e)
 
     def _publish_health_due(self) -> None:
         now = time.monotonic()

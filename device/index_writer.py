@@ -266,6 +266,7 @@ class IndexHolder:
                 raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
             write_index(self.path, [], bundle_sha256=expected_bundle_sha256, n_trees=config.n_trees, dim=dim)
         self._index: CatalogIndex = self._load()
+        self._refused: str | None = None  # a generation on disk that refresh() could not load
 
     def current(self) -> CatalogIndex:
         """The live generation (swapped atomically on enrol/remove; a query keeps the one it got)."""
@@ -308,6 +309,25 @@ class IndexHolder:
         with self._lock:
             self._index = self._load()
             return self._index
+
+    def refresh(self) -> bool:
+        """Swap in the generation ``current`` names on disk when another process replaced it (a CLI ``index
+        build``, a generation shipped to a fleet device); True when it did. One readlink when nothing changed; a
+        generation that cannot be loaded (another bundle, corrupt) is logged once and the live one kept."""
+        on_disk = read_current_name(self.path)
+        if on_disk in (None, self._index.generation, self._refused):
+            return False
+        if not self._lock.acquire(blocking=False):  # a rebuild is running: it starts from the disk itself
+            return False
+        try:
+            self._live_on_disk()
+        except CatalogIndexError as e:
+            self._refused = on_disk
+            log.error("index %s: not switching to %s: %s", self.path, on_disk, e)
+            return False
+        finally:
+            self._lock.release()
+        return True
 
     def close(self) -> None:
         """Stop the background worker (waiting for a running rebuild). The index is left to GC."""

@@ -211,7 +211,7 @@ def test_index_build_says_what_it_replaced_and_a_running_holder_keeps_that_build
         loaded = server.current().generation
         second = run_cli("index", "build", "--catalog", str(tmp_path / "b"), "--config", str(cfg))
         assert second.returncode == 0, second.stderr
-        assert f"replaced {loaded} (2 items)" in second.stderr and "until it is restarted" in second.stderr
+        assert f"replaced {loaded} (2 items)" in second.stderr and "within a few seconds" in second.stderr
         assert server.current().generation == loaded  # still answering from what it loaded
         mug = ItemMaker(encoder, RecognitionConfig(enrol_views=[]), 160).make(photos["coffee"], "kitchen/mug")
         server.add([mug])

@@ -206,3 +206,39 @@ def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(enco
     assert reconcile(holder, store, ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px)).enrolled == []
     assert CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation == gen
     holder.close()
+
+
+def test_a_generation_made_live_by_another_process_is_picked_up_and_reconciled(encoder, holder, photos, tmp_path,
+                                                                                 monkeypatch):
+    """A generation shipped to a fleet device (or built by the CLI) is served without a restart, the items
+    enrolled on this device come back into it, and one built with another bundle is refused while the old keeps
+    serving."""
+    import device.appliance as appliance_mod
+    from device.index import CatalogItem
+    from device.index_writer import write_index
+    monkeypatch.setattr(appliance_mod, "INDEX_CHECK_S", 0.2)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "0.jpg").write_bytes(encode_jpeg(photos["moon"]))
+    app = make_appliance(encoder, holder, tmp_path, camera=Camera(CameraConfig(source=str(frames), fps=5)))
+    app.enrolled.save("kitchen/mug", encode_jpeg(photos["coffee"]), "Mug")
+    app.start()
+    try:
+        maker = ItemMaker(encoder, FAST, 160)
+        shipped = write_index(holder.path, [maker.make(photos[n], n) for n in ("rocket", "brick")],
+                              bundle_sha256=encoder.sha256, n_trees=10, dim=encoder.dim)
+        deadline = time.monotonic() + 20
+        while not holder.current().has("kitchen/mug") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ids = sorted(it.id for it in holder.current().items)
+        assert ids == ["brick", "kitchen/mug", "rocket"]  # the shipped items + the one enrolled here
+        live = holder.current().generation
+        assert live != shipped.name  # the reconcile made one more generation on top of the shipped one
+        write_index(holder.path, [CatalogItem("other", "x", np.ones(8, np.float32))], bundle_sha256="0" * 64,
+                    n_trees=2)
+        time.sleep(1.0)
+        assert holder.current().generation == live and holder.current().has("rocket")  # refused, still serving
+        r = app.query_image(encode_jpeg(view(photos, "rocket", "closeup", seed=2)), "upload")
+        assert r.results[0].id == "rocket"
+    finally:
+        app.stop()

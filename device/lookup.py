@@ -14,7 +14,7 @@ from .decision import accepts
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .index import CatalogIndex
 from .results import Candidate, LookupResult
-from .verify import extract, region, rerank
+from .verify import extract, region, verify_candidates
 
 
 class IndexSource(Protocol):
@@ -87,17 +87,18 @@ class Lookup:
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
         query = extract(rgb, rc, query=True)
-        inliers = rerank(query, head, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
-        head = [c.with_inliers(n if n >= 0 else None) for c, n in zip(head, inliers)]
+        checked = verify_candidates(query, head, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
+        homography = {c.id: h for c, (_, h) in zip(head, checked)}
         cap = max(rc.stop_inliers, 1)
 
         def fused(c: Candidate) -> float:
             return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
 
+        head = [c.with_inliers(n if n >= 0 else None) for c, (n, _) in zip(head, checked)]
         head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
-        top, feats = head[0], idx.features(head[0].id)
-        if feats is not None and top.inliers is not None and top.inliers >= rc.accept_inliers:
-            head[0] = replace(top, quad=region(query, feats, rc))  # the page outlines a verified match
+        top = head[0]
+        if top.inliers is not None and top.inliers >= rc.accept_inliers:  # the page outlines a verified match
+            head[0] = replace(top, quad=region(query, idx.features(top.id), homography[top.id]))
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:

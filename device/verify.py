@@ -146,15 +146,14 @@ def match_homography(query: Features, cand: Features, cfg: RecognitionConfig) ->
     return int(min(len(q_loc), len(c_loc))), h
 
 
-def region(query: Features, cand: Features, cfg: RecognitionConfig) -> tuple[tuple[float, float], ...] | None:
+def region(query: Features, cand: Features, h: np.ndarray | None) -> tuple[tuple[float, float], ...] | None:
     """Where the catalog image ``cand`` lies in the query frame: its four corners (top-left, top-right,
-    bottom-right, bottom-left) mapped through the verified homography, as (x, y) fractions 0..1 of the query
-    frame (clipped to -0.5..1.5, a print may reach out of view). None without a credible homography. The page
-    outlines the matched print with it."""
-    inliers, h = match_homography(query, cand, cfg)
+    bottom-right, bottom-left) mapped through ``h``, the homography verification found (query → catalog), as
+    (x, y) fractions 0..1 of the query frame (clipped to -0.5..1.5, a print may reach out of view). None without
+    a credible homography. The page outlines the matched print with it."""
     qw, qh = query.size_wh
     cw, ch = cand.size_wh
-    if h is None or not inliers or min(qw, qh, cw, ch) <= 0:
+    if h is None or min(qw, qh, cw, ch) <= 0:
         return None
     try:
         inverse = np.linalg.inv(h)  # H maps query → catalog; the outline needs catalog → query
@@ -167,25 +166,30 @@ def region(query: Features, cand: Features, cfg: RecognitionConfig) -> tuple[tup
     return tuple((round(float(x), 4), round(float(y), 4)) for x, y in np.clip(mapped, -0.5, 1.5))
 
 
+def verify_candidates(query: Features, candidates: Sequence[Any],
+                      get_features: Callable[[Any], Features | None], cfg: RecognitionConfig, *,
+                      stop_inliers: int | None = None) -> list[tuple[int, np.ndarray | None]]:
+    """``(inliers, homography)`` of ``query`` against each candidate, in the given order: (-1, None) when it was
+    not verified (no features, or skipped because an earlier candidate already reached ``stop_inliers``:
+    candidates come best-first, so the first one that verifies well ends the work). ``get_features(candidate)``
+    returns the candidate's stored Features, or None when it has none."""
+    out: list[tuple[int, np.ndarray | None]] = []
+    for cand in candidates:
+        if stop_inliers is not None and out and max(n for n, _ in out) >= stop_inliers:
+            out.append((-1, None))
+            continue
+        feats = get_features(cand)
+        out.append((-1, None) if feats is None else match_homography(query, feats, cfg))
+    return out
+
+
 def rerank(query: np.ndarray | Features, candidates: Sequence[Any],
            get_features: Callable[[Any], Features | None], cfg: RecognitionConfig, *,
            stop_inliers: int | None = None) -> list[int]:
-    """Inliers of ``query`` (an RGB frame or its Features) against each candidate, in the given order.
-
-    ``get_features(candidate)`` returns the candidate's stored Features, or None when it has none. Result
-    per candidate: the inlier count, or -1 when it was not verified (no features, or skipped because an
-    earlier candidate already reached ``stop_inliers``: candidates come best-first, so the first one that
-    verifies well ends the work).
-    """
+    """Inliers of ``query`` (an RGB frame or its Features) against each candidate (see
+    :func:`verify_candidates`): the count, or -1 when not verified."""
     qf = query if isinstance(query, Features) else extract(query, cfg, query=True)
-    out: list[int] = []
-    for cand in candidates:
-        if stop_inliers is not None and out and max(out) >= stop_inliers:
-            out.append(-1)
-            continue
-        feats = get_features(cand)
-        out.append(-1 if feats is None else match_inliers(qf, feats, cfg))
-    return out
+    return [n for n, _ in verify_candidates(qf, candidates, get_features, cfg, stop_inliers=stop_inliers)]
 
 
 # ------------------------------------------------------------------------------------- features file

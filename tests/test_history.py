@@ -19,7 +19,7 @@ from device.images import encode_jpeg
 from device.index_writer import IndexHolder
 from device.lookup import Lookup
 from device.results import Candidate, LookupResult
-from device.verify import extract, region
+from device.verify import extract, match_homography, region
 from device.web import create_app
 
 TOKEN = "s3cret-token"
@@ -74,11 +74,13 @@ def _on_canvas(rgb: np.ndarray) -> np.ndarray:
 def test_region_maps_the_catalog_corners_into_the_query_frame(photos):
     cfg = RecognitionConfig()
     astronaut = photos["astronaut"]
-    quad = region(extract(_on_canvas(astronaut), cfg, query=True), extract(astronaut, cfg), cfg)
-    assert quad is not None
+    query, cand = extract(_on_canvas(astronaut), cfg, query=True), extract(astronaut, cfg)
+    inliers, h = match_homography(query, cand, cfg)
+    quad = region(query, cand, h)
+    assert inliers > 100 and quad is not None
     assert np.allclose(quad, [(0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75)], atol=0.03)
-    flat = np.full((480, 640, 3), 128, np.uint8)  # no homography: no region (lookup asks only for verified matches)
-    assert region(extract(flat, cfg, query=True), extract(astronaut, cfg), cfg) is None
+    flat = extract(np.full((480, 640, 3), 128, np.uint8), cfg, query=True)
+    assert match_homography(flat, cand, cfg) == (0, None) and region(flat, cand, None) is None
 
 
 @pytest.fixture()

@@ -125,6 +125,8 @@ class RecognitionConfig(_Section):
                                      description="extra catalog views: fraction of the frame")
     features: bool = True
     query_crops: list[float] = Field(default_factory=list)
+    retry_crops: list[float] = Field(default_factory=list,
+                                     description="centre crops looked up only when the whole frame gave no match")
     verify: bool = True
     verify_top_k: int = Field(10, ge=1, le=50)
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
@@ -149,7 +151,7 @@ class RecognitionConfig(_Section):
     decision: Optional[DecisionModel] = Field(default_factory=lambda: DecisionModel(**DEFAULT_DECISION),
                                               description="learned decision; null = the two thresholds")
 
-    @field_validator("enrol_views", "query_crops")
+    @field_validator("enrol_views", "query_crops", "retry_crops")
     @classmethod
     def _fractions(cls, v):
         if any(not 0.1 <= f < 1.0 for f in v):

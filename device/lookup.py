@@ -59,46 +59,72 @@ class Lookup:
 
     def lookup_rgb(self, rgb: np.ndarray, *, source: str = "cli", top_k: int | None = None,
                    timings: dict[str, float] | None = None) -> LookupResult:
-        """RGB uint8 HxWx3 → ranked candidates and the decision, with per-stage timings in milliseconds."""
+        """RGB uint8 HxWx3 → ranked candidates and the decision, with per-stage timings in milliseconds.
+
+        When the whole frame gives no match and ``recognition.retry_crops`` is set, the lookup looks closer: the
+        centre crops are encoded too, their candidates join the list (an item keeps its best cosine), the new
+        ones are verified with the same query keypoints, and the decision is taken again. A print small in the
+        frame then costs one more encode; a lookup that matched at once costs nothing more."""
         rc = self.recognition
         top_k = top_k or self.top_k
         idx = self.index.current()
         timings = dict(timings or {})
-        t0 = time.perf_counter()
-        vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(centre_crop(rgb, f)) for f in rc.query_crops]
-        t1 = time.perf_counter()
         want = max(top_k, rc.verify_top_k if rc.verify else 0)
         best: dict[str, Candidate] = {}
-        for v in vectors:  # an item's score is the max over query crops (and, inside the index, its views)
+        verified: dict[str, tuple[int, np.ndarray | None]] = {}
+        query: list = [None]  # the query's keypoints, extracted once, on the first verification
+
+        def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
+            ranked = self._search(images, idx, want, best, timings)
+            if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
+                t0 = time.perf_counter()
+                query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
+                ranked = self._verify(query[0], ranked, idx, verified)
+                timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
+            return ranked, self._decide(ranked)
+
+        ranked, match = attempt([rgb] + [centre_crop(rgb, f) for f in rc.query_crops])
+        if match is None and rc.retry_crops:
+            # the merged list (whole frame + crops) ranks a small print better even where no item is accepted
+            ranked, match = attempt([centre_crop(rgb, f) for f in rc.retry_crops])
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match)
+
+    def _search(self, images: list[np.ndarray], idx: CatalogIndex, want: int, best: dict[str, Candidate],
+                timings: dict[str, float]) -> list[Candidate]:
+        """Encode ``images`` and merge their nearest items into ``best`` (an item's score is the max over the
+        images, and inside the index over its views); the ``want`` best so far, best first."""
+        t0 = time.perf_counter()
+        vectors = [self.encoder.embed(image) for image in images]
+        t1 = time.perf_counter()
+        for v in vectors:
             for c in idx.query(v, want):
                 if c.id not in best or c.score > best[c.id].score:
                     best[c.id] = c
-        ranked = sorted(best.values(), key=lambda c: -c.score)[:want]
         t2 = time.perf_counter()
-        timings["encode"] = (t1 - t0) * 1e3
-        timings["search"] = (t2 - t1) * 1e3
-        if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
-            ranked = self._verify(rgb, ranked, idx)
-            timings["verify"] = (time.perf_counter() - t2) * 1e3
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=self._decide(ranked))
+        timings["encode"] = timings.get("encode", 0.0) + (t1 - t0) * 1e3
+        timings["search"] = timings.get("search", 0.0) + (t2 - t1) * 1e3
+        return sorted(best.values(), key=lambda c: -c.score)[:want]
 
-    def _verify(self, rgb: np.ndarray, ranked: list[Candidate], idx: CatalogIndex) -> list[Candidate]:
+    def _verify(self, query, ranked: list[Candidate], idx: CatalogIndex,
+                verified: dict[str, tuple[int, np.ndarray | None]]) -> list[Candidate]:
+        """Verify the top ``verify_top_k`` candidates not verified yet (``verified`` remembers them across a
+        retry), re-rank them by the fused score, and outline the top one when it verifies."""
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
-        query = extract(rgb, rc, query=True)
-        checked = verify_candidates(query, head, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
-        homography = {c.id: h for c, (_, h) in zip(head, checked)}
+        todo = [c for c in head if c.id not in verified]
+        found = verify_candidates(query, todo, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
+        verified.update({c.id: r for c, r in zip(todo, found)})
         cap = max(rc.stop_inliers, 1)
 
         def fused(c: Candidate) -> float:
             return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
 
-        head = [c.with_inliers(n if n >= 0 else None) for c, (n, _) in zip(head, checked)]
+        head = [c.with_inliers(verified[c.id][0] if verified[c.id][0] >= 0 else None) for c in head]
         head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
         top = head[0]
         if top.inliers is not None and top.inliers >= rc.accept_inliers:  # the page outlines a verified match
-            head[0] = replace(top, quad=region(query, idx.features(top.id), homography[top.id]))
+            head[0] = replace(top, quad=region(query, idx.features(top.id), verified[top.id][1]))
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:

@@ -169,3 +169,27 @@ def test_missing_or_corrupt_features_file(tmp_path, recog_index, encoder, photos
     feats.unlink()
     with pytest.raises(CatalogIndexError, match=f"{FEATURES_FILE}.*No such file"):
         CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256, require_features=True)
+
+
+def test_retry_crops_look_closer_only_when_the_whole_frame_gives_no_match(encoder, index, photos):
+    """``retry_crops``: a lookup that matched at once encodes one image; one that did not encodes the crops too
+    and decides again (an empty table still gives no match)."""
+    lookup = Lookup(encoder, index, VERIFIED.model_copy(update={"retry_crops": [0.7]}), top_k=5)
+    calls = []
+    real = encoder.embed
+
+    class Counting:  # the shared encoder, counting its encodes
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def embed(self, rgb):
+            calls.append(rgb.shape)
+            return real(rgb)
+
+    lookup.encoder = Counting()
+    matched = lookup.lookup_rgb(view(photos, "rocket", "closeup", seed=3))
+    assert matched.match is not None and matched.match.id == "rocket" and len(calls) == 1
+    calls.clear()
+    from device.views import empty_table
+    table = lookup.lookup_rgb(empty_table(np.random.default_rng(4)))
+    assert table.match is None and len(calls) == 2 and calls[1][0] == int(480 * 0.7)

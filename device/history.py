@@ -121,9 +121,15 @@ class History:
             top = m if m is not None else (r.results[0] if r.results else None)
             writer.writerow([
                 entry.n, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.timestamp)), r.source,
-                "match" if m is not None else "no match", m.id if m else "", m.label if m else "",
+                "match" if m is not None else "no match", _cell(m.id) if m else "", _cell(m.label) if m else "",
                 "" if top is None or top.inliers is None else top.inliers,
                 "" if top is None else top.to_json()["rank_score"], "" if top is None else round(top.score, 4),
-                " ".join(f"{c.id}:{c.to_json()['rank_score']}" for c in r.results),
+                _cell(" ".join(f"{c.id}:{c.to_json()['rank_score']}" for c in r.results)),
                 round(r.timings_ms.get("total", 0.0), 1)])
         return out.getvalue()
+
+
+def _cell(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: labels are typed by whoever enrols, and a cell starting with
+    = + - @ would be run as a formula by Excel or LibreOffice."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text

@@ -46,6 +46,9 @@ def test_history_is_bounded_in_memory_and_on_disk(tmp_path):
     assert rows[0].split(",") == list(CSV_COLUMNS) and len(rows) == 4
     assert rows[1].split(",")[2:7] == ["camera", "match", "cat/4", "item 4", "30"]
     assert history.entries()[1].to_json()["decision"] == "no match"
+    c = Candidate("cat/x", "=HYPERLINK(\"http://evil\")", 0.8, inliers=30, rank_score=1.1)
+    history.record(LookupResult(results=[c], timings_ms={}, source="upload", match=c), None)
+    assert "'=HYPERLINK" in history.to_csv().splitlines()[1]  # a label is text in a spreadsheet, never a formula
 
 
 def test_history_without_a_writable_folder_keeps_lookups_without_snapshots(tmp_path):

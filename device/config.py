@@ -23,6 +23,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _ordered(section: _Section, low: str, high: str) -> _Section:
+    """A section whose ``high`` bound is not below its ``low`` one (a backoff that grows from min to max)."""
+    if getattr(section, high) < getattr(section, low):
+        raise ValueError(f"{high} ({getattr(section, high)}) must be ≥ {low} ({getattr(section, low)})")
+    return section
+
+
 class CameraConfig(_Section):
     """Where frames come from and how the capture watchdog reconnects (device/camera.py)."""
 
@@ -37,10 +44,7 @@ class CameraConfig(_Section):
 
     @model_validator(mode="after")
     def _backoff_order(self):
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be ≥ backoff_initial_s "
-                             f"({self.backoff_initial_s})")
-        return self
+        return _ordered(self, "backoff_initial_s", "backoff_max_s")
 
 
 class TriggerConfig(_Section):
@@ -218,9 +222,7 @@ class MqttConfig(_Section):
 
     @model_validator(mode="after")
     def _backoff(self):
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) must be ≥ reconnect_min_s ({self.reconnect_min_s})")
-        return self
+        return _ordered(self, "reconnect_min_s", "reconnect_max_s")
 
 
 class WebhookConfig(_Section):

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        "scikit-learn, matplotlib) and crops of them into a folder, e.g. as --heldout-images")
     s.add_argument("out", type=Path)
     s.add_argument("--crops-per-photo", type=int, default=2, help="distinct crops per photo besides the photo")
+    t = sub.add_parser("training-pool", help="link the images of the Debian packages that may train or calibrate "
+                       "(gnome-backgrounds, ukui-wallpapers) into a folder, for --train-images")
+    t.add_argument("out", type=Path)
     r = sub.add_parser("report", help="compare a bundle with a reference bundle on held-out images")
     r.add_argument("bundle", type=Path)
     r.add_argument("--images", type=Path, required=True, help="held-out real images")
@@ -127,6 +130,13 @@ def _sample_images(args) -> int:
     return 0
 
 
+def _training_pool(args) -> int:
+    from .images import TRAINING_PACKAGES, link_training_pool
+    n = link_training_pool(args.out)
+    print(f"linked {n} images of {', '.join(TRAINING_PACKAGES)} into {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: the only place the converter turns errors into exit codes."""
     try:
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .build import ConverterError
     try:
-        return {"build": _build, "report": _report, "sample-images": _sample_images}[args.cmd](args)
+        return {"build": _build, "report": _report, "sample-images": _sample_images,
+                "training-pool": _training_pool}[args.cmd](args)
     except (ConverterError, ApplianceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

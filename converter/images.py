@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,40 @@ from device.images import IMAGE_SUFFIXES, read_image
 from device.errors import ImageError
 
 log = logging.getLogger(__name__)
+# The workstation reads its own folders: the device's upload limit (web.max_pixels, 16 MP) would drop 4K
+# wallpapers; this is the limit the converter always had.
+MAX_PIXELS = 40_000_000
+
+# The Debian image packages that may train, fit PCA/whitening or calibrate models (with the photos that ship in pip
+# packages). Every other image package (mate-backgrounds, …) is held back for evaluation only.
+TRAINING_PACKAGES = ("gnome-backgrounds", "ukui-wallpapers")
+
+
+def training_pool_files(packages: tuple[str, ...] = TRAINING_PACKAGES) -> list[Path]:
+    """The image files that ``packages`` installed (from ``dpkg -L``), sorted; [] when none is installed.
+    Read from the package lists, not from /usr/share/backgrounds, where held-back packages install too."""
+    try:
+        listed = subprocess.run(["dpkg", "-L", *packages], capture_output=True, text=True, check=False).stdout
+    except OSError:  # no dpkg: not a Debian system
+        return []
+    return sorted({Path(line) for line in listed.splitlines()
+                   if Path(line).suffix.lower() in IMAGE_SUFFIXES and Path(line).is_file()})
+
+
+def link_training_pool(dest: Path) -> int:
+    """Fill ``dest`` with symbolic links to the training pool's images (a folder for ``--train-images``);
+    returns how many. Names keep the package folder so two files of one name don't collide."""
+    files = training_pool_files()
+    if not files:
+        raise FileNotFoundError(f"none of {', '.join(TRAINING_PACKAGES)} is installed "
+                                f"(apt-get install {' '.join(TRAINING_PACKAGES)})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():
+        if old.is_symlink():
+            old.unlink()
+    for path in files:
+        (dest / "_".join(path.parts[-2:])).symlink_to(path)
+    return len(files)
 
 
 @dataclass
@@ -42,7 +77,7 @@ def load_folder(folder: str | Path, *, limit: int | None = None) -> ImageSet:
             out.skipped.append((rel, "not an image file type"))
             continue
         try:
-            img = read_image(path)
+            img = read_image(path, MAX_PIXELS)
         except ImageError as e:
             out.skipped.append((rel, str(e)))
             continue

@@ -27,25 +27,28 @@ def candidates(ans: dict) -> list[Candidate]:
     return [Candidate(r["id"], r.get("label", r["id"]), float(r["score"]), r.get("inliers")) for r in ans["results"]]
 
 
-def table(inside: list[tuple[dict, str, str]], outside: list[tuple[dict, str]]) -> dict:
-    """Feature matrix and labels: ``inside`` = (answer, true item, group), ``outside`` = (answer, group)."""
-    rows, correct, is_in, groups = [], [], [], []
+def table(inside: list[tuple[dict, str, str]], outside: list[tuple[dict, str, bool]]) -> dict:
+    """Feature matrix and labels: ``inside`` = (answer, true item, group), ``outside`` = (answer, group, may the
+    view be fitted on: False for views of held-back image packages, which are only ever evaluated)."""
+    rows, correct, is_in, groups, trainable = [], [], [], [], []
     for ans, truth, group in inside:
         cands = candidates(ans)
         rows.append(decision_features(cands) if cands else None)
         correct.append(bool(cands) and cands[0].id == truth)
         is_in.append(True)
         groups.append(group)
-    for ans, group in outside:
+        trainable.append(True)
+    for ans, group, fit in outside:
         cands = candidates(ans)
         rows.append(decision_features(cands) if cands else None)
         correct.append(False)
         is_in.append(False)
         groups.append("open:" + group)
+        trainable.append(fit)
     empty = dict.fromkeys(DECISION_FEATURES, 0.0)
     x = np.array([[(r or empty)[f] for f in DECISION_FEATURES] for r in rows], np.float64)
     return {"x": x, "y": np.array(correct), "inside": np.array(is_in), "groups": np.array(groups),
-            "has": np.array([r is not None for r in rows])}
+            "has": np.array([r is not None for r in rows]), "trainable": np.array(trainable)}
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> tuple[np.ndarray, float]:
@@ -118,15 +121,19 @@ def halves(groups: np.ndarray, seed: int = 0) -> np.ndarray:
 def fit_and_evaluate(t: dict, features: tuple[str, ...] = DECISION_FEATURES, fitted_on: str = "") -> dict:
     """Two-fold held-out rates (fit + threshold on one half, rates on the other, both ways), the held-out
     operating curve, and the model fitted on everything (what ``recognition.decision`` ships)."""
-    mask = halves(t["groups"])
+    mask, fit = halves(t["groups"]), t["trainable"]
     folds, curve_p = [], np.zeros(len(mask))
     for train in (mask, ~mask):
-        m = _model(_subset(t, train), features, "")
+        m = _model(_subset(t, train & fit), features, "")  # held-back views are never fitted on
         p_test = predict(m, _subset(t, ~train))
         curve_p[~train] = p_test
         folds.append(rates(p_test, _subset(t, ~train), m.threshold))
     held_out = {k: round(float(np.mean([f[k] for f in folds])), 4) for k in folds[0] if k != "threshold"}
     curve = [rates(curve_p, t, th) for th in np.linspace(0, 1, 101)]
-    full = _model(t, features, fitted_on)
+    full = _model(_subset(t, fit), features, fitted_on)
+    held_back = ~fit
     return {"features": list(features), "held_out_folds": folds, "held_out_mean": held_out, "held_out_curve": curve,
-            "model": full.model_dump(), "in_sample": rates(predict(full, t), t, full.threshold)}
+            "model": full.model_dump(), "in_sample": rates(predict(full, _subset(t, fit)), _subset(t, fit),
+                                                           full.threshold),
+            "held_back_false_accept": (round(float(np.mean(predict(full, _subset(t, held_back)) >= full.threshold)), 4)
+                                       if held_back.any() else None)}

@@ -8,16 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from .serve import free_port
+
 
 class BrokerError(RuntimeError):
     """Mosquitto is missing or did not come up."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:

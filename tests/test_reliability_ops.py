@@ -28,16 +28,12 @@ from device.config import CameraConfig, IndexConfig, RecognitionConfig, WebConfi
 from device.index_writer import IndexHolder
 from device.lookup import Lookup
 
+from bench.serve import free_port
+
 from .conftest import DEFAULT_BUNDLE, ROOT
 from .test_web import waitress_server  # noqa: F401  (the shared fixture: a real waitress on a free port)
 
 SERVE_START_S = 120  # bundle load + index build of 14 photos on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def frames_folder(folder: Path, photos) -> Path:

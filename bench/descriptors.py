@@ -1,7 +1,7 @@
 """Descriptors of image files through device.encoder.Encoder, written to .npz, and the cosine between two such
 files: how bench/arm64.sh compares an arm64 (QEMU) install with this machine's.
 
-  python -m bench.descriptors encode OUT.npz --bundle models/default IMAGE...
+  python -m bench.descriptors encode OUT.npz --bundle models/efficientnet-lite0 IMAGE...
   python -m bench.descriptors compare A.npz B.npz     # prints one JSON line: mean/min cosine per image
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Camera-view benchmark, through the device CLI exactly as a user runs it.
 
-    python -m bench quality [--bundle models/default] [--out NAME]
+    python -m bench quality [--bundle models/efficientnet-lite0] [--out NAME]
     python -m bench quality --table          # converter combinations → bench/results/combos.{json,md}
 
 Catalog: crops of the real photos that ship with scikit-image / scikit-learn / matplotlib (bench.views:
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.config import DEFAULT_BUNDLE
+from device.config import OPEN_BUNDLE
 
 from .views import (CACHE, REPO, RESULTS, build_bundle, bundle_size_bytes, camera_view_set, instance_metrics,
                     rank_of, run_module, write_json)
@@ -123,7 +123,7 @@ BASELINE = "gem-pca128-int8"
 COMBOS: list[tuple[str, str, list[str] | None]] = [
     (BASELINE, "baseline: GeM p=3, PCA 128 (4 views/photo), int8", EFFNET + ["--pooling", "gem", "--pca", "128",
                                                                         "--quantize", "int8"]),
-    ("default", "shipped models/default: GeM, PCA 256 + whitening (8 views/photo), int8", None),
+    ("default", "shipped models/efficientnet-lite0: GeM, PCA 256 + whitening (8 views/photo), int8", None),
     ("mac-pca128-int8", "pooling MAC", EFFNET + ["--pooling", "mac", "--pca", "128", "--quantize", "int8"]),
     ("avg-pca128-int8", "pooling average", EFFNET + ["--pooling", "avg", "--pca", "128", "--quantize", "int8"]),
     ("gem-nopca-int8", "no PCA (1280-d)", EFFNET + ["--pooling", "gem", "--quantize", "int8"]),
@@ -173,7 +173,7 @@ def run_table(*, force_build: bool = False, only: set[str] | None = None) -> int
         if only and name not in only:
             continue
         if name == "default":
-            bundle = DEFAULT_BUNDLE
+            bundle = OPEN_BUNDLE
             if not (bundle / "manifest.json").is_file():
                 print(f"skip {name}: {bundle} has no bundle")
                 continue
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m bench quality``: one bundle on the camera-view benchmark, or the combination table."""
     p = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle to benchmark (default models/default)")
+    p.add_argument("--bundle", type=Path, default=OPEN_BUNDLE, help="bundle to benchmark (default models/efficientnet-lite0)")
     p.add_argument("--out", default=None, help="results name: bench/results/quality_<NAME>.json "
                    "(default: the bundle folder name)")
     p.add_argument("--table", action="store_true", help="build the converter combinations (cached under "

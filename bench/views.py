@@ -21,7 +21,7 @@ RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "var" / "bench"
 
 # Bump when the generator changes, so a stale cache is regenerated rather than silently reused.
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # 2: + one view per queried item that leaves the print's plane (VIEWPOINT_KINDS)
 
 
 # ---------------------------------------------------------------- catalog crops with controlled overlap
@@ -99,13 +99,14 @@ def _cut(img: np.ndarray, box: tuple, size_px: int) -> np.ndarray:
 
 
 def _write_views(rgb: np.ndarray, item: str, root: Path, n: int, rng: np.random.Generator, j: int,
-                 queries: list[dict]) -> int:
-    """Write ``n`` camera views of one item under ``root/queries`` (kinds cycle over VIEW_KINDS from the running
-    count ``j``), append their ground truth to ``queries``; returns the new count."""
+                 queries: list[dict], kinds: tuple[str, ...] | None = None) -> int:
+    """Write ``n`` camera views of one item under ``root/queries`` (kinds cycle over ``kinds``, VIEW_KINDS by
+    default, from the running count ``j``), append their ground truth to ``queries``; returns the new count."""
     from device.images import encode_jpeg
     from device.views import VIEW_KINDS, camera_view
+    kinds = kinds or VIEW_KINDS
     for _ in range(n):
-        kind = VIEW_KINDS[j % len(VIEW_KINDS)]
+        kind = kinds[j % len(kinds)]
         j += 1
         path = root / "queries" / f"{item.replace('/', '_')}__{kind}.jpg"
         path.write_bytes(encode_jpeg(camera_view(rgb, kind, rng), 90))
@@ -129,7 +130,7 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     ``dataset.json`` with the ground truth. View kinds cycle over VIEW_KINDS across all queries, so each kind
     gets about the same number of queries and each item ``views_per_item`` different kinds."""
     from device.images import encode_jpeg
-    from device.views import VIEW_KINDS
+    from device.views import VIEW_KINDS, VIEWPOINT_KINDS
     from device.demo import shipped_photos
     root = Path(root or CACHE / "camera_views")
     meta = root / "dataset.json"
@@ -152,8 +153,13 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     queries, j = [], 0
     for item, (name, box) in sorted(queried.items()):
         j = _write_views(_cut(photos[name], box, plan.size_px), item, root, views_per_item, rng, j, queries)
+    # one more view per item out of the print's plane, from its own RNG so the views above stay as they were
+    rng3d, j3d = np.random.default_rng(seed + 2), 0
+    for item, (name, box) in sorted(queried.items()):
+        j3d = _write_views(_cut(photos[name], box, plan.size_px), item, root, 1, rng3d, j3d, queries, VIEWPOINT_KINDS)
     info = {"photos": sorted(photos), "queried_items": len(queried), "distractor_items": len(distractors),
-            "queries": len(queries), "queries_per_kind": {k: sum(q["kind"] == k for q in queries) for k in VIEW_KINDS},
+            "queries": len(queries),
+            "queries_per_kind": {k: sum(q["kind"] == k for q in queries) for k in VIEW_KINDS + VIEWPOINT_KINDS},
             "crop_rule": (f"queried crops of one photo overlap <= {plan.max_queried_overlap:.0%} of the smaller crop; "
                           f"distractors overlap every queried crop of their photo <= {plan.max_distractor_overlap:.0%}"),
             "view_size_px": [480, 640]}

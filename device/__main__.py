@@ -78,8 +78,10 @@ def _config(args) -> Config:
 
 
 def _encoder(cfg: Config, bundle: Path | None = None):
-    from .encoder import Encoder
-    return Encoder.from_bundle(bundle or cfg.encoder.bundle, num_threads=cfg.encoder.num_threads)
+    from .encoder import Encoder, load_encoder
+    if bundle is not None:  # asked for by name on the command line: that one, or an error
+        return Encoder.from_bundle(bundle, num_threads=cfg.encoder.num_threads)
+    return load_encoder(cfg.encoder)
 
 
 def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):

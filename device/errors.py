@@ -11,7 +11,12 @@ class ConfigError(ApplianceError):
 
 
 class BundleError(ApplianceError):
-    """A model bundle (encoder.tflite + manifest.json) is missing, corrupt or mismatched."""
+    """A model bundle (manifest.json + its model file) is missing, corrupt or mismatched."""
+
+
+class BundleUnavailable(BundleError):
+    """The bundle cannot run on this install: its model package or its runtime (onnxruntime) is not installed.
+    The device then falls back to ``encoder.fallback_bundle`` and says why."""
 
 
 class CatalogIndexError(ApplianceError):

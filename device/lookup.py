@@ -9,7 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import RecognitionConfig
+from .config import (NORM_K, UNCALIBRATED_ACCEPT_INLIERS, UNCALIBRATED_ACCEPT_SCORE, DecisionModel,
+                     RecognitionConfig)
 from .decision import accepts
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .index import CatalogIndex
@@ -34,6 +35,17 @@ def centre_crop(rgb: np.ndarray, frac: float) -> np.ndarray:
     return np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
 
 
+def resolve_decision(rc: RecognitionConfig, calibration) -> tuple[DecisionModel | None, int, float]:
+    """(learned decision or None, accept_inliers, accept_score) of a lookup: what the config sets, else the
+    bundle's calibration (cosines of different descriptors live on different scales), else the uncalibrated rule."""
+    decision = rc.decision if rc.decision != "bundle" else (calibration.decision if calibration else None)
+    inliers = rc.accept_inliers if rc.accept_inliers is not None else (
+        calibration.accept_inliers if calibration else UNCALIBRATED_ACCEPT_INLIERS)
+    score = rc.accept_score if rc.accept_score is not None else (
+        calibration.accept_score if calibration else UNCALIBRATED_ACCEPT_SCORE)
+    return decision, inliers, score
+
+
 class Lookup:
     """Wraps the shared encoder and index. ``index`` is a loaded CatalogIndex or the appliance's
     IndexHolder (swapped on enrolment); one lookup uses one generation throughout."""
@@ -45,6 +57,7 @@ class Lookup:
         self.recognition = recognition
         self.top_k = top_k
         self.max_pixels = max_pixels
+        self.decision, self.accept_inliers, self.accept_score = resolve_decision(recognition, encoder.manifest.calibration)
 
     def verification_status(self) -> dict:
         """Whether verification runs, and why not (for /api/health)."""
@@ -54,8 +67,8 @@ class Lookup:
         if not idx.has_features:
             return {"enabled": False, "why": idx.features_error or "the index has no local features"}
         return {"enabled": True, "top_k": self.recognition.verify_top_k,
-                "accept_inliers": self.recognition.accept_inliers,
-                "decision": "learned" if self.recognition.decision is not None else "thresholds"}
+                "accept_inliers": self.accept_inliers,
+                "decision": "learned" if self.decision is not None else "thresholds"}
 
     def lookup_rgb(self, rgb: np.ndarray, *, source: str = "cli", top_k: int | None = None,
                    timings: dict[str, float] | None = None) -> LookupResult:
@@ -69,7 +82,7 @@ class Lookup:
         top_k = top_k or self.top_k
         idx = self.index.current()
         timings = dict(timings or {})
-        want = max(top_k, rc.verify_top_k if rc.verify else 0)
+        want = max(top_k, rc.verify_top_k if rc.verify else 0, NORM_K)  # NORM_K: the decision's score_norm
         best: dict[str, Candidate] = {}
         verified: dict[str, tuple[int, np.ndarray | None]] = {}
         query: list = [None]  # the query's keypoints, extracted once, on the first verification
@@ -123,7 +136,7 @@ class Lookup:
         head = [c.with_inliers(verified[c.id][0] if verified[c.id][0] >= 0 else None) for c in head]
         head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
         top = head[0]
-        if top.inliers is not None and top.inliers >= rc.accept_inliers:  # the page outlines a verified match
+        if top.inliers is not None and top.inliers >= self.accept_inliers:  # the page outlines a verified match
             head[0] = replace(top, quad=region(query, idx.features(top.id), verified[top.id][1]))
         return head + tail
 
@@ -133,12 +146,12 @@ class Lookup:
         index without features) by the two thresholds, since the model's inlier features would all be zero."""
         if not ranked:
             return None
-        top, model = ranked[0], self.recognition.decision
+        top, model = ranked[0], self.decision
         if model is not None and any(c.inliers is not None for c in ranked):
             return top if accepts(model, ranked) else None
-        if top.inliers is not None and top.inliers >= self.recognition.accept_inliers:
+        if top.inliers is not None and top.inliers >= self.accept_inliers:
             return top
-        if top.score >= self.recognition.accept_score:
+        if top.score >= self.accept_score:
             return top
         return None
 
@@ -146,7 +159,7 @@ class Lookup:
         """How large an image must stay when decoded: the model input, or ORB's working size when verifying
         or enrolling with features (decoding no larger bounds the memory of a request)."""
         spec, rc = self.encoder.manifest.input, self.recognition
-        need = max(spec.height, spec.width)
+        need = spec.min_side_px
         return max(need, rc.features_max_side_px) if (rc.verify or rc.features) else need
 
     def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:

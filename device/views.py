@@ -19,6 +19,10 @@ from .images import decode_image, encode_jpeg
 
 VIEW_KINDS = ("closeup", "perspective", "rotate", "zoom", "lighting", "color_cast", "blur", "noise_jpeg",
               "occluded", "table", "table_occluded")
+# Views that leave the plane of a flat print held up to the camera: seen at a grazing angle (steep), wrapped
+# round the corner of a box (two faces turned away from each other, out-of-plane rotation), or only partly in
+# the frame (partial). Benchmarks rate them apart; nothing fits on them.
+VIEWPOINT_KINDS = ("steep", "box", "partial")
 VGA_HW = (480, 640)
 
 
@@ -76,12 +80,61 @@ def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return decode_image(encode_jpeg(img, quality))
 
 
+def _warp_onto(img: np.ndarray, dst: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``img`` warped so its corners land on ``dst`` (tl, tr, br, bl), painted over ``out``."""
+    h, w = img.shape[:2]
+    m = cv2.getPerspectiveTransform(np.float32([[0, 0], [w, 0], [w, h], [0, h]]), np.float32(dst))
+    return cv2.warpPerspective(img, m, (out.shape[1], out.shape[0]), dst=out, borderMode=cv2.BORDER_TRANSPARENT)
+
+
+def _viewpoint(img: np.ndarray, kind: str, rng: np.random.Generator, out_hw: tuple[int, int]) -> np.ndarray:
+    """VIEWPOINT_KINDS: the print leaves the image plane (see there), on a textured table."""
+    oh, ow = out_hw
+    h, w = img.shape[:2]
+    out = textured_background(oh, ow, rng)
+    s = min(oh / h, ow / w)
+    if kind == "steep":  # tilted 55-70° away: the far edge shrinks and the print is foreshortened
+        s *= rng.uniform(0.75, 0.95)
+        bw, fh, top = w * s, h * s * rng.uniform(0.4, 0.6), rng.uniform(0.35, 0.5)
+        cx, cy = ow / 2 + rng.uniform(-0.08, 0.08) * ow, oh / 2 + rng.uniform(-0.08, 0.08) * oh
+        dst = [[cx - bw * top / 2, cy - fh / 2], [cx + bw * top / 2, cy - fh / 2], [cx + bw / 2, cy + fh / 2],
+               [cx - bw / 2, cy + fh / 2]]
+        if rng.random() < 0.5:  # tilted sideways instead of backwards
+            dst = [[ow - x, y] for x, y in dst] if rng.random() < 0.5 else dst
+            c = np.mean(dst, axis=0)
+            rot = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), float(rng.choice([90, -90])) * oh / ow, 1.0)
+            dst = (np.c_[np.float32(dst), np.ones(4)] @ rot.T).tolist()
+        return _warp_onto(img, np.float32(dst), out)
+    if kind == "box":  # wrapped round the vertical edge of a box turned 30-50° to one side
+        s *= rng.uniform(0.7, 0.85)
+        split = int(w * rng.uniform(0.35, 0.65))
+        cx, cy, hh = ow / 2 + rng.uniform(-0.05, 0.05) * ow, oh / 2, h * s / 2
+        lw, rw = split * s * rng.uniform(0.45, 0.8), (w - split) * s * rng.uniform(0.45, 0.8)
+        ls, rs = rng.uniform(0.75, 0.9), rng.uniform(0.75, 0.9)  # the far edges look shorter
+        out = _warp_onto(np.ascontiguousarray(img[:, :split]),
+                         np.float32([[cx - lw, cy - hh * ls], [cx, cy - hh], [cx, cy + hh], [cx - lw, cy + hh * ls]]), out)
+        return _warp_onto(np.ascontiguousarray(img[:, split:]),
+                          np.float32([[cx, cy - hh], [cx + rw, cy - hh * rs], [cx + rw, cy + hh * rs], [cx, cy + hh]]), out)
+    if kind == "partial":  # the print larger than the frame and off-centre: 35-60 % of it in view
+        s *= rng.uniform(1.0, 1.3)
+        sw, sh = w * s, h * s
+        keep = rng.uniform(0.35, 0.6)
+        if rng.random() < 0.5:
+            x0, y0 = (ow - sw * keep if rng.random() < 0.5 else -sw * (1 - keep)), (oh - sh) / 2
+        else:
+            x0, y0 = (ow - sw) / 2, (oh - sh * keep if rng.random() < 0.5 else -sh * (1 - keep))
+        return _warp_onto(img, np.float32([[x0, y0], [x0 + sw, y0], [x0 + sw, y0 + sh], [x0, y0 + sh]]), out)
+    raise ValueError(f"unknown view kind {kind!r}; allowed: {', '.join(VIEW_KINDS + VIEWPOINT_KINDS)}")
+
+
 def camera_view(img: np.ndarray, kind: str, rng: np.random.Generator,
                 out_hw: tuple[int, int] = VGA_HW) -> np.ndarray:
-    """A simulated camera frame (RGB uint8, out_hw) of a photo, of one distortion kind (VIEW_KINDS).
-    Every view ends with mild sensor noise and JPEG, as a real camera frame would."""
+    """A simulated camera frame (RGB uint8, out_hw) of a photo, of one distortion kind (VIEW_KINDS or
+    VIEWPOINT_KINDS). Every view ends with mild sensor noise and JPEG, as a real camera frame would."""
     oh, ow = out_hw
-    if kind in ("table", "table_occluded"):
+    if kind in VIEWPOINT_KINDS:
+        v = _viewpoint(img, kind, rng, out_hw)
+    elif kind in ("table", "table_occluded"):
         bg = textured_background(oh, ow, rng)
         v = _perspective(img, rng, 0.08, out_hw, background=bg, scale=rng.uniform(0.55, 0.75))
         if kind == "table_occluded":

@@ -9,7 +9,7 @@ import pytest
 
 from device.images import encode_jpeg
 from device.views import camera_view
-from device.config import DEFAULT_BUNDLE
+from device.config import OPEN_BUNDLE
 from device.demo import shipped_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def photos() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def encoder():
     from device.encoder import Encoder
-    with Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=2) as enc:
+    with Encoder.from_bundle(OPEN_BUNDLE, num_threads=2) as enc:
         yield enc
 
 

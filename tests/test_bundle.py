@@ -11,13 +11,13 @@ from device.bundle import load_manifest
 from device.encoder import Encoder
 from device.errors import BundleError
 
-from .conftest import DEFAULT_BUNDLE
+from .conftest import OPEN_BUNDLE
 
 
 @pytest.fixture()
 def bundle(tmp_path):
     d = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, d)
+    shutil.copytree(OPEN_BUNDLE, d)
     return d
 
 

@@ -15,7 +15,7 @@ import pytest
 from device.__main__ import main
 from device.images import encode_jpeg
 
-from .conftest import CATALOG, DEFAULT_BUNDLE, ROOT, view
+from .conftest import CATALOG, OPEN_BUNDLE, ROOT, view
 
 # View kinds a single global descriptor handles (the harder table/occlusion views are issue 7's business
 # and are measured by bench/, not asserted here).
@@ -31,7 +31,7 @@ def built(tmp_path_factory, catalog_dir):
     (folder / "broken.jpg").write_bytes((folder / "rocket.jpg").read_bytes()[:2000])
     (folder / "notes.txt").write_text("not an image")
     cfg = work / "config.yaml"
-    cfg.write_text(f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {work / 'index'}\n  search_k: 2000\n")
+    cfg.write_text(f"encoder:\n  bundle: {OPEN_BUNDLE}\nindex:\n  path: {work / 'index'}\n  search_k: 2000\n")
     return work, folder, cfg
 
 
@@ -107,7 +107,7 @@ def test_catalog_add_and_remove_round_trip(built, photos, tmp_path, capsys):
 def test_index_built_with_another_bundle_is_refused(built, tmp_path):
     work, folder, cfg = built
     other = tmp_path / "other-bundle"
-    shutil.copytree(DEFAULT_BUNDLE, other)
+    shutil.copytree(OPEN_BUNDLE, other)
     tfl = other / "encoder.tflite"
     tfl.write_bytes(tfl.read_bytes() + b"\0")  # a different model file → a different sha256
     m = json.loads((other / "manifest.json").read_text())
@@ -168,7 +168,7 @@ def test_same_photo_gives_same_descriptor_through_camera_and_upload(encoder, pho
 def test_index_build_refuses_a_folder_without_usable_images(tmp_path, catalog_dir):
     from device.index import index_exists
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n")
+    cfg.write_text(f"encoder:\n  bundle: {OPEN_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not an image")
@@ -198,7 +198,7 @@ def test_index_build_says_what_it_replaced_and_a_running_holder_keeps_that_build
     from device.config import IndexConfig, RecognitionConfig
     from device.index_writer import IndexHolder
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n"
+    cfg.write_text(f"encoder:\n  bundle: {OPEN_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n"
                    "recognition:\n  enrol_views: []\n")
     for name, names in (("a", ("rocket", "moon")), ("b", ("chelsea", "coins", "clock"))):
         (tmp_path / name).mkdir()
@@ -227,7 +227,7 @@ def test_serve_on_a_port_in_use_exits_2_at_once_naming_web_port(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         cfg = tmp_path / "config.yaml"
-        cfg.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {DEFAULT_BUNDLE}\n"
+        cfg.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {OPEN_BUNDLE}\n"
                        f"index:\n  path: {tmp_path / 'index'}\nweb:\n  host: 127.0.0.1\n  port: {port}\n")
         t0 = time.monotonic()
         proc = run_cli("serve", "--config", str(cfg))

@@ -18,7 +18,8 @@ def write(tmp_path, text):
 
 def test_the_documented_config_yaml_loads_and_resolves_paths():
     cfg = load_config(ROOT / "config.yaml")
-    assert cfg.encoder.bundle == ROOT / "models" / "default"
+    assert cfg.encoder.bundle == ROOT / "models" / "sscd-distilled"
+    assert cfg.encoder.fallback_bundle == ROOT / "models" / "efficientnet-lite0"
     assert cfg.index.path == ROOT / "var" / "catalog"
     assert cfg.catalog.demo is True and cfg.camera.source == "demo"
 

@@ -29,7 +29,7 @@ from converter.export import to_tflite  # noqa: E402
 from converter.images import load_folder  # noqa: E402
 from converter.layers import GeM  # noqa: E402
 from device.bundle import InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
-from device.config import DEFAULT_BUNDLE
+from device.config import OPEN_BUNDLE
 from device.demo import photo_crops, shipped_photos  # noqa: E402
 from device.encoder import Encoder  # noqa: E402
 
@@ -364,17 +364,17 @@ def test_autoencoder_stops_early_on_a_plateau():
 # --- 7. the committed default bundle --------------------------------------------------------------------
 
 def test_default_bundle_is_what_it_claims():
-    m = load_manifest(DEFAULT_BUNDLE, verify_sha=True)
+    m = load_manifest(OPEN_BUNDLE, verify_sha=True)
     assert m.quantization == "int8" and m.input.dtype == "uint8"
     assert m.source.get("backbone") == "efficientnet_lite0"
-    size = (DEFAULT_BUNDLE / m.model_file).stat().st_size
+    size = (OPEN_BUNDLE / m.model_file).stat().st_size
     assert size < 8 * 1024 * 1024
-    rep = json.loads((DEFAULT_BUNDLE / "report.json").read_text())
+    rep = json.loads((OPEN_BUNDLE / "report.json").read_text())
     for key in ("cosine_mean", "top1_agreement"):
         assert 0.0 <= rep[key] <= 1.0, (key, rep[key])
     assert rep["quantization"] == m.quantization
     if "size_bytes" in rep:
         assert rep["size_bytes"] == size
-    with Encoder.from_bundle(DEFAULT_BUNDLE) as enc:
+    with Encoder.from_bundle(OPEN_BUNDLE) as enc:
         v = enc.embed(np.full((240, 320, 3), 90, np.uint8))
     assert v.shape == (m.output_dim,)

@@ -7,17 +7,21 @@ import math
 
 import pytest
 
-from device.config import RecognitionConfig, load_config
+from device.bundle import load_manifest
+from device.config import DEFAULT_BUNDLE, OPEN_BUNDLE, UNCALIBRATED_ACCEPT_INLIERS, RecognitionConfig, load_config
 from device.decision import decision_features, probability
 from device.errors import ConfigError
-from device.lookup import Lookup
+from device.lookup import Lookup, resolve_decision
 from device.results import Candidate
 
 REJECT_ALL = dict(features=["log_inliers"], weights=[0.0], bias=-50.0, threshold=0.5)
 
 
-def _decide(rc: RecognitionConfig, ranked: list[Candidate]):
-    return Lookup(None, None, rc, top_k=5)._decide(ranked)  # the decision needs neither encoder nor index
+@pytest.fixture()
+def decide(encoder):
+    def _decide(rc: RecognitionConfig, ranked: list[Candidate]):
+        return Lookup(encoder, None, rc, top_k=5)._decide(ranked)  # the decision needs no index
+    return _decide
 
 
 def test_features_of_a_verified_lookup():
@@ -26,12 +30,14 @@ def test_features_of_a_verified_lookup():
     assert f["score"] == pytest.approx(0.8) and f["score_margin"] == pytest.approx(-0.05)
     assert f["log_inliers"] == pytest.approx(math.log(16))
     assert f["log_inlier_margin"] == pytest.approx(math.log(16) - math.log(4))
+    assert f["score_norm"] == pytest.approx(0.8 - 0.5)  # the top item's cosine over the lowest of the first NORM_K
     alone = decision_features([Candidate("a", "A", 0.7, None)])
     assert alone == {"score": pytest.approx(0.7), "score_margin": pytest.approx(0.7), "log_inliers": 0.0,
-                     "log_inlier_margin": 0.0}
+                     "log_inlier_margin": 0.0, "score_norm": pytest.approx(0.7)}
 
 
-def test_the_model_decides_verified_lookups_and_the_thresholds_the_rest():
+def test_the_model_decides_verified_lookups_and_the_thresholds_the_rest(decide):
+    _decide = decide
     verified = [Candidate("a", "A", 0.9, 60), Candidate("b", "B", 0.2, 0)]
     unverified = [Candidate("a", "A", 0.9), Candidate("b", "B", 0.2)]
     strict = RecognitionConfig(decision=REJECT_ALL)
@@ -42,12 +48,21 @@ def test_the_model_decides_verified_lookups_and_the_thresholds_the_rest():
     assert _decide(strict, []) is None
 
 
-def test_the_shipped_model_is_documented_and_behaves():
-    model = RecognitionConfig().decision
-    assert model is not None and model.fitted_on
+@pytest.mark.parametrize("bundle", [DEFAULT_BUNDLE, OPEN_BUNDLE], ids=["default", "open"])
+def test_each_shipped_bundle_carries_a_documented_decision_that_behaves(bundle):
+    cal = load_manifest(bundle, verify_sha=False).calibration
+    model, inliers, score = resolve_decision(RecognitionConfig(), cal)
+    assert model is cal.decision and model.fitted_on and (inliers, score) == (cal.accept_inliers, cal.accept_score)
     sure = decision_features([Candidate("a", "A", 0.8, 80), Candidate("b", "B", 0.3, 2)])
     nothing = decision_features([Candidate("a", "A", 0.3, 0), Candidate("b", "B", 0.29, 0)])
     assert probability(model, sure) >= model.threshold > probability(model, nothing)
+
+
+def test_the_config_overrides_the_bundle_and_an_uncalibrated_bundle_accepts_on_points_only():
+    cal = load_manifest(OPEN_BUNDLE, verify_sha=False).calibration
+    assert resolve_decision(RecognitionConfig(decision=None, accept_score=0.9), cal) == (None, cal.accept_inliers, 0.9)
+    model, inliers, score = resolve_decision(RecognitionConfig(), None)
+    assert model is None and inliers == UNCALIBRATED_ACCEPT_INLIERS and score > 1.0  # never on a cosine alone
 
 
 def _write(tmp_path, text: str):
@@ -61,6 +76,7 @@ def test_decision_config_is_validated(tmp_path):
                                       "    weights: [2.0, 1.5]\n    bias: -4\n    threshold: 0.6\n"))
     assert ok.recognition.decision.weights == [2.0, 1.5] and ok.recognition.decision.threshold == 0.6
     assert load_config(_write(tmp_path, "recognition:\n  decision: null\n")).recognition.decision is None
+    assert load_config(_write(tmp_path, "recognition:\n  decision: bundle\n")).recognition.decision == "bundle"
     bad = {
         "weights: [1.0]\n    bias: 0\n    threshold: 0.5": r"1 weights for 2 features",
         "weights: [1.0, 2.0]\n    bias: 0\n    threshold: 1.5": r"recognition\.decision\.threshold",

@@ -22,7 +22,7 @@ from device.web import create_app
 
 from bench.serve import AUTH, TOKEN, Serve, bad_input_corpus
 
-from .conftest import DEFAULT_BUNDLE, view
+from .conftest import OPEN_BUNDLE, view
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
@@ -129,7 +129,7 @@ def test_another_sites_page_cannot_post_and_pages_carry_security_headers(applian
 def test_health_shows_names_not_paths_without_the_token(appliance, tmp_path):
     client = _client(appliance)
     anonymous = json.dumps(client.get("/api/health").get_json())
-    assert str(tmp_path) not in anonymous and str(DEFAULT_BUNDLE) not in anonymous
+    assert str(tmp_path) not in anonymous and str(OPEN_BUNDLE) not in anonymous
     assert '"path": "index"' in anonymous
     assert str(tmp_path) in json.dumps(client.get("/api/health", headers=AUTH).get_json())
 

@@ -30,7 +30,7 @@ from device.lookup import Lookup
 
 from bench.serve import free_port
 
-from .conftest import DEFAULT_BUNDLE, ROOT
+from .conftest import OPEN_BUNDLE, ROOT
 from .test_web import waitress_server  # noqa: F401  (the shared fixture: a real waitress on a free port)
 
 SERVE_START_S = 120  # bundle load + index build of 14 photos on a busy 2-core machine
@@ -64,7 +64,7 @@ def served(tmp_path_factory, catalog_dir, photos):
     cfg.write_text(
         f"camera:\n  source: {camera}\n  fps: 5\n"
         "trigger:\n  enabled: false\n"
-        f"encoder:\n  bundle: {DEFAULT_BUNDLE}\n"
+        f"encoder:\n  bundle: {OPEN_BUNDLE}\n"
         f"index:\n  path: {work / 'index'}\n  search_k: 2000\n"
         f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {work / 'enrolled'}\n"
         "recognition:\n  enrol_views: []\n"

@@ -183,9 +183,9 @@ def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(enco
     from device.config import load_config
     from device.index import CatalogIndex, CatalogItem
     from device.index_writer import write_index
-    from .conftest import DEFAULT_BUNDLE
+    from .conftest import OPEN_BUNDLE
     cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {DEFAULT_BUNDLE}\n"
+    cfg_file.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {OPEN_BUNDLE}\n"
                         f"index:\n  path: {tmp_path / 'index'}\n"
                         f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {tmp_path / 'enrolled'}\n")
     cfg = load_config(cfg_file)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.config import DEFAULT_BUNDLE
+from device.config import OPEN_BUNDLE
 from device.demo import photo_crops, shipped_photos
 from device.encoder import Encoder
 
@@ -151,7 +151,7 @@ def _compare_runtimes(bundle: Path, python: Path, photos: list[np.ndarray], tmp_
 
 
 def test_default_int8_bundle_on_tflite_runtime(tflite_rt_python, photos, tmp_path):
-    vs_encoder, vs_builtin = _compare_runtimes(DEFAULT_BUNDLE, tflite_rt_python, photos, tmp_path)
+    vs_encoder, vs_builtin = _compare_runtimes(OPEN_BUNDLE, tflite_rt_python, photos, tmp_path)
     # tflite-runtime computes exactly what ai-edge-litert's built-in int8 kernels compute ...
     assert (vs_builtin >= 0.9999).all(), dict(zip(PHOTO_NAMES, vs_builtin.round(5)))
     # ... while the XNNPACK int8 kernels the device Encoder runs by default round differently: measured

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             split[k].append(dt)
     split_ms = {k: round(med_ms(v), 3) for k, v in split.items()}
     r1 = med_ms(t_lookup) / med_ms(t_invoke)
-    draft_ms = pil_draft_decode_ms(qbytes[0], max(enc.manifest.input.width, enc.manifest.input.height))
+    draft_ms = pil_draft_decode_ms(qbytes[0], enc.manifest.input.min_side_px)
     result["lookup_vs_invoke"] = {"pairs": args.pairs, "lookup_ms": round(med_ms(t_lookup), 3),
                                   "invoke_ms": round(med_ms(t_invoke), 3), "ratio": round(r1, 3),
                                   "split_ms": split_ms, "catalog_items": idx.size, "query": "640x480 JPEG q85",
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"   split (medians, ms): decode {split_ms['decode']:.2f} | preprocess {split_ms['preprocess']:.2f} | "
         f"invoke {split_ms['invoke']:.2f} | search {split_ms['search']:.3f}   ({args.pairs} interleaved pairs, "
         f"{idx.size}-item catalog, top-1 {hits / args.pairs:.2f})")
-    log(f"   (what-if: PIL draft-mode JPEG decode to ≥{enc.manifest.input.width} px: {draft_ms:.2f} ms)")
+    log(f"   (what-if: PIL draft-mode JPEG decode to ≥{enc.manifest.input.min_side_px} px: {draft_ms:.2f} ms)")
     log(f"3. enrolment build_index {enrol_ips:.1f} img/s ÷ model-limited {model_ips:.1f} img/s "
         f"(1 / median invoke, {s['num_threads']} threads) = {r3:.3f}  → "
         f"{verdict(r3, TARGETS['enrol_over_model_min'], upper=False)}")

@@ -144,8 +144,8 @@ def load_manifest(bundle_dir: str | Path, *, verify_sha: bool = True) -> Manifes
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_FILE
     if not bundle_dir.is_dir():
-        raise BundleError(f"bundle {bundle_dir}: not a directory (a bundle is a folder with "
-                          f"{MODEL_FILE} and {MANIFEST_FILE})")
+        raise BundleError(f"bundle {bundle_dir}: not a directory (a bundle is a folder with {MANIFEST_FILE} "
+                          f"and its model file, e.g. {MODEL_FILE})")
     manifest = read_json_model(path, Manifest, BundleError, format_version=FORMAT_VERSION,
                                hint=f"a bundle is {MANIFEST_FILE} + its model file from this version's converter")
     if not manifest.sha256:

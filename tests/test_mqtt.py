@@ -267,7 +267,7 @@ def _serve_config(tmp_path, photos, broker_port: int):
     cfg.write_text(f"""
 camera: {{source: {frames}, fps: 5}}
 trigger: {{enabled: false}}
-encoder: {{bundle: {ROOT / 'models' / 'default'}, num_threads: 1}}
+encoder: {{bundle: {ROOT / 'models' / 'efficientnet-lite0'}, num_threads: 1}}
 index: {{path: {tmp_path / 'index'}}}
 catalog: {{build_from: {catalog}, enrolled_dir: {tmp_path / 'enrolled'}}}
 web: {{host: 127.0.0.1, port: {broker_mod.free_port()}}}

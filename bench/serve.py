@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import socket
 import struct
@@ -37,10 +38,14 @@ def free_port() -> int:
 class Serve:
     """A real ``python -m device serve`` on 127.0.0.1 with a small catalog and an image-folder camera."""
 
-    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | None = None,
-                 trigger: bool = False):
-        """``camera``: a video or folder to play (default: the first catalog image, still, at 2 fps);
-        ``trigger``: look up when the view changes and settles (default: only when asked)."""
+    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | str | None = None,
+                 trigger: bool = False, build_from: bool = True, state: Path | None = None, env: dict | None = None,
+                 catalog_extra: str = ""):
+        """``camera``: a video, folder or URL to play (default: the first catalog image, still, at 2 fps);
+        ``trigger``: look up when the view changes and settles (default: only when asked); ``build_from``: index
+        ``catalog_dir`` at start when there is no index (False: the Pi install, built once by the CLI);
+        ``state``: where the index, store and history live (default: ``work``); ``env``: added to the environment;
+        ``catalog_extra``: more ``catalog:`` lines (indented)."""
         self.port = free_port()
         self.work = work
         if camera is None:
@@ -48,18 +53,23 @@ class Serve:
             camera.mkdir(exist_ok=True)
             first = sorted(catalog_dir.glob("*.jpg"))[0]
             (camera / "frame.jpg").write_bytes(first.read_bytes())
+        self.state = state or work
+        self.env = env or {}
         self.config = work / "config.yaml"
         self.config.write_text(
             f"camera:\n  source: {camera}\n  fps: {10 if trigger else 2}\n"
             f"trigger:\n  enabled: {str(trigger).lower()}\n"
-            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {work / 'index'}\n"
-            f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {work / 'enrolled'}\n"
+            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {self.state / 'index'}\n"
+            f"catalog:\n  build_from: {catalog_dir if build_from else 'null'}\n"
+            f"  enrolled_dir: {self.state / 'enrolled'}\n  store: {self.state / 'catalog.sqlite'}\n{catalog_extra}"
+            f"history:\n  dir: {self.state / 'history'}\n"
             f"web:\n  host: 127.0.0.1\n  port: {self.port}\n  api_token: {TOKEN}\n" + extra_config)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(self.config)],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "ab"))
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "ab"),
+                                     env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.work / "log").read_text()[-3000:]
@@ -88,6 +98,17 @@ class Serve:
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}",
                                                  **(AUTH if path == "/api/catalog" else {})})
+
+    def cli(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """``python -m device ARGS --config <this server's config>`` (the same state), run to the end."""
+        return subprocess.run([sys.executable, "-m", "device", *args, "--config", str(self.config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **self.env})
+
+    def catalog(self) -> dict[str, str]:
+        """id → label of what the running server lists."""
+        status, body = self.request("GET", "/api/catalog?limit=1000")
+        assert status == 200, body
+        return {it["id"]: it["label"] for it in body["items"]}
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from PIL import Image
 
 from device.config import DEFAULT_BUNDLE
 from device.images import encode_jpeg
+
+from .corpus import png_claiming
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
@@ -123,14 +124,6 @@ class Serve:
                 self.kill9()
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (and no pixel data worth the name)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 def _jpeg_claiming(width: int, height: int) -> bytes:
     """A real small JPEG with its frame header patched to claim ``width`` x ``height``."""
     data = bytearray(encode_jpeg(np.full((32, 32, 3), 128, np.uint8)))
@@ -155,7 +148,7 @@ def bad_input_corpus(photos: dict[str, np.ndarray]) -> dict[str, tuple[bytes, in
         "empty": (b"", 400, "no data"),
         "text_as_jpeg": (b"hello, I am text pretending to be a JPEG", 400, "not an image"),
         "truncated_jpeg": (encode_jpeg(photos["astronaut"])[:3000], 400, "truncated"),
-        "png_claims_20k": (_png_header(20000, 20000), 413, "web.max_pixels"),
+        "png_claims_20k": (png_claiming(20000, 20000, mode=2), 413, "web.max_pixels"),
         "jpeg_claims_20k": (_jpeg_claiming(20000, 20000), 413, "web.max_pixels"),
         "jpeg_claims_65k": (_jpeg_claiming(65000, 65000), 413, "web.max_pixels"),
         "one_by_one": (_save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), 400, "too small"),

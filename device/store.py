@@ -72,11 +72,13 @@ class CatalogStore:
                                        check_same_thread=False)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
-            with self._write() as db:
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(stmt)
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('store_id', ?), ('seq', '0')",
-                           (str(SCHEMA_VERSION), uuid.uuid4().hex))
+            # Written only when new: a start on a full disk must still read the catalog.
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone():
+                with self._write() as db:
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(stmt)
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('store_id', ?), ('seq', '0')",
+                               (str(SCHEMA_VERSION), uuid.uuid4().hex))
             schema = int(self.meta("schema") or 0)
         except DiskFullError:
             raise

@@ -21,18 +21,10 @@ from device.images import encode_jpeg
 from bench.serve import AUTH, ROOT, TOKEN, Serve
 
 from .conftest import view
+from .test_reliability import small_catalog  # noqa: F401  (the fixture: rocket, moon, brick)
 
 ENROL = ("coffee", "chelsea", "astronaut", "grace_hopper", "camera", "coins", "clock", "page", "china", "flower")
 OTHERS = ("chelsea", "astronaut", "camera", "coins", "clock", "page", "china", "flower")  # neither A nor B
-
-
-@pytest.fixture()
-def small_catalog(tmp_path, photos):
-    d = tmp_path / "catalog"
-    d.mkdir()
-    for name in ("rocket", "moon", "brick"):
-        (d / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
-    return d
 
 
 def _jpeg(photos, name: str) -> bytes:

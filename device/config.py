@@ -80,7 +80,8 @@ class IndexConfig(_Section):
 
 
 class CatalogConfig(_Section):
-    """Where catalog items come from (device/catalog.py, device/demo.py)."""
+    """Where catalog items come from and where every change to the catalog is kept (device/catalog.py,
+    device/store.py, device/catalog_service.py, device/demo.py)."""
 
     build_from: Optional[Path] = Field(None, description="folder to index at start when the index is missing")
     labels: Optional[Path] = Field(None, description="CSV/TSV/JSON of id → label for build_from")

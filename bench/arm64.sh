@@ -84,7 +84,9 @@ step service_user in_root "command -v useradd >/dev/null || apt-get install -y -
   mkdir -p /etc/edge-retrieval && sed -e 's#^  demo: true#  demo: false#' -e 's#^  source: demo#  source: /dev/video0#' \
     -e 's#^  path: var/catalog#  path: /var/lib/edge-retrieval/catalog#' \
     -e 's#^  enrolled_dir: var/enrolled#  enrolled_dir: /var/lib/edge-retrieval/enrolled#' \
-    -e 's#^  bundle: models/efficientnet-lite0#  bundle: $APP/models/efficientnet-lite0#' $APP/config.yaml > /etc/edge-retrieval/config.yaml; \
+    -e 's#^  store: var/catalog.sqlite#  store: /var/lib/edge-retrieval/catalog.sqlite#' \
+    -e 's#^  bundle: models/#  bundle: $APP/models/#' -e 's#^  fallback_bundle: models/#  fallback_bundle: $APP/models/#' \
+    $APP/config.yaml > /etc/edge-retrieval/config.yaml; \
   rm -rf /var/lib/edge-retrieval && install -d -o edge-retrieval -g edge-retrieval /var/lib/edge-retrieval; \
   cd $APP && runuser -u edge-retrieval -- .venv/bin/python -m device index build --catalog /data/catalog \
     --config /etc/edge-retrieval/config.yaml"

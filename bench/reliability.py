@@ -1,13 +1,17 @@
 """Reliability figures, measured on a real ``serve`` on 127.0.0.1 (nothing leaves the machine):
 
-  python -m bench reliability [--clients 50] [--seconds 30] [--crash-trials 12]
+  python -m bench reliability [--clients 50] [--seconds 30] [--crash-trials 12] [--store-trials 12] [--fuzz 600]
 
 1. load: N client threads for S seconds (health, latest result, catalog page, upload queries): requests,
    errors (connection errors and 5xx other than the deliberate 503 "busy"), p50 / p99, RSS before / after;
 2. memory: peak RSS growth (VmHWM, reset before each request) of the worst uploads that are accepted
-   (16 MP PNGs in every mode, a 48 MP JPEG) and of ones refused (a 40 MP greyscale PNG bomb);
+   (16 MP PNGs in every mode, a 48 MP JPEG) and of ones refused (a 40 MP greyscale PNG bomb, the ICO whose
+   256x256 entry holds a 13300x13300 PNG, a 16 MP JPEG 2000, a WebP claiming 16383x16383);
 3. bad inputs: the corpus of tests/test_reliability.py against the real process: N tried, clear 4xx, 5xx;
-4. crash trials: enrol, ``kill -9`` 0–100 ms after the 202, restart: acknowledged items intact / lost;
+   then the bombs and N seeded mutations of every format (bench/corpus.py) on both upload endpoints: 5xx;
+4. crash trials: enrol, ``kill -9`` 0–100 ms after the 202, restart: acknowledged items intact / lost; then
+   store trials: random enrolments, re-enrolments and removals, ``kill -9`` 0–200 ms after the last answer,
+   restart: acknowledged operations, lost or reverted, resurrected (target 0 and 0);
 5. camera loss: an image-folder camera removed and put back: time to notice, time to recover;
 6. the systemd unit's exposure (``systemd-analyze security --offline``).
 Results: bench/results/reliability.json.
@@ -28,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .serve import ROOT, Serve, bad_input_corpus
+from .corpus import bombs, ico_bomb, mutations, valid_files
+from .serve import AUTH, ROOT, Serve, bad_input_corpus
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "var" / "bench" / "reliability"
@@ -109,6 +114,9 @@ def memory(serve: Serve, photo: np.ndarray) -> dict:
         "jpeg_cmyk_16mp": _jpeg(big.convert("CMYK"), quality=70),
         "jpeg_48mp": _jpeg(base.resize((200, 150)).resize((8000, 6000), Image.Resampling.NEAREST), quality=60),
         "png_gray_40mp_bomb": _png(Image.new("L", (6300, 6300), 128)),
+        "ico_13300_png_bomb": ico_bomb(full=True),
+        "jpeg2000_16mp": bombs()["jpeg2000_16mp"][0],
+        "webp_claims_16383": bombs()["webp_claims_16383"][0],
     }
     out = {}
     serve.upload("/api/query", _jpeg(base))  # warm: first-request allocations are not the image's
@@ -120,7 +128,8 @@ def memory(serve: Serve, photo: np.ndarray) -> dict:
         out[name] = {"upload_kb": len(data) // 1024, "status": status,
                      "peak_growth_mb": round((after["VmHWM"] - before["VmRSS"]) / 1024, 1)}
     accepted = [v["peak_growth_mb"] for v in out.values() if v["status"] == 200]
-    return {"cases": out, "worst_accepted_peak_growth_mb": max(accepted, default=None)}
+    return {"cases": out, "worst_accepted_peak_growth_mb": max(accepted, default=None),
+            "worst_any_peak_growth_mb": max(v["peak_growth_mb"] for v in out.values())}
 
 
 def bad_inputs(serve: Serve, corpus: dict) -> dict:
@@ -135,6 +144,47 @@ def bad_inputs(serve: Serve, corpus: dict) -> dict:
     alive = serve.request("GET", "/api/health")[0] in (200, 503)
     bad = sum(1 for _, (_, want, _) in corpus.items() if want != 200) * 2
     return {"tried": tried, "bad": bad, "clear_4xx": clear, "5xx": server_errors, "alive_after": alive}
+
+
+def fuzz(serve: Serve, count: int) -> dict:
+    """The bombs and ``count`` seeded mutations of every format on both upload endpoints: statuses, 5xx."""
+    corpus = [(n, d) for n, (d, _) in bombs().items()] + list(mutations(valid_files(), count=count, seed=3,
+                                                                        budget_s=600))
+    codes: dict[str, int] = {}
+    for name, data in corpus:
+        for path in ("/api/query", "/api/catalog"):
+            status, _ = serve.upload(path, data, **({"label": "fuzz", "id": "fuzz/x"} if path == "/api/catalog" else {}))
+            codes[str(status)] = codes.get(str(status), 0) + 1
+    alive = serve.request("GET", "/api/health")[0] in (200, 503)
+    return {"files": len(corpus), "requests": 2 * len(corpus), "codes": codes,
+            "5xx": sum(n for k, n in codes.items() if k.startswith("5") and k != "503"), "alive_after": alive}
+
+
+def store_trials(serve: Serve, photos: dict, trials: int, seed: int = 0) -> dict:
+    """Random enrolments, re-enrolments (a new label each time) and removals of 8 ids, ``kill -9`` 0–200 ms after
+    the last answer, restart, and compare what is listed with what was acknowledged (202 / 200)."""
+    rnd = random.Random(seed)
+    names = ["coffee", "chelsea", "astronaut", "grace_hopper", "camera", "coins", "clock", "page"]
+    jpegs = {n: _jpeg(Image.fromarray(photos[n])) for n in names}
+    want: dict[str, str | None] = {}  # id → the acknowledged label, None = acknowledged removed
+    acknowledged, lost, resurrected = 0, set(), set()
+    for trial in range(trials):
+        for k in range(rnd.randint(3, 10)):
+            item_id = f"store/{rnd.randint(0, 7)}"
+            if rnd.random() < 0.75 or want.get(item_id) is None:
+                label = f"{item_id} #{trial}.{k}"
+                if serve.upload("/api/catalog", jpegs[rnd.choice(names)], label=label, id=item_id)[0] == 202:
+                    want[item_id], acknowledged = label, acknowledged + 1
+            elif serve.request("DELETE", f"/api/catalog/{item_id}", headers=AUTH)[0] == 200:
+                want[item_id], acknowledged = None, acknowledged + 1
+        time.sleep(rnd.uniform(0, 0.2))
+        serve.kill9()
+        serve.start()
+        listed = serve.catalog()
+        lost |= {i for i, label in want.items() if label is not None and listed.get(i) != label}
+        resurrected |= {i for i, label in want.items() if label is None and i in listed}
+    return {"trials": trials, "acknowledged": acknowledged, "lost_or_reverted": len(lost),
+            "resurrected": len(resurrected), "examples": sorted(lost | resurrected)[:5]}
 
 
 def crash_trials(serve: Serve, photos: dict, trials: int) -> dict:
@@ -200,6 +250,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--crash-trials", type=int, default=12)
+    ap.add_argument("--store-trials", type=int, default=12)
+    ap.add_argument("--fuzz", type=int, default=600, help="mutated files sent to each upload endpoint")
     args = ap.parse_args(argv)
     from device.demo import shipped_photos
     from device.images import encode_jpeg
@@ -224,8 +276,12 @@ def main(argv: list[str]) -> int:
         print(json.dumps(report["memory"]), flush=True)
         report["bad_inputs"] = bad_inputs(serve, bad_input_corpus(photos))
         print(json.dumps(report["bad_inputs"]), flush=True)
+        report["fuzz"] = fuzz(serve, args.fuzz)
+        print(json.dumps(report["fuzz"]), flush=True)
         report["crash"] = crash_trials(serve, photos, args.crash_trials)
         print(json.dumps(report["crash"]), flush=True)
+        report["store"] = store_trials(serve, photos, args.store_trials)
+        print(json.dumps(report["store"]), flush=True)
     finally:
         serve.stop()
     report["camera_loss"] = camera_loss(WORK / "camera", photos["rocket"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import socket
 import struct
@@ -13,7 +14,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ from PIL import Image
 
 from device.config import DEFAULT_BUNDLE
 from device.images import encode_jpeg
+
+from .corpus import png_claiming
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
@@ -37,10 +39,14 @@ def free_port() -> int:
 class Serve:
     """A real ``python -m device serve`` on 127.0.0.1 with a small catalog and an image-folder camera."""
 
-    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | None = None,
-                 trigger: bool = False):
-        """``camera``: a video or folder to play (default: the first catalog image, still, at 2 fps);
-        ``trigger``: look up when the view changes and settles (default: only when asked)."""
+    def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | str | None = None,
+                 trigger: bool = False, build_from: bool = True, state: Path | None = None, env: dict | None = None,
+                 catalog_extra: str = ""):
+        """``camera``: a video, folder or URL to play (default: the first catalog image, still, at 2 fps);
+        ``trigger``: look up when the view changes and settles (default: only when asked); ``build_from``: index
+        ``catalog_dir`` at start when there is no index (False: the Pi install, built once by the CLI);
+        ``state``: where the index, store and history live (default: ``work``); ``env``: added to the environment;
+        ``catalog_extra``: more ``catalog:`` lines (indented)."""
         self.port = free_port()
         self.work = work
         if camera is None:
@@ -48,18 +54,23 @@ class Serve:
             camera.mkdir(exist_ok=True)
             first = sorted(catalog_dir.glob("*.jpg"))[0]
             (camera / "frame.jpg").write_bytes(first.read_bytes())
+        self.state = state or work
+        self.env = env or {}
         self.config = work / "config.yaml"
         self.config.write_text(
             f"camera:\n  source: {camera}\n  fps: {10 if trigger else 2}\n"
             f"trigger:\n  enabled: {str(trigger).lower()}\n"
-            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {work / 'index'}\n"
-            f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {work / 'enrolled'}\n"
+            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {self.state / 'index'}\n"
+            f"catalog:\n  build_from: {catalog_dir if build_from else 'null'}\n"
+            f"  enrolled_dir: {self.state / 'enrolled'}\n  store: {self.state / 'catalog.sqlite'}\n{catalog_extra}"
+            f"history:\n  dir: {self.state / 'history'}\n"
             f"web:\n  host: 127.0.0.1\n  port: {self.port}\n  api_token: {TOKEN}\n" + extra_config)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(self.config)],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "ab"))
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.work / "log", "ab"),
+                                     env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.work / "log").read_text()[-3000:]
@@ -89,6 +100,17 @@ class Serve:
         return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}",
                                                  **(AUTH if path == "/api/catalog" else {})})
 
+    def cli(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """``python -m device ARGS --config <this server's config>`` (the same state), run to the end."""
+        return subprocess.run([sys.executable, "-m", "device", *args, "--config", str(self.config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **self.env})
+
+    def catalog(self) -> dict[str, str]:
+        """id → label of what the running server lists."""
+        status, body = self.request("GET", "/api/catalog?limit=1000")
+        assert status == 200, body
+        return {it["id"]: it["label"] for it in body["items"]}
+
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -100,14 +122,6 @@ class Serve:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill9()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (and no pixel data worth the name)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _jpeg_claiming(width: int, height: int) -> bytes:
@@ -134,7 +148,7 @@ def bad_input_corpus(photos: dict[str, np.ndarray]) -> dict[str, tuple[bytes, in
         "empty": (b"", 400, "no data"),
         "text_as_jpeg": (b"hello, I am text pretending to be a JPEG", 400, "not an image"),
         "truncated_jpeg": (encode_jpeg(photos["astronaut"])[:3000], 400, "truncated"),
-        "png_claims_20k": (_png_header(20000, 20000), 413, "web.max_pixels"),
+        "png_claims_20k": (png_claiming(20000, 20000, mode=2), 413, "web.max_pixels"),
         "jpeg_claims_20k": (_jpeg_claiming(20000, 20000), 413, "web.max_pixels"),
         "jpeg_claims_65k": (_jpeg_claiming(65000, 65000), 413, "web.max_pixels"),
         "one_by_one": (_save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), 400, "too small"),

@@ -88,7 +88,14 @@ def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool =
     from .index_writer import IndexHolder
     index = cfg.index if path is None else cfg.index.model_copy(update={"path": path})
     return IndexHolder(index, expected_bundle_sha256=encoder.sha256, create_empty=create_empty, dim=encoder.dim,
-                       require_features=cfg.recognition.require_features)
+                       require_features=cfg.recognition.require_features, recover=create_empty)
+
+
+def _catalog(cfg: Config, encoder, set_aside: list[dict] | None = None):
+    """The catalog service (store + live index + item maker) that HTTP and the CLI both change the catalog through."""
+    from .catalog_service import CatalogService
+    return CatalogService(cfg.catalog, _holder(cfg, encoder, create_empty=True), _maker(cfg, encoder),
+                          max_pixels=cfg.web.max_pixels, set_aside=set_aside)
 
 
 def _maker(cfg: Config, encoder):
@@ -119,10 +126,13 @@ def cmd_index_build(cfg: Config, args) -> int:
     encoder = _encoder(cfg, args.bundle)
     previous = _describe_index(out)
     _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels)
-    if previous:
-        # The index may be the one a running `serve` has loaded: say what went and what that server does.
-        print(f"replaced {previous} in {out}; a running `serve` switches to this one within a few seconds "
-              "and re-enrols the items enrolled on it", file=sys.stderr)
+    if Path(out).resolve() == Path(cfg.index.path).resolve():  # this device's index: the store's changes on top
+        catalog = _catalog(cfg, encoder)
+        rep = catalog.apply()
+        catalog.stop()
+        print(f"catalog store: {len(rep.enrolled)} enrolled, {len(rep.removed)} removed on top (change {rep.seq})", file=sys.stderr)
+    if previous:  # the index may be the one a running `serve` has loaded: it switches to it, never undoes it
+        print(f"replaced {previous} in {out}; a running `serve` switches to it within a few seconds", file=sys.stderr)
     return 0
 
 
@@ -169,37 +179,34 @@ def cmd_query(cfg: Config, args) -> int:
 
 
 def cmd_catalog(cfg: Config, args) -> int:
-    from .images import encode_jpeg, read_image
-    encoder = _encoder(cfg)
-    holder = _holder(cfg, encoder, create_empty=True)
-    if args.catalog_cmd == "list":
-        for it in holder.current().items:
-            print(f"{it.id}\t{it.label}")
+    from .images import read_image
+    catalog = _catalog(cfg, _encoder(cfg))
+    holder = catalog.holder
+    try:
+        if args.catalog_cmd == "list":
+            for it in holder.current().items:
+                print(f"{it.id}\t{it.label}")
+            return 0
+        if args.catalog_cmd == "remove":  # the same path as DELETE /api/catalog: committed, then indexed
+            missing = [i for i in args.ids if catalog.remove(i) is None]
+            catalog.apply()
+            print(f"removed {len(args.ids) - len(missing)}; index now has {holder.current().size} items",
+                  file=sys.stderr)
+            if missing:
+                raise CatalogIndexError(f"not in the catalog: {', '.join(missing)}")
+            return 0
+        if args.item_id and len(args.images) > 1:
+            raise CatalogIndexError("--id names one item: give one image with it")
+        ids = []
+        for p in args.images:  # the same path as an HTTP enrolment: validated, committed, then indexed
+            item_id = args.item_id or p.stem
+            ids.append(catalog.enrol(read_image(p, cfg.web.max_pixels), item_id,
+                                     args.label or item_id.rsplit("/", 1)[-1])["id"])
+        catalog.apply()
+        print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
         return 0
-    from .catalog import EnrolledStore, validate_label
-    store = EnrolledStore(cfg.catalog.enrolled_dir)
-    if args.catalog_cmd == "remove":
-        for item_id in args.ids:
-            if holder.current().has(item_id):
-                store.record_removal(item_id)  # journalled first: a crash or a rebuild cannot bring it back
-        removed = holder.remove(args.ids)
-        missing = [i for i in args.ids if i not in removed]
-        print(f"removed {len(removed)}; index now has {holder.current().size} items", file=sys.stderr)
-        if missing:
-            raise CatalogIndexError(f"not in the catalog: {', '.join(missing)}")
-        return 0
-    if args.item_id and len(args.images) > 1:
-        raise CatalogIndexError("--id names one item: give one image with it")
-    maker, items = _maker(cfg, encoder), []
-    for p in args.images:  # the same path as an HTTP enrolment: validated, then kept durably, then indexed
-        rgb, item_id = read_image(p, cfg.web.max_pixels), args.item_id or p.stem
-        label = validate_label(args.label or item_id.rsplit("/", 1)[-1])
-        items.append(maker.make(rgb, item_id, label, source=str(store.path(item_id))))
-        store.save(item_id, encode_jpeg(rgb, 95), label)
-    holder.add(items)
-    print(f"enrolled {', '.join(i.id for i in items)}; index now has {holder.current().size} items",
-          file=sys.stderr)
-    return 0
+    finally:
+        catalog.stop()
 
 
 def _prepare_catalog(cfg: Config, encoder) -> Config:
@@ -224,7 +231,7 @@ def _prepare_catalog(cfg: Config, encoder) -> Config:
     if cfg.catalog.build_from and _needs_build(cfg.index.path, encoder):
         log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
         _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels, allow_empty=True)
-        # the items enrolled at run time come back, and removed ones stay out: serve reconciles next
+        # the items enrolled at run time come back, and removed ones stay out: serve replays the store next
     return cfg
 
 
@@ -246,28 +253,33 @@ def _needs_build(path: Path, encoder) -> bool:
 def cmd_serve(cfg: Config) -> int:
     from .appliance import Appliance
     from .camera import Camera
+    from .camera_sources import redact
     from .history import History
+    from .index_writer import recover_index
+    from .store import hold_serve_lock
     from .trigger import Trigger
     from .web import create_app, serve
     _check_port_free(cfg)  # before seconds of index work, not after them
+    lock = hold_serve_lock(cfg.catalog.store)  # noqa: F841 - held (flock) until this process exits
     encoder = _encoder(cfg)
+    set_aside = recover_index(cfg.index.path)  # damaged generations out of the way before deciding to build
     cfg = _prepare_catalog(cfg, encoder)
-    holder = _holder(cfg, encoder, create_empty=True)
+    catalog = _catalog(cfg, encoder, set_aside)
+    holder = catalog.holder
     sinks = _event_sinks(cfg)
-    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), holder=holder, maker=_maker(cfg, encoder),
+    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), catalog=catalog,
                           camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                          enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads,
+                          max_parallel_uploads=cfg.web.max_parallel_uploads,
                           sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
                           summary_interval_s=cfg.history.summary_interval_s)
     for sink in sinks:  # the Home Assistant "look up now" button
         if hasattr(sink, "on_lookup_command"):
             sink.on_lookup_command(appliance.request_lookup)
-    appliance.reconcile()
-    appliance.start()
+    appliance.start()  # replays the catalog store onto the index first
     w = cfg.web
     log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web %s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,
-             holder.current().size, cfg.index.path, cfg.camera.source, w.host, w.port,
+             holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -14,6 +14,7 @@ re-projects them with the stored projection and a full ``index build`` refits it
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ class Projection:
         try:
             with np.load(path, allow_pickle=False) as z:
                 mean, matrix, fit, sha = z["mean"], z["matrix"], z["fit"], str(z["bundle_sha256"])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a truncated .npz: BadZipFile
             raise CatalogIndexError(f"{path} is missing or unreadable ({e}); rebuild the index with "
                                     "`python -m device index build`") from None
         if sha != bundle_sha256:

@@ -1,26 +1,24 @@
 """The running appliance: camera → trigger → lookup → latest result, and what the web layer calls (upload a
 query, enrol, remove, health, metrics).
 
-It owns no model code: it is handed the camera, the trigger, the shared Lookup, the IndexHolder and the
-ItemMaker by ``device/__main__.py`` (the one place that wires components)."""
+It owns no model code: it is handed the camera, the trigger, the shared Lookup and the catalog service (the
+store, the live index and the item maker: device/catalog_service.py) by ``device/__main__.py`` (the one place
+that wires components)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera
-from .catalog import EnrolledStore, ItemMaker, ReconcileReport, reconcile, validate_id, validate_label
+from .catalog_service import CatalogService
 from .config import HistoryConfig, MqttConfig, WebConfig
 from .errors import ApplianceError, BusyError, CatalogIndexError, InputError
 from .history import History
 from .images import decode_image, encode_jpeg
-from .index_writer import IndexHolder
 from .lookup import Lookup
 from .metrics import Metrics
 from .procstat import CpuMeter, rss_mb
@@ -31,25 +29,24 @@ if TYPE_CHECKING:
     from .events import EventSink
 
 log = logging.getLogger(__name__)
-INDEX_CHECK_S = 5.0  # how often the camera loop looks whether another process replaced the index
+REMOVE_WAIT_S = 30.0  # a DELETE answers once the index no longer has the item (or after this, committed anyway)
 
 
 class Appliance:
     """Runs the camera loop in a thread and answers the web layer (device/web/). Thread-safe."""
 
-    def __init__(self, *, lookup: Lookup, holder: IndexHolder, maker: ItemMaker, camera: Camera | None,
-                 trigger: Trigger | None, enrolled_dir: Path,
+    def __init__(self, *, lookup: Lookup, catalog: CatalogService, camera: Camera | None, trigger: Trigger | None,
                  max_parallel_uploads: int = WebConfig.model_fields["max_parallel_uploads"].default,
                  sinks: Sequence["EventSink"] = (),
                  sink_interval_s: float = MqttConfig.model_fields["state_interval_s"].default,
                  stream_quality: int = 75, history: History | None = None,
                  summary_interval_s: float = HistoryConfig.model_fields["summary_interval_s"].default):
         self.lookup = lookup
-        self.holder = holder
-        self.maker = maker
+        self.catalog = catalog
+        self.holder = catalog.holder
+        self.maker = catalog.maker
         self.camera = camera
         self.trigger = trigger
-        self.enrolled = EnrolledStore(enrolled_dir)
         self.stream_quality = stream_quality
         self.started = time.time()
         self.metrics = Metrics()
@@ -69,9 +66,6 @@ class Appliance:
         # Each upload may hold ~50–100 MB while decoded and encoded: a bounded number at a time.
         self._uploads = threading.BoundedSemaphore(max_parallel_uploads)
         self._max_uploads = max_parallel_uploads
-        self.reconciled: ReconcileReport | None = None
-        self._enrol_error: str | None = None
-        self._index_checked_at = time.monotonic()
         self._heartbeat_s = time.monotonic()  # the loop stamps it every turn (≤ 0.5 s apart when healthy)
         # What the page's status panel shows: recent lookups, the last error, whether a lookup runs now.
         self.history = history
@@ -102,7 +96,9 @@ class Appliance:
 
     # ---- camera loop -------------------------------------------------------------------------------
     def start(self) -> "Appliance":
-        """Start the camera and the loop that feeds triggered frames to the lookup."""
+        """Bring the index up to date with the catalog store (as every start must) and run its worker, then
+        start the camera and the loop that feeds triggered frames to the lookup."""
+        self.catalog.start()
         if self.camera is not None:
             self.camera.start()
             self._thread = threading.Thread(target=self._loop, name="lookup-loop", daemon=True)
@@ -116,7 +112,7 @@ class Appliance:
             self.camera.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.holder.close()
+        self.catalog.stop()
 
     def _loop(self) -> None:
         last_index = -1
@@ -124,7 +120,6 @@ class Appliance:
             self._heartbeat_s = time.monotonic()
             self._publish_health_due()  # before the frame wait, so a dead camera is reported too
             self._log_summary_due()
-            self._refresh_index_due()
             frame = self.camera.wait_frame(last_index, timeout_s=0.5)
             if frame is None:
                 if self.camera.state == "stopped":  # wait_frame returns at once then: don't spin
@@ -189,25 +184,6 @@ class Appliance:
         for sink in self.sinks:  # sinks only queue the event: they never block or raise
             sink.publish_lookup(result)
 
-    def _refresh_index_due(self) -> None:
-        """Every few seconds: pick up a generation another process made live (a CLI build, one shipped to this
-        device), then reconcile it with the items enrolled here, as a restart would."""
-        now = time.monotonic()
-        if now - self._index_checked_at < INDEX_CHECK_S:
-            return
-        self._index_checked_at = now
-        if self.holder.refresh():
-            idx = self.holder.current()
-            log.info("index: now %s (%d items), made live by another process", idx.generation, idx.size)
-            # re-encoding kept originals can take a while: not on the camera loop (its heartbeat feeds the watchdog)
-            threading.Thread(target=self._reconcile_logged, name="reconcile", daemon=True).start()
-
-    def _reconcile_logged(self) -> None:
-        try:
-            self.reconcile()
-        except ApplianceError as e:  # the originals stay kept; the next start tries again
-            log.error("reconciling the new index failed: %s", e)
-
     def _publish_health_due(self) -> None:
         now = time.monotonic()
         if self.sinks and now - self._sink_health_at >= self.sink_interval_s:
@@ -255,12 +231,6 @@ class Appliance:
             self._record(result, rgb)
         return result
 
-    def reconcile(self) -> ReconcileReport:
-        """Make the index agree with the kept originals and the removal journal (at start; see
-        device.catalog.reconcile). The report is shown by ``health``."""
-        self.reconciled = reconcile(self.holder, self.enrolled, self.maker, self.lookup.max_pixels)
-        return self.reconciled
-
     def latest_result(self) -> LookupResult | None:
         """The latest lookup (camera or upload)."""
         return self._latest
@@ -304,11 +274,7 @@ class Appliance:
         if self.trigger is not None:
             out["trigger"] = {k: (round(v, 2) if isinstance(v, float) else v)
                               for k, v in self.trigger.last_metrics.items()}
-        rep = self.reconciled
-        out["enrolled"] = {"dir": str(self.enrolled.folder), "last_error": self._enrol_error,
-                           "reconciled_at_start": None if rep is None else len(rep.enrolled),
-                           "removals_applied_at_start": None if rep is None else len(rep.removed),
-                           "skipped": [] if rep is None else [{"id": i, "why": w} for i, w in rep.skipped]}
+        out["enrolled"] = self.catalog.health()
         return out
 
     def status(self) -> dict:
@@ -327,8 +293,8 @@ class Appliance:
                         **(self.trigger.last_metrics if self.trigger is not None else {})},
             "looking_up": self._looking_up_since is not None or self._requested.is_set(),
             "lookups_per_min": len(self._recent_s),
-            "last_error": self._last_error or ({"kind": "enrol", "message": self._enrol_error}
-                                               if self._enrol_error else None),
+            "last_error": self._last_error or ({"kind": "catalog", "message": self.catalog.last_error}
+                                               if self.catalog.last_error else None),
             "process": {"cpu_percent": self._cpu.percent(), "rss_mb": rss_mb()},
             "index": {"size": idx.size, "generation": idx.generation},
             "verification": self.lookup.verification_status(),
@@ -338,10 +304,10 @@ class Appliance:
         }
 
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
-        """Validate everything first (id, label, decode, encoding and features), then keep the original and
-        its label durably under enrolled_dir, then add in the background; queries keep using the old index
-        until the new one is swapped in. A crash after this returns loses nothing: the next start reconciles.
-        Raises InputError (400/413) before anything is written."""
+        """Validate everything first (id, label, decode, encoding and features), then commit the original to the
+        catalog store, then index in the background; queries keep using the old index until the new one is
+        swapped in. A crash after this returns loses nothing (the next start replays the store). Raises
+        InputError (400/413/415) before anything is written, BusyError (503), DiskFullError (507)."""
         return self._enrol(
             lambda: decode_image(data, self.lookup.max_pixels, min_side_px=self.lookup.decode_side_px()),
             label, item_id)
@@ -355,30 +321,19 @@ class Appliance:
         return self._enrol(lambda: frame.rgb, label, item_id)
 
     def _enrol(self, get_rgb, label: str, item_id: str | None) -> dict:
-        item_id = validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}")
-        label = validate_label(label)
+        item_id, label = self.catalog.validate(item_id, label)
         with self._upload_slot():
-            rgb = get_rgb()
-            item = self.maker.make(rgb, item_id, label, source=str(self.enrolled.path(item_id)))
-            self.enrolled.save(item_id, encode_jpeg(rgb, 95), label)
-        future = self.holder.add_async([item])
-        future.add_done_callback(self._enrol_done(item_id))
-        return {"id": item_id, "label": item.label, "status": "queued"}
-
-    def _enrol_done(self, item_id: str):
-        def done(future) -> None:
-            if future.exception() is not None:  # the original is kept: the next start reconciles it
-                self._enrol_error = f"enrol {item_id}: {future.exception()}"
-                log.error("%s (kept in %s; enrolled at the next start)", self._enrol_error, self.enrolled.folder)
-        return done
+            return self.catalog.enrol(get_rgb(), item_id, label)
 
     def remove(self, item_id: str) -> bool:
-        """Remove an item: the removal is journalled durably first (so it survives a crash and a rebuild from
-        the catalog folder), then the index is rebuilt (blocks a second or so). False if unknown."""
-        if not self.holder.current().has(item_id):
+        """Remove an item: the removal is committed to the catalog store first (so it survives a crash and a
+        rebuild from the catalog folder), then this waits (up to REMOVE_WAIT_S) for the index without it.
+        False if unknown."""
+        seq = self.catalog.remove(item_id)
+        if seq is None:
             return False
-        self.enrolled.record_removal(validate_id(item_id))
-        return bool(self.holder.remove([item_id]))
+        self.catalog.wait_applied(seq, REMOVE_WAIT_S)
+        return True
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """JPEG thumbnail of a catalog item, None if unknown."""

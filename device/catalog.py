@@ -1,15 +1,13 @@
 """Catalog items from images: one ``ItemMaker`` turns an RGB image into a CatalogItem (with the SAME encoder
 and settings the device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the
-demo; labels files; the store of originals enrolled at run time."""
+demo; the id and label rules; labels files; ``index build`` of a folder. What was enrolled or removed at run
+time lives in the catalog store (device/store.py, device/catalog_service.py)."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import os
 import re
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from .config import RecognitionConfig
 from .errors import CatalogIndexError, ImageError, InputError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
-from .index_writer import IndexHolder, fsync_dir, write_index
+from .index_writer import write_index
 from .views import padded_view
 
 log = logging.getLogger(__name__)
@@ -168,129 +166,3 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
     rep.adapted = projection.describe() if projection is not None else None
     return rep
-
-
-class EnrolledStore:
-    """Originals of items enrolled at run time (``catalog.enrolled_dir``): ``<id>.jpg``, ``labels.json`` and a
-    journal of removals (``removed.json``). Everything is written atomically and fsynced (file and folder)
-    before an enrolment or a removal is acknowledged, so ``reconcile`` can make the index agree with it after
-    a crash: enrolment loses nothing, and a removed item never comes back."""
-
-    LABELS = "labels.json"
-    REMOVED = "removed.json"
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._lock = threading.Lock()
-
-    def _read(self, name: str) -> dict[str, str]:
-        path = self.folder / name
-        return load_labels(path) if path.is_file() else {}
-
-    def _write(self, name: str, data: dict[str, str]) -> None:
-        _durable_write(self.folder / name, (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode())
-
-    def path(self, item_id: str) -> Path:
-        """Where the original of ``item_id`` is kept."""
-        return self.folder / f"{validate_id(item_id)}.jpg"
-
-    def save(self, item_id: str, jpeg: bytes, label: str) -> Path:
-        """Keep the original and its label durably (and forget an earlier removal of the id); returns the
-        file path. When this returns, a crash cannot lose the enrolment."""
-        dest = self.path(item_id)
-        with self._lock:
-            _durable_write(dest, jpeg)
-            labels = self._read(self.LABELS)
-            labels[item_id] = label
-            self._write(self.LABELS, labels)
-            removed = self._read(self.REMOVED)
-            if removed.pop(item_id, None) is not None:
-                self._write(self.REMOVED, removed)
-        return dest
-
-    def record_removal(self, item_id: str) -> None:
-        """Journal the removal of ``item_id`` durably, then drop its original (if it was enrolled at run time):
-        from now on ``reconcile`` keeps it out of the index, also after a rebuild from the catalog folder."""
-        with self._lock:
-            removed = self._read(self.REMOVED)
-            removed[item_id] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            self._write(self.REMOVED, removed)
-            original = self.folder / f"{item_id}.jpg"
-            if original.is_file():
-                original.unlink()
-                fsync_dir(original.parent)
-            labels = self._read(self.LABELS)
-            if labels.pop(item_id, None) is not None:
-                self._write(self.LABELS, labels)
-
-    def removed(self) -> set[str]:
-        """Ids whose removal was acknowledged."""
-        return set(self._read(self.REMOVED))
-
-    def originals(self) -> dict[str, Path]:
-        """id → path of every kept original."""
-        if not self.folder.is_dir():
-            return {}
-        return {p.relative_to(self.folder).with_suffix("").as_posix(): p for p in scan_folder(self.folder)}
-
-    def items(self, maker: ItemMaker, ids: list[str] | None = None,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[CatalogItem], list[tuple[str, str]]]:
-        """Re-encode the kept originals (all, or ``ids``): (items, [(id, why) of those that could not be]).
-        An original that cannot be indexed any more is skipped and logged, never fatal."""
-        originals, labels = self.originals(), self._read(self.LABELS)
-        out, skipped = [], []
-        for item_id in sorted(originals if ids is None else ids):
-            try:
-                out.append(maker.make(read_image(originals[item_id], max_pixels), item_id, labels.get(item_id),
-                                      source=str(originals[item_id])))
-            except (InputError, CatalogIndexError) as e:
-                log.warning("enrolled item %s skipped: %s", item_id, e)
-                skipped.append((item_id, str(e)))
-        return out, skipped
-
-
-@dataclass
-class ReconcileReport:
-    """What ``reconcile`` changed: ids enrolled from kept originals, removals applied, originals skipped."""
-
-    enrolled: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def reconcile(holder: IndexHolder, store: EnrolledStore, maker: ItemMaker,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> ReconcileReport:
-    """Make the live index agree with ``store`` (run at every start): every kept original that is missing
-    from the index, or newer than the live generation (a replacement the crash interrupted), is enrolled;
-    every journalled removal still in the index is removed. One rebuild at most."""
-    idx = holder.current()
-    created = idx.path.stat().st_mtime  # the generation folder: written once, last entry at its creation
-    stale = [i for i, p in store.originals().items() if not idx.has(i) or p.stat().st_mtime >= created]
-    rep = ReconcileReport(removed=sorted(i for i in store.removed() if idx.has(i)))
-    items, rep.skipped = store.items(maker, stale, max_pixels)
-    rep.enrolled = [it.id for it in items]
-    if items or rep.removed:
-        holder.update(add=items, remove=rep.removed)
-    log.info("catalog reconciled with %s: %d enrolled from kept originals, %d removals applied, %d skipped",
-             store.folder, len(rep.enrolled), len(rep.removed), len(rep.skipped))
-    return rep
-
-
-def _durable_write(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` atomically and durably: temp file, fsync, rename, fsync of the folder (and of
-    each folder created on the way, so the new name itself survives a power cut)."""
-    created = []
-    parent = dest.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)
-    for folder in created:  # a new folder's own name lives in its parent
-        fsync_dir(folder.parent)

@@ -87,12 +87,18 @@ class IndexConfig(_Section):
 
 
 class CatalogConfig(_Section):
-    """Where catalog items come from (device/catalog.py, device/demo.py)."""
+    """Where catalog items come from and where every change to the catalog is kept (device/catalog.py,
+    device/store.py, device/catalog_service.py, device/demo.py)."""
 
     build_from: Optional[Path] = Field(None, description="folder to index at start when the index is missing")
     labels: Optional[Path] = Field(None, description="CSV/TSV/JSON of id → label for build_from")
-    enrolled_dir: Path = Path("var/enrolled")
+    enrolled_dir: Path = Field(Path("var/enrolled"), description="originals kept by older versions: migrated "
+                                                                  "into the store at its first start, then unused")
+    store: Path = Field(Path("var/catalog.sqlite"), description="the transactional catalog store (SQLite, WAL)")
     demo: bool = Field(False, description="materialise the demo catalog and camera under var/demo at start")
+    max_pending_enrolments: int = Field(32, ge=1, le=100_000, description="acknowledged, not yet indexed; more → 503")
+    min_free_mb: float = Field(20.0, ge=0, le=1_000_000, description="free space kept beyond a change and a rebuild")
+    retry_s: float = Field(5.0, gt=0, le=3600, description="retry a failed index rebuild (a full disk) this often")
 
 
 DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm")
@@ -187,6 +193,8 @@ class WebConfig(_Section):
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names answered besides the "
+                                     "device's own names and addresses and localhost; ['*'] = any (no rebinding check)")
     threads: int = Field(6, ge=4, le=64)
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_pixels: int = Field(16_000_000, ge=1024, le=500_000_000)
@@ -297,7 +305,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
         "index": cfg.index.model_copy(update={"path": fix(cfg.index.path)}),
         "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
                                                   "labels": fix(cfg.catalog.labels),
-                                                  "enrolled_dir": fix(cfg.catalog.enrolled_dir)}),
+                                                  "enrolled_dir": fix(cfg.catalog.enrolled_dir),
+                                                  "store": fix(cfg.catalog.store)}),
         "history": cfg.history.model_copy(update={"dir": fix(cfg.history.dir)}),
         "mqtt": cfg.mqtt.model_copy(update={"ca_file": fix(cfg.mqtt.ca_file),
                                             "password_file": fix(cfg.mqtt.password_file)}),

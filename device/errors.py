@@ -37,7 +37,20 @@ class ImageError(InputError):
 
 
 class BusyError(ApplianceError):
-    """Too many requests are being served at once; the web layer answers 503 with Retry-After."""
+    """Too many requests are being served (or enrolments waiting) at once; the web layer answers 503 with
+    ``Retry-After: retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DiskFullError(ApplianceError):
+    """Not enough free space to keep a change durably; nothing was acknowledged (the web layer: 507)."""
+
+
+class StoreError(ApplianceError):
+    """The catalog store (catalog.store) cannot be opened or is corrupt, or another server holds it."""
 
 
 class CameraError(ApplianceError):

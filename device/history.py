@@ -26,6 +26,7 @@ from .results import LookupResult
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_GLOB = "lookup-*.jpg"
+_RETRY_WRITE_S = 30.0  # after a failed snapshot (a full disk) try again this much later: space may come back
 CSV_COLUMNS = ("n", "time_utc", "source", "decision", "match_id", "match_label", "inliers", "rank_score", "score",
                "candidates", "total_ms")
 
@@ -54,7 +55,7 @@ class History:
         self._entries: deque[Entry] = deque()
         self._lock = threading.Lock()
         self._n = 0
-        self._writable = True
+        self._write_again_at = 0.0  # monotonic time from which snapshots are tried again
         try:
             config.dir.mkdir(parents=True, exist_ok=True)
             for old in config.dir.glob(_SNAPSHOT_GLOB):
@@ -63,10 +64,9 @@ class History:
             self._cannot_write(e)
 
     def _cannot_write(self, e: OSError) -> None:
-        if self._writable:
-            log.warning("history: cannot write snapshots to %s (%s); keeping lookups without them",
-                        self.config.dir, e.strerror or e)
-        self._writable = False
+        log.warning("history: cannot write snapshots to %s (%s); keeping lookups without them, trying again in "
+                    "%g s", self.config.dir, e.strerror or e, _RETRY_WRITE_S)
+        self._write_again_at = time.monotonic() + _RETRY_WRITE_S
 
     def _path(self, n: int) -> Path:
         return self.config.dir / f"lookup-{n:08d}.jpg"
@@ -74,7 +74,7 @@ class History:
     def record(self, result: LookupResult, rgb: np.ndarray | None = None) -> int:
         """Keep ``result`` (and a snapshot of ``rgb``, the image it was made from); returns its number."""
         jpeg = None
-        if rgb is not None and self._writable:
+        if rgb is not None and time.monotonic() >= self._write_again_at:
             try:
                 jpeg = make_thumbnail(rgb, self.config.snapshot_px)
             except ImageError as e:
@@ -86,6 +86,7 @@ class History:
                 try:
                     self._path(n).write_bytes(jpeg)
                 except OSError as e:
+                    self._path(n).unlink(missing_ok=True)  # no half-written snapshot left behind
                     self._cannot_write(e)
                     jpeg = None
             self._entries.append(Entry(n, result, jpeg is not None))

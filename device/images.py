@@ -1,6 +1,11 @@
 """Image I/O of the device: decoding with size/pixel limits and EXIF orientation, reduced-scale JPEG decoding,
 JPEG encoding, thumbnails, and the one list of image file suffixes.
 
+Only an allow-list of decoders ever sees the bytes (``UPLOAD_FORMATS`` for uploads; ``FILE_FORMATS`` adds BMP and
+TIFF for the device's own folders), and each image's size is checked from its header before any pixel is decoded:
+Pillow's ICO, JPEG 2000 or SPIDER decoders (some decode inside ``Image.open``) are never tried. A multi-frame file
+(animated GIF/PNG/WebP, MPO, TIFF pages) gives its first frame only.
+
 Everything decoded here is RGB ``uint8`` HxWx3 and C-contiguous. Camera frames come from device/camera.py,
 the only place where OpenCV's BGR frames become RGB; the RGB→BGR step of ``encode_jpeg`` only feeds OpenCV's
 encoder.
@@ -9,12 +14,13 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from typing import BinaryIO
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from .config import WebConfig
 from .errors import ImageError
@@ -30,6 +36,15 @@ _DRAFT_HEADER_FACTOR = 16
 
 # The files an image folder (catalog, camera folder source, enrolled originals) is made of, by suffix.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+# What a camera or a phone sends (AVIF only where this Pillow has it; HEIF needs a plugin the device lacks).
+# Pillow's JPEG decoder also opens camera JPEGs with a second (preview) image, as format "MPO".
+UPLOAD_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF") + (
+    ("AVIF",) if features.check("avif") else ())
+FILE_FORMATS: tuple[str, ...] = UPLOAD_FORMATS + ("BMP", "TIFF")  # the device's own folders (catalog, camera)
+# No header may claim more than this, whatever the caller's limit (a JPEG decoded at 1/8 scale included); Pillow's
+# own bomb check (it errors over twice MAX_IMAGE_PIXELS) is set to the same ceiling as a backstop.
+MAX_HEADER_PIXELS = 16 * DEFAULT_MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_HEADER_PIXELS // 2
 
 # A truncated upload must fail loudly rather than come back as a half-grey picture that then gets
 # "matched"; something else in the process could have flipped this global, so pin it.
@@ -54,7 +69,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side_
     both sides ≥ this. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (its header may
     claim up to ``16 × max_pixels`` as long as the decoded pixels stay within ``max_pixels``); other formats
     are reduced right after decoding, before the colour conversion — so memory per request stays bounded.
-    Raises ``ImageError`` for empty, non-image, truncated/corrupt, too large (413), too small or too narrow input.
+    Raises ``ImageError`` for empty, non-image, truncated/corrupt (400), a format outside ``UPLOAD_FORMATS`` (415),
+    too large (413), too small or too narrow input — whatever a decoder raises on broken data.
     """
     if not data:
         raise ImageError("not an image (or unsupported format): no data")
@@ -62,13 +78,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side_
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode an image file into RGB uint8 HxWx3 (see ``decode_image``).
+    """Read and decode an image file into RGB uint8 HxWx3 (see ``decode_image``; ``FILE_FORMATS``).
 
     Raises ``ImageError`` naming the file when it is missing, unreadable, not an image or too large.
     """
     try:
         with open(path, "rb") as fp:
-            return _decode(fp, max_pixels)
+            return _decode(fp, max_pixels, formats=FILE_FORMATS)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}", http_status=exc.http_status) from exc
     except OSError as exc:
@@ -91,21 +107,67 @@ def _over_limit(width: int, height: int, limit: int, what: str) -> ImageError:
                       f"{limit / 1e6:.1f} MP (web.max_pixels)", http_status=413)
 
 
-def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None) -> np.ndarray:
+def _unsupported(prefix: bytes, formats: tuple[str, ...]) -> str | None:
+    """The name of a format Pillow knows but ``formats`` leaves out, from the magic bytes of ``prefix`` alone
+    (each plugin's own prefix test; nothing is decoded). None when no other format claims the bytes."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if name not in formats and accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's prefix test that chokes on odd bytes claims nothing
+            continue
+    return None
+
+
+def _webp_size(prefix: bytes) -> tuple[int, int] | None:
+    """A WebP canvas from its first chunk header: libwebp allocates the canvas inside ``Image.open``."""
+    if prefix[:4] != b"RIFF" or prefix[8:12] != b"WEBP" or len(prefix) < 30:
+        return None
+    chunk = prefix[12:16]
+    if chunk == b"VP8 " and prefix[23:26] == b"\x9d\x01\x2a":
+        return struct.unpack("<H", prefix[26:28])[0] & 0x3FFF, struct.unpack("<H", prefix[28:30])[0] & 0x3FFF
+    if chunk == b"VP8X":
+        return int.from_bytes(prefix[24:27], "little") + 1, int.from_bytes(prefix[27:30], "little") + 1
+    if chunk == b"VP8L" and prefix[20] == 0x2F:
+        bits = struct.unpack("<I", prefix[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _open(fp: BinaryIO, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """``Image.open`` with only the decoders of ``formats``, after a header check where the decoder allocates
+    in ``open`` (WebP). Everything a decoder raises becomes ``ImageError`` (400; 415 for another format)."""
+    prefix = fp.read(64)
+    fp.seek(0)
+    size = _webp_size(prefix)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise _over_limit(*size, max_pixels, "")
     try:
-        img = Image.open(fp)
-    except UnidentifiedImageError as exc:
-        raise ImageError("not an image (or unsupported format)") from exc
+        return Image.open(fp, formats=formats)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP (web.max_pixels)",
                          http_status=413) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"not an image (or unsupported format): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        other = _unsupported(prefix, formats)
+        if other is not None:
+            raise ImageError(f"unsupported image format {other} (accepted: {', '.join(formats)})",
+                             http_status=415) from exc
+        raise ImageError(f"not an image (or unsupported format; accepted: {', '.join(formats)})") from exc
+    except MemoryError as exc:
+        raise ImageError("not enough memory to read the image header", http_status=413) from exc
+    except Exception as exc:  # noqa: BLE001 - plugins raise OSError, SyntaxError, RuntimeError, struct.error, ...
+        raise ImageError(f"not an image (or a corrupt header): {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None, *,
+            formats: tuple[str, ...] = UPLOAD_FORMATS) -> np.ndarray:
+    img = _open(fp, max_pixels, formats)
     with img:
         width, height = img.size
         check_shape(width, height)
-        draft = bool(min_side_px) and img.format == "JPEG"
-        header_limit = max_pixels * _DRAFT_HEADER_FACTOR if draft else max_pixels
+        draft = bool(min_side_px) and img.format in ("JPEG", "MPO")
+        header_limit = min(max_pixels * _DRAFT_HEADER_FACTOR if draft else max_pixels, MAX_HEADER_PIXELS)
         if width * height > header_limit:
             raise _over_limit(width, height, header_limit, "")
         try:

@@ -17,7 +17,8 @@ On disk the index is a directory::
         thumbs.bin           the items' JPEG thumbnails back to back; ``meta.json`` thumbs holds [offset, length]
         projection.npz       the catalog-adapted projection (device/adapt.py); absent = vectors used as they are
         meta.json            ``IndexMeta``: format_version, dim, metric, bundle_sha256, n_trees, created, ann_bytes,
-                             vectors, features, projection, items [{id, label, source}], thumbs [[offset, length] | null]
+                             vectors, features, projection, items [{id, label, source}], thumbs [[offset, length] | null],
+                             store [catalog store id, change seq] (device/store.py)
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class IndexMeta(BaseModel):
     vectors: Optional[int] = Field(None, ge=0, description="absent in old files: one vector per item")
     features: bool = False
     projection: Optional[dict[str, int]] = Field(None, description="dim, fit_items, views_per_item of projection.npz")
+    store: Optional[tuple[str, int]] = Field(None, description="(catalog store id, highest change seq it holds)")
     items: list[_MetaItem]
     thumbs: list[Optional[tuple[int, int]]]
 
@@ -138,12 +140,10 @@ class CatalogIndex:
         self.projection = projection  # catalog-adapted Lw: Annoy holds projected vectors, vectors.npy the raw
         self._owners = owners if owners is not None else np.arange(len(vectors), dtype=np.int32)
         self._views_max = int(np.bincount(self._owners).max()) if len(self._owners) else 1
-        self._features = features
-        self.features_error = features_error
+        self._features, self.features_error = features, features_error
         self._by_item: tuple[np.ndarray, np.ndarray] | None = None
         self._ann: AnnoyIndex | None = ann
-        self._vectors = vectors
-        self._thumbs_map = thumbs
+        self._vectors, self._thumbs_map = vectors, thumbs
         # Compact in-memory copies (a 100k-item meta.json parses into ~40 MB of dicts and lists):
         # spans as one int64 array (-1 = no thumbnail), items as tuples; the parsed lists are dropped.
         self._thumb_spans = np.array([span if span is not None else (-1, 0) for span in meta.thumbs],
@@ -197,8 +197,7 @@ class CatalogIndex:
         except (OSError, ValueError) as e:
             raise CatalogIndexError(f"{npy} is unreadable ({e}); {_REBUILD_HINT}") from None
         if vectors.ndim != 2 or vectors.dtype != np.float32:
-            raise CatalogIndexError(f"{npy} must be a float32 N x D array, got {vectors.dtype} {vectors.shape}; "
-                                    f"{_REBUILD_HINT}")
+            raise CatalogIndexError(f"{npy} must be a float32 N x D array, not {vectors.dtype} {vectors.shape}; {_REBUILD_HINT}")
         if vectors.shape[0] != m:
             raise CatalogIndexError(f"{npy} has {vectors.shape[0]} rows but {gen_dir / META_FILE} says "
                                     f"{m} (fields vectors/items); {_REBUILD_HINT}")
@@ -254,8 +253,7 @@ class CatalogIndex:
                 features, features_error = None, str(e)
         elif require_features:
             ann.unload()
-            raise CatalogIndexError(f"{gen_dir / FEATURES_FILE} is missing: the index was built without local "
-                                    f"features; {_REBUILD_HINT}")
+            raise CatalogIndexError(f"{gen_dir / FEATURES_FILE} is missing: built without local features; {_REBUILD_HINT}")
         else:
             features_error = "the index was built without local features"
 
@@ -306,6 +304,11 @@ class CatalogIndex:
         return self._meta.n_trees
 
     @property
+    def store_seq(self) -> tuple[str, int] | None:
+        """(id of the catalog store, highest change seq) this generation holds (device/store.py); None: no store."""
+        return self._meta.store
+
+    @property
     def items(self) -> list[IndexedItem]:
         """id / label / source of every item, in vector order."""
         return list(self._items)
@@ -325,8 +328,7 @@ class CatalogIndex:
         return self._thumbnail_at(self._row(item_id))
 
     def vectors(self) -> np.ndarray:
-        """The N x D float32 L2-normalised descriptors as the bundle made them (read-only memory map of
-        vectors.npy; not projected)."""
+        """The N x D float32 L2-normalised descriptors as made by the bundle (mmap of vectors.npy; not projected)."""
         return self._vectors
 
     def query(self, vector: np.ndarray, top_k: int) -> list[Candidate]:
@@ -334,8 +336,7 @@ class CatalogIndex:
         generation is catalog-adapted; cosine), best first. An empty catalog returns []."""
         if int(top_k) < 1:
             raise CatalogIndexError(f"top_k must be >= 1, got {top_k}")
-        ann = self._ann
-        if ann is None:
+        if (ann := self._ann) is None:
             raise CatalogIndexError(f"index {self._gen_dir} is closed")
         if not self._items:
             return []

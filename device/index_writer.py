@@ -6,7 +6,6 @@ enrol / remove rebuilding a generation in the background while queries go on.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime as _dt
 import fcntl
@@ -41,6 +40,7 @@ def write_index(
     n_trees: int,
     dim: int | None = None,
     projection: Projection | None = None,
+    store: tuple[str, int] | None = None,
 ) -> Path:
     """Write ``items`` as a new generation under the index directory ``path`` and make it live.
 
@@ -48,7 +48,8 @@ def write_index(
     every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
     ``dim`` (0 when not given: fixed by the first enrolment). ``projection`` (device/adapt.py), made for the
     same bundle, is stored with the generation and the Annoy index holds the projected vectors; vectors.npy
-    keeps them as given. Returns the new generation directory.
+    keeps them as given. ``store`` is (catalog store id, highest change seq) the items hold (device/store.py).
+    Returns the new generation directory.
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
     root = Path(path)
@@ -65,23 +66,18 @@ def write_index(
     except OSError as e:
         raise CatalogIndexError(f"cannot create the index directory {root}: {e}") from e
 
-    with _build_lock(root):
+    with build_lock(root):
         _remove_leftovers(root)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gen-", dir=root))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user than the CLI
         gen_dir: Path | None = None
         try:
             _write_generation(tmp, items, vectors, owners, dim=dim, bundle_sha256=bundle_sha256,
-                              n_trees=int(n_trees), projection=projection)
+                              n_trees=int(n_trees), projection=projection, store=store)
             gen_dir = root / f"gen-{_next_generation_number(root):06d}"
             os.rename(tmp, gen_dir)
             previous = read_current_name(root)
-            link_tmp = root / f"{TMP_PREFIX}current-{os.getpid()}-{threading.get_ident()}"
-            with contextlib.suppress(FileNotFoundError):
-                link_tmp.unlink()
-            os.symlink(gen_dir.name, link_tmp)
-            os.replace(link_tmp, root / CURRENT)
-            fsync_dir(root)
+            _point_current(root, gen_dir.name)
         except BaseException as e:
             # The old generation is still live; drop what this attempt wrote. (A hard crash leaves it
             # behind instead, and the next build's _remove_leftovers takes care of it.)
@@ -133,7 +129,8 @@ def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.nd
 
 
 def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
-                      dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None) -> None:
+                      dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None,
+                      store: tuple[str, int] | None) -> None:
     for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
         with open(gen / name, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -178,7 +175,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         projection=None if projection is None else {"dim": projection.dim, "fit_items": projection.fit_items,
                                                     "views_per_item": projection.views_per_item},
         items=[{"id": it.id, "label": it.label, "source": it.source} for it in items],
-        thumbs=[tuple(t) if t is not None else None for t in thumbs],
+        thumbs=[tuple(t) if t is not None else None for t in thumbs], store=store,
     )
     with open(gen / META_FILE, "w", encoding="utf-8") as f:
         f.write(meta.model_dump_json(indent=1))
@@ -186,14 +183,27 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
     fsync_dir(gen)
 
 
+_held = threading.local()  # the index folders whose build lock this thread holds (so it nests)
+
+
 @contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    # flock, not only a threading lock: the CLI and the server may build the same directory.
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+def build_lock(root: Path) -> Iterator[None]:
+    """The index folder's build lock: flock on ``.lock``, not only a threading lock — the CLI and the server
+    may build the same folder. Whoever writes a generation holds it from reading ``current`` (and the catalog
+    store) to swapping ``current``, so nobody overwrites a generation they did not read. Re-entrant per thread."""
+    key = str(Path(root).resolve())
+    held = getattr(_held, "roots", None) or set()
+    _held.roots = held
+    if key in held:
+        yield
+        return
+    fd = os.open(Path(root) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)
 
 
@@ -230,13 +240,78 @@ def _remove_leftovers(root: Path) -> None:
 
 
 def _remove_old_generations(root: Path, keep: set[str | None]) -> None:
-    # Unlinking files another reader has mmapped is safe on Linux: its mapping stays valid.
+    # Unlinking files another reader has mmapped is safe on Linux: its mapping stays valid. Damaged generations
+    # were renamed aside (recover_index) and are never removed here.
     for name in _generation_dirs(root):
         if name not in keep:
             try:
                 shutil.rmtree(root / name)
+                log.info("index %s: old generation %s removed (kept: %s)", root, name, ", ".join(sorted(filter(None, keep))))
             except OSError as e:
                 log.warning("could not remove old index generation %s: %s", root / name, e)
+
+
+def recover_index(root: str | os.PathLike) -> list[dict]:
+    """Make ``current`` name a generation that loads, without deleting anything: a ``current`` that is not a
+    link to a generation (a regular file, a dangling link) and every generation that fails to load (corrupt
+    meta.json, vectors.ann, thumbs.bin, owners.npy, projection.npz …) are renamed ``<name>.damaged-<time>`` and
+    logged, and ``current`` is pointed at the newest generation that loads (none: the caller builds one).
+    Another bundle is not damage (the caller refuses or rebuilds that). Returns what was set aside."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    aside: list[dict] = []
+    with build_lock(root):
+        link, name = root / CURRENT, read_current_name(root)
+        if (link.exists() or link.is_symlink()) and (name is None or not (root / name).is_dir()):
+            aside.append(_set_aside(link, "'current' is not a link to a generation folder"))
+            name = None
+        if name is not None:
+            why = _damage(root / name)
+            if why is None:
+                return aside
+            aside.append(_set_aside(root / name, why))
+        for gen in sorted(_generation_dirs(root), key=_generation_dirs(root).get, reverse=True):
+            why = _damage(root / gen)
+            if why is None:
+                if name is not None or aside:
+                    _point_current(root, gen)
+                    log.warning("index %s: 'current' now names %s, the newest generation that loads", root, gen)
+                return aside
+            aside.append(_set_aside(root / gen, why))
+        if (link.exists() or link.is_symlink()):
+            link.unlink()
+    return aside
+
+
+def _damage(gen: Path) -> str | None:
+    try:
+        CatalogIndex.load_generation(gen, expected_bundle_sha256=None).close()
+        return None
+    except CatalogIndexError as e:
+        return str(e)
+
+
+def _set_aside(path: Path, why: str) -> dict:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    dest = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while dest.exists() or dest.is_symlink():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    os.rename(path, dest)
+    fsync_dir(path.parent)
+    log.error("index: %s set aside as %s: %s", path, dest.name, why)
+    return {"name": path.name, "set_aside_as": dest.name, "why": why, "time": stamp}
+
+
+def _point_current(root: Path, gen: str) -> None:
+    link_tmp = root / f"{TMP_PREFIX}current-{os.getpid()}-{threading.get_ident()}"
+    with contextlib.suppress(FileNotFoundError):
+        link_tmp.unlink()
+    os.symlink(gen, link_tmp)
+    os.replace(link_tmp, root / CURRENT)
+    fsync_dir(root)
 
 
 class IndexHolder:
@@ -246,21 +321,21 @@ class IndexHolder:
     started. ``add`` / ``remove`` run one at a time (a lock), rebuild a whole
     new generation from the live one's vectors + metadata + thumbnails, and then swap the live one; the
     replaced object is not closed (a query may still be running on it) but left to garbage collection.
-    They block for the rebuild; ``add_async`` / ``remove_async`` run them on one background worker and
-    return a Future, while queries keep being served from the old index.
+    They block for the rebuild while queries keep being served from the old index; ``rebuild_with`` decides
+    the new items under the build lock (the catalog service replays its store that way).
     """
 
     def __init__(self, config: IndexConfig, *, expected_bundle_sha256: str | None, create_empty: bool = False,
-                 dim: int | None = None, require_features: bool = False):
+                 dim: int | None = None, require_features: bool = False, recover: bool = False):
         """Load the index at ``config.path``. With ``create_empty`` (and ``expected_bundle_sha256``), a
-        directory without an index gets an empty one of descriptor size ``dim`` (a fresh appliance)."""
+        directory without an index gets an empty one of descriptor size ``dim`` (a fresh appliance). With
+        ``recover``, damaged generations are set aside first (``recover_index``; listed in ``set_aside``)."""
         self.config = config
         self.path = Path(config.path)
+        self.set_aside: list[dict] = recover_index(self.path) if recover else []
         self.expected_bundle_sha256 = expected_bundle_sha256
         self.require_features = require_features
         self._lock = threading.Lock()  # one mutation at a time
-        self._executor_lock = threading.Lock()  # not _lock: submitting must not wait for a rebuild
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if create_empty and read_current_name(self.path) is None:
             if not expected_bundle_sha256:
                 raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
@@ -293,22 +368,20 @@ class IndexHolder:
             removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
             if items or removed:
                 kept = cur.stored_items(skip={it.id for it in items} | set(removed))
-                self._rebuild(cur, kept + items)
+                self._rebuild(cur, kept + items, store=cur.store_seq)
             return removed
 
-    def add_async(self, items: Sequence[CatalogItem]) -> concurrent.futures.Future:
-        """:meth:`add` on the background worker; the Future's result is None (or its exception)."""
-        return self._submit(self.add, list(items))
-
-    def remove_async(self, ids: Sequence[str]) -> concurrent.futures.Future:
-        """:meth:`remove` on the background worker; the Future's result is the removed ids."""
-        return self._submit(self.remove, list(ids))
-
-    def reload(self) -> CatalogIndex:
-        """Re-read ``current`` from disk (e.g. after a CLI build) and swap it in; returns it."""
-        with self._lock:
-            self._index = self._load()
-            return self._index
+    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[list[CatalogItem], tuple[str, int]] | None]) -> bool:
+        """One rebuild decided under the build lock: ``change(live)`` is called with the generation ``current``
+        names on disk at that moment (another process's build included) and returns the new generation's items
+        and its store (id, seq), or None for no change. True when a generation was written."""
+        with self._lock, build_lock(self.path):
+            cur = self._live_on_disk()
+            planned = change(cur)
+            if planned is None:
+                return False
+            self._rebuild(cur, planned[0], store=planned[1])
+            return True
 
     def refresh(self) -> bool:
         """Swap in the generation ``current`` names on disk when another process replaced it (a CLI ``index
@@ -330,11 +403,8 @@ class IndexHolder:
         return True
 
     def close(self) -> None:
-        """Stop the background worker (waiting for a running rebuild). The index is left to GC."""
-        with self._executor_lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        """Nothing runs in the background here (callers rebuild on their own threads): kept so that every
+        owner of an index can release it the same way. The index itself is left to garbage collection."""
 
     def _load(self) -> CatalogIndex:
         return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
@@ -351,16 +421,10 @@ class IndexHolder:
             self._index = self._load()
         return self._index
 
-    def _submit(self, fn: Callable, arg) -> concurrent.futures.Future:
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="index-rebuild")
-            return self._executor.submit(fn, arg)
-
-    def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem]) -> None:
+    def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem], store: tuple[str, int] | None) -> None:
         # The live generation's projection is carried over (only a full `index build` refits it).
         gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
-                              dim=cur.dim or None, projection=cur.projection)
+                              dim=cur.dim or None, projection=cur.projection, store=store)
         new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
                                            search_k=self.config.search_k, require_features=self.require_features)
         self._index = new  # the old object stays usable for queries already holding it

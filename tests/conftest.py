@@ -44,3 +44,11 @@ def catalog_dir(tmp_path_factory, photos) -> Path:
 def view(photos, name: str, kind: str, seed: int) -> np.ndarray:
     """One deterministic camera view of a shipped photo."""
     return camera_view(photos[name], kind, np.random.default_rng(seed))
+
+
+def catalog_service(tmp_path: Path, holder, maker):
+    """The catalog service of a test appliance: a store in ``tmp_path`` over ``holder`` with ``maker``."""
+    from device.catalog_service import CatalogService
+    from device.config import CatalogConfig
+    return CatalogService(CatalogConfig(store=tmp_path / "catalog.sqlite", enrolled_dir=tmp_path / "enrolled"),
+                          holder, maker)

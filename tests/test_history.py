@@ -21,6 +21,7 @@ from device.lookup import Lookup
 from device.results import Candidate, LookupResult
 from device.verify import extract, match_homography, region
 from device.web import create_app
+from .conftest import catalog_service
 
 TOKEN = "s3cret-token"
 
@@ -91,9 +92,9 @@ def appliance(tmp_path, catalog_dir, encoder):
     recognition = RecognitionConfig()
     build_index(catalog_dir, ItemMaker(encoder, recognition, 160), tmp_path / "index", n_trees=10, progress=False)
     holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder,
-                    maker=ItemMaker(encoder, recognition, 160), camera=None, trigger=None,
-                    enrolled_dir=tmp_path / "enrolled", history=History(HistoryConfig(dir=tmp_path / "history")))
+    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3),
+                    catalog=catalog_service(tmp_path, holder, ItemMaker(encoder, recognition, 160)), camera=None,
+                    trigger=None, history=History(HistoryConfig(dir=tmp_path / "history")))
     yield app
     app.stop()
 

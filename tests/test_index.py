@@ -327,18 +327,16 @@ def test_add_to_empty_holder(tmp_path, vecs):
     holder = IndexHolder(IndexConfig(path=tmp_path / "fresh", n_trees=TREES), expected_bundle_sha256=SHA,
                          create_empty=True, dim=DIM)
     assert holder.current().query(vecs[0], 3) == []
-    fut = holder.add_async(_items(vecs[:20]))
-    assert fut.result(timeout=30) is None
+    holder.add(_items(vecs[:20]))
     assert holder.current().size == 20 and holder.current().query(vecs[4], 1)[0].id == "item-0004"
-    assert holder.remove_async(["item-0004"]).result(timeout=30) == ["item-0004"]
-    holder.close()
+    assert holder.remove(["item-0004"]) == ["item-0004"]
 
 
-def test_reload_picks_up_external_build(built, vecs):
+def test_refresh_picks_up_external_build(built, vecs):
     holder = _holder(built)
     write_index(built, _items(vecs[:10]), bundle_sha256=SHA, n_trees=TREES)  # e.g. the CLI
     assert holder.current().size == N
-    assert holder.reload().size == 10 and holder.current().size == 10
+    assert holder.refresh() and holder.current().size == 10
 
 
 def test_concurrent_queries_during_adds(built, vecs):

@@ -21,7 +21,7 @@ from device.errors import ConfigError
 from device.events import MqttPublisher, WebhookNotifier
 from device.results import Candidate, LookupResult
 
-from .conftest import ROOT, view
+from .conftest import ROOT, view, catalog_service
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -168,8 +168,8 @@ def test_the_appliance_publishes_every_recorded_lookup_and_counts_in_metrics(bro
     holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
     live = Subscriber(broker.port, "edge-retrieval/shelf/lookup")
     pub = connected(MqttPublisher(publisher_config(broker.port)).start())
-    app = Appliance(lookup=Lookup(encoder, holder, RecognitionConfig(), top_k=3), holder=holder, maker=maker,
-                    camera=None, trigger=None, enrolled_dir=tmp_path / "enrolled", sinks=[pub])
+    app = Appliance(lookup=Lookup(encoder, holder, RecognitionConfig(), top_k=3),
+                    catalog=catalog_service(tmp_path, holder, maker), camera=None, trigger=None, sinks=[pub])
     try:
         time.sleep(0.2)
         app.query_image(encode_jpeg(view(photos, "chelsea", "perspective", seed=4)), source="upload")

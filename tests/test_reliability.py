@@ -22,7 +22,7 @@ from device.web import create_app
 
 from bench.serve import AUTH, TOKEN, Serve, bad_input_corpus
 
-from .conftest import OPEN_BUNDLE, view
+from .conftest import OPEN_BUNDLE, view, catalog_service
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
@@ -42,8 +42,8 @@ def appliance(tmp_path, catalog_dir, encoder):
     maker = ItemMaker(encoder, recognition, 160)
     build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
     holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder, maker=maker, camera=None,
-                    trigger=None, enrolled_dir=tmp_path / "enrolled", max_parallel_uploads=1)
+    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), catalog=catalog_service(tmp_path, holder, maker),
+                    camera=None, trigger=None, max_parallel_uploads=1).start()
     yield app
     app.stop()
 

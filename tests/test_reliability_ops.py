@@ -30,7 +30,7 @@ from device.lookup import Lookup
 
 from bench.serve import free_port
 
-from .conftest import OPEN_BUNDLE, ROOT
+from .conftest import OPEN_BUNDLE, ROOT, catalog_service
 from .test_web import waitress_server  # noqa: F401  (the shared fixture: a real waitress on a free port)
 
 SERVE_START_S = 120  # bundle load + index build of 14 photos on a busy 2-core machine
@@ -151,8 +151,8 @@ def appliance(tmp_path, catalog_dir, encoder, photos):
     build_index(catalog_dir, maker, tmp_path / "index", n_trees=2, progress=False)
     holder = IndexHolder(IndexConfig(path=tmp_path / "index"), expected_bundle_sha256=encoder.sha256)
     camera = Camera(CameraConfig(source=str(frames_folder(tmp_path / "frames", photos)), fps=10))
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder, maker=maker,
-                    camera=camera, trigger=None, enrolled_dir=tmp_path / "enrolled").start()
+    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3),
+                    catalog=catalog_service(tmp_path, holder, maker), camera=camera, trigger=None).start()
     yield app
     app.stop()
 

@@ -19,7 +19,7 @@ from device.lookup import Lookup
 from device.trigger import Trigger
 from device.web import create_app
 
-from .conftest import view
+from .conftest import view, catalog_service
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
@@ -39,9 +39,9 @@ def holder(tmp_path, catalog_dir, encoder):
 
 def make_appliance(encoder, holder, tmp_path, camera=None, trigger=None):
     recognition = FAST
-    return Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), holder=holder,
-                     maker=ItemMaker(encoder, recognition, 160), camera=camera, trigger=trigger,
-                     enrolled_dir=tmp_path / "enrolled")
+    return Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3),
+                     catalog=catalog_service(tmp_path, holder, ItemMaker(encoder, recognition, 160)), camera=camera,
+                     trigger=trigger)
 
 
 def test_fake_camera_drives_the_trigger_to_a_correct_lookup(encoder, holder, photos, tmp_path):
@@ -90,7 +90,7 @@ def test_health_reports_a_lost_camera_and_the_device_keeps_serving(encoder, hold
 
 
 def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, photos, tmp_path):
-    app = make_appliance(encoder, holder, tmp_path)
+    app = make_appliance(encoder, holder, tmp_path).start()
     client = create_app(WebConfig(api_token=TOKEN), app).test_client()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     q = encode_jpeg(view(photos, "coffee", "rotate", seed=2))
@@ -106,13 +106,13 @@ def test_http_upload_enrol_and_remove_on_the_real_appliance(encoder, holder, pho
     deadline = time.time() + 20
     while not holder.current().has("mug") and time.time() < deadline:
         time.sleep(0.05)
-    assert (tmp_path / "enrolled" / "mug.jpg").is_file()  # the original is kept: nothing is lost
+    assert app.catalog.store.get("mug").image[:2] == b"\xff\xd8"  # the original is kept: nothing is lost
     assert client.get("/api/catalog/mug/thumb.jpg").data[:2] == b"\xff\xd8"
     r = client.post("/api/query", data={"image": (io.BytesIO(q), "q.jpg")})
     assert r.get_json()["results"][0]["id"] == "mug"
 
     assert client.delete("/api/catalog/mug", headers=auth).status_code == 200
-    assert not holder.current().has("mug") and not (tmp_path / "enrolled" / "mug.jpg").exists()
+    assert not holder.current().has("mug") and app.catalog.store.get("mug").removed
     assert client.delete("/api/catalog/mug", headers=auth).status_code == 404
 
 
@@ -176,36 +176,37 @@ def test_a_crashing_lookup_does_not_stop_the_camera_loop(encoder, holder, photos
 
 def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(encoder, catalog_dir, photos, tmp_path):
     """After a bundle update the old index is refused for queries; with a catalog folder configured, the
-    start rebuilds it from that folder, and reconciling re-enrols the originals kept in enrolled_dir (with their
-    labels) and keeps journalled removals out."""
-    from device.__main__ import _prepare_catalog
-    from device.catalog import EnrolledStore, reconcile
+    start rebuilds it from that folder, and the replay of the catalog store re-enrols what was enrolled (with
+    its label) and keeps removals out."""
+    from device.__main__ import _catalog, _prepare_catalog
     from device.config import load_config
     from device.index import CatalogIndex, CatalogItem
     from device.index_writer import write_index
+    from device.store import CatalogStore
     from .conftest import OPEN_BUNDLE
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(f"camera:\n  source: /dev/video9\nencoder:\n  bundle: {OPEN_BUNDLE}\n"
                         f"index:\n  path: {tmp_path / 'index'}\n"
-                        f"catalog:\n  build_from: {catalog_dir}\n  enrolled_dir: {tmp_path / 'enrolled'}\n")
+                        f"catalog:\n  build_from: {catalog_dir}\n  store: {tmp_path / 'catalog.sqlite'}\n")
     cfg = load_config(cfg_file)
     write_index(tmp_path / "index", [CatalogItem("old", "old", np.ones(8, np.float32))], bundle_sha256="0" * 64,
                 n_trees=2)
-    store = EnrolledStore(tmp_path / "enrolled")
-    store.save("kitchen/mug", encode_jpeg(photos["coffee"]), "Coffee mug")
-    store.record_removal("moon")  # removed over HTTP earlier: a rebuild from the folder must not bring it back
+    store = CatalogStore(cfg.catalog.store)
+    store.put("kitchen/mug", "Coffee mug", encode_jpeg(photos["coffee"]))
+    store.remove("moon")  # removed over HTTP earlier: a rebuild from the folder must not bring it back
+    store.close()
     _prepare_catalog(cfg, encoder)
-    holder = IndexHolder(cfg.index, expected_bundle_sha256=encoder.sha256)
-    rep = reconcile(holder, store, ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px))
+    catalog = _catalog(cfg, encoder)
+    rep = catalog.apply()
     assert rep.enrolled == ["kitchen/mug"] and rep.removed == ["moon"] and rep.skipped == []
-    idx = holder.current()
+    idx = catalog.holder.current()
     assert idx.has("rocket") and not idx.has("old") and not idx.has("moon")
     assert idx.item("kitchen/mug").label == "Coffee mug"
     gen = idx.generation
-    _prepare_catalog(cfg, encoder)  # same bundle now: nothing is rebuilt, and nothing is left to reconcile
-    assert reconcile(holder, store, ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px)).enrolled == []
+    _prepare_catalog(cfg, encoder)  # same bundle now: nothing is rebuilt, and nothing is left to replay
+    assert catalog.apply().enrolled == []
     assert CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=encoder.sha256).generation == gen
-    holder.close()
+    catalog.stop()
 
 
 def test_a_generation_made_live_by_another_process_is_picked_up_and_reconciled(encoder, holder, photos, tmp_path,
@@ -213,27 +214,28 @@ def test_a_generation_made_live_by_another_process_is_picked_up_and_reconciled(e
     """A generation shipped to a fleet device (or built by the CLI) is served without a restart, the items
     enrolled on this device come back into it, and one built with another bundle is refused while the old keeps
     serving."""
-    import device.appliance as appliance_mod
+    import device.catalog_service as service_mod
     from device.index import CatalogItem
     from device.index_writer import write_index
-    monkeypatch.setattr(appliance_mod, "INDEX_CHECK_S", 0.2)
+    monkeypatch.setattr(service_mod, "WATCH_S", 0.2)
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "0.jpg").write_bytes(encode_jpeg(photos["moon"]))
     app = make_appliance(encoder, holder, tmp_path, camera=Camera(CameraConfig(source=str(frames), fps=5)))
-    app.enrolled.save("kitchen/mug", encode_jpeg(photos["coffee"]), "Mug")
+    app.catalog.store.put("kitchen/mug", "Mug", encode_jpeg(photos["coffee"]))
     app.start()
     try:
         maker = ItemMaker(encoder, FAST, 160)
         shipped = write_index(holder.path, [maker.make(photos[n], n) for n in ("rocket", "brick")],
                               bundle_sha256=encoder.sha256, n_trees=10, dim=encoder.dim)
         deadline = time.monotonic() + 20
-        while not holder.current().has("kitchen/mug") and time.monotonic() < deadline:
+        while (holder.current().has("astronaut") or not holder.current().has("kitchen/mug")) \
+                and time.monotonic() < deadline:  # the shipped generation, with the enrolled item replayed
             time.sleep(0.1)
         ids = sorted(it.id for it in holder.current().items)
         assert ids == ["brick", "kitchen/mug", "rocket"]  # the shipped items + the one enrolled here
         live = holder.current().generation
-        assert live != shipped.name  # the reconcile made one more generation on top of the shipped one
+        assert live != shipped.name  # the replay made one more generation on top of the shipped one
         write_index(holder.path, [CatalogItem("other", "x", np.ones(8, np.float32))], bundle_sha256="0" * 64,
                     n_trees=2)
         time.sleep(1.0)

@@ -418,7 +418,7 @@ def test_waitress_stream_ends_when_viewer_disconnects(services, waitress_server)
     app.config["MAX_STREAMS"] = 1
     port = waitress_server(app)
     viewer = socket.create_connection(("127.0.0.1", port), timeout=5)
-    viewer.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")
+    viewer.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     received = b""
     while b"--frame" not in received:
         received += viewer.recv(65536)

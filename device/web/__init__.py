@@ -6,9 +6,10 @@ The appliance is ``device.appliance.Appliance`` (its methods are what the routes
 passes a fake with the same methods, so the HTTP layer is tested without a camera or a model.
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
-``{"error": "..."}``: InputError → 400 (or its 413/415), BusyError → 503 + Retry-After, other ApplianceError →
-503, anything else → 500 (logged). Every answer carries nosniff / CSP / frame-deny headers, and a POST or
-DELETE from another site's page (its ``Origin``) is refused with 403.
+``{"error": "..."}``: InputError → 400 (or its 409/413/415), BusyError → 503 + Retry-After, DiskFullError →
+507, other ApplianceError → 503, anything else → 500 (logged). A request whose ``Host`` is not one of the
+device's names (``web.allowed_hosts``: DNS rebinding) gets 421 before any route runs; every answer carries
+nosniff / CSP / frame-deny headers, and a POST or DELETE from another site's page (its ``Origin``) gets 403.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from device.config import WebConfig
-from device.errors import ApplianceError, BusyError, InputError
+from device.errors import ApplianceError, BusyError, DiskFullError, InputError
 
 from . import api, page, stream
 from .common import THREADS_KEPT_FOR_API, error
+from .hosts import allowed_hosts, host_checker
 
 if TYPE_CHECKING:  # the web layer never imports model code at run time
     from device.appliance import Appliance
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # Labels and ids are short; a text form field over this is refused with 413 (werkzeug's default, named in the
 # message). The multipart parser may also buffer this much of a file part, so it must not be set much lower.
 MAX_FORM_FIELD_BYTES = 500 * 1024
+# The forms have at most three parts (image, label, id); a body of thousands is an attack, refused with 413.
+MAX_FORM_PARTS = 100
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -47,10 +51,14 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
     @app.errorhandler(413)
     def too_large(_exc: HTTPException) -> flask.Response:
         length = flask.request.content_length
-        if length is not None and length <= app.config["MAX_CONTENT_LENGTH"]:
-            return error(413, f"a form field is larger than {MAX_FORM_FIELD_BYTES // 1024} KB (labels are at most "
-                              "200 characters; send the image as the multipart file field 'image')")
-        return error(413, f"upload larger than {config.max_upload_mb:g} MB (web.max_upload_mb)")
+        if length is None or length > app.config["MAX_CONTENT_LENGTH"]:
+            return error(413, f"upload larger than {config.max_upload_mb:g} MB (web.max_upload_mb)")
+        if length <= MAX_FORM_FIELD_BYTES:  # no field can be that large: too many parts
+            return error(413, f"too many form parts (at most {MAX_FORM_PARTS}; the forms have 'image', 'label' "
+                              "and 'id')")
+        return error(413, f"a form field is larger than {MAX_FORM_FIELD_BYTES // 1024} KB, or the form has more "
+                          f"than {MAX_FORM_PARTS} parts (labels are at most 200 characters; send the image as "
+                          "the multipart file field 'image')")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> flask.Response | HTTPException:
@@ -68,7 +76,12 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
 
     @app.errorhandler(BusyError)
     def busy(exc: BusyError) -> flask.Response:
-        return error(503, str(exc), **{"Retry-After": "1"})
+        return error(503, str(exc), **{"Retry-After": str(exc.retry_after_s)})
+
+    @app.errorhandler(DiskFullError)
+    def disk_full(exc: DiskFullError) -> flask.Response:
+        log.error("refused (disk full): %s", exc)
+        return error(507, str(exc))
 
     @app.errorhandler(ApplianceError)
     def appliance_error(exc: ApplianceError) -> flask.Response:
@@ -104,11 +117,13 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     app.config["MAX_STREAMS"] = config.threads - THREADS_KEPT_FOR_API
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     app.json.sort_keys = False  # keep the LookupResult key order readable
     app.extensions["appliance"] = appliance
     app.extensions["web_config"] = config
     _register_errors(app, config)
 
+    app.before_request(host_checker(allowed_hosts(config)))  # first: nothing runs for a foreign Host
     app.before_request(_same_origin)
 
     @app.after_request

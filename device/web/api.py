@@ -57,7 +57,7 @@ def _names_not_paths(status: dict) -> dict:
     """The health document with every absolute file path it mentions cut to its file name: anyone on the
     LAN may read /api/health, and the layout of the device's disk is none of their business."""
     paths = [(status.get("bundle") or {}).get("path"), status.get("index", {}).get("path"),
-             status.get("enrolled", {}).get("dir"), status.get("camera", {}).get("spec")]
+             status.get("enrolled", {}).get("store"), status.get("camera", {}).get("spec")]
     names = {p: PurePosixPath(p).name for p in paths
              if isinstance(p, str) and p.startswith("/") and not p.startswith("/dev/")}
 
@@ -215,7 +215,9 @@ def catalog_add_frame() -> tuple[flask.Response, int] | flask.Response:
     denied = _require_token()
     if denied is not None:
         return denied
-    fields = flask.request.get_json(silent=True) or flask.request.form
+    fields = flask.request.get_json(silent=True) if flask.request.is_json else flask.request.form
+    if not isinstance(fields, dict) and not hasattr(fields, "getlist"):  # [1, 2], "str", 5, or broken JSON
+        return error(400, "the body must be a JSON object (or a form) with 'label' (and 'id')")
     label = str(fields.get("label", "")).strip()
     if not label:
         return error(400, "missing field 'label'")

@@ -117,6 +117,8 @@ class Appliance:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.holder.close()
+        if self.history is not None:
+            self.history.close()
 
     def _loop(self) -> None:
         last_index = -1

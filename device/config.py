@@ -188,10 +188,23 @@ _TOPIC_WORD = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
 class HistoryConfig(_Section):
     """Recent lookups shown on the page and exported by /api/history (device/history.py)."""
 
-    size: int = Field(50, ge=1, le=10_000)
+    size: int = Field(50, ge=1, le=10_000, description="lookups kept, across restarts")
+    max_mb: float = Field(20.0, gt=0, le=10_000, description="lookups + snapshots kept, in MB; the oldest go first")
     dir: Path = Path("var/history")
     snapshot_px: int = Field(320, ge=32, le=2048)
     summary_interval_s: float = Field(60.0, gt=0)
+
+
+class SseConfig(_Section):
+    """Server-Sent Events that tell the page about lookups, status and catalog changes (GET /api/events,
+    device/push.py, device/web/sse.py). Each open stream holds one waitress worker thread, so streams share
+    the live views' slots (``web.threads`` - 2) and each lives at most ``stream_max_s``."""
+
+    stream_max_s: float = Field(60.0, ge=1, le=3600, description="a stream ends after this; the browser reconnects")
+    retry_s: float = Field(1.0, ge=0.1, le=600, description="the retry: hint: the browser reconnects after this")
+    heartbeat_s: float = Field(10.0, gt=0, le=600, description="a comment line when nothing else was sent")
+    queue_size: int = Field(100, ge=1, le=100_000, description="events waiting per stream; past it the stream ends")
+    status_check_s: float = Field(1.0, gt=0, le=600, description="how often the status is compared for a change")
 
 
 class MqttConfig(_Section):
@@ -253,6 +266,7 @@ class Config(_Section):
     recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
     history: HistoryConfig = HistoryConfig()
+    sse: SseConfig = SseConfig()
     mqtt: MqttConfig = MqttConfig()
     webhook: WebhookConfig = WebhookConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -122,9 +122,9 @@ class History:
                      self._entries[0].n, self._entries[-1].n)
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def record(self, result: LookupResult, rgb: np.ndarray | None = None) -> int:
+    def record(self, result: LookupResult, rgb: np.ndarray | None = None) -> Entry:
         """Keep ``result`` (and a snapshot of ``rgb``, the image it was made from), durably, before returning
-        its number; the oldest entries go when a bound is passed. A failing disk is logged, never raised: the
+        its entry (with its number); the oldest entries go when a bound is passed. A failing disk is logged, never raised: the
         entry is then kept in memory only, without its snapshot."""
         jpeg = None
         if rgb is not None:
@@ -141,10 +141,11 @@ class History:
                 self._sizes[n] = size
             else:  # not in the store: a number of its own after the last one, never served as an image
                 n, jpeg = (self._entries[-1].n if self._entries else 0) + 1, None
-            self._entries.append(Entry(n, result, jpeg is not None))
+            entry = Entry(n, result, jpeg is not None)
+            self._entries.append(entry)
             while len(self._entries) > self.config.size:
                 self._sizes.pop(self._entries.popleft().n, None)
-        return n
+        return entry
 
     def _commit(self, insert, size: int) -> tuple[bool, int | None]:
         """Run ``insert`` (None: nothing to add; else it returns the new number, for an entry of ``size`` bytes)

@@ -56,7 +56,7 @@ def test_history_is_bounded_by_count_and_kept_across_a_restart(tmp_path):
     again = History(config)  # a restart: the same entries, their snapshots, and the numbering goes on
     assert [e.to_json() for e in again.entries()] == before
     assert again.image(5) == jpeg
-    assert again.record(_result(9), frame) == 7 and [e.n for e in again.entries()] == [7, 6, 5]
+    assert again.record(_result(9), frame).n == 7 and [e.n for e in again.entries()] == [7, 6, 5]
     again.close()
     assert [e.n for e in History(HistoryConfig(size=2, dir=tmp_path / "h")).entries()] == [7, 6]  # a smaller size
 
@@ -99,7 +99,7 @@ def test_an_unreadable_store_is_moved_aside_and_never_stops_a_start(tmp_path, ca
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "history.sqlite").write_bytes(b"not a database at all, " * 100)
     history = History(HistoryConfig(dir=tmp_path / "h"))
-    assert history.entries() == [] and history.record(_result(1)) == 1
+    assert history.entries() == [] and history.record(_result(1)).n == 1
     assert "cannot be read" in caplog.text
     assert [p.name for p in (tmp_path / "h").glob("history.sqlite.unreadable-*")]
 

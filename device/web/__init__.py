@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from device.config import WebConfig
 from device.errors import ApplianceError, BusyError, InputError
 
-from . import api, page, stream
+from . import api, page, sse, stream
 from .common import THREADS_KEPT_FOR_API, error
 
 if TYPE_CHECKING:  # the web layer never imports model code at run time
@@ -122,6 +122,7 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
 
     app.register_blueprint(page.bp)
     app.register_blueprint(stream.bp)
+    app.register_blueprint(sse.bp)
     app.register_blueprint(api.bp)
     return app
 

@@ -256,7 +256,7 @@ def cmd_serve(cfg: Config) -> int:
                           camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
                           enrolled_dir=cfg.catalog.enrolled_dir, max_parallel_uploads=cfg.web.max_parallel_uploads,
                           sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
-                          summary_interval_s=cfg.history.summary_interval_s)
+                          summary_interval_s=cfg.history.summary_interval_s, sse=cfg.sse)
     for sink in sinks:  # the Home Assistant "look up now" button
         if hasattr(sink, "on_lookup_command"):
             sink.on_lookup_command(appliance.request_lookup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import cv2
 import numpy as np
@@ -21,6 +22,8 @@ from device.lookup import Lookup
 from device.results import Candidate, LookupResult
 from device.verify import extract, match_homography, region
 from device.web import create_app
+
+from .conftest import view
 
 TOKEN = "s3cret-token"
 
@@ -221,3 +224,91 @@ def test_the_console_script_is_declared():
     assert project["scripts"] == {"edge-retrieval": "device.__main__:main"}
     assert isinstance(project["license"], str) and "selenium>=4.10" in project["optional-dependencies"]["dev"]
     assert json.dumps(project)  # plain data
+
+
+# ------------------------------------------------------------------------------- a real serve, stopped and killed
+
+@pytest.fixture()
+def small_catalog(tmp_path, photos):
+    d = tmp_path / "catalog"
+    d.mkdir()
+    for name in ("rocket", "moon", "brick"):
+        (d / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+    return d
+
+
+def _get(serve, path: str) -> tuple[int, str, bytes]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.port}{path}", timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_a_lookup_is_listed_with_its_image_after_a_restart(tmp_path, small_catalog, photos):
+    from bench.serve import Serve
+    serve = Serve(tmp_path, small_catalog, "recognition:\n  adapt: false\n")
+    try:
+        serve.start()
+        status, result = serve.upload("/api/query", encode_jpeg(_on_canvas(photos["rocket"]), 90))
+        assert status == 200 and result["match"]["id"] == "rocket"
+        serve.stop()  # SIGTERM
+        serve.start()
+        _, listed = serve.request("GET", "/api/history")
+        entry = listed["entries"][0]
+        assert (entry["n"], entry["timestamp"], entry["decision"], entry["match"]["id"], entry["source"]) == (
+            1, result["timestamp"], "match", "rocket", "upload")
+        code, kind, jpeg = _get(serve, entry["image_url"])
+        assert code == 200 and kind == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
+        csv_text = _get(serve, "/api/history.csv")[2].decode()
+        assert csv_text.splitlines()[1].startswith("1,") and ",upload,match,rocket," in csv_text
+        status, after = serve.upload("/api/query", encode_jpeg(photos["moon"], 90))
+        _, listed = serve.request("GET", "/api/history")
+        assert [e["n"] for e in listed["entries"]] == [2, 1]  # the numbering goes on
+    finally:
+        serve.stop()
+
+
+def test_kill_9_while_lookups_are_recorded_keeps_all_but_at_most_the_last(tmp_path, small_catalog, photos):
+    import threading
+    from bench.serve import Serve
+    serve = Serve(tmp_path, small_catalog, "recognition:\n  adapt: false\nhistory:\n  size: 500\n")
+    jpegs = [encode_jpeg(view(photos, name, "closeup", seed=i), 85) for i, name in enumerate(("rocket", "moon"))]
+    acknowledged: list[float] = []
+    stop = threading.Event()
+
+    def keep_uploading() -> None:
+        i = 0
+        while not stop.is_set() and i < 200:
+            try:
+                status, body = serve.upload("/api/query", jpegs[i % 2])
+            except OSError:  # the server was killed under this request
+                return
+            if status == 200:
+                acknowledged.append(body["timestamp"])
+            i += 1
+
+    try:
+        serve.start()
+        uploader = threading.Thread(target=keep_uploading)
+        uploader.start()
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 8 and uploader.is_alive():
+            assert time.monotonic() < deadline, "uploads were too slow"
+            time.sleep(0.01)
+        serve.kill9()  # mid-upload: the next lookup is being recorded
+        stop.set()
+        uploader.join(30)
+        serve.start()
+        _, listed = serve.request("GET", "/api/history?limit=1000")
+        kept = [e["timestamp"] for e in reversed(listed["entries"])]
+        assert kept[:len(acknowledged)] == acknowledged, "an acknowledged lookup was lost"
+        assert len(kept) <= len(acknowledged) + 1
+        status, _ = serve.upload("/api/query", jpegs[0])
+        _, listed = serve.request("GET", "/api/history?limit=1")
+        assert status == 200 and listed["entries"][0]["n"] == len(kept) + 1
+    finally:
+        stop.set()
+        serve.stop()

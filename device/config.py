@@ -216,6 +216,8 @@ class MqttConfig(_Section):
     port: int = Field(1883, ge=1, le=65535)
     tls: bool = False
     ca_file: Optional[Path] = Field(None, description="CA bundle for TLS (null = the system's)")
+    cert_file: Optional[Path] = Field(None, description="client certificate (PEM) for brokers that want one")
+    key_file: Optional[Path] = Field(None, description="its private key (PEM, unencrypted); null = in cert_file")
     tls_insecure: bool = Field(False, description="TLS without checking the certificate or host name")
     username: Optional[str] = None
     password_file: Optional[Path] = None
@@ -236,6 +238,10 @@ class MqttConfig(_Section):
 
     @model_validator(mode="after")
     def _backoff(self):
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file or self.tls_insecure):
+            raise ValueError("ca_file, cert_file, key_file and tls_insecure are TLS settings: set tls: true")
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file is the key of cert_file: set cert_file too")
         return _ordered(self, "reconnect_min_s", "reconnect_max_s")
 
 
@@ -294,8 +300,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
                                                   "labels": fix(cfg.catalog.labels),
                                                   "enrolled_dir": fix(cfg.catalog.enrolled_dir)}),
         "history": cfg.history.model_copy(update={"dir": fix(cfg.history.dir)}),
-        "mqtt": cfg.mqtt.model_copy(update={"ca_file": fix(cfg.mqtt.ca_file),
-                                            "password_file": fix(cfg.mqtt.password_file)}),
+        "mqtt": cfg.mqtt.model_copy(update={k: fix(getattr(cfg.mqtt, k))
+                                            for k in ("ca_file", "cert_file", "key_file", "password_file")}),
     })
 
 

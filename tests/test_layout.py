@@ -11,7 +11,7 @@ from .conftest import ROOT
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
 LAYERS = ("errors", "procstat", "config", "results", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
           "index", "index_writer", "catalog", "trigger", "camera_sources", "camera", "lookup", "metrics", "history",
-          "events", "push", "appliance",
+          "mqtt_auth", "events", "push", "appliance",
           "demo", "web.common", "web.page", "web.stream", "web.sse", "web.api", "web", "__main__")
 MAX_LINES = 450
 

@@ -325,8 +325,9 @@ class Appliance:
         minute, whether a lookup runs now, the last error, CPU and RSS of this process, index size and
         generation, verification, and the latest lookup's time and history number."""
         now = time.monotonic()
-        while self._recent_s and now - self._recent_s[0] > 60.0:
-            self._recent_s.popleft()
+        with contextlib.suppress(IndexError):  # another thread (a request, the push hub) may pop it first
+            while self._recent_s and now - self._recent_s[0] > 60.0:
+                self._recent_s.popleft()
         cam = self.camera.status() if self.camera is not None else {"state": "absent"}
         idx, latest = self.holder.current(), self._latest
         entries = self.history.entries()[:1] if self.history is not None else []

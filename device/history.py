@@ -104,19 +104,21 @@ class History:
             return _connect(":memory:")
 
     def _load(self) -> None:
-        """Read the kept entries (oldest first); a row that does not parse is skipped, and then pruned."""
+        """Read the kept entries (oldest first); a row that does not parse is logged and deleted."""
+        unreadable = []
         rows = self._db.execute("SELECT n, result, length(result) + coalesce(length(snapshot), 0), "
                                 "snapshot IS NOT NULL FROM lookups ORDER BY n").fetchall()
         for n, text, size, has_image in rows:
             try:
                 entry = Entry(n, LookupResult.from_json(json.loads(text)), bool(has_image))
             except (ValueError, KeyError, TypeError) as e:
-                log.warning("history: skipping lookup %d, which cannot be read (%s)", n, e)
+                log.warning("history: dropping lookup %d, which cannot be read (%s)", n, e)
+                unreadable.append((n,))
                 continue
             self._entries.append(entry)
             self._sizes[n] = size
-        with self._lock:
-            self._commit(None, 0)  # the bounds may have shrunk since the last run
+        with self._lock:  # the bounds may have shrunk since the last run
+            self._commit(lambda: self._db.executemany("DELETE FROM lookups WHERE n = ?", unreadable) and None, None)
         if self._entries:
             log.info("history: %d lookups kept from earlier runs (#%d … #%d)", len(self._entries),
                      self._entries[0].n, self._entries[-1].n)
@@ -147,14 +149,14 @@ class History:
                 self._sizes.pop(self._entries.popleft().n, None)
         return entry
 
-    def _commit(self, insert, size: int) -> tuple[bool, int | None]:
-        """Run ``insert`` (None: nothing to add; else it returns the new number, for an entry of ``size`` bytes)
-        and the pruning to the bounds as one transaction. (False, None), logged once, if it failed. Call it
-        with the lock held."""
+    def _commit(self, change, size: int | None) -> tuple[bool, int | None]:
+        """Run ``change`` (an insert of an entry of ``size`` bytes, returning its number; with ``size`` None,
+        another change) and the pruning to the bounds as one transaction. (False, None), logged once, if it
+        failed. Call it with the lock held."""
         try:
             with self._db:  # one transaction: committed (and fsynced) here, or rolled back
-                n = insert() if insert is not None else None
-                gone = self._over_bounds(size if insert is not None else None)
+                n = change()
+                gone = self._over_bounds(size)
                 if gone:
                     self._db.executemany("DELETE FROM lookups WHERE n = ?", [(g,) for g in gone])
         except sqlite3.Error as e:

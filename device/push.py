@@ -63,16 +63,18 @@ class Stream:
         self._ready = threading.Condition()
         self.ended: str | None = None  # why it ended: "closed" | "slow client" | "shutting down"
 
-    def _put(self, event: PushEvent) -> None:
+    def _put(self, event: PushEvent) -> bool:
+        """Queue ``event``; True when this made the stream overflow (and so end)."""
         with self._ready:
             if self.ended is not None:
-                return
-            if len(self._events) >= self._size:  # the client stopped reading: end it rather than wait for it
-                self._events.clear()
-                self.ended = "slow client"
-            else:
-                self._events.append(event)
+                return False
             self._ready.notify()
+            if len(self._events) < self._size:
+                self._events.append(event)
+                return False
+            self._events.clear()  # the client stopped reading: end it rather than wait for it
+            self.ended = "slow client"
+            return True
 
     def next(self, timeout_s: float) -> list[PushEvent] | None:
         """The events queued since the last call, waiting up to ``timeout_s`` for one ([] on timeout); None once
@@ -110,8 +112,9 @@ class PushHub:
     def open(self) -> Stream:
         """A new stream, its first event the current status (so a page that (re)connects is up to date)."""
         stream = Stream(self, self.config.queue_size)
-        if self._status is not None:
-            stream._put(PushEvent("status", self._read_status()))
+        status = self._read_status()
+        if status is not None:
+            stream._put(PushEvent("status", status))
         with self._lock:
             if self._closed.is_set():
                 stream.ended = "shutting down"
@@ -128,8 +131,7 @@ class PushHub:
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
-            stream._put(event)
-            if stream.ended == "slow client":
+            if stream._put(event):
                 self.slow_clients += 1
                 log.info("sse: a client stopped reading (%d events behind); its stream is closed",
                          self.config.queue_size)
@@ -153,23 +155,27 @@ class PushHub:
             if stream in self._streams:
                 self._streams.remove(stream)
 
-    def _read_status(self) -> dict:
+    def _read_status(self) -> dict | None:
+        if self._status is None:
+            return None
         try:
             return self._status()
         except Exception:  # noqa: BLE001 - a failing status must not kill the stream or the watcher
             log.exception("sse: reading the status failed")
-            return {}
+            return None
 
     def _watch(self) -> None:
         """While a stream is open: compare the status every ``status_check_s``; send it when what the page shows
         changed, and ``catalog_changed`` when the index did."""
-        last = status_digest(self._read_status())
+        last = status_digest(self._read_status() or {})
         while not self._closed.wait(self.config.status_check_s):
             with self._lock:
                 if not self._streams:
                     self._watcher = None
                     return
             status = self._read_status()
+            if status is None:
+                continue
             digest = status_digest(status)
             if digest[0] != last[0] or digest[1] != last[1]:
                 self.publish("status", status)

@@ -105,6 +105,14 @@ def test_an_unreadable_store_is_moved_aside_and_never_stops_a_start(tmp_path, ca
     assert history.entries() == [] and history.record(_result(1)).n == 1
     assert "cannot be read" in caplog.text
     assert [p.name for p in (tmp_path / "h").glob("history.sqlite.unreadable-*")]
+    history.close()
+    import sqlite3
+    with sqlite3.connect(tmp_path / "h" / "history.sqlite") as db:  # one row that is not a lookup result
+        db.execute("INSERT INTO lookups (result) VALUES ('{\"not\": \"a result\"}')")
+    db.close()
+    again = History(HistoryConfig(dir=tmp_path / "h"))
+    assert [e.n for e in again.entries()] == [1] and "dropping lookup 2" in caplog.text
+    assert again.record(_result(3)).n == 3  # never reused
 
 
 def test_history_without_a_writable_folder_keeps_lookups_in_memory(tmp_path, caplog):

@@ -159,9 +159,9 @@ def history_csv() -> flask.Response:
 @bp.get("/api/history/<int:n>/image.jpg")
 def history_image(n: int) -> flask.Response:
     """The snapshot of lookup ``n`` (the camera frame or the uploaded photo, small)."""
-    # numbers are never reused (they go on across restarts): a snapshot never changes
+    # numbers go on across restarts (only a store moved aside as unreadable starts again at 1): cache an hour
     return _jpeg(_history().image(n), f"no snapshot of lookup {n} (only the last {_history().config.size} are kept)",
-                 max_age_s=86400)
+                 max_age_s=3600)
 
 
 # --- catalog ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ let cueTimer = null;
 let pushOpen = false;     // the event stream is open: no polling
 let polling = false;
 let graceTimer = null;
+let synced = false;       // the page caught up with the device since the stream (re)opened
 
 function setStatus(text) { $("action-status").textContent = text; }
 const str = (v) => String(v ?? "");
@@ -245,11 +246,16 @@ function renderStatus(s) {
   cue(s.looking_up || (requestedAt && Date.now() - requestedAt < 5000));
   const n = s.latest ? s.latest.n : null;
   if (n != null && n !== latestN) {  // a lookup this page was not told of (polling, or while reconnecting)
-    latestN = n;
-    requestedAt = 0;
-    cue(false);
-    refreshHistory();
+    if (pushOpen && synced) {  // its lookup_finished may be right behind this status: give it a second
+      setTimeout(() => { if ((latestN ?? 0) < n) { latestN = n; refreshHistory(); } }, 1000);
+    } else {
+      latestN = n;
+      requestedAt = 0;
+      cue(false);
+      refreshHistory();
+    }
   }
+  synced = pushOpen;
 }
 
 // The "looking up…" cue: up at once, down no sooner than CUE_MIN_MS after it went up.
@@ -292,6 +298,7 @@ function startPush() {
   const data = (handler) => (e) => { try { handler(JSON.parse(e.data)); } catch (_) { /* a bad event */ } };
   events.addEventListener("open", () => {
     pushOpen = true;
+    synced = false;
     clearTimeout(graceTimer);
     document.body.dataset.updates = "push";
   });

@@ -328,7 +328,7 @@ class MqttPublisher(_QueueWorker):
             self._tls_error = f"TLS refused ({why}): does the broker want a client certificate (mqtt.cert_file)?"
 
     def _on_connect_fail(self, _client, _userdata) -> None:
-        self._refused(self._tls_error or "cannot connect")
+        self._refused(self._tls_error or "cannot connect (is the broker running, and reachable from here?)")
 
     def _refused(self, why: str) -> None:
         self._tls_error = None

@@ -24,6 +24,7 @@ from device.verify import extract, match_homography, region
 from device.web import create_app
 
 from .conftest import view
+from .test_reliability import small_catalog  # noqa: F401 - the fixture
 
 TOKEN = "s3cret-token"
 
@@ -235,15 +236,6 @@ def test_the_console_script_is_declared():
 
 
 # ------------------------------------------------------------------------------- a real serve, stopped and killed
-
-@pytest.fixture()
-def small_catalog(tmp_path, photos):
-    d = tmp_path / "catalog"
-    d.mkdir()
-    for name in ("rocket", "moon", "brick"):
-        (d / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
-    return d
-
 
 def _get(serve, path: str) -> tuple[int, str, bytes]:
     import urllib.error

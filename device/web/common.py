@@ -1,4 +1,5 @@
-"""What the web blueprints share: JSON errors and the app's appliance and ``web:`` config."""
+"""What the web blueprints share: JSON errors, the app's appliance and ``web:`` config, the slots of long-lived
+answers, and a lookup's JSON with the page's URLs."""
 from __future__ import annotations
 
 import threading

@@ -209,6 +209,15 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
+def _open_streams(server) -> float:
+    """Live views + event streams open on the server now (from /metrics)."""
+    import urllib.request
+    with urllib.request.urlopen(_url(server, "/metrics"), timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(("appliance_http_streams_open ", "appliance_http_event_streams_open ")))
+
+
 def _newest_n(driver) -> int | None:
     return driver.execute_script(
         "const b = document.querySelector('#history-strip .hist'); return b ? Number(b.dataset.n) : null")
@@ -230,13 +239,14 @@ def test_a_camera_lookup_is_pushed_without_a_poll_and_the_cue_shows_while_it_run
     driver.get(_url(server))
     _wait(driver, lambda d: d.execute_script("return document.body.dataset.updates") == "push", "the event stream")
     _wait(driver, lambda d: _newest_n(d) is not None, "the recent lookups")  # one /api/history at the start
-    first, history_fetches = _newest_n(driver), _fetched(driver, "/api/history")
+    # counted from here: the stream is open and the page caught up
+    first, polls, history_fetches = _newest_n(driver), _fetched(driver, "/api/status"), _fetched(driver, "/api/history")
     driver.execute_script("window.__cue = []")
     _wait(driver, lambda d: (_newest_n(d) or 0) > first, "a camera-triggered lookup pushed to the page")
     newest = _newest_n(driver)
     _, body = server.request("GET", "/api/history?limit=50")
     assert next(e for e in body["entries"] if e["n"] == newest)["source"] in ("camera", "requested")
-    assert _fetched(driver, "/api/status") == 0, "the page polled the status"
+    assert _fetched(driver, "/api/status") == polls, "the page polled the status"
     assert _fetched(driver, "/api/history") == history_fetches, "the page asked for the lookup it was told of"
     cue = driver.execute_script("return window.__cue")
     # the cue went up while the strip's newest lookup was still an older one: before the result came
@@ -247,6 +257,8 @@ def test_a_camera_lookup_is_pushed_without_a_poll_and_the_cue_shows_while_it_run
 
 def test_when_the_event_stream_is_refused_the_page_updates_by_polling(server, recorded):
     driver = recorded
+    driver.get("about:blank")  # the last page's live view and stream go; wait until their slots are free
+    _wait(driver, lambda d: _open_streams(server) == 0, "the last page's streams to close")
     held = []
     try:
         # take every long-lived slot (web.threads - 2: live views and event streams share them)

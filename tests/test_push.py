@@ -21,7 +21,7 @@ from device.images import encode_jpeg
 from device.index_writer import IndexHolder
 from device.lookup import Lookup
 from device.push import PushHub, status_digest
-from device.web import create_app
+from device.web import WAITRESS_LOOKAHEAD, create_app
 
 from .conftest import view
 from .test_reliability import FAST
@@ -136,6 +136,7 @@ class EventReader:
         raise AssertionError(f"no {kind} in {seen}")
 
     def close(self):
+        self.response.close()  # the response holds the socket open too
         self.conn.close()
 
 
@@ -224,3 +225,16 @@ def test_streams_are_bounded_end_in_time_and_a_stuck_client_frees_its_slot(appli
     finally:
         first.close()
         stuck.close()
+
+
+def test_a_page_that_closes_its_stream_frees_the_slot_before_any_heartbeat(appliance, waitress_server):
+    appliance.push.config = SseConfig(stream_max_s=600, heartbeat_s=600)  # neither would free it in this test
+    port = waitress_server(create_app(WebConfig(), appliance), **WAITRESS_LOOKAHEAD)  # as device.web.serve does
+    for _ in range(3):  # a page reloaded three times
+        reader = EventReader(port)
+        reader.until("status")
+        reader.close()
+        deadline = time.monotonic() + 10
+        while appliance.metrics.value("appliance_http_event_streams_open") > 0:
+            assert time.monotonic() < deadline, "a closed stream still holds its slot"
+            time.sleep(0.05)

@@ -128,6 +128,11 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
     return app
 
 
+# waitress keeps reading a connection while its request runs, so it sees a page that closed its event stream
+# (environ["waitress.client_disconnected"]) and the stream's thread is freed within a second, not at its next write.
+WAITRESS_LOOKAHEAD = {"channel_request_lookahead": 1}
+
+
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
     interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
@@ -139,4 +144,4 @@ def serve(app: flask.Flask, config: WebConfig) -> None:
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
-                   cleanup_interval=config.cleanup_interval_s)
+                   cleanup_interval=config.cleanup_interval_s, **WAITRESS_LOOKAHEAD)

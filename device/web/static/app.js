@@ -316,7 +316,7 @@ function startPush() {
   events.addEventListener("status", data(renderStatus));
   events.addEventListener("lookup_started", data((d) => { if (d.source !== "upload") cue(true); }));
   events.addEventListener("lookup_finished", data(lookupFinished));
-  events.addEventListener("catalog_changed", () => { if ($("catalog").open) loadCatalog(); });
+  events.addEventListener("catalog_changed", () => { if ($("catalog").open) loadCatalog(true); });
 }
 
 function formatUptime(s) {
@@ -381,11 +381,16 @@ function showTokenState() {
   $("token").placeholder = token() ? "token set for this tab" : "web.api_token";
 }
 
-async function loadCatalog() {
+// told (catalog_changed): the grid is not redrawn under a user who is confirming a delete
+const confirming = () => document.querySelector("#catalog-grid .delete[data-armed='1']") !== null;
+
+async function loadCatalog(told = false) {
+  if (told && confirming()) return;
   const q = $("catalog-search").value.trim();
   const url = "/api/catalog?limit=" + CATALOG_PAGE + "&offset=" + catalogOffset + (q ? "&q=" + encodeURIComponent(q) : "");
   const { ok, body } = await getJson(url);
   if (!ok) { catalogNote("Cannot load the catalog: " + str(body.error)); return; }
+  if (told && confirming()) return;
   catalogTotal = body.total;
   $("catalog-total").textContent = "(" + str(body.total) + (q ? " found" : "") + ")";
   const grid = $("catalog-grid");

@@ -1,4 +1,4 @@
-"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|all]
+"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|ops|all]
 
 No subcommand runs speed + annoy (what ``make bench`` runs). Each bench is a module with ``main(argv)``,
 imported only when asked for; quality / category are skipped with a note when their module is absent.
@@ -12,7 +12,7 @@ import sys
 BENCHES = {"speed": "bench.speed", "annoy": "bench.annoy_recall", "quality": "bench.quality",
            "category": "bench.category", "calibrate": "bench.recognition",
            "reliability": "bench.reliability", "fleet": "bench.fleet", "adapt": "bench.adapt",
-           "cost": "bench.cost"}
+           "cost": "bench.cost", "ops": "bench.ops"}
 DEFAULT = ("speed", "annoy")
 
 

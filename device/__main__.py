@@ -78,10 +78,9 @@ def _config(args) -> Config:
 
 
 def _encoder(cfg: Config, bundle: Path | None = None):
-    from .encoder import Encoder, load_encoder
-    if bundle is not None:  # asked for by name on the command line: that one, or an error
-        return Encoder.from_bundle(bundle, num_threads=cfg.encoder.num_threads)
-    return load_encoder(cfg.encoder)
+    from .encoder import load_encoder  # a --bundle named on the command line gets no fallback
+    return load_encoder(cfg.encoder if bundle is None else cfg.encoder.model_copy(update={"bundle": bundle,
+                                                                                        "fallback_bundle": None}))
 
 
 def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):
@@ -265,13 +264,12 @@ def cmd_serve(cfg: Config) -> int:
     set_aside = recover_index(cfg.index.path)  # damaged generations out of the way before deciding to build
     cfg = _prepare_catalog(cfg, encoder)
     catalog = _catalog(cfg, encoder, set_aside)
-    holder = catalog.holder
-    sinks = _event_sinks(cfg)
-    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), catalog=catalog,
-                          camera=Camera(cfg.camera), trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                          max_parallel_uploads=cfg.web.max_parallel_uploads,
-                          sinks=sinks, sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
-                          summary_interval_s=cfg.history.summary_interval_s)
+    holder, sinks = catalog.holder, _event_sinks(cfg)
+    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), catalog=catalog, camera=Camera(cfg.camera),
+                          trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
+                          max_parallel_uploads=cfg.web.max_parallel_uploads, sinks=sinks,
+                          sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
+                          summary_interval_s=cfg.history.summary_interval_s, sse=cfg.sse)
     for sink in sinks:  # the Home Assistant "look up now" button
         if hasattr(sink, "on_lookup_command"):
             sink.on_lookup_command(appliance.request_lookup)

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Sequence
 
 from .camera import Camera
 from .catalog_service import CatalogService
-from .config import HistoryConfig, MqttConfig, WebConfig
+from .config import HistoryConfig, MqttConfig, SseConfig, WebConfig
 from .errors import ApplianceError, BusyError, CatalogIndexError, InputError
 from .history import History
 from .images import decode_image, encode_jpeg
 from .lookup import Lookup
 from .metrics import Metrics
 from .procstat import CpuMeter, rss_mb
+from .push import PushHub
 from .results import LookupResult
 from .trigger import Trigger
 
@@ -40,7 +41,8 @@ class Appliance:
                  sinks: Sequence["EventSink"] = (),
                  sink_interval_s: float = MqttConfig.model_fields["state_interval_s"].default,
                  stream_quality: int = 75, history: History | None = None,
-                 summary_interval_s: float = HistoryConfig.model_fields["summary_interval_s"].default):
+                 summary_interval_s: float = HistoryConfig.model_fields["summary_interval_s"].default,
+                 sse: SseConfig | None = None):
         self.lookup = lookup
         self.catalog = catalog
         self.holder = catalog.holder
@@ -77,6 +79,7 @@ class Appliance:
         self.summary_interval_s = summary_interval_s
         self._summary = {"lookups": 0, "matches": 0, "errors": 0}
         self._summary_at = time.monotonic()
+        self.push = PushHub(sse or SseConfig(), status=self.status)  # what the page is told (GET /api/events)
 
     def _watch_metrics(self) -> None:
         m = self.metrics
@@ -108,11 +111,14 @@ class Appliance:
     def stop(self) -> None:
         """Stop the loop and the camera (idempotent)."""
         self._stop.set()
+        self.push.close()
         if self.camera is not None:
             self.camera.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.catalog.stop()
+        if self.history is not None:
+            self.history.close()
 
     def _loop(self) -> None:
         last_index = -1
@@ -137,9 +143,11 @@ class Appliance:
             if reason is None:
                 continue
             self._looking_up_since = time.time()
+            # "requested": the page's button (or MQTT's); "camera": the trigger saw something worth it
+            source = "requested" if reason == "requested" else "camera"
+            self.push.publish("lookup_started", {"source": source, "timestamp": self._looking_up_since})
             try:
-                # "requested": the page's button (or MQTT's); "camera": the trigger saw something worth it
-                result = self.lookup.lookup_rgb(frame.rgb, source="requested" if reason == "requested" else "camera")
+                result = self.lookup.lookup_rgb(frame.rgb, source=source)
             except ApplianceError as e:  # keep running: log, count, and try the next trigger
                 self._count_error(type(e).__name__, str(e))
                 log.error("camera lookup failed: %s", e)
@@ -173,8 +181,8 @@ class Appliance:
     def _record(self, result: LookupResult, rgb=None) -> None:
         """Every lookup passes here: latest result, history (with a snapshot of ``rgb``), metrics, sinks."""
         self._latest = result  # one reference store: atomic
-        if self.history is not None:
-            self.history.record(result, rgb)
+        entry = self.history.record(result, rgb) if self.history is not None else None
+        self.push.publish("lookup_finished", entry if entry is not None else result)
         self._recent_s.append(time.monotonic())
         self._summary["lookups"] += 1
         self._summary["matches"] += result.match is not None
@@ -222,6 +230,7 @@ class Appliance:
         """Decode + encode + search through the shared Lookup; the result becomes the latest one, and the
         decoded photo its history snapshot."""
         with self._upload_slot():
+            self.push.publish("lookup_started", {"source": source, "timestamp": time.time()})
             try:
                 rgb, decode_ms = self.lookup.decode(data)
                 result = self.lookup.lookup_rgb(rgb, source=source, timings={"decode": decode_ms})
@@ -282,8 +291,9 @@ class Appliance:
         minute, whether a lookup runs now, the last error, CPU and RSS of this process, index size and
         generation, verification, and the latest lookup's time and history number."""
         now = time.monotonic()
-        while self._recent_s and now - self._recent_s[0] > 60.0:
-            self._recent_s.popleft()
+        with contextlib.suppress(IndexError):  # another thread (a request, the push hub) may pop it first
+            while self._recent_s and now - self._recent_s[0] > 60.0:
+                self._recent_s.popleft()
         cam = self.camera.status() if self.camera is not None else {"state": "absent"}
         idx, latest = self.holder.current(), self._latest
         entries = self.history.entries()[:1] if self.history is not None else []

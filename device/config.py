@@ -214,10 +214,23 @@ _TOPIC_WORD = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
 class HistoryConfig(_Section):
     """Recent lookups shown on the page and exported by /api/history (device/history.py)."""
 
-    size: int = Field(50, ge=1, le=10_000)
+    size: int = Field(50, ge=1, le=10_000, description="lookups kept, across restarts")
+    max_mb: float = Field(20.0, gt=0, le=10_000, description="lookups + snapshots kept, in MB; the oldest go first")
     dir: Path = Path("var/history")
     snapshot_px: int = Field(320, ge=32, le=2048)
     summary_interval_s: float = Field(60.0, gt=0)
+
+
+class SseConfig(_Section):
+    """Server-Sent Events that tell the page about lookups, status and catalog changes (GET /api/events,
+    device/push.py, device/web/sse.py). Each open stream holds one waitress worker thread, so streams share
+    the live views' slots (``web.threads`` - 2) and each lives at most ``stream_max_s``."""
+
+    stream_max_s: float = Field(60.0, ge=1, le=3600, description="a stream ends after this; the browser reconnects")
+    retry_s: float = Field(1.0, ge=0.1, le=600, description="the retry: hint: the browser reconnects after this")
+    heartbeat_s: float = Field(10.0, gt=0, le=600, description="a comment line when nothing else was sent")
+    queue_size: int = Field(100, ge=1, le=100_000, description="events waiting per stream; past it the stream ends")
+    status_check_s: float = Field(1.0, gt=0, le=600, description="how often the status is compared for a change")
 
 
 class MqttConfig(_Section):
@@ -229,6 +242,8 @@ class MqttConfig(_Section):
     port: int = Field(1883, ge=1, le=65535)
     tls: bool = False
     ca_file: Optional[Path] = Field(None, description="CA bundle for TLS (null = the system's)")
+    cert_file: Optional[Path] = Field(None, description="client certificate (PEM) for brokers that want one")
+    key_file: Optional[Path] = Field(None, description="its private key (PEM, unencrypted); null = in cert_file")
     tls_insecure: bool = Field(False, description="TLS without checking the certificate or host name")
     username: Optional[str] = None
     password_file: Optional[Path] = None
@@ -249,6 +264,10 @@ class MqttConfig(_Section):
 
     @model_validator(mode="after")
     def _backoff(self):
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file or self.tls_insecure):
+            raise ValueError("ca_file, cert_file, key_file and tls_insecure are TLS settings: set tls: true")
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file is the key of cert_file: set cert_file too")
         return _ordered(self, "reconnect_min_s", "reconnect_max_s")
 
 
@@ -279,6 +298,7 @@ class Config(_Section):
     recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
     history: HistoryConfig = HistoryConfig()
+    sse: SseConfig = SseConfig()
     mqtt: MqttConfig = MqttConfig()
     webhook: WebhookConfig = WebhookConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -308,8 +328,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
                                                   "enrolled_dir": fix(cfg.catalog.enrolled_dir),
                                                   "store": fix(cfg.catalog.store)}),
         "history": cfg.history.model_copy(update={"dir": fix(cfg.history.dir)}),
-        "mqtt": cfg.mqtt.model_copy(update={"ca_file": fix(cfg.mqtt.ca_file),
-                                            "password_file": fix(cfg.mqtt.password_file)}),
+        "mqtt": cfg.mqtt.model_copy(update={k: fix(getattr(cfg.mqtt, k))
+                                            for k in ("ca_file", "cert_file", "key_file", "password_file")}),
     })
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import re
 import socket
@@ -27,7 +26,7 @@ from typing import Callable, Protocol
 import paho.mqtt.client as mqtt
 
 from .config import MqttConfig, WebhookConfig
-from .errors import ConfigError
+from .mqtt_auth import password, tls_context
 from .results import LookupResult
 
 log = logging.getLogger(__name__)
@@ -158,8 +157,9 @@ class MqttPublisher(_QueueWorker):
         self._retained: dict[str, str] = {}  # last state per topic: re-sent after a reconnect (the broker may have restarted)
         self._retained_lock = threading.Lock()
         self._last_error: str | None = None
+        self._tls_error: str | None = None  # why the last TLS handshake failed (paho only says "failed")
         self._stopping = False
-        self._client = self._make_client(_password(config))
+        self._client = self._make_client(password(config))
 
     def _make_client(self, password: str | None) -> mqtt.Client:
         c = self.config
@@ -167,17 +167,13 @@ class MqttPublisher(_QueueWorker):
         if c.username is not None:
             client.username_pw_set(c.username, password)
         if c.tls:
-            try:
-                client.tls_set(ca_certs=str(c.ca_file) if c.ca_file else None,
-                               cert_reqs=ssl.CERT_NONE if c.tls_insecure else ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"mqtt.ca_file {c.ca_file}: cannot use it for TLS ({e.strerror or e})") from None
-            client.tls_insecure_set(c.tls_insecure)
+            client.tls_set_context(tls_context(c, self._tls_failed))
         client.will_set(self.topics["availability"], "offline", qos=c.qos, retain=True)
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)
         # paho's own queue holds QoS>0 messages awaiting the broker's ack: bound it as well
         client.max_queued_messages_set(c.queue_size)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = lambda *_: self._count("published")
         client.on_message = self._on_message
@@ -305,6 +301,7 @@ class MqttPublisher(_QueueWorker):
             return
         first = self._counted()["connects"] == 0
         self._count("connects")
+        self._tls_error = None
         if not first:
             self._count("reconnects")
         self._last_error = None
@@ -321,6 +318,24 @@ class MqttPublisher(_QueueWorker):
             client.publish(topic, payload, qos=qos, retain=self.config.retain)
         self._connected.set()
 
+    def _tls_failed(self, e: ssl.SSLError) -> None:
+        c = self.config
+        if isinstance(e, ssl.SSLCertVerificationError):
+            self._tls_error = (f"TLS: certificate verify failed ({e.verify_message}): is mqtt.ca_file "
+                               f"({c.ca_file or 'the system CAs'}) the CA of the broker's certificate, for {c.host}?")
+        else:  # e.g. the broker wants a client certificate (TLS 1.3 says so after the handshake)
+            why = str(e.reason).lower().replace("_", " ") if e.reason else str(e)
+            self._tls_error = f"TLS refused ({why}): does the broker want a client certificate (mqtt.cert_file)?"
+
+    def _on_connect_fail(self, _client, _userdata) -> None:
+        self._refused(self._tls_error or "cannot connect (is the broker running, and reachable from here?)")
+
+    def _refused(self, why: str) -> None:
+        self._tls_error = None
+        if self._last_error != why:
+            log.error("mqtt: %s:%d: %s (retrying with backoff)", self.config.host, self.config.port, why)
+        self._last_error = why
+
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
@@ -328,6 +343,8 @@ class MqttPublisher(_QueueWorker):
             self._last_error = f"disconnected: {reason_code}"
             log.warning("mqtt: lost %s:%d (%s); reconnecting with backoff", self.config.host, self.config.port,
                         reason_code)
+        elif self._tls_error is not None and not self._stopping:  # closed before its CONNACK, by a TLS alert
+            self._refused(self._tls_error)
 
     def _on_message(self, _client, _userdata, msg) -> None:
         if msg.topic != self.topics["command"]:
@@ -337,21 +354,6 @@ class MqttPublisher(_QueueWorker):
                 callback()
             except Exception:  # noqa: BLE001 - a failing callback must not kill the MQTT thread
                 log.exception("mqtt: the lookup command callback failed")
-
-
-def _password(config: MqttConfig) -> str | None:
-    """The broker password from password_file or password_env (never from the YAML)."""
-    if config.password_file is not None:
-        try:
-            return config.password_file.read_text(encoding="utf-8").strip("\r\n")
-        except OSError as e:
-            raise ConfigError(f"mqtt.password_file {config.password_file}: cannot read ({e.strerror or e})") from None
-    if config.password_env is not None:
-        value = os.environ.get(config.password_env)
-        if value is None:
-            raise ConfigError(f"mqtt.password_env: the environment variable {config.password_env} is not set")
-        return value
-    return None
 
 
 class WebhookNotifier(_QueueWorker):

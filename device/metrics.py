@@ -56,6 +56,8 @@ class Metrics:
                                      ["method", "route", "status"], registry=r)
         # each open live view holds a waitress thread: worth watching
         self.http_streams_open = Gauge("appliance_http_streams_open", "Open MJPEG live views", registry=r)
+        self.http_event_streams_open = Gauge("appliance_http_event_streams_open",
+                                             "Open Server-Sent Events streams (GET /api/events)", registry=r)
         self._readings = _Readings()
         r.register(self._readings)
 

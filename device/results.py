@@ -32,6 +32,13 @@ class Candidate:
     def with_inliers(self, inliers: int | None) -> "Candidate":
         return replace(self, inliers=inliers)
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Candidate":
+        """The candidate back from :meth:`to_json` (scores as rounded there)."""
+        quad = d.get("quad")
+        return cls(str(d["id"]), str(d["label"]), float(d["score"]), d.get("inliers"), d.get("rank_score"),
+                   tuple(tuple(corner) for corner in quad) if quad is not None else None)
+
 
 @dataclass
 class LookupResult:
@@ -52,3 +59,11 @@ class LookupResult:
             "source": self.source,
             "timestamp": self.timestamp,
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LookupResult":
+        """The result back from :meth:`to_json` (the lookup history keeps it so across restarts)."""
+        match = d.get("match")
+        return cls([Candidate.from_json(c) for c in d.get("results", [])],
+                   {str(k): float(v) for k, v in (d.get("timings_ms") or {}).items()}, str(d.get("source", "cli")),
+                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -40,7 +41,8 @@ WAIT_S = 60  # a generous bound for a busy 2-core machine
 def server(tmp_path_factory, catalog_dir):
     work = tmp_path_factory.mktemp("browser")
     _, video = materialise_demo(work / "demo", seconds_per_view=1.5)
-    s = Serve(work, catalog_dir, camera=video, trigger=True)
+    # heartbeats every 2 s: a stream whose client went away (the refused-stream test's) frees its slot soon
+    s = Serve(work, catalog_dir, camera=video, trigger=True, extra_config="sse:\n  heartbeat_s: 2.0\n")
     s.start()
     yield s
     s.stop()
@@ -188,3 +190,95 @@ def test_a_phone_sized_viewport_has_no_horizontal_scroll(server, driver):
         assert _severe(driver) == []
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# Recorded in the page from its first script on: every fetch() URL, and each time the cue goes up or down with
+# the newest lookup number on the strip at that moment.
+_RECORDER = """
+window.__fetches = [];
+const realFetch = window.fetch.bind(window);
+window.fetch = (url, options) => { window.__fetches.push(String(url)); return realFetch(url, options); };
+window.__cue = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const cue = document.getElementById("cue");
+  new MutationObserver(() => {
+    const top = document.querySelector("#history-strip .hist");
+    window.__cue.push({ shown: !cue.hidden, newest: top ? Number(top.dataset.n) : null });
+  }).observe(cue, { attributes: true, attributeFilter: ["hidden"] });
+});
+"""
+
+
+def _open_streams(server) -> float:
+    """Live views + event streams open on the server now (from /metrics)."""
+    import urllib.request
+    with urllib.request.urlopen(_url(server, "/metrics"), timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(("appliance_http_streams_open ", "appliance_http_event_streams_open ")))
+
+
+def _newest_n(driver) -> int | None:
+    return driver.execute_script(
+        "const b = document.querySelector('#history-strip .hist'); return b ? Number(b.dataset.n) : null")
+
+
+def _fetched(driver, path: str) -> int:
+    return driver.execute_script("return window.__fetches.filter((u) => u.startsWith(arguments[0])).length", path)
+
+
+@pytest.fixture()
+def recorded(driver):
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _RECORDER})
+    yield driver
+    driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+def test_a_camera_lookup_is_pushed_without_a_poll_and_the_cue_shows_while_it_runs(server, recorded):
+    driver = recorded
+    driver.get(_url(server))
+    _wait(driver, lambda d: d.execute_script("return document.body.dataset.updates") == "push", "the event stream")
+    _wait(driver, lambda d: _newest_n(d) is not None, "the recent lookups")  # one /api/history at the start
+    # counted from here: the stream is open and the page caught up
+    first, polls, history_fetches = _newest_n(driver), _fetched(driver, "/api/status"), _fetched(driver, "/api/history")
+    driver.execute_script("window.__cue = []")
+    _wait(driver, lambda d: (_newest_n(d) or 0) > first, "a camera-triggered lookup pushed to the page")
+    newest = _newest_n(driver)
+    _, body = server.request("GET", "/api/history?limit=50")
+    assert next(e for e in body["entries"] if e["n"] == newest)["source"] in ("camera", "requested")
+    assert _fetched(driver, "/api/status") == polls, "the page polled the status"
+    assert _fetched(driver, "/api/history") == history_fetches, "the page asked for the lookup it was told of"
+    cue = driver.execute_script("return window.__cue")
+    # the cue went up while the strip's newest lookup was still an older one: before the result came
+    assert any(c["shown"] and (c["newest"] or 0) < newest for c in cue), cue
+    _wait(driver, lambda d: d.find_element(By.ID, "cue").get_attribute("hidden") is not None, "the cue to go down")
+    assert _severe(driver) == []
+
+
+def test_when_the_event_stream_is_refused_the_page_updates_by_polling(server, recorded):
+    driver = recorded
+    driver.get("about:blank")  # the last page's live view and stream go; wait until their slots are free
+    _wait(driver, lambda d: _open_streams(server) == 0, "the last page's streams to close")
+    held = []
+    try:
+        # take every long-lived slot (web.threads - 2: live views and event streams share them)
+        for _ in range(16):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = s.recv(4096)
+            held.append(s)
+            if head.startswith(b"HTTP/1.1 503"):
+                break
+        else:
+            raise AssertionError("the event streams were never refused")
+        driver.get(_url(server))
+        _wait(driver, lambda d: d.execute_script("return document.body.dataset.updates") == "polling",
+              "the page to fall back to polling")
+        _wait(driver, lambda d: _newest_n(d) is not None, "the recent lookups")
+        first = _newest_n(driver)
+        _wait(driver, lambda d: (_newest_n(d) or 0) > first, "a camera lookup shown by polling")
+        assert _fetched(driver, "/api/status") >= 1 and "streaming" in _text(driver, "status-panel")
+    finally:
+        for s in held:
+            s.close()
+    driver.get_log("browser")  # the refused stream and live view were logged as failed loads: expected here

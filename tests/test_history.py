@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import cv2
 import numpy as np
@@ -23,6 +24,9 @@ from device.verify import extract, match_homography, region
 from device.web import create_app
 from .conftest import catalog_service
 
+from .conftest import view
+from .test_reliability import small_catalog  # noqa: F401 - the fixture
+
 TOKEN = "s3cret-token"
 
 
@@ -31,33 +35,95 @@ def _result(i: int, match: bool = True) -> LookupResult:
     return LookupResult(results=[c], timings_ms={"total": 12.0}, source="camera", match=c if match else None)
 
 
-def test_history_is_bounded_in_memory_and_on_disk(tmp_path):
+def test_history_is_bounded_by_count_and_kept_across_a_restart(tmp_path):
     (tmp_path / "h").mkdir()
-    (tmp_path / "h" / "lookup-00000007.jpg").write_bytes(b"from the last run")
-    history = History(HistoryConfig(size=3, dir=tmp_path / "h", snapshot_px=64))
+    (tmp_path / "h" / "lookup-00000007.jpg").write_bytes(b"a snapshot file of an earlier version")
+    config = HistoryConfig(size=3, dir=tmp_path / "h", snapshot_px=64)
+    history = History(config)
     frame = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     for i in range(5):
         history.record(_result(i, match=i % 2 == 0), frame if i != 3 else None)
     assert [e.n for e in history.entries()] == [5, 4, 3]
-    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["lookup-00000003.jpg", "lookup-00000005.jpg"]
+    assert sorted(p.name for p in (tmp_path / "h").iterdir() if p.suffix == ".jpg") == []
     assert history.image(1) is None and history.image(4) is None  # gone / recorded without a frame
     jpeg = history.image(5)
     assert jpeg[:2] == b"\xff\xd8" and max(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1).shape[:2]) == 64
     rows = history.to_csv().splitlines()
     assert rows[0].split(",") == list(CSV_COLUMNS) and len(rows) == 4
     assert rows[1].split(",")[2:7] == ["camera", "match", "cat/4", "item 4", "30"]
-    assert history.entries()[1].to_json()["decision"] == "no match"
+    assert history.entries()[1].to_json()["decision"] == "no_match"  # one spelling, as in MQTT and /metrics
     c = Candidate("cat/x", "=HYPERLINK(\"http://evil\")", 0.8, inliers=30, rank_score=1.1)
     history.record(LookupResult(results=[c], timings_ms={}, source="upload", match=c), None)
     assert "'=HYPERLINK" in history.to_csv().splitlines()[1]  # a label is text in a spreadsheet, never a formula
+    before = [e.to_json() for e in history.entries()]
+    history.close()
+
+    again = History(config)  # a restart: the same entries, their snapshots, and the numbering goes on
+    assert [e.to_json() for e in again.entries()] == before
+    assert again.image(5) == jpeg
+    assert again.record(_result(9), frame).n == 7 and [e.n for e in again.entries()] == [7, 6, 5]
+    again.close()
+    assert [e.n for e in History(HistoryConfig(size=2, dir=tmp_path / "h")).entries()] == [7, 6]  # a smaller size
 
 
-def test_history_without_a_writable_folder_keeps_lookups_without_snapshots(tmp_path):
+def test_history_is_bounded_by_bytes_and_always_keeps_the_newest(tmp_path):
+    frame = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)  # noise: large JPEGs
+    config = HistoryConfig(size=1000, max_mb=0.2, dir=tmp_path / "h", snapshot_px=320)
+    history = History(config)
+    for i in range(40):
+        history.record(_result(i), frame)
+    kept = history.entries()
+    assert 1 < len(kept) < 40 and kept[0].n == 40 and history.stored_bytes() <= 0.2 * 2**20
+    assert history.image(1) is None and history.image(40) is not None
+    tiny = History(HistoryConfig(max_mb=0.001, dir=tmp_path / "tiny"))  # smaller than one snapshot
+    tiny.record(_result(1), frame)
+    tiny.record(_result(2), frame)
+    assert [e.n for e in tiny.entries()] == [2] and tiny.image(2) is not None
+
+
+def test_a_torn_write_loses_at_most_the_last_entry(tmp_path):
+    import shutil
+    config = HistoryConfig(size=100, dir=tmp_path / "h", snapshot_px=64)
+    history = History(config)
+    frame = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    for i in range(6):
+        history.record(_result(i), frame)
+    # what a kill -9 in the middle of the 6th write leaves: the open store with its WAL cut short
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("history.sqlite", "history.sqlite-wal"):
+        shutil.copy(tmp_path / "h" / name, crashed / name)
+    wal = crashed / "history.sqlite-wal"
+    wal.write_bytes(wal.read_bytes()[:-300])
+    kept = [e.n for e in History(HistoryConfig(dir=crashed)).entries()]
+    assert kept in ([5, 4, 3, 2, 1], [6, 5, 4, 3, 2, 1]), kept
+    history.close()
+
+
+def test_an_unreadable_store_is_moved_aside_and_never_stops_a_start(tmp_path, caplog):
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "history.sqlite").write_bytes(b"not a database at all, " * 100)
+    history = History(HistoryConfig(dir=tmp_path / "h"))
+    assert history.entries() == [] and history.record(_result(1)).n == 1
+    assert "cannot be read" in caplog.text
+    assert [p.name for p in (tmp_path / "h").glob("history.sqlite.unreadable-*")]
+    history.close()
+    import sqlite3
+    with sqlite3.connect(tmp_path / "h" / "history.sqlite") as db:  # one row that is not a lookup result
+        db.execute("INSERT INTO lookups (result) VALUES ('{\"not\": \"a result\"}')")
+    db.close()
+    again = History(HistoryConfig(dir=tmp_path / "h"))
+    assert [e.n for e in again.entries()] == [1] and "dropping lookup 2" in caplog.text
+    assert again.record(_result(3)).n == 3  # never reused
+
+
+def test_history_without_a_writable_folder_keeps_lookups_in_memory(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     history = History(HistoryConfig(dir=blocker / "h"))
     history.record(_result(1), np.zeros((32, 32, 3), np.uint8))
-    assert [e.has_image for e in history.entries()] == [False]
+    assert [e.has_image for e in history.entries()] == [True] and history.image(1) is not None
+    assert "in memory" in caplog.text
 
 
 def test_candidate_json_carries_the_ranked_score_and_the_region():
@@ -168,3 +234,82 @@ def test_the_console_script_is_declared():
     assert project["scripts"] == {"edge-retrieval": "device.__main__:main"}
     assert isinstance(project["license"], str) and "selenium>=4.10" in project["optional-dependencies"]["dev"]
     assert json.dumps(project)  # plain data
+
+
+# ------------------------------------------------------------------------------- a real serve, stopped and killed
+
+def _get(serve, path: str) -> tuple[int, str, bytes]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.port}{path}", timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_a_lookup_is_listed_with_its_image_after_a_restart(tmp_path, small_catalog, photos):
+    from bench.serve import Serve
+    serve = Serve(tmp_path, small_catalog, "recognition:\n  adapt: false\n")
+    try:
+        serve.start()
+        status, result = serve.upload("/api/query", encode_jpeg(_on_canvas(photos["rocket"]), 90))
+        assert status == 200 and result["match"]["id"] == "rocket"
+        serve.stop()  # SIGTERM
+        serve.start()
+        _, listed = serve.request("GET", "/api/history")
+        entry = listed["entries"][0]
+        assert (entry["n"], entry["timestamp"], entry["decision"], entry["match"]["id"], entry["source"]) == (
+            1, result["timestamp"], "match", "rocket", "upload")
+        code, kind, jpeg = _get(serve, entry["image_url"])
+        assert code == 200 and kind == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
+        csv_text = _get(serve, "/api/history.csv")[2].decode()
+        assert csv_text.splitlines()[1].startswith("1,") and ",upload,match,rocket," in csv_text
+        status, after = serve.upload("/api/query", encode_jpeg(photos["moon"], 90))
+        _, listed = serve.request("GET", "/api/history")
+        assert [e["n"] for e in listed["entries"]] == [2, 1]  # the numbering goes on
+    finally:
+        serve.stop()
+
+
+def test_kill_9_while_lookups_are_recorded_keeps_all_but_at_most_the_last(tmp_path, small_catalog, photos):
+    import threading
+    from bench.serve import Serve
+    serve = Serve(tmp_path, small_catalog, "recognition:\n  adapt: false\nhistory:\n  size: 500\n")
+    jpegs = [encode_jpeg(view(photos, name, "closeup", seed=i), 85) for i, name in enumerate(("rocket", "moon"))]
+    acknowledged: list[float] = []
+    stop = threading.Event()
+
+    def keep_uploading() -> None:
+        i = 0
+        while not stop.is_set() and i < 200:
+            try:
+                status, body = serve.upload("/api/query", jpegs[i % 2])
+            except OSError:  # the server was killed under this request
+                return
+            if status == 200:
+                acknowledged.append(body["timestamp"])
+            i += 1
+
+    try:
+        serve.start()
+        uploader = threading.Thread(target=keep_uploading)
+        uploader.start()
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 8 and uploader.is_alive():
+            assert time.monotonic() < deadline, "uploads were too slow"
+            time.sleep(0.01)
+        serve.kill9()  # mid-upload: the next lookup is being recorded
+        stop.set()
+        uploader.join(30)
+        serve.start()
+        _, listed = serve.request("GET", "/api/history?limit=1000")
+        kept = [e["timestamp"] for e in reversed(listed["entries"])]
+        assert kept[:len(acknowledged)] == acknowledged, "an acknowledged lookup was lost"
+        assert len(kept) <= len(acknowledged) + 1
+        status, _ = serve.upload("/api/query", jpegs[0])
+        _, listed = serve.request("GET", "/api/history?limit=1")
+        assert status == 200 and listed["entries"][0]["n"] == len(kept) + 1
+    finally:
+        stop.set()
+        serve.stop()

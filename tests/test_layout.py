@@ -10,9 +10,9 @@ from .conftest import ROOT
 
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
 LAYERS = ("errors", "procstat", "config", "results", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
-          "index", "index_writer", "store", "catalog", "catalog_service", "trigger", "camera_sources", "camera", "lookup", "metrics", "history",
-          "events", "appliance",
-          "demo", "web.common", "web.hosts", "web.page", "web.stream", "web.api", "web", "__main__")
+          "index", "index_writer", "store", "catalog", "catalog_service", "trigger", "camera_sources", "camera", "lookup",
+          "metrics", "history", "mqtt_auth", "events", "push", "appliance",
+          "demo", "web.common", "web.hosts", "web.page", "web.stream", "web.sse", "web.api", "web", "__main__")
 MAX_LINES = 450
 
 

@@ -48,10 +48,12 @@ def broker(tmp_path):
 class Subscriber:
     """A paho client that records every message (topic → list of payloads) and resubscribes on reconnect."""
 
-    def __init__(self, port: int, *topics: str):
+    def __init__(self, port: int, *topics: str, auth: tuple[str, str] | None = None):
         self.messages: list[tuple[str, str, bool]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
         self.client.on_message = self._on_message

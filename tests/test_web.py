@@ -389,8 +389,8 @@ def waitress_server():
 
     running = []
 
-    def start(app):
-        server = create_server(app, host="127.0.0.1", port=0, threads=4)
+    def start(app, **adjustments):
+        server = create_server(app, host="127.0.0.1", port=0, threads=4, **adjustments)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         running.append((server, thread))
@@ -443,5 +443,5 @@ def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     app = create_app(config, services)
     serve(app, config)
     assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4, "connection_limit": 500,
-                     "channel_timeout": 20.0, "cleanup_interval": 5.0}
+                     "channel_timeout": 20.0, "cleanup_interval": 5.0, "channel_request_lookahead": 1}
     assert app.config["MAX_STREAMS"] == 2

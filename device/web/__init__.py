@@ -1,7 +1,8 @@
 """The LAN web page and JSON API of the appliance: routes only, no model code.
 
-``create_app(config, appliance)`` registers three blueprints — the page (``page.py``), the live view
-(``stream.py``) and the JSON API (``api.py``) — and keeps the appliance in ``app.extensions["appliance"]``.
+``create_app(config, appliance)`` registers four blueprints — the page (``page.py``), the live view
+(``stream.py``), the event stream (``sse.py``) and the JSON API (``api.py``) — and keeps the appliance in
+``app.extensions["appliance"]``.
 The appliance is ``device.appliance.Appliance`` (its methods are what the routes call); tests/test_web.py
 passes a fake with the same methods, so the HTTP layer is tested without a camera or a model.
 
@@ -22,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from device.config import WebConfig
 from device.errors import ApplianceError, BusyError, DiskFullError, InputError
 
-from . import api, page, stream
+from . import api, page, sse, stream
 from .common import THREADS_KEPT_FOR_API, error
 from .hosts import allowed_hosts, host_checker
 
@@ -137,18 +138,25 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
 
     app.register_blueprint(page.bp)
     app.register_blueprint(stream.bp)
+    app.register_blueprint(sse.bp)
     app.register_blueprint(api.bp)
     return app
 
 
+# waitress keeps reading a connection while its request runs, so it sees a page that closed its event stream
+# (environ["waitress.client_disconnected"]) and the stream's thread is freed within a second, not at its next write.
+WAITRESS_LOOKAHEAD = {"channel_request_lookahead": 1}
+
+
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
-    interrupted; live views are capped at ``threads - 2`` so two threads stay free for the API, and idle
+    interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
+    for the API, and idle
     connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open)."""
     import waitress
 
-    log.info("web: listening on %s:%d (%d threads, up to %d live viewers)",
+    log.info("web: listening on %s:%d (%d threads, up to %d live views and event streams)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
-                   cleanup_interval=config.cleanup_interval_s)
+                   cleanup_interval=config.cleanup_interval_s, **WAITRESS_LOOKAHEAD)

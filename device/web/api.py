@@ -10,7 +10,7 @@ import flask
 from device.metrics import CONTENT_TYPE
 from device.results import LookupResult
 
-from .common import appliance, error, web_config
+from .common import appliance, entry_json, error, web_config, with_thumbnails
 
 bp = flask.Blueprint("api", __name__)
 
@@ -26,15 +26,7 @@ def _result_json(result: LookupResult | None) -> dict:
     """
     if result is None:
         return {"results": [], "timings_ms": {}, "source": None, "timestamp": None}
-    return _with_thumbnails(result.to_json())
-
-
-def _with_thumbnails(body: dict) -> dict:
-    """``body`` (a LookupResult's JSON) with a ``thumbnail_url`` on each candidate and on the match."""
-    candidates = list(body["results"]) + ([body["match"]] if body.get("match") else [])
-    for candidate in candidates:
-        candidate["thumbnail_url"] = flask.url_for("api.catalog_thumbnail", item_id=str(candidate["id"]))
-    return body
+    return with_thumbnails(result.to_json())
 
 
 def _has_token() -> bool:
@@ -150,11 +142,7 @@ def history_list() -> flask.Response:
         limit = max(int(flask.request.args.get("limit", _history().config.size)), 0)
     except ValueError:
         return error(400, "limit must be an integer")
-    entries = []
-    for entry in _history().entries()[:limit]:
-        body = _with_thumbnails(entry.to_json())
-        body["image_url"] = flask.url_for("api.history_image", n=entry.n) if entry.has_image else None
-        entries.append(body)
+    entries = [entry_json(entry) for entry in _history().entries()[:limit]]
     response = flask.jsonify(entries=entries, size=_history().config.size)
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -171,9 +159,9 @@ def history_csv() -> flask.Response:
 @bp.get("/api/history/<int:n>/image.jpg")
 def history_image(n: int) -> flask.Response:
     """The snapshot of lookup ``n`` (the camera frame or the uploaded photo, small)."""
-    # numbers start again at a restart: cache briefly
+    # numbers go on across restarts (only a store moved aside as unreadable starts again at 1): cache an hour
     return _jpeg(_history().image(n), f"no snapshot of lookup {n} (only the last {_history().config.size} are kept)",
-                 max_age_s=60)
+                 max_age_s=3600)
 
 
 # --- catalog ---------------------------------------------------------------------------------------

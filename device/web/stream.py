@@ -1,13 +1,12 @@
 """The live view: an MJPEG stream (one waitress thread per viewer, capped) and single frames."""
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Iterator
 
 import flask
 
-from .common import appliance, error, web_config
+from .common import appliance, error, take_stream_slot, web_config
 
 if TYPE_CHECKING:
     from device.appliance import Appliance
@@ -16,7 +15,6 @@ bp = flask.Blueprint("stream", __name__)
 
 _STREAM_KEEPALIVE_S = 2.0  # with a stalled camera the last frame is re-sent this often (see _mjpeg)
 _FIRST_FRAME_WAIT_S = 1.0  # how long /stream.mjpg waits for a first frame before answering 503
-_slots_lock = threading.Lock()
 
 
 def _mjpeg(first: tuple[int, bytes], source: "Appliance", interval_s: float) -> Iterator[bytes]:
@@ -46,20 +44,10 @@ def stream() -> flask.Response:
     first = app_.latest_frame_jpeg() or app_.wait_frame_jpeg(-1, _FIRST_FRAME_WAIT_S)
     if first is None:
         return error(503, "no camera frame available")
-    open_gauge = app_.metrics.http_streams_open
-    with _slots_lock:
-        open_now = int(app_.metrics.value("appliance_http_streams_open"))
-        if open_now >= flask.current_app.config["MAX_STREAMS"]:
-            return error(503, f"too many live viewers ({open_now}); use /api/frame.jpg")
-        open_gauge.inc()
-    released = threading.Event()
-
-    def release() -> None:
-        # close() may be called more than once; count the stream out exactly once
-        if not released.is_set():
-            released.set()
-            open_gauge.dec()
-
+    release = take_stream_slot(app_.metrics.http_streams_open)
+    if release is None:
+        return error(503, f"too many live viewers and event streams ({flask.current_app.config['MAX_STREAMS']}, "
+                          "web.threads - 2); use /api/frame.jpg")
     response = flask.Response(_mjpeg(first, app_, 1.0 / max(web_config().stream_fps, 0.1)),
                               mimetype="multipart/x-mixed-replace; boundary=frame")
     response.headers["Cache-Control"] = "no-store"

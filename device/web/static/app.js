@@ -1,5 +1,7 @@
 // The appliance page: live view with the matched region, lookups with their query image, recent lookups,
 // live status, and the catalog manager. Plain JS, no build step; it uses the same JSON API as everyone else.
+// The device tells the page what happens (Server-Sent Events, GET /api/events, with the browser's automatic
+// reconnect); only while that stream is unavailable does the page poll /api/status.
 // Data from the device is only ever written with textContent / attributes, never as HTML.
 "use strict";
 
@@ -10,6 +12,10 @@ const REGION_SHOW_MS = 4000;    // how long a verified match stays outlined on t
 const CATALOG_PAGE = 24;
 const SOURCES = { camera: "camera (trigger)", requested: "requested (button)", upload: "upload", cli: "command line" };
 const TOKEN_KEY = "edge-retrieval-token"; // sessionStorage: gone when the tab closes; sent as a bearer header
+const CUE_MIN_MS = 800;         // a camera lookup takes ~15 ms: the "looking up…" cue stays at least this long
+const PUSH_GRACE_MS = 3000;     // a stream that ended reconnects within this; only then does polling start
+const PUSH_RETRY_MS = 15000;    // a refused stream (503: every slot taken) is tried again this often
+const POLL_MS = 1000;
 
 let latestN = null;       // newest history number seen
 let shownN = undefined;   // history number of the lookup on screen
@@ -17,6 +23,12 @@ let pinnedUntil = 0;      // > now: do not replace the lookup on screen (Infinit
 let historyEntries = [];
 let regionTimer = null;
 let requestedAt = 0;      // "Look up now" pressed; the cue shows until a newer lookup arrives
+let cueSince = 0;         // the cue went up then (0: down)
+let cueTimer = null;
+let pushOpen = false;     // the event stream is open: no polling
+let polling = false;
+let graceTimer = null;
+let synced = false;       // the page caught up with the device since the stream (re)opened
 
 function setStatus(text) { $("action-status").textContent = text; }
 const str = (v) => String(v ?? "");
@@ -166,6 +178,20 @@ async function refreshHistory() {
   const { ok, body } = await getJson("/api/history?limit=" + HISTORY_SHOWN);
   if (!ok) return;
   historyEntries = body.entries || [];
+  showNewest();
+}
+
+// A finished lookup told by the device (its history entry): no request needed.
+function lookupFinished(entry) {
+  requestedAt = 0;
+  cue(false);
+  if (entry.n == null) return;  // a device without a history
+  latestN = Math.max(latestN ?? 0, entry.n);
+  historyEntries = [entry, ...historyEntries.filter((e) => e.n !== entry.n)].slice(0, HISTORY_SHOWN);
+  showNewest();
+}
+
+function showNewest() {
   const newest = historyEntries[0];
   if (newest && Date.now() > pinnedUntil && newest.n !== shownN) {
     show(newest, 0);
@@ -217,26 +243,80 @@ function renderStatus(s) {
   badge.textContent = "camera: " + state;
   badge.className = "badge " + (state === "streaming" ? "good" : state === "absent" ? "unknown" : "bad");
 
-  const busy = s.looking_up || (requestedAt && Date.now() - requestedAt < 5000);
-  $("cue").hidden = !busy;
+  cue(s.looking_up || (requestedAt && Date.now() - requestedAt < 5000));
   const n = s.latest ? s.latest.n : null;
-  if (n != null && n !== latestN) {
-    latestN = n;
-    requestedAt = 0;
-    $("cue").hidden = true;
-    refreshHistory();
+  if (n != null && n !== latestN) {  // a lookup this page was not told of (polling, or while reconnecting)
+    if (pushOpen && synced) {  // its lookup_finished may be right behind this status: give it a second
+      setTimeout(() => { if ((latestN ?? 0) < n) { latestN = n; refreshHistory(); } }, 1000);
+    } else {
+      latestN = n;
+      requestedAt = 0;
+      cue(false);
+      refreshHistory();
+    }
   }
+  synced = pushOpen;
+}
+
+// The "looking up…" cue: up at once, down no sooner than CUE_MIN_MS after it went up.
+function cue(on) {
+  clearTimeout(cueTimer);
+  if (on) {
+    if (!cueSince) cueSince = Date.now();
+    $("cue").hidden = false;
+    return;
+  }
+  const left = cueSince ? CUE_MIN_MS - (Date.now() - cueSince) : 0;
+  if (left > 0) { cueTimer = setTimeout(() => cue(false), left); return; }
+  cueSince = 0;
+  $("cue").hidden = true;
+}
+
+function unreachable() {
+  $("camera-badge").textContent = "device unreachable";
+  $("camera-badge").className = "badge bad";
 }
 
 async function pollStatus() {
+  if (pushOpen) { polling = false; return; }  // the stream tells us now
   try {
     const { ok, body } = await getJson("/api/status");
     if (ok) renderStatus(body);
-  } catch (_) {
-    $("camera-badge").textContent = "device unreachable";
-    $("camera-badge").className = "badge bad";
-  }
-  setTimeout(pollStatus, 1000);
+  } catch (_) { unreachable(); }
+  setTimeout(pollStatus, POLL_MS);
+}
+
+function startPolling() {
+  document.body.dataset.updates = "polling";
+  if (!polling) { polling = true; pollStatus(); }
+}
+
+// --- server push: GET /api/events -------------------------------------------------------------
+function startPush() {
+  if (!window.EventSource) { startPolling(); return; }
+  const events = new EventSource("/api/events");
+  const data = (handler) => (e) => { try { handler(JSON.parse(e.data)); } catch (_) { /* a bad event */ } };
+  events.addEventListener("open", () => {
+    pushOpen = true;
+    synced = false;
+    clearTimeout(graceTimer);
+    document.body.dataset.updates = "push";
+  });
+  events.addEventListener("error", () => {
+    pushOpen = false;
+    clearTimeout(graceTimer);
+    if (events.readyState === EventSource.CLOSED) {  // refused (503) or not a stream: the browser gives up
+      events.close();
+      startPolling();
+      setTimeout(startPush, PUSH_RETRY_MS);
+    } else {  // the stream ended (sse.stream_max_s) or broke: the browser reconnects by itself
+      graceTimer = setTimeout(() => { if (!pushOpen) startPolling(); }, PUSH_GRACE_MS);
+    }
+  });
+  events.addEventListener("status", data(renderStatus));
+  events.addEventListener("lookup_started", data((d) => { if (d.source !== "upload") cue(true); }));
+  events.addEventListener("lookup_finished", data(lookupFinished));
+  events.addEventListener("catalog_changed", () => { if ($("catalog").open) loadCatalog(true); });
 }
 
 function formatUptime(s) {
@@ -266,7 +346,7 @@ async function lookupNow() {
     pinnedUntil = 0;
     $("pinned-note").hidden = true;
     requestedAt = ok ? Date.now() : 0;
-    $("cue").hidden = !ok;
+    cue(ok);
     setStatus(ok ? "Lookup requested." : "Failed: " + str(body.error || "error"));
   } catch (_) { setStatus("Device unreachable."); }
 }
@@ -301,11 +381,16 @@ function showTokenState() {
   $("token").placeholder = token() ? "token set for this tab" : "web.api_token";
 }
 
-async function loadCatalog() {
+// told (catalog_changed): the grid is not redrawn under a user who is confirming a delete
+const confirming = () => document.querySelector("#catalog-grid .delete[data-armed='1']") !== null;
+
+async function loadCatalog(told = false) {
+  if (told && confirming()) return;
   const q = $("catalog-search").value.trim();
   const url = "/api/catalog?limit=" + CATALOG_PAGE + "&offset=" + catalogOffset + (q ? "&q=" + encodeURIComponent(q) : "");
   const { ok, body } = await getJson(url);
   if (!ok) { catalogNote("Cannot load the catalog: " + str(body.error)); return; }
+  if (told && confirming()) return;
   catalogTotal = body.total;
   $("catalog-total").textContent = "(" + str(body.total) + (q ? " found" : "") + ")";
   const grid = $("catalog-grid");
@@ -416,6 +501,6 @@ document.addEventListener("DOMContentLoaded", () => {
     if (historyEntries[0]) show(historyEntries[0], 0);
   });
   startCatalog();
-  pollStatus();
+  startPush();
   pollHealth();
 });

@@ -23,7 +23,7 @@ from device.lookup import Lookup
 from device.push import PushHub, status_digest
 from device.web import WAITRESS_LOOKAHEAD, create_app
 
-from .conftest import view
+from .conftest import catalog_service, view
 from .test_reliability import FAST
 from .test_web import waitress_server  # noqa: F401 - the fixture
 
@@ -89,8 +89,9 @@ def appliance(tmp_path, catalog_dir, encoder):
     maker = ItemMaker(encoder, FAST, 160)
     build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
     holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, FAST, top_k=3), holder=holder, maker=maker, camera=None,
-                    trigger=None, enrolled_dir=tmp_path / "enrolled", history=History(HistoryConfig(dir=tmp_path / "h")),
+    app = Appliance(lookup=Lookup(encoder, holder, FAST, top_k=3),
+                    catalog=catalog_service(tmp_path, holder, maker).start(),  # its worker indexes enrolments
+                    camera=None, trigger=None, history=History(HistoryConfig(dir=tmp_path / "h")),
                     sse=SseConfig(stream_max_s=30, heartbeat_s=0.5, status_check_s=0.1, queue_size=20))
     yield app
     app.stop()
@@ -197,7 +198,7 @@ def test_streams_are_bounded_end_in_time_and_a_stuck_client_frees_its_slot(appli
     appliance.push.config = SseConfig(stream_max_s=3, heartbeat_s=0.5, status_check_s=0.1, queue_size=5)
     first = EventReader(port)
     stuck = socket.create_connection(("127.0.0.1", port), timeout=10)  # asks, then never reads
-    stuck.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    stuck.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     try:
         first.until("status")
         deadline = time.monotonic() + 10

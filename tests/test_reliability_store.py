@@ -253,24 +253,44 @@ def test_secrets_stay_out_of_the_log_health_and_metrics(tmp_path, small_catalog)
     assert cam_pw not in log and broker_pw not in log and TOKEN not in log
 
 
-def test_history_snapshots_resume_after_the_disk_had_no_room(tmp_path, monkeypatch):
-    import device.history as history_mod
+def test_history_snapshots_resume_after_the_disk_had_no_room(tmp_path):
+    import sqlite3
     from device.config import HistoryConfig
     from device.history import History
     from device.results import LookupResult
-    monkeypatch.setattr(history_mod, "_RETRY_WRITE_S", 0.2)
     history = History(HistoryConfig(dir=tmp_path / "h"))
     rgb = np.full((64, 64, 3), 120, np.uint8)
     result = LookupResult(results=[], timings_ms={"total": 1.0}, source="upload")
-    real = Path.write_bytes
 
-    def full(self, data):
-        raise OSError(28, "No space left on device")
+    class FullOnce:  # the history's SQLite connection while the disk is full: the first insert fails as SQLite does
+        def __init__(self, db):
+            self.db, self.full = db, True
 
-    monkeypatch.setattr(Path, "write_bytes", full)
-    history.record(result, rgb)
-    monkeypatch.setattr(Path, "write_bytes", real)
-    assert not history.entries()[0].has_image and not list((tmp_path / "h").iterdir())
-    time.sleep(0.3)
-    history.record(result, rgb)
-    assert history.entries()[0].has_image
+        def execute(self, sql, *args):
+            if self.full and sql.lstrip().upper().startswith("INSERT"):
+                self.full = False
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+        def __enter__(self):
+            return self.db.__enter__()
+
+        def __exit__(self, *exc):
+            return self.db.__exit__(*exc)
+
+    real = history._db
+    history._db = FullOnce(real)
+    history.record(result, rgb)  # kept in memory, without its snapshot
+    assert not history.entries()[0].has_image
+    history.record(result, rgb)  # space is back: stored, with its snapshot, and served
+    newest = history.entries()[-1] if history.entries()[-1].n > history.entries()[0].n else history.entries()[0]
+    assert newest.has_image and history.image(newest.n)
+    history._db = real
+    history.close()
+    again = History(HistoryConfig(dir=tmp_path / "h"))
+    assert any(e.has_image for e in again.entries())
+    again.close()
+

@@ -25,8 +25,9 @@ from annoy import AnnoyIndex
 from .adapt import PROJECTION_FILE, Projection
 from .config import IndexConfig
 from .errors import CatalogIndexError
-from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, META_FILE, METRIC, NPY_FILE, OWNERS_FILE,
-                    THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
+from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, ITEMS_FILE, META_FILE, METRIC, NPY_FILE,
+                    OWNERS_FILE, THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
+from .items import ItemTable
 from .verify import Features, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def write_index(
     every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
     ``dim`` (0 when not given: fixed by the first enrolment). ``projection`` (device/adapt.py), made for the
     same bundle, is stored with the generation and the Annoy index holds the projected vectors; vectors.npy
-    keeps them as given. Returns the new generation directory.
+    keeps them as given (float16). Returns the new generation directory.
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
     root = Path(path)
@@ -134,7 +135,8 @@ def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.nd
 
 def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
                       dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None) -> None:
-    for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
+    # The raw vectors only serve enrol/remove rebuilds (never a query): float16 halves them on disk.
+    for name, array in ((NPY_FILE, vectors.astype(np.float16)), (OWNERS_FILE, owners)):
         with open(gen / name, "wb") as f:
             np.save(f, array, allow_pickle=False)
             _fsync_file(f)
@@ -144,7 +146,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         FeatureStore.write(gen / FEATURES_FILE, [it.features if it.features is not None
                                                  else Features.empty() for it in items])
 
-    thumbs: list[list[int] | None] = []
+    thumbs: list[tuple[int, int] | None] = []
     with open(gen / THUMBS_FILE, "wb") as f:
         offset = 0
         for item in items:
@@ -153,9 +155,11 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
                 continue
             data = bytes(item.thumbnail_jpeg)
             f.write(data)
-            thumbs.append([offset, len(data)])
+            thumbs.append((offset, len(data)))
             offset += len(data)
         _fsync_file(f)
+    ItemTable.build([it.id for it in items], [it.label for it in items], [it.source for it in items],
+                    thumbs).write(gen / ITEMS_FILE)
 
     searched = vectors
     if projection is not None:
@@ -177,9 +181,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         ann_bytes=(gen / ANN_FILE).stat().st_size, vectors=int(len(vectors)), features=with_features,
         projection=None if projection is None else {"dim": projection.dim, "fit_items": projection.fit_items,
                                                     "views_per_item": projection.views_per_item},
-        items=[{"id": it.id, "label": it.label, "source": it.source} for it in items],
-        thumbs=[tuple(t) if t is not None else None for t in thumbs],
-    )
+        count=len(items))
     with open(gen / META_FILE, "w", encoding="utf-8") as f:
         f.write(meta.model_dump_json(indent=1))
         _fsync_file(f)

@@ -10,8 +10,8 @@ from .conftest import ROOT
 
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
 LAYERS = ("errors", "procstat", "config", "results", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
-          "index", "index_writer", "catalog", "build_pool", "trigger", "camera_sources", "camera", "lookup", "metrics", "history",
-          "events", "appliance",
+          "items", "index", "index_writer", "catalog", "build_pool", "trigger", "camera_sources", "camera", "lookup",
+          "metrics", "history", "events", "appliance",
           "demo", "web.common", "web.page", "web.stream", "web.api", "web", "__main__")
 MAX_LINES = 450
 

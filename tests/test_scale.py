@@ -166,3 +166,61 @@ def test_a_killed_ray_driver_leaves_the_live_generation_intact(tmp_path, folder,
     assert _live(path) == before
     assert read_current_name(path) == before[0]
     assert sorted(p.name for p in path.iterdir() if p.name.startswith("gen-")) == [before[0]]
+
+
+def test_the_item_table_round_trips_non_ascii_ids_and_labels_and_enrolment_after_it_works(tmp_path, encoder, photos):
+    from device.config import IndexConfig
+    from device.index_writer import IndexHolder, write_index
+    from device.items import ItemTable
+    maker = ItemMaker(encoder, RecognitionConfig(enrol_views=[], features=False, verify=False), 160)
+    names = {"Kärtchen/Straße 1": "Grüße aus Köln", "日本/東京": "東京タワー 🗼", "cats/chelsea": "Chelsea",
+             "éé": "é" * 200}
+    items = [maker.make(photos[p], i, label) for (i, label), p in zip(names.items(), ("rocket", "moon", "chelsea", "coins"))]
+    items[2] = ItemMaker(encoder, maker.recognition, 160).make(photos["chelsea"], "cats/chelsea", "Chelsea",
+                                                               source="/fotos/Chélsea.jpg")
+    root = tmp_path / "index"
+    write_index(root, items, bundle_sha256=encoder.sha256, n_trees=2, dim=encoder.dim)
+    gen = root / read_current_name(root)
+    assert "Kärtchen" not in (gen / "meta.json").read_text(encoding="utf-8")  # the table, not the meta, holds them
+    table = ItemTable.open(gen / "items.bin", thumbs_size=(gen / "thumbs.bin").stat().st_size)
+    assert [table.item(r).to_json() for r in range(len(table))] == [
+        {"id": i, "label": lab, "source": "/fotos/Chélsea.jpg" if i == "cats/chelsea" else None}
+        for i, lab in names.items()]
+    assert table.row("日本/東京") == 1 and table.row("日本") is None and table.row("") is None
+    holder = IndexHolder(IndexConfig(path=root, n_trees=2), expected_bundle_sha256=encoder.sha256)
+    idx = holder.current()
+    assert [i.id for i in idx.items] == list(names) and idx.item("éé").label == "é" * 200
+    assert idx.thumbnail("日本/東京") == items[1].thumbnail_jpeg
+    # an enrolment after it: a new non-ASCII item, one replaced, the rest carried over from the table
+    holder.add([maker.make(photos["astronaut"], "Raumfahrt/Ästronaut", "Astronautin"),
+                maker.make(photos["clock"], "日本/東京", "時計")])
+    idx = holder.current()
+    assert idx.size == 5 and idx.item("日本/東京").label == "時計" and idx.item("Kärtchen/Straße 1").label == "Grüße aus Köln"
+    assert idx.item("cats/chelsea").source == "/fotos/Chélsea.jpg"
+    assert idx.query(encoder.embed(photos["astronaut"]), top_k=1)[0].id == "Raumfahrt/Ästronaut"
+    assert idx.query(encoder.embed(photos["rocket"]), top_k=1)[0].id == "Kärtchen/Straße 1"
+    holder.close()
+
+
+def test_a_format_1_generation_still_loads(tmp_path, encoder, photos):
+    """An index written before the item table (items listed in meta.json, float32 vectors) is served as it was."""
+    import json
+    from device.index_writer import write_index
+    maker = ItemMaker(encoder, RecognitionConfig(enrol_views=[], features=False, verify=False), 160)
+    root = tmp_path / "index"
+    write_index(root, [maker.make(photos["rocket"], "röcket", "Rakete"), maker.make(photos["moon"], "moon", "Mond")],
+                bundle_sha256=encoder.sha256, n_trees=2, dim=encoder.dim)
+    gen = root / read_current_name(root)
+    with CatalogIndex.load(root, expected_bundle_sha256=None) as idx:
+        spans = [idx._table.thumb_span(r) for r in range(2)]  # noqa: SLF001 - writing the old format by hand
+    meta = json.loads((gen / "meta.json").read_text())
+    meta.update(format_version=1, items=[{"id": "röcket", "label": "Rakete", "source": None},
+                                         {"id": "moon", "label": "Mond", "source": None}], thumbs=spans)
+    del meta["count"]
+    (gen / "meta.json").write_text(json.dumps(meta))
+    (gen / "items.bin").unlink()
+    np.save(gen / "vectors.npy", np.load(gen / "vectors.npy").astype(np.float32))
+    with CatalogIndex.load(root, expected_bundle_sha256=encoder.sha256) as idx:
+        assert [i.to_json()["label"] for i in idx.items] == ["Rakete", "Mond"]
+        assert idx.query(encoder.embed(photos["rocket"]), top_k=1)[0].id == "röcket"
+        assert idx.thumbnail("moon")

@@ -1,4 +1,4 @@
-"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|all]
+"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|scale|all]
 
 No subcommand runs speed + annoy (what ``make bench`` runs). Each bench is a module with ``main(argv)``,
 imported only when asked for; quality / category are skipped with a note when their module is absent.
@@ -11,7 +11,7 @@ import sys
 
 BENCHES = {"speed": "bench.speed", "annoy": "bench.annoy_recall", "quality": "bench.quality",
            "category": "bench.category", "calibrate": "bench.recognition",
-           "reliability": "bench.reliability", "fleet": "bench.fleet", "adapt": "bench.adapt"}
+           "reliability": "bench.reliability", "fleet": "bench.fleet", "adapt": "bench.adapt", "scale": "bench.scale"}
 DEFAULT = ("speed", "annoy")
 
 

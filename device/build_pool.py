@@ -88,7 +88,8 @@ class ProcessRunner:
 
     def describe(self) -> str:
         """'2 worker processes × 1 thread'."""
-        return f"{self.workers} worker processes × {self.spec.num_threads} thread{'s' * (self.spec.num_threads > 1)}"
+        return (f"{self.workers} worker process{'es' * (self.workers > 1)} × {self.spec.num_threads} "
+                f"thread{'s' * (self.spec.num_threads > 1)}")
 
     def map(self, tasks: list[BuildTask]) -> Iterator[ItemResult]:
         """make_entry of every task, in task order (results stream back while later tasks run). The workers

@@ -32,6 +32,7 @@ from .verify import Features, FeatureStore
 
 log = logging.getLogger(__name__)
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
+_CHUNK = 65536  # vectors projected at a time
 
 
 def write_index(
@@ -101,7 +102,8 @@ def write_index(
 
 
 def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(vectors L2-normalised, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
+    """(vectors L2-normalised as float16 — what vectors.npy keeps, so a fresh build and a rebuild search the same
+    vectors —, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
     seen: set[str] = set()
     rows = []
     owners: list[int] = []
@@ -126,17 +128,17 @@ def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.nd
             raise CatalogIndexError(f"catalog item {item.id!r}: vector is all zeros")
         if item.thumbnail_jpeg is not None and not isinstance(item.thumbnail_jpeg, (bytes, bytearray, memoryview)):
             raise CatalogIndexError(f"catalog item {item.id!r}: thumbnail_jpeg must be bytes or None")
-        rows.append(v / norm)
+        rows.append((v / norm).astype(np.float16))
         owners.extend([n] * len(v))
     dim = int(dim or 0)
-    vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
+    vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float16)
     return vectors, np.asarray(owners, dtype=np.int32), dim
 
 
 def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
                       dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None) -> None:
     # The raw vectors only serve enrol/remove rebuilds (never a query): float16 halves them on disk.
-    for name, array in ((NPY_FILE, vectors.astype(np.float16)), (OWNERS_FILE, owners)):
+    for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
         with open(gen / name, "wb") as f:
             np.save(f, array, allow_pickle=False)
             _fsync_file(f)
@@ -161,14 +163,14 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
     ItemTable.build([it.id for it in items], [it.label for it in items], [it.source for it in items],
                     thumbs).write(gen / ITEMS_FILE)
 
-    searched = vectors
     if projection is not None:
         projection.save(gen / PROJECTION_FILE)
-        searched = projection.apply(vectors)
-    ann = AnnoyIndex(max(searched.shape[1], 1), METRIC)
+    ann = AnnoyIndex(max(projection.dim if projection is not None else dim, 1), METRIC)
     ann.set_seed(0)  # same catalog, same trees: builds are reproducible
-    for i, v in enumerate(searched):
-        ann.add_item(i, v)
+    for start in range(0, len(vectors), _CHUNK):  # in chunks: a 1M-item catalog's float32 copy would be GBs
+        chunk = np.asarray(vectors[start:start + _CHUNK], np.float32)
+        for i, v in enumerate(projection.apply(chunk) if projection is not None else chunk, start):
+            ann.add_item(i, v)
     ann.build(n_trees)
     ann.save(str(gen / ANN_FILE))
     ann.unload()

@@ -133,7 +133,7 @@ def test_a_killed_build_worker_leaves_the_live_generation_intact(tmp_path, folde
     t.start()
     me = psutil.Process()
     deadline = time.monotonic() + 60
-    while not (kids := [c for c in me.children() if "spawn" in " ".join(c.cmdline())]) and time.monotonic() < deadline:
+    while not (kids := [c for c in me.children() if "spawn_main" in " ".join(c.cmdline())]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kids, "no worker process started"
     kids[0].kill()

@@ -19,7 +19,7 @@ $(VENV)/.installed-demo: pyproject.toml models/sscd-requirements.txt | $(BIN)/py
 	touch $@
 
 $(VENV)/.installed-all: pyproject.toml models/sscd-requirements.txt | $(BIN)/python
-	$(BIN)/pip install -q -e '.[demo,converter,dev]'
+	$(BIN)/pip install -q -e '.[demo,converter,dev,scale]'
 	$(MAKE) sscd
 	touch $@ $(VENV)/.installed-demo
 

@@ -1,4 +1,4 @@
-"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|ops|all]
+"""Run the benchmarks:  python -m bench [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|ops|scale|all]
 
 No subcommand runs speed + annoy (what ``make bench`` runs). Each bench is a module with ``main(argv)``,
 imported only when asked for; quality / category are skipped with a note when their module is absent.
@@ -12,7 +12,8 @@ import sys
 BENCHES = {"speed": "bench.speed", "annoy": "bench.annoy_recall", "quality": "bench.quality",
            "category": "bench.category", "calibrate": "bench.recognition",
            "reliability": "bench.reliability", "fleet": "bench.fleet", "adapt": "bench.adapt",
-           "cost": "bench.cost", "ops": "bench.ops"}
+           "cost": "bench.cost", "ops": "bench.ops",
+           "scale": "bench.scale"}
 DEFAULT = ("speed", "annoy")
 
 

@@ -2,7 +2,7 @@
 and exits on error.
 
   edge-retrieval serve [--config config.yaml] [--host HOST] [--port PORT]
-  python -m device index build --catalog DIR [--bundle DIR] [--out PATH] [--labels FILE]
+  python -m device index build --catalog DIR [--bundle DIR] [--out PATH] [--labels FILE] [--workers N] [--ray [ADDRESS]]
   python -m device query IMAGE... [--index PATH] [--top-k K] [--json]
   python -m device catalog add IMAGE... [--label L] [--id ID]   |   catalog remove ID...   |   catalog list
 """
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle", type=Path, default=None, help="model bundle (default: encoder.bundle)")
     b.add_argument("--out", type=Path, default=None, help="index folder (default: index.path)")
     b.add_argument("--labels", type=Path, default=None, help="CSV/TSV/JSON of id → label")
+    b.add_argument("--workers", type=_positive_int, default=None,
+                   help="local worker processes (default: build.workers; 1 = in process)")
+    b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the per-item work on Ray: a local Ray without ADDRESS, else a cluster (auto, "
+                        "HOST:6379, ray://HOST:10001); default: build.ray / build.ray_address")
     q = sub.add_parser("query", parents=[common], help="look up image files")
     q.add_argument("images", nargs="+", type=Path)
     q.add_argument("--index", type=Path, default=None, help="index folder (default: index.path)")
@@ -107,24 +112,22 @@ def _lookup(cfg: Config, encoder, holder, top_k: int | None = None):
     return Lookup(encoder, holder, cfg.recognition, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels)
 
 
-def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None, allow_empty: bool = False) -> None:
+def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None, allow_empty: bool = False,
+           workers: int | None = None, ray: str | None = None) -> None:
+    from .build_pool import report_text, runner_for
     from .catalog import build_index, load_labels
-    rep = build_index(folder, _maker(cfg, encoder), out, n_trees=cfg.index.n_trees, labels=load_labels(labels),
-                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty(), allow_empty=allow_empty)
-    print(f"indexed {rep.indexed} images from {folder} into {out} ({rep.generation}) in {rep.seconds:.1f} s; "
-          f"skipped {len(rep.skipped)}", file=sys.stderr)
-    if rep.adapted:
-        print(f"catalog-adapted projection: {rep.adapted['in_dim']} → {rep.adapted['dim']} dims, fitted on "
-              f"{rep.adapted['fit_items']} items × {rep.adapted['views_per_item']} views", file=sys.stderr)
-    for rel, why in rep.skipped:
-        print(f"  skipped {rel}: {why}", file=sys.stderr)
+    maker = _maker(cfg, encoder)
+    rep = build_index(folder, maker, out, n_trees=cfg.index.n_trees, labels=load_labels(labels),
+                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty(), allow_empty=allow_empty,
+                      runner=runner_for(cfg.build, maker, workers=workers, ray=ray))
+    print(f"indexed {rep.indexed} images from {folder} into {out}: {report_text(rep)}", file=sys.stderr)
 
 
 def cmd_index_build(cfg: Config, args) -> int:
     out = args.out or cfg.index.path
     encoder = _encoder(cfg, args.bundle)
     previous = _describe_index(out)
-    _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels)
+    _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels, workers=args.workers, ray=args.ray)
     if Path(out).resolve() == Path(cfg.index.path).resolve():  # this device's index: the store's changes on top
         catalog = _catalog(cfg, encoder)
         rep = catalog.apply()
@@ -379,16 +382,13 @@ def watchdog_check(appliance, probe: Callable[[], tuple[bool, str]]) -> tuple[bo
     """Whether the service deserves a systemd watchdog ping: the camera loop and the camera's watchdog run
     (``appliance.alive()``) and the web server answers (``probe()``). Returns (ok, why)."""
     ok, why = appliance.alive()
-    if not ok:
-        return False, why
-    web_ok, web_why = probe()
-    return web_ok, f"{why}; {web_why}"
+    web_ok, web_why = probe() if ok else (False, "")  # the web server is asked only while the loop is alive
+    return (web_ok, f"{why}; {web_why}") if ok else (False, why)
 
 
 def _notify_systemd(check: Callable[[], tuple[bool, str]]) -> None:
-    """READY=1, then (with WatchdogSec) a thread that sends WATCHDOG=1 every half period, but only while
-    ``check()`` passes: a wedged camera loop or web server then stops the pings and systemd restarts the
-    service. Each check also goes out as a STATUS= line (``systemctl status`` shows it)."""
+    """READY=1, then (with WatchdogSec) WATCHDOG=1 every half period while ``check()`` passes (a wedged camera
+    loop or web server stops the pings: systemd restarts the service); each check also goes out as STATUS=."""
     import os
     import socket
     addr = os.environ.get("NOTIFY_SOCKET")

@@ -123,6 +123,11 @@ def adaptation_views(rgb: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
     return [camera_view(rgb, ADAPT_KINDS[(start + k) % len(ADAPT_KINDS)], rng, VIEW_HW) for k in range(n)]
 
 
+def view_descriptors(embed: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Descriptors [n, d] of the ``n`` :func:`adaptation_views` of one catalog image (``embed``: the encoder's)."""
+    return np.stack([embed(v) for v in adaptation_views(rgb, n, seed)])
+
+
 class AdaptationFit:
     """Collects, during an index build, the descriptors of a sample of catalog items and of their synthetic
     views, then fits the Projection. ``sample(n_items)`` picks which rows to use (≤ ``adapt_max_items``)."""
@@ -145,9 +150,12 @@ class AdaptationFit:
 
     def add(self, rgb: np.ndarray, original: np.ndarray, seed: int) -> None:
         """Views of one sampled catalog image (``original``: its descriptor, already computed)."""
-        views = adaptation_views(rgb, self.rc.adapt_views, seed)
+        self.add_views(original, view_descriptors(self.embed, rgb, self.rc.adapt_views, seed))
+
+    def add_views(self, original: np.ndarray, views: np.ndarray) -> None:
+        """One sampled item whose view descriptors [adapt_views, d] were made elsewhere (a build worker)."""
         self._originals.append(np.asarray(original, np.float32))
-        self._views.append(np.stack([self.embed(v) for v in views]))
+        self._views.append(np.asarray(views, np.float32))
 
     def fit(self) -> Projection | None:
         """The Projection, or None when fewer than ``MIN_ITEMS`` items were seen (nothing to adapt to)."""

@@ -8,16 +8,19 @@ import csv
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from . import verify
-from .adapt import AdaptationFit
+from .adapt import AdaptationFit, view_descriptors
 from .config import RecognitionConfig
-from .errors import CatalogIndexError, ImageError, InputError
+from .errors import CatalogIndexError, InputError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
 from .index_writer import write_index
@@ -73,6 +76,44 @@ class ItemMaker:
                            thumbnail_jpeg=make_thumbnail(rgb, self.thumbnail_px), source=source,
                            features=features)
 
+    def spec(self, num_threads: int) -> MakerSpec:
+        """What a build worker needs to make the same items with its own encoder of ``num_threads`` threads."""
+        return MakerSpec(Path(self.encoder.bundle_dir), num_threads, self.recognition, self.thumbnail_px)
+
+
+@dataclass(frozen=True)
+class MakerSpec:
+    """How a build worker (a process, a Ray actor) makes its own ItemMaker: the same bundle and settings as the
+    driver's, its own encoder loaded once. Picklable."""
+
+    bundle_dir: Path
+    num_threads: int
+    recognition: RecognitionConfig
+    thumbnail_px: int
+
+    def maker(self) -> ItemMaker:
+        """Load the encoder (``num_threads`` interpreter threads, and as many OpenCV threads: the worker's
+        share of the cores) and wrap it in an ItemMaker."""
+        import cv2
+
+        from .encoder import Encoder
+        cv2.setNumThreads(self.num_threads)
+        enc = Encoder.from_bundle(self.bundle_dir, num_threads=self.num_threads)
+        return ItemMaker(enc, self.recognition, self.thumbnail_px)
+
+
+class Runner(Protocol):
+    """Runs the per-item work of a build elsewhere (worker processes, a Ray cluster)."""
+
+    def map(self, tasks: list[BuildTask]) -> Iterable[ItemResult]:
+        """:func:`make_entry` of every task, results in any order."""
+
+    def describe(self) -> str:
+        """What runs the work, for the build report (e.g. '2 worker processes × 1 thread')."""
+
+    def close(self) -> None:
+        """Release the workers (build_index calls it when the build ends, written or failed)."""
+
 
 def load_labels(path: str | Path | None) -> dict[str, str]:
     """id → label from a JSON object, or a CSV/TSV with columns id,label (header optional)."""
@@ -103,13 +144,69 @@ def load_labels(path: str | Path | None) -> dict[str, str]:
 
 @dataclass
 class BuildReport:
-    """What an index build did."""
+    """What an index build did: items and their wall time, the adaptation views (a fixed cost of at most
+    ``adapt_max_items`` items) and theirs, what was skipped and why."""
 
     indexed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     generation: str = ""
     seconds: float = 0.0
     adapted: dict | None = None  # the fitted projection (Projection.describe()), None without adaptation
+    items_seconds: float = 0.0  # wall time of the items (decode, descriptors, features, thumbnail)
+    adapt_items: int = 0  # items whose adaptation views were made
+    adapt_seconds: float = 0.0  # wall time of those views
+    workers: str = "in process"  # what ran the per-item work
+
+    @property
+    def items_per_s(self) -> float:
+        """Catalog images (indexed or skipped) per second of the item pass."""
+        return (self.indexed + len(self.skipped)) / self.items_seconds if self.items_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class BuildTask:
+    """One image of a build: make its item (``enrol``) and/or the descriptors of its adaptation views
+    (``views_seed`` not None). Picklable: a worker process or a Ray actor runs it with :func:`make_entry`."""
+
+    row: int
+    path: str
+    rel: str
+    item_id: str
+    label: str | None
+    max_pixels: int
+    enrol: bool = True
+    views_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What :func:`make_entry` made of a BuildTask: the item, the view descriptors, or why it was skipped."""
+
+    row: int
+    rel: str
+    item: CatalogItem | None = None
+    views: np.ndarray | None = None
+    error: str | None = None
+
+
+def make_entry(maker: ItemMaker, task: BuildTask) -> ItemResult:
+    """The per-item work of every build, in process, in a worker process or in a Ray actor: decode, the
+    item (descriptors incl. enrolment views, local features, thumbnail) and the adaptation views' descriptors.
+    An unreadable or invalid image gives an ItemResult with ``error`` (skipped and listed, never fatal)."""
+    try:
+        rgb = read_image(task.path, task.max_pixels)
+        item = maker.make(rgb, task.item_id, task.label, source=task.path) if task.enrol else None
+        views = None
+        if task.views_seed is not None:
+            views = view_descriptors(maker.encoder.embed, rgb, maker.recognition.adapt_views, task.views_seed)
+        return ItemResult(task.row, task.rel, item, views)
+    except (InputError, CatalogIndexError) as e:
+        return ItemResult(task.row, task.rel, error=str(e))
+
+
+def make_entries(maker: ItemMaker, tasks: Iterable[BuildTask]) -> Iterator[ItemResult]:
+    """The in-process runner: :func:`make_entry` of each task, in order."""
+    return (make_entry(maker, t) for t in tasks)
 
 
 def scan_folder(folder: Path) -> list[Path]:
@@ -122,47 +219,78 @@ def scan_folder(folder: Path) -> list[Path]:
 
 def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
                 labels: dict[str, str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                progress: bool = True, allow_empty: bool = False) -> BuildReport:
+                progress: bool = True, allow_empty: bool = False, runner: Runner | None = None) -> BuildReport:
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
     files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
     item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
     unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP). With ``recognition.adapt``
-    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored."""
-    import time
+    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored.
+
+    ``runner`` maps BuildTasks to ItemResults (any order) with :func:`make_entry`: None runs them here with
+    ``maker``; device/build_pool.py runs them in worker processes, builder/ on Ray. Only this driver writes."""
     t0 = time.perf_counter()
     folder = Path(folder)
     labels = labels or {}
     rep = BuildReport()
-    items: list[CatalogItem] = []
-    seen: dict[str, str] = {}
+    run = runner.map if runner is not None else (lambda tasks: make_entries(maker, tasks))
     paths = scan_folder(folder)
     if not paths and not allow_empty:
         # a wrong --catalog path or a folder of HEIC/RAW files: say what was looked for
         others = sum(1 for p in folder.rglob("*") if p.is_file())
         raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
                                 f"{others} other files ignored); the index was not changed")
+    tasks = [BuildTask(row, str(p), p.relative_to(folder).as_posix(), (rid := p.relative_to(folder).with_suffix(
+        "").as_posix()), labels.get(rid), max_pixels) for row, p in enumerate(paths)]
+    try:
+        return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)
+    finally:
+        if runner is not None:
+            rep.workers = runner.describe()  # after the work: a Ray runner knows its actors only then
+            runner.close()
+
+
+def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],
+           run: Callable[[list[BuildTask]], Iterable[ItemResult]], rep: BuildReport, n_trees: int,
+           allow_empty: bool, progress: bool, t0: float) -> BuildReport:
     enc, rc = maker.encoder, maker.recognition
-    fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
-    sample = fit.sample(len(paths)) if fit is not None else set()
-    for row, path in enumerate(tqdm(paths, desc="indexing", unit="img", disable=not progress)):
-        rel = path.relative_to(folder)
-        item_id = rel.with_suffix("").as_posix()
-        try:
-            if item_id in seen:
-                raise ImageError(f"duplicate id {item_id!r} (also {seen[item_id]})")
-            rgb = read_image(path, max_pixels)
-            items.append(maker.make(rgb, item_id, labels.get(item_id), source=str(path)))
-            seen[item_id] = rel.as_posix()
-            if row in sample:  # seeded by the row: the same folder gives the same projection
-                fit.add(rgb, items[-1].vector[0], seed=row)
-        except (InputError, CatalogIndexError) as e:
-            rep.skipped.append((rel.as_posix(), str(e)))
-            log.warning("skipped %s: %s", rel, e)
+    results = sorted(tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress),
+                     key=lambda r: r.row)
+    rep.items_seconds = time.perf_counter() - t0
+    items: list[CatalogItem] = []
+    seen: dict[str, str] = {}
+    for r in results:  # in row order, as a one-process build meets them: the first readable file of an id wins
+        if r.item is not None and r.item.id in seen:
+            r = ItemResult(r.row, r.rel, error=f"duplicate id {r.item.id!r} (also {seen[r.item.id]})")
+        if r.error is not None:
+            rep.skipped.append((r.rel, r.error))
+            log.warning("skipped %s: %s", r.rel, r.error)
+            continue
+        seen[r.item.id] = r.rel
+        items.append(r.item)
     if not items and not allow_empty:
         raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
                                 f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
-    projection = fit.fit() if fit is not None else None
+    projection = _fit_projection(run, maker, tasks, results, rep, progress) if rc.adapt else None
     gen = write_index(index_path, items, bundle_sha256=enc.sha256, n_trees=n_trees, dim=enc.dim, projection=projection)
     rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
     rep.adapted = projection.describe() if projection is not None else None
     return rep
+
+
+def _fit_projection(run: Callable[[list[BuildTask]], Iterable[ItemResult]], maker: ItemMaker,
+                    tasks: list[BuildTask], results: list[ItemResult], rep: BuildReport, progress: bool):
+    """The adaptation pass: views of a seeded sample of the indexed rows (seeded by the row: the same folder
+    gives the same projection, however the rows were spread over workers)."""
+    t0 = time.perf_counter()
+    enc = maker.encoder
+    fit = AdaptationFit(enc.embed, maker.recognition, enc.sha256, enc.dim)
+    indexed = {r.row: r.item for r in results if r.error is None and r.item is not None}
+    sample = sorted(row for row in fit.sample(len(tasks)) if row in indexed)
+    view_tasks = [replace(tasks[row], enrol=False, views_seed=row) for row in sample]
+    for r in sorted(tqdm(run(view_tasks), total=len(view_tasks), desc="adaptation views", unit="img",
+                         disable=not progress), key=lambda r: r.row):
+        if r.error is None:  # it decoded a moment ago; a file changed meanwhile only thins the sample
+            fit.add_views(indexed[r.row].vector[0], r.views)
+    rep.adapt_items, rep.adapt_seconds = len(view_tasks), time.perf_counter() - t0
+    return fit.fit()
+

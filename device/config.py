@@ -101,6 +101,18 @@ class CatalogConfig(_Section):
     retry_s: float = Field(5.0, gt=0, le=3600, description="retry a failed index rebuild (a full disk) this often")
 
 
+class BuildConfig(_Section):
+    """Who does the per-item work of ``index build`` (device/build_pool.py, builder/ for Ray): worker processes
+    on this machine, or Ray (a local Ray, or a cluster at ``ray_address``). Only the driver writes the index."""
+
+    workers: int = Field(0, ge=0, le=256, description="local worker processes; 0 = one per core, 1 = in process")
+    threads_per_worker: int = Field(1, ge=1, le=64, description="interpreter and OpenCV threads of each worker")
+    ray: bool = Field(False, description="run the per-item work on Ray (pip install '.[scale]')")
+    ray_address: Optional[str] = Field(None, description="None = start a local Ray; 'auto' | host:port | ray://…")
+    ray_actors: Optional[int] = Field(None, ge=1, le=4096, description="None = one actor per CPU of the cluster")
+    ray_batch_size: int = Field(8, ge=1, le=1024, description="images per actor call")
+
+
 DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm")
 # score_norm compares the top cosine with the NORM_K-th best one of the same lookup (SSCD's own normalisation,
 # with the catalog as the background set): a lookup asks the index for at least this many candidates.
@@ -295,6 +307,7 @@ class Config(_Section):
     encoder: EncoderConfig = EncoderConfig()
     index: IndexConfig = IndexConfig()
     catalog: CatalogConfig = CatalogConfig()
+    build: BuildConfig = BuildConfig()
     recognition: RecognitionConfig = RecognitionConfig()
     web: WebConfig = WebConfig()
     history: HistoryConfig = HistoryConfig()

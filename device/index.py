@@ -9,16 +9,15 @@ On disk the index is a directory::
       gen-000006/            the previous generation, kept (a reader that resolved it earlier still works)
       gen-000007/
         vectors.ann          Annoy, angular metric, ``n_trees`` trees (mmap-loaded)
-        vectors.npy          float32 M x D, L2-normalised; enrol/remove rebuild from it without re-encoding.
-                             M ≥ N: an item may have several vectors (multi-view enrolment)
+        vectors.npy          float16 M x D (±1e-3), L2-normalised bundle descriptors that enrol/remove rebuild from
+                             (no query reads it); M ≥ N: an item may have several vectors (multi-view enrolment)
         owners.npy           int32 [M]: the item row of each vector (absent = one vector per item)
-        features.bin         local features (ORB) of every item for spatial verification, one mmap file
-                             (device/verify.py FeatureStore); absent when the catalog was built without them
-        thumbs.bin           the items' JPEG thumbnails back to back; ``meta.json`` thumbs holds [offset, length]
+        features.bin         ORB features of every item, one mmap file (verify.py FeatureStore); absent = none
+        thumbs.bin           the items' JPEG thumbnails back to back (spans in items.bin)
+        items.bin            the item table: ids, labels, sources, thumbnail spans, id search (items.py), mapped
         projection.npz       the catalog-adapted projection (device/adapt.py); absent = vectors used as they are
         meta.json            ``IndexMeta``: format_version, dim, metric, bundle_sha256, n_trees, created, ann_bytes,
-                             vectors, features, projection, items [{id, label, source}], thumbs [[offset, length] | null],
-                             store [catalog store id, change seq] (device/store.py)
+                             vectors, features, projection, count, store [store id, change seq] (store.py)
 """
 from __future__ import annotations
 
@@ -38,10 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .adapt import PROJECTION_FILE, Projection
 from .config import read_json_model
 from .errors import CatalogIndexError
+from .items import IndexedItem, ItemTable
 from .results import Candidate
 from .verify import Features, FeatureStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the item table in items.bin, float16 vectors.npy; 1 (items in meta.json) is still read
 METRIC = "angular"
 CURRENT = "current"
 META_FILE = "meta.json"
@@ -50,6 +50,7 @@ NPY_FILE = "vectors.npy"
 OWNERS_FILE = "owners.npy"
 FEATURES_FILE = "features.bin"
 THUMBS_FILE = "thumbs.bin"
+ITEMS_FILE = "items.bin"
 TMP_PREFIX = ".tmp-"
 _BUILD_HINT = "run `python -m device index build --catalog DIR`"
 _REBUILD_HINT = "rebuild it with `python -m device index build`"
@@ -71,21 +72,7 @@ class CatalogItem:
     features: Features | None = None
 
 
-@dataclass(frozen=True)
-class IndexedItem:
-    """What the index knows about an item besides its vector (in vector order)."""
-
-    id: str
-    label: str
-    source: str | None
-
-    def to_json(self) -> dict:
-        """The item as the JSON object stored in meta.json and served by the web API."""
-        return {"id": self.id, "label": self.label, "source": self.source}
-
-
-class _MetaItem(TypedDict):
-    # A TypedDict, not a model: 100k items validate into plain dicts, not 100k model objects (~50 MB more).
+class _MetaItem(TypedDict):  # format 1 only; plain dicts, not a model object per item
     id: str
     label: str
     source: NotRequired[Optional[str]]
@@ -95,7 +82,7 @@ class IndexMeta(BaseModel):
     """``meta.json`` of a generation. Written by device/index_writer.py, validated here on load."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     dim: int = Field(ge=0)
     metric: Literal["angular"]
     bundle_sha256: str = Field(min_length=1)
@@ -106,8 +93,9 @@ class IndexMeta(BaseModel):
     features: bool = False
     projection: Optional[dict[str, int]] = Field(None, description="dim, fit_items, views_per_item of projection.npz")
     store: Optional[tuple[str, int]] = Field(None, description="(catalog store id, highest change seq it holds)")
-    items: list[_MetaItem]
-    thumbs: list[Optional[tuple[int, int]]]
+    count: Optional[int] = Field(None, ge=0, description="items (format 2; in items.bin)")
+    items: list[_MetaItem] = Field(default_factory=list, description="format 1 only")
+    thumbs: list[Optional[tuple[int, int]]] = Field(default_factory=list, description="format 1 only")
 
 
 def angular_to_cosine(distance: float | np.ndarray) -> float | np.ndarray:
@@ -131,7 +119,7 @@ def read_current_name(root: Path) -> str | None:
 class CatalogIndex:
     """One loaded (read-only) generation of the catalog index. Queries are thread-safe."""
 
-    def __init__(self, gen_dir: Path, meta: IndexMeta, ann: AnnoyIndex, vectors: np.ndarray,
+    def __init__(self, gen_dir: Path, meta: IndexMeta, table: ItemTable, ann: AnnoyIndex, vectors: np.ndarray,
                  thumbs: mmap.mmap | None, *, search_k: int = -1, owners: np.ndarray | None = None,
                  features: FeatureStore | None = None, features_error: str | None = None,
                  projection: Projection | None = None):
@@ -143,14 +131,10 @@ class CatalogIndex:
         self._features, self.features_error = features, features_error
         self._by_item: tuple[np.ndarray, np.ndarray] | None = None
         self._ann: AnnoyIndex | None = ann
-        self._vectors, self._thumbs_map = vectors, thumbs
-        # Compact in-memory copies (a 100k-item meta.json parses into ~40 MB of dicts and lists):
-        # spans as one int64 array (-1 = no thumbnail), items as tuples; the parsed lists are dropped.
-        self._thumb_spans = np.array([span if span is not None else (-1, 0) for span in meta.thumbs],
-                                     dtype=np.int64).reshape(-1, 2)
-        self._items = tuple(IndexedItem(d["id"], d["label"], d.get("source")) for d in meta.items)
+        self._vectors = vectors
+        self._thumbs_map = thumbs
+        self._table = table  # mapped: no Python object per item (a format-1 meta's lists are dropped here)
         self._meta = meta.model_copy(update={"items": [], "thumbs": []})
-        self._row_of = {it.id: i for i, it in enumerate(self._items)}
         self._search_k = int(search_k)
 
     @classmethod
@@ -158,12 +142,10 @@ class CatalogIndex:
              search_k: int = -1, require_features: bool = False) -> CatalogIndex:
         """Load the live generation of the index directory ``path`` (the one ``current`` names).
 
-        ``vectors.ann`` and ``vectors.npy`` are memory-mapped, not read. With ``expected_bundle_sha256``
-        the index must have been built with that encoder bundle. ``search_k`` is Annoy's search effort
-        (-1: n_trees * top_k). A missing or corrupt features.bin is an error with ``require_features``;
-        otherwise the index loads without verification and ``features_error`` says why.
-        Raises CatalogIndexError naming the missing/bad file or field.
-        """
+        Files are memory-mapped, not read. With ``expected_bundle_sha256`` the index must have been built with
+        that bundle. ``search_k``: Annoy's search effort (-1: n_trees * top_k). A missing or corrupt features.bin
+        is an error with ``require_features``; else the index loads without verification (``features_error``).
+        Raises CatalogIndexError naming the missing/bad file or field."""
         root = Path(path)
         current, target = root / CURRENT, read_current_name(root)
         if target is None:
@@ -187,7 +169,7 @@ class CatalogIndex:
             raise CatalogIndexError(
                 f"index {gen_dir} was built with bundle sha256 {sha[:12]}… but the encoder is "
                 f"{expected_bundle_sha256[:12]}… (meta.json field bundle_sha256); {_REBUILD_HINT}")
-        n, dim = len(meta.items), meta.dim
+        n, dim = (len(meta.items) if meta.count is None else meta.count), meta.dim
         m = meta.vectors if meta.vectors is not None else n
 
         npy = gen_dir / NPY_FILE
@@ -196,8 +178,9 @@ class CatalogIndex:
             vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise CatalogIndexError(f"{npy} is unreadable ({e}); {_REBUILD_HINT}") from None
-        if vectors.ndim != 2 or vectors.dtype != np.float32:
-            raise CatalogIndexError(f"{npy} must be a float32 N x D array, not {vectors.dtype} {vectors.shape}; {_REBUILD_HINT}")
+        if vectors.ndim != 2 or vectors.dtype not in (np.float16, np.float32):
+            raise CatalogIndexError(f"{npy} must be a float16 N x D array, got {vectors.dtype} {vectors.shape}; "
+                                    f"{_REBUILD_HINT}")
         if vectors.shape[0] != m:
             raise CatalogIndexError(f"{npy} has {vectors.shape[0]} rows but {gen_dir / META_FILE} says "
                                     f"{m} (fields vectors/items); {_REBUILD_HINT}")
@@ -260,16 +243,16 @@ class CatalogIndex:
         thumbs_path = gen_dir / THUMBS_FILE
         _require(thumbs_path)
         thumbs_size = thumbs_path.stat().st_size
-        for item, span in zip(meta.items, meta.thumbs):
-            if span is not None and (span[0] < 0 or span[1] < 0 or span[0] + span[1] > thumbs_size):
-                ann.unload()
-                raise CatalogIndexError(f"{gen_dir / META_FILE}: thumbs entry of {item['id']!r} points "
-                                        f"outside {thumbs_path} ({thumbs_size} bytes); {_REBUILD_HINT}")
+        try:
+            table = _item_table(gen_dir, meta, n, thumbs_size)
+        except CatalogIndexError:
+            ann.unload()
+            raise
         thumbs = None
         if thumbs_size:
             with open(thumbs_path, "rb") as f:
                 thumbs = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(gen_dir, meta, ann, vectors, thumbs, search_k=search_k, owners=owners, features=features,
+        return cls(gen_dir, meta, table, ann, vectors, thumbs, search_k=search_k, owners=owners, features=features,
                    features_error=features_error, projection=projection)
 
     # -- properties
@@ -281,7 +264,7 @@ class CatalogIndex:
     @property
     def size(self) -> int:
         """Number of items."""
-        return len(self._items)
+        return len(self._table)
 
     @property
     def bundle_sha256(self) -> str:
@@ -310,17 +293,17 @@ class CatalogIndex:
 
     @property
     def items(self) -> list[IndexedItem]:
-        """id / label / source of every item, in vector order."""
-        return list(self._items)
+        """id / label / source of every item, in vector order (made on demand: one object per item)."""
+        return [self._table.item(row) for row in range(len(self._table))]
 
     # -- lookups
     def has(self, item_id: str) -> bool:
         """Whether ``item_id`` is in this generation."""
-        return item_id in self._row_of
+        return self._table.row(item_id) is not None
 
     def item(self, item_id: str) -> IndexedItem:
         """id / label / source of ``item_id``; CatalogIndexError when it is not in the index."""
-        return self._items[self._row(item_id)]
+        return self._table.item(self._row(item_id))
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """The JPEG thumbnail of ``item_id`` (None when it was enrolled without one).
@@ -328,7 +311,8 @@ class CatalogIndex:
         return self._thumbnail_at(self._row(item_id))
 
     def vectors(self) -> np.ndarray:
-        """The N x D float32 L2-normalised descriptors as made by the bundle (mmap of vectors.npy; not projected)."""
+        """The N x D L2-normalised descriptors as the bundle made them (read-only memory map of vectors.npy,
+        float16 since format 2; not projected)."""
         return self._vectors
 
     def query(self, vector: np.ndarray, top_k: int) -> list[Candidate]:
@@ -338,7 +322,7 @@ class CatalogIndex:
             raise CatalogIndexError(f"top_k must be >= 1, got {top_k}")
         if (ann := self._ann) is None:
             raise CatalogIndexError(f"index {self._gen_dir} is closed")
-        if not self._items:
+        if not self.size:
             return []
         v = np.asarray(vector, dtype=np.float32).reshape(-1)
         if v.size != self.dim:
@@ -357,7 +341,7 @@ class CatalogIndex:
             item = int(self._owners[r])
             if item not in best:
                 best[item] = float(s)
-        out = [Candidate(self._items[i].id, self._items[i].label, s) for i, s in best.items()]
+        out = [Candidate(self._table.id(i), self._table.label(i), s) for i, s in best.items()]
         # Annoy returns nearest first already; the stable sort only guards float ties after conversion.
         out.sort(key=lambda c: -c.score)
         return out[:int(top_k)]
@@ -388,7 +372,7 @@ class CatalogIndex:
         rebuild carries over into the next generation without re-encoding anything."""
         return [CatalogItem(it.id, it.label, self._item_vectors(row), self._thumbnail_at(row), it.source,
                             self._features.get(row) if self._features is not None else None)
-                for row, it in enumerate(self._items) if it.id not in skip]
+                for row, it in enumerate(self.items) if it.id not in skip]
 
     def current(self) -> CatalogIndex:
         """This generation: a loaded index never changes (``IndexHolder.current()`` follows enrolments)."""
@@ -418,15 +402,14 @@ class CatalogIndex:
         return f"CatalogIndex({self._gen_dir}, size={self.size}, dim={self.dim})"
 
     def _row(self, item_id: str) -> int:
-        try:
-            return self._row_of[item_id]
-        except KeyError:
-            raise CatalogIndexError(f"id {item_id!r} is not in the catalog index {self._gen_dir}") from None
+        if (row := self._table.row(item_id)) is None:
+            raise CatalogIndexError(f"id {item_id!r} is not in the catalog index {self._gen_dir}")
+        return row
 
     def _thumbnail_at(self, row: int) -> bytes | None:
-        off, length = (int(v) for v in self._thumb_spans[row])
-        if off < 0:
+        if (span := self._table.thumb_span(row)) is None:
             return None
+        off, length = span
         if length == 0:
             return b""
         if self._thumbs_map is None:
@@ -444,7 +427,24 @@ def _read_meta(gen_dir: Path) -> IndexMeta:
     _require(meta_path)
     meta = read_json_model(meta_path, IndexMeta, CatalogIndexError, format_version=FORMAT_VERSION,
                            hint=_REBUILD_HINT)
-    if len(meta.thumbs) != len(meta.items):
+    if meta.format_version == 1 and len(meta.thumbs) != len(meta.items):
         raise CatalogIndexError(f"{meta_path}: field thumbs has {len(meta.thumbs)} entries for "
                                 f"{len(meta.items)} items; {_REBUILD_HINT}")
     return meta
+
+
+def _item_table(gen_dir: Path, meta: IndexMeta, n: int, thumbs_size: int) -> ItemTable:
+    """items.bin mapped (format 2), or a format-1 meta.json's item lists packed into the same table."""
+    if meta.format_version >= 2:
+        _require(gen_dir / ITEMS_FILE)
+        table = ItemTable.open(gen_dir / ITEMS_FILE, thumbs_size=thumbs_size)
+        if len(table) != n:
+            raise CatalogIndexError(f"{gen_dir / ITEMS_FILE} holds {len(table)} items but {gen_dir / META_FILE} "
+                                    f"says {n} (field count); {_REBUILD_HINT}")
+        return table
+    for item, span in zip(meta.items, meta.thumbs):
+        if span is not None and (span[0] < 0 or span[1] < 0 or span[0] + span[1] > thumbs_size):
+            raise CatalogIndexError(f"{gen_dir / META_FILE}: thumbs entry of {item['id']!r} points "
+                                    f"outside {gen_dir / THUMBS_FILE} ({thumbs_size} bytes); {_REBUILD_HINT}")
+    return ItemTable.build([d["id"] for d in meta.items], [d["label"] for d in meta.items],
+                           [d.get("source") for d in meta.items], meta.thumbs)

@@ -24,12 +24,14 @@ from annoy import AnnoyIndex
 from .adapt import PROJECTION_FILE, Projection
 from .config import IndexConfig
 from .errors import CatalogIndexError
-from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, META_FILE, METRIC, NPY_FILE, OWNERS_FILE,
-                    THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
+from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, ITEMS_FILE, META_FILE, METRIC, NPY_FILE,
+                    OWNERS_FILE, THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
+from .items import ItemTable
 from .verify import Features, FeatureStore
 
 log = logging.getLogger(__name__)
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
+_CHUNK = 65536  # vectors projected at a time
 
 
 def write_index(
@@ -48,8 +50,8 @@ def write_index(
     every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
     ``dim`` (0 when not given: fixed by the first enrolment). ``projection`` (device/adapt.py), made for the
     same bundle, is stored with the generation and the Annoy index holds the projected vectors; vectors.npy
-    keeps them as given. ``store`` is (catalog store id, highest change seq) the items hold (device/store.py).
-    Returns the new generation directory.
+    keeps them as given (float16). ``store`` is (catalog store id, highest change seq) the items hold
+    (device/store.py). Returns the new generation directory.
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
     root = Path(path)
@@ -96,7 +98,8 @@ def write_index(
 
 
 def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(vectors L2-normalised, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
+    """(vectors L2-normalised as float16 — what vectors.npy keeps, so a fresh build and a rebuild search the same
+    vectors —, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
     seen: set[str] = set()
     rows = []
     owners: list[int] = []
@@ -121,16 +124,17 @@ def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.nd
             raise CatalogIndexError(f"catalog item {item.id!r}: vector is all zeros")
         if item.thumbnail_jpeg is not None and not isinstance(item.thumbnail_jpeg, (bytes, bytearray, memoryview)):
             raise CatalogIndexError(f"catalog item {item.id!r}: thumbnail_jpeg must be bytes or None")
-        rows.append(v / norm)
+        rows.append((v / norm).astype(np.float16))
         owners.extend([n] * len(v))
     dim = int(dim or 0)
-    vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
+    vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float16)
     return vectors, np.asarray(owners, dtype=np.int32), dim
 
 
 def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
                       dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None,
                       store: tuple[str, int] | None) -> None:
+    # The raw vectors only serve enrol/remove rebuilds (never a query): float16 halves them on disk.
     for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
         with open(gen / name, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -141,7 +145,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         FeatureStore.write(gen / FEATURES_FILE, [it.features if it.features is not None
                                                  else Features.empty() for it in items])
 
-    thumbs: list[list[int] | None] = []
+    thumbs: list[tuple[int, int] | None] = []
     with open(gen / THUMBS_FILE, "wb") as f:
         offset = 0
         for item in items:
@@ -150,18 +154,20 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
                 continue
             data = bytes(item.thumbnail_jpeg)
             f.write(data)
-            thumbs.append([offset, len(data)])
+            thumbs.append((offset, len(data)))
             offset += len(data)
         _fsync_file(f)
+    ItemTable.build([it.id for it in items], [it.label for it in items], [it.source for it in items],
+                    thumbs).write(gen / ITEMS_FILE)
 
-    searched = vectors
     if projection is not None:
         projection.save(gen / PROJECTION_FILE)
-        searched = projection.apply(vectors)
-    ann = AnnoyIndex(max(searched.shape[1], 1), METRIC)
+    ann = AnnoyIndex(max(projection.dim if projection is not None else dim, 1), METRIC)
     ann.set_seed(0)  # same catalog, same trees: builds are reproducible
-    for i, v in enumerate(searched):
-        ann.add_item(i, v)
+    for start in range(0, len(vectors), _CHUNK):  # in chunks: a 1M-item catalog's float32 copy would be GBs
+        chunk = np.asarray(vectors[start:start + _CHUNK], np.float32)
+        for i, v in enumerate(projection.apply(chunk) if projection is not None else chunk, start):
+            ann.add_item(i, v)
     ann.build(n_trees)
     ann.save(str(gen / ANN_FILE))
     ann.unload()
@@ -174,9 +180,7 @@ def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarr
         ann_bytes=(gen / ANN_FILE).stat().st_size, vectors=int(len(vectors)), features=with_features,
         projection=None if projection is None else {"dim": projection.dim, "fit_items": projection.fit_items,
                                                     "views_per_item": projection.views_per_item},
-        items=[{"id": it.id, "label": it.label, "source": it.source} for it in items],
-        thumbs=[tuple(t) if t is not None else None for t in thumbs], store=store,
-    )
+        count=len(items), store=store)
     with open(gen / META_FILE, "w", encoding="utf-8") as f:
         f.write(meta.model_dump_json(indent=1))
         _fsync_file(f)

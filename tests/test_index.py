@@ -89,7 +89,7 @@ def test_build_load_query_matches_numpy(built, vecs):
     assert (idx.size, idx.dim, idx.bundle_sha256, idx.generation) == (N, DIM, SHA, "gen-000001")
     assert os.readlink(built / "current") == "gen-000001"
     assert idx.items[5].to_json() == {"id": "item-0005", "label": "Label 5", "source": "/photos/5.jpg"}
-    np.testing.assert_allclose(idx.vectors(), vecs, atol=1e-6)
+    np.testing.assert_allclose(idx.vectors(), vecs, atol=1e-3)  # float16 on disk
 
     queries = _queries(vecs)
     hits = 0
@@ -305,7 +305,7 @@ def test_remove(built, vecs):
         i = int(it.id[5:])
         assert idx.thumbnail(it.id) == (_thumb(it.id) if i % 7 else None)
     rows = {it.id: r for r, it in enumerate(idx.items)}
-    np.testing.assert_allclose(idx.vectors()[rows["item-0250"]], vecs[250], atol=1e-6)
+    np.testing.assert_allclose(idx.vectors()[rows["item-0250"]], vecs[250], atol=1e-3)  # float16 on disk
     gen = idx.generation
     assert holder.remove(["nope"]) == [] and holder.current().generation == gen  # no rebuild for nothing
 

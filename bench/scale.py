@@ -1,0 +1,290 @@
+"""Scale: build throughput (in process, 1 and 2 worker processes, a 2-node Ray cluster simulated here) and a
+large index in the configuration a user runs (default bundle, its enrolment views, catalog-adapted projection).
+
+  python -m bench scale [--images 48] [--sizes 100000] [--skip-ray]
+
+1. Build: ``index build`` of ``--images`` real catalog JPEGs (crops of shipped photos) with the default bundle and
+   the default recognition settings (enrolment views, ORB, thumbnails); items/s of the item pass, descriptors/s
+   against the model-limited rate (1 / median ``invoke()`` at encoder.num_threads), adaptation views apart.
+2. For each size: an index of N items × (1 + len(enrol_views)) vectors — real descriptors of camera views
+   perturbed (bench/annoy_recall.py), projected by a learned whitening fitted on real views — written by the
+   device's own ``write_index``; then a device process (no Ray, no builder) loads it and runs 200 lookups of real
+   JPEG camera views: RSS (anonymous + file-backed), lookup time, and recall@10 of Annoy at index.search_k
+   against exact search over the same projected vectors. Writes bench/results/scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "var" / "bench" / "scale"
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+QUERIES = 200
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _catalog(n: int) -> Path:
+    from device.demo import photo_crops, shipped_photos
+    from device.images import encode_jpeg
+    folder = WORK / f"catalog-{n}"
+    if not folder.is_dir() or len(list(folder.glob("*.jpg"))) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        photos = shipped_photos()
+        crops = photo_crops(photos, -(-n // len(photos)), seed=11)
+        for name in sorted(crops)[:n]:
+            (folder / f"{name}.jpg").write_bytes(encode_jpeg(crops[name], 92))
+    return folder
+
+
+def bench_build(n_images: int, skip_ray: bool) -> dict:
+    """Items/s of the item pass for each runner, on the same folder."""
+    from device.build_pool import ProcessRunner
+    from device.catalog import ItemMaker, build_index
+    from device.config import load_config
+    from device.encoder import load_encoder
+    cfg = load_config(ROOT / "config.yaml")
+    rc = cfg.recognition.model_copy(update={"adapt_max_items": 16})
+    enc = load_encoder(cfg.encoder)
+    folder = _catalog(n_images)
+    x = enc.preprocess(np.zeros((480, 640, 3), np.uint8))
+    for _ in range(5):
+        enc.invoke(x)
+    ts = []
+    for _ in range(40):
+        t0 = time.perf_counter()
+        enc.invoke(x)
+        ts.append(time.perf_counter() - t0)
+    invoke_ms = statistics.median(ts) * 1e3
+    per_item = 1 + len(rc.enrol_views)
+    out = {"images": n_images, "bundle": enc.manifest.name, "invoke_ms": round(invoke_ms, 2),
+           "interpreter_threads": enc.num_threads, "descriptors_per_item": per_item, "runs": {}}
+    maker = ItemMaker(enc, rc, cfg.index.thumbnail_px)
+    runners = {"in process (2 threads)": lambda: None,
+               "1 worker process × 2 threads": lambda: ProcessRunner(maker.spec(2), 1, min_tasks=0),
+               "2 worker processes × 1 thread": lambda: ProcessRunner(maker.spec(1), 2, min_tasks=0)}
+    if not skip_ray:
+        runners["Ray, 2 nodes × 1 CPU (ray.cluster_utils)"] = "ray"
+    for name, make in runners.items():
+        cluster = None
+        if make == "ray":
+            import ray
+            from ray.cluster_utils import Cluster
+
+            from builder.ray_build import RayRunner, job_runtime_env
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+            cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+                     runtime_env=job_runtime_env())
+            runner = RayRunner(maker.spec(1), address=cluster.address, batch_size=4)
+        else:
+            runner = make()
+        rep = build_index(folder, maker, WORK / "build-index", n_trees=cfg.index.n_trees, progress=False,
+                          runner=runner)
+        if cluster is not None:
+            ray.shutdown()
+            cluster.shutdown()
+        ips = rep.items_per_s
+        model_dps = 1e3 / invoke_ms
+        out["runs"][name] = {"items_per_s": round(ips, 2), "items_seconds": round(rep.items_seconds, 2),
+                             "descriptors_per_s_over_model_limited": round(ips * per_item / model_dps, 3),
+                             "adapt_items": rep.adapt_items, "adapt_seconds": round(rep.adapt_seconds, 2),
+                             "workers": rep.workers, "skipped": len(rep.skipped)}
+        log(f"   {name:42s} {ips:6.2f} items/s ({rep.items_seconds:.1f} s) = {ips * per_item:.1f} descriptors/s "
+            f"÷ model-limited {model_dps:.1f} (1/{invoke_ms:.2f} ms) = {ips * per_item / model_dps:.3f}")
+        log(f"   {'':42s} adaptation views: {rep.adapt_items} items in {rep.adapt_seconds:.1f} s (own pass)")
+    enc.close()
+    return out
+
+
+def build_big(n: int) -> dict:
+    """The N-item index (cached by size), written by write_index."""
+    from bench.annoy_recall import perturbation_sigma
+    from device.adapt import Projection, adaptation_views, fit_lw
+    from device.config import load_config
+    from device.demo import photo_crops, shipped_photos
+    from device.encoder import load_encoder
+    from device.index import CatalogItem
+    from device.index_writer import write_index
+    cfg = load_config(ROOT / "config.yaml")
+    rc = cfg.recognition
+    path = WORK / f"index-{n}"
+    stamp = path / "bench-stamp.json"
+    enc = load_encoder(cfg.encoder)
+    want = {"n": n, "sha256": enc.sha256, "views": rc.enrol_views, "dim": rc.adapt_dim, "v": 1}
+    real_path = WORK / f"real-{enc.sha256[:12]}.npz"
+    if real_path.is_file():
+        z = dict(np.load(real_path))
+    else:
+        crops = photo_crops(shipped_photos(), 8, seed=5)
+        base, views, group = [], [], []
+        for g, (name, img) in enumerate(sorted(crops.items())):
+            base.append(enc.embed(img))
+            views.append(np.stack([enc.embed(v) for v in adaptation_views(img, 4, seed=g)]))
+        z = {"base": np.stack(base), "views": np.stack(views)}
+        np.savez(real_path, **z)
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return {"path": path, "real": z}
+    base, views = z["base"], z["views"]
+    mean, matrix = fit_lw(base, views, rc.adapt_dim, rc.adapt_shrinkage)
+    proj = Projection(mean, matrix, len(base), views.shape[1], enc.sha256)
+    pool = np.concatenate([base, views.reshape(-1, base.shape[1])])
+    group = np.concatenate([np.arange(len(base)), np.repeat(np.arange(len(base)), views.shape[1])])
+    sigma = perturbation_sigma(pool, group)
+    rng = np.random.default_rng(0)
+    per = 1 + len(rc.enrol_views)
+    log(f"   writing a {n:,}-item index ({per} vectors each, {enc.dim}-d → projected {proj.dim}-d) …")
+    t0 = time.perf_counter()
+    items = []
+    for i in range(n):
+        src = pool[rng.integers(len(pool))]
+        v = src + rng.normal(0, sigma, (per, src.size)).astype(np.float32) * np.array([[1.0]] + [[0.5]] * (per - 1),
+                                                                                      np.float32)
+        items.append(CatalogItem(f"item/{i:07d}", f"Item {i}", (v / np.linalg.norm(v, axis=1, keepdims=True))
+                                 .astype(np.float16)))
+    gen_t0 = time.perf_counter()
+    shutil.rmtree(path, ignore_errors=True)
+    write_index(path, items, bundle_sha256=enc.sha256, n_trees=cfg.index.n_trees, dim=enc.dim, projection=proj)
+    write_s = time.perf_counter() - gen_t0
+    del items
+    stamp.write_text(json.dumps(want))
+    (path / "bench-write.json").write_text(json.dumps({"write_index_s": round(write_s, 1),
+                                                       "generate_s": round(gen_t0 - t0, 1)}))
+    enc.close()
+    return {"path": path, "real": z}
+
+
+def worker_rss(path: str, queries: int) -> dict:
+    """A device process: the default bundle + the index at ``path``, ``queries`` lookups of real JPEG views."""
+    from bench.speed import rss_now_mb
+    stages = {"start": rss_now_mb()}
+    from device.config import RecognitionConfig, load_config
+    from device.encoder import load_encoder
+    from device.index import CatalogIndex
+    from device.lookup import Lookup
+    cfg = load_config(ROOT / "config.yaml")
+    jpegs = [p.read_bytes() for p in sorted((WORK / "queries").glob("*.jpg"))]  # made by the parent: no skimage here
+    enc = load_encoder(cfg.encoder)
+    stages["encoder_loaded"] = rss_now_mb()
+    idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=cfg.index.search_k)
+    stages["index_loaded"] = rss_now_mb()
+    lk = Lookup(enc, idx, RecognitionConfig(enrol_views=[], features=False, verify=False), top_k=cfg.index.top_k)
+    ts = []
+    for i in range(queries):
+        t0 = time.perf_counter()
+        lk.lookup_bytes(jpegs[i % len(jpegs)])
+        ts.append(time.perf_counter() - t0)
+    stages["after_queries"] = rss_now_mb()
+    from device.images import decode_image
+    qv = idx.projection.apply(np.stack([enc.embed(decode_image(b)) for b in jpegs[:20]]))
+    t0 = time.perf_counter()
+    for v in qv:
+        idx._ann.get_nns_by_vector(v.tolist(), 10, cfg.index.search_k)  # noqa: SLF001 - the bare Annoy search
+    ann_ms = (time.perf_counter() - t0) / len(qv) * 1e3
+    return {"items": idx.size, "queries": queries, "stages": stages, "lookup_ms": round(statistics.median(ts) * 1e3, 2),
+            "annoy_query_ms": round(ann_ms, 3), "search_k": cfg.index.search_k}
+
+
+def recall_at_10(path: Path, real: dict, search_k: int) -> float:
+    """Annoy's top-10 vectors vs exact search over the same projected vectors, for held-out real views."""
+    from annoy import AnnoyIndex
+    from device.index import CatalogIndex
+    with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
+        proj = idx.projection
+        ann = AnnoyIndex(proj.dim, "angular")
+        ann.load(str(idx.path / "vectors.ann"))
+        m = ann.get_n_items()
+        searched = np.empty((m, proj.dim), np.float32)
+        step = 200_000
+        for a in range(0, m, step):
+            searched[a:a + step] = proj.apply(np.asarray(idx.vectors()[a:a + step], np.float32))
+        qs = proj.apply(real["views"][:, -1])  # one real view per crop
+        hits = 0
+        for q in qs:
+            exact = set(np.argpartition(-(searched @ q), 10)[:10].tolist())
+            hits += len(exact & set(ann.get_nns_by_vector(q.tolist(), 10, search_k)))
+        ann.unload()
+    return hits / (10 * len(qs))
+
+
+def _query_jpegs() -> None:
+    """40 real 640x480 camera-view JPEGs for the device process (written once)."""
+    from device.demo import photo_crops, shipped_photos
+    from device.images import encode_jpeg
+    from device.views import camera_view
+    folder = WORK / "queries"
+    if folder.is_dir() and len(list(folder.glob("*.jpg"))) == 40:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(9)
+    crops = list(photo_crops(shipped_photos(), 2, seed=5).values())
+    for i in range(40):
+        (folder / f"{i:02d}.jpg").write_bytes(encode_jpeg(camera_view(crops[i % len(crops)], "perspective", rng,
+                                                                      (480, 640)), 85))
+
+
+def run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.scale", "--worker", *args], cwd=ROOT, capture_output=True,
+                         text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"worker failed (rc {out.returncode}): {out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scale bench and write bench/results/scale.json."""
+    ap = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=48, help="catalog images of the build throughput runs")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000], help="index sizes (items)")
+    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--worker", nargs="*")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker_rss(args.worker[0], int(args.worker[1]))))
+        return 0
+    WORK.mkdir(parents=True, exist_ok=True)
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if not args.skip_build:
+        log(f"1. build throughput, {args.images} images, default bundle and recognition settings")
+        result["build"] = bench_build(args.images, args.skip_ray)
+    from device.config import load_config
+    search_k = load_config(ROOT / "config.yaml").index.search_k
+    for n in args.sizes:
+        log(f"2. {n:,} items")
+        big = build_big(n)
+        path = big["path"]
+        sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in (path / "current").resolve().iterdir()}
+        _query_jpegs()
+        rss = run_worker(str(path), str(QUERIES))
+        rec = recall_at_10(path, big["real"], search_k)
+        entry = {**rss, "files_mb": sizes, "recall_at_10": round(rec, 3),
+                 **json.loads((path / "bench-write.json").read_text())}
+        result[f"index_{n}"] = entry
+        st = rss["stages"]["after_queries"]
+        log(f"   files (MB): {sizes}")
+        log(f"   write_index {entry['write_index_s']} s; after {QUERIES} lookups: RSS {st['rss_mb']:.0f} MB "
+            f"(anonymous {st['anon_mb']:.0f} + file-backed {st['file_backed_mb']:.0f}); lookup {rss['lookup_ms']} ms, "
+            f"Annoy search {rss['annoy_query_ms']} ms; recall@10 {rec:.3f} at search_k {search_k}")
+        log("   by stage: " + ", ".join(f"{k} {v['rss_mb']:.0f} ({v['anon_mb']:.0f}+{v['file_backed_mb']:.0f})"
+                                       for k, v in rss["stages"].items()))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

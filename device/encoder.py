@@ -136,7 +136,7 @@ class _OnnxModel:
         self.in_dtype = np.dtype({"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(inp.type, np.void))
         spec = manifest.input
         shape = list(inp.shape)
-        if len(shape) != 4 or shape[3] not in (spec.channels, None) and not isinstance(shape[3], str):
+        if len(shape) != 4 or (isinstance(shape[3], int) and shape[3] != spec.channels):  # named axes are dynamic
             raise BundleError(f"{where}: field 'input.channels' says [batch, H, W, {spec.channels}] but the model "
                               f"input is {shape}")
         fixed = [d if isinstance(d, int) else None for d in shape[1:3]]

@@ -28,7 +28,7 @@ from converter.build import ConverterError, descriptor_model, fit_pca, training_
 from converter.export import to_tflite  # noqa: E402
 from converter.images import load_folder  # noqa: E402
 from converter.layers import GeM  # noqa: E402
-from device.bundle import InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
+from device.bundle import FORMAT_VERSION, InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
 from device.config import OPEN_BUNDLE
 from device.demo import photo_crops, shipped_photos  # noqa: E402
 from device.encoder import Encoder  # noqa: E402
@@ -206,7 +206,7 @@ def test_cli_build_int8_bundle(cli_bundle, train_dir, test_photos):
     assert {p.name for p in out.iterdir()} >= {"encoder.tflite", "manifest.json", "report.json"}
 
     raw = json.loads((out / "manifest.json").read_text())
-    assert raw["format_version"] == 1
+    assert raw["format_version"] == FORMAT_VERSION == 2  # the converter writes the current manifest format
     assert raw["input"]["dtype"] == "uint8" and raw["input"]["height"] == raw["input"]["width"] == 96
     assert raw["output_dim"] == 16 and raw["quantization"] == "int8"
     assert raw["sha256"] == hashlib.sha256((out / "encoder.tflite").read_bytes()).hexdigest()

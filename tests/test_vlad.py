@@ -26,7 +26,7 @@ from converter.backbones import BackboneSpec, build_backbone  # noqa: E402
 from converter.build import ConverterError, descriptor_model, fit_pca, training_views  # noqa: E402
 from converter.export import to_tflite  # noqa: E402
 from converter.vlad import ASSIGN_TARGET, VladPool, alpha_for, fit_vlad_head, vlad_hard  # noqa: E402
-from device.bundle import InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
+from device.bundle import FORMAT_VERSION, InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
 from device.images import encode_jpeg  # noqa: E402
 from device.views import camera_view  # noqa: E402
 from device.demo import photo_crops, shipped_photos  # noqa: E402
@@ -198,7 +198,7 @@ def cli_bundle(tmp_path_factory, train_crops):
 def test_cli_bundle_records_the_head(cli_bundle):
     _, out = cli_bundle
     m = load_manifest(out, verify_sha=True)
-    assert m.format_version == 1 and m.quantization == "dynamic" and m.output_dim == 16
+    assert m.format_version == FORMAT_VERSION and m.quantization == "dynamic" and m.output_dim == 16
     src = m.source
     assert src["pooling"] == "vlad" and src["clusters"] == CLUSTERS and src["vlad_local_dim"] == LOCAL_DIM
     assert src["vlad_alpha"] > 0 and "nearest centroid" in src["vlad_alpha_rule"]

@@ -13,7 +13,7 @@ from device.images import IMAGE_SUFFIXES, read_image
 from device.errors import ImageError
 
 log = logging.getLogger(__name__)
-# The workstation reads its own folders: the device's upload limit (web.max_pixels, 16 MP) would drop 4K
+# The workstation reads its own folders: the device's upload limit (images.max_pixels, 16 MP) would drop 4K
 # wallpapers; this is the limit the converter always had.
 MAX_PIXELS = 40_000_000
 

@@ -1,5 +1,5 @@
-"""edge-retrieval (or python -m device) serve|index build|query|catalog — the one place that wires components
-and exits on error.
+"""edge-retrieval (or python -m device) serve|index build|query|catalog — the command line: it parses, asks
+device/wiring.py for the parts, and is the one place where errors become exit codes.
 
   edge-retrieval serve [--config config.yaml] [--host HOST] [--port PORT]
   python -m device index build --catalog DIR [--bundle DIR] [--out PATH] [--labels FILE] [--workers N] [--ray [ADDRESS]]
@@ -13,10 +13,9 @@ import json
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Callable
 
+from . import wiring
 from .config import Config, load_config
 from .errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
 
@@ -82,54 +81,16 @@ def _config(args) -> Config:
     return load_config(path)
 
 
-def _encoder(cfg: Config, bundle: Path | None = None):
-    from .encoder import load_encoder  # a --bundle named on the command line gets no fallback
-    return load_encoder(cfg.encoder if bundle is None else cfg.encoder.model_copy(update={"bundle": bundle,
-                                                                                        "fallback_bundle": None}))
-
-
-def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):
-    from .index_writer import IndexHolder
-    index = cfg.index if path is None else cfg.index.model_copy(update={"path": path})
-    return IndexHolder(index, expected_bundle_sha256=encoder.sha256, create_empty=create_empty, dim=encoder.dim,
-                       require_features=cfg.recognition.require_features, recover=create_empty)
-
-
-def _catalog(cfg: Config, encoder, set_aside: list[dict] | None = None):
-    """The catalog service (store + live index + item maker) that HTTP and the CLI both change the catalog through."""
-    from .catalog_service import CatalogService
-    return CatalogService(cfg.catalog, _holder(cfg, encoder, create_empty=True), _maker(cfg, encoder),
-                          max_pixels=cfg.web.max_pixels, set_aside=set_aside)
-
-
-def _maker(cfg: Config, encoder):
-    from .catalog import ItemMaker
-    return ItemMaker(encoder, cfg.recognition, cfg.index.thumbnail_px)
-
-
-def _lookup(cfg: Config, encoder, holder, top_k: int | None = None):
-    from .lookup import Lookup
-    return Lookup(encoder, holder, cfg.recognition, top_k=top_k or cfg.index.top_k, max_pixels=cfg.web.max_pixels)
-
-
-def _build(cfg: Config, encoder, folder: Path, out: Path, labels: Path | None, allow_empty: bool = False,
-           workers: int | None = None, ray: str | None = None) -> None:
-    from .build_pool import report_text, runner_for
-    from .catalog import build_index, load_labels
-    maker = _maker(cfg, encoder)
-    rep = build_index(folder, maker, out, n_trees=cfg.index.n_trees, labels=load_labels(labels),
-                      max_pixels=cfg.web.max_pixels, progress=sys.stderr.isatty(), allow_empty=allow_empty,
-                      runner=runner_for(cfg.build, maker, workers=workers, ray=ray))
-    print(f"indexed {rep.indexed} images from {folder} into {out}: {report_text(rep)}", file=sys.stderr)
-
-
 def cmd_index_build(cfg: Config, args) -> int:
+    from .build_pool import report_text
     out = args.out or cfg.index.path
-    encoder = _encoder(cfg, args.bundle)
+    encoder = wiring.load(cfg, args.bundle)
     previous = _describe_index(out)
-    _build(cfg, encoder, args.catalog, out, args.labels or cfg.catalog.labels, workers=args.workers, ray=args.ray)
+    rep = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
+                               ray=args.ray, progress=sys.stderr.isatty())
+    print(f"indexed {rep.indexed} images from {args.catalog} into {out}: {report_text(rep)}", file=sys.stderr)
     if Path(out).resolve() == Path(cfg.index.path).resolve():  # this device's index: the store's changes on top
-        catalog = _catalog(cfg, encoder)
+        catalog = wiring.catalog_service(cfg, encoder)
         rep = catalog.apply()
         catalog.stop()
         print(f"catalog store: {len(rep.enrolled)} enrolled, {len(rep.removed)} removed on top (change {rep.seq})", file=sys.stderr)
@@ -152,8 +113,8 @@ def _describe_index(path: Path) -> str | None:
 
 
 def cmd_query(cfg: Config, args) -> int:
-    encoder = _encoder(cfg, args.bundle)
-    lookup = _lookup(cfg, encoder, _holder(cfg, encoder, args.index), args.top_k)
+    encoder = wiring.load(cfg, args.bundle)
+    lookup = wiring.build_lookup(cfg, encoder, wiring.open_index(cfg, encoder, args.index), top_k=args.top_k)
     failures = 0
     for path in args.images:
         try:
@@ -182,7 +143,7 @@ def cmd_query(cfg: Config, args) -> int:
 
 def cmd_catalog(cfg: Config, args) -> int:
     from .images import read_image
-    catalog = _catalog(cfg, _encoder(cfg))
+    catalog = wiring.catalog_service(cfg, wiring.load(cfg))
     holder = catalog.holder
     try:
         if args.catalog_cmd == "list":
@@ -202,7 +163,7 @@ def cmd_catalog(cfg: Config, args) -> int:
         ids = []
         for p in args.images:  # the same path as an HTTP enrolment: validated, committed, then indexed
             item_id = args.item_id or p.stem
-            ids.append(catalog.enrol(read_image(p, cfg.web.max_pixels), item_id,
+            ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id,
                                      args.label or item_id.rsplit("/", 1)[-1])["id"])
         catalog.apply()
         print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
@@ -211,88 +172,33 @@ def cmd_catalog(cfg: Config, args) -> int:
         catalog.stop()
 
 
-def _prepare_catalog(cfg: Config, encoder) -> Config:
-    """Materialise the demo and build the index from catalog.build_from when no index exists yet."""
-    if cfg.catalog.demo:
-        from .demo import materialise_demo
-        root = cfg.index.path.parent / "demo"
-        catalog, video = materialise_demo(root)
-        log.info("demo: catalog %s, camera %s", catalog, video)
-        updates = {"catalog": cfg.catalog.model_copy(update={"build_from": cfg.catalog.build_from or catalog})}
-        if cfg.camera.source == "demo":
-            updates["camera"] = cfg.camera.model_copy(update={"source": str(video), "fps": cfg.camera.fps or 10.0})
-        if cfg.web.api_token is None:  # so the demo's catalog manager can be tried; a device sets its own token
-            import secrets
-            updates["web"] = cfg.web.model_copy(update={"api_token": secrets.token_urlsafe(12)})
-            log.info("demo: catalog changes on the page need this token (valid until restart): %s",
-                     updates["web"].api_token)
-        cfg = cfg.model_copy(update=updates)
-    elif cfg.camera.source == "demo":
-        raise ApplianceError("camera.source is 'demo' but catalog.demo is false: set a real source "
-                             "(/dev/video0, csi://0, rtsp://…) or enable the demo")
-    if cfg.catalog.build_from and _needs_build(cfg.index.path, encoder):
-        log.info("building the index at %s from %s", cfg.index.path, cfg.catalog.build_from)
-        _build(cfg, encoder, cfg.catalog.build_from, cfg.index.path, cfg.catalog.labels, allow_empty=True)
-        # the items enrolled at run time come back, and removed ones stay out: serve replays the store next
-    return cfg
-
-
-def _needs_build(path: Path, encoder) -> bool:
-    """No index yet, or one made with another bundle / unreadable: rebuild it from the catalog folder."""
-    from .index import CatalogIndex, index_exists
-    if not index_exists(path):
-        return True
-    try:
-        with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
-            if idx.bundle_sha256 == encoder.sha256:
-                return False
-            log.warning("index %s was built with another bundle (%s…): rebuilding it", path, idx.bundle_sha256[:12])
-    except CatalogIndexError as e:
-        log.warning("index %s is unusable (%s): rebuilding it", path, e)
-    return True
-
-
 def cmd_serve(cfg: Config) -> int:
-    from .appliance import Appliance
-    from .camera import Camera
     from .camera_sources import redact
-    from .history import History
     from .index_writer import recover_index
     from .store import hold_serve_lock
-    from .trigger import Trigger
+    from .systemd import http_probe, notify_systemd, page_urls, watchdog_check
     from .web import create_app, serve
     _check_port_free(cfg)  # before seconds of index work, not after them
     lock = hold_serve_lock(cfg.catalog.store)  # noqa: F841 - held (flock) until this process exits
-    encoder = _encoder(cfg)
+    encoder = wiring.load(cfg)
     set_aside = recover_index(cfg.index.path)  # damaged generations out of the way before deciding to build
-    cfg = _prepare_catalog(cfg, encoder)
-    catalog = _catalog(cfg, encoder, set_aside)
-    holder, sinks = catalog.holder, _event_sinks(cfg)
-    appliance = Appliance(lookup=_lookup(cfg, encoder, holder), catalog=catalog, camera=Camera(cfg.camera),
-                          trigger=Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                          max_parallel_uploads=cfg.web.max_parallel_uploads, sinks=sinks,
-                          sink_interval_s=cfg.mqtt.state_interval_s, history=History(cfg.history),
-                          summary_interval_s=cfg.history.summary_interval_s, sse=cfg.sse)
-    for sink in sinks:  # the Home Assistant "look up now" button
-        if hasattr(sink, "on_lookup_command"):
-            sink.on_lookup_command(appliance.request_lookup)
+    cfg = wiring.prepare_catalog(cfg, encoder)
+    appliance = wiring.build_appliance(cfg, encoder, set_aside=set_aside)
     appliance.start()  # replays the catalog store onto the index first
     w = cfg.web
     log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web %s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,
-             holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
+             appliance.catalog.holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    _notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
+    notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
     try:
         serve(create_app(w, appliance), w)
     except KeyboardInterrupt:
         pass
     finally:
-        appliance.stop()
-        for sink in sinks:  # MQTT says "offline" on a clean stop
-            sink.stop()
+        appliance.stop()  # MQTT says "offline" on a clean stop
     return 0
 
 
@@ -306,35 +212,6 @@ def _with_listen_flags(cfg: Config, args) -> Config:
     except ValueError as e:
         raise ConfigError(f"--host/--port: {e}") from None
     return cfg.model_copy(update={"web": web})
-
-
-def page_urls(host: str, port: int) -> list[str]:
-    """Clickable addresses of the page: 127.0.0.1 (when it listens there), and the machine's LAN address when
-    it listens on every interface (0.0.0.0 / ::) — a wildcard is not an address a browser can open."""
-    import socket
-    if host not in ("0.0.0.0", "::", ""):
-        return [f"http://{host}:{port}/"]
-    urls = [f"http://127.0.0.1:{port}/"]
-    try:  # the source address of a route out; a UDP connect sends nothing
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            lan = s.getsockname()[0]
-        if not lan.startswith("127."):
-            urls.append(f"http://{lan}:{port}/")
-    except OSError:
-        pass
-    return urls
-
-
-def _event_sinks(cfg: Config) -> list:
-    """The MQTT publisher and the webhook notifier that the config enables, started."""
-    from .events import MqttPublisher, WebhookNotifier
-    sinks: list = []
-    if cfg.mqtt.enabled:
-        sinks.append(MqttPublisher(cfg.mqtt).start())
-    if cfg.webhook.enabled:
-        sinks.append(WebhookNotifier(cfg.webhook, cfg.mqtt.device_id).start())
-    return sinks
 
 
 def _check_port_free(cfg: Config) -> None:
@@ -356,76 +233,6 @@ def _check_port_free(cfg: Config) -> None:
                     f"{where}: cannot listen on web.host {w.host} web.port {w.port} ({e.strerror or e}): another "
                     "server (or another appliance) is using it — stop it, or set another web.port (or web.host)"
                 ) from None
-
-
-def http_probe(host: str, port: int, timeout_s: float = 5.0) -> Callable[[], tuple[bool, str]]:
-    """A check that the web server answers ``GET /api/health`` on ``host:port`` (a wildcard host is asked
-    on loopback). Any HTTP answer counts, 503 too: that is a lost camera, and the camera has its own check."""
-    import urllib.error
-    import urllib.request
-    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/api/health"
-
-    def probe() -> tuple[bool, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s):
-                pass
-        except urllib.error.HTTPError:
-            pass
-        except OSError as e:  # refused, timed out, reset
-            return False, f"web server did not answer {url} within {timeout_s:g} s ({e})"
-        return True, "web server answers"
-    return probe
-
-
-def watchdog_check(appliance, probe: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
-    """Whether the service deserves a systemd watchdog ping: the camera loop and the camera's watchdog run
-    (``appliance.alive()``) and the web server answers (``probe()``). Returns (ok, why)."""
-    ok, why = appliance.alive()
-    web_ok, web_why = probe() if ok else (False, "")  # the web server is asked only while the loop is alive
-    return (web_ok, f"{why}; {web_why}") if ok else (False, why)
-
-
-def _notify_systemd(check: Callable[[], tuple[bool, str]]) -> None:
-    """READY=1, then (with WatchdogSec) WATCHDOG=1 every half period while ``check()`` passes (a wedged camera
-    loop or web server stops the pings: systemd restarts the service); each check also goes out as STATUS=."""
-    import os
-    import socket
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-
-    def send(msg: str) -> None:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.connect(addr)
-                s.send(msg.encode())
-        except OSError as e:
-            log.warning("systemd notify socket %s: %s", addr, e)
-
-    send("READY=1\nSTATUS=starting the web server")
-    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    if not usec:
-        return
-
-    def ping() -> None:
-        failing = None
-        while not threading.Event().wait(usec / 2e6):
-            ok, why = check()
-            if ok:
-                if failing:
-                    log.warning("systemd watchdog: healthy again (%s); pinging again", why)
-                failing = None
-                send(f"WATCHDOG=1\nSTATUS={why}")
-            else:
-                # Stop pinging (systemd restarts us after WatchdogSec); say why once, not every period.
-                if why != failing:
-                    log.error("systemd watchdog: %s; not pinging, systemd will restart the service", why)
-                    send(f"STATUS=unhealthy: {why}")
-                failing = why
-    threading.Thread(target=ping, daemon=True, name="sd-watchdog").start()
 
 
 def main(argv: list[str] | None = None) -> int:

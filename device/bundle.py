@@ -24,7 +24,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .config import DecisionModel, read_json_model
+from .config import DecisionModel
+from .jsonfile import read_json_model
 from .errors import BundleError, BundleUnavailable
 
 # 2: model_format (tflite | onnx), package-located models, resize short_side, licence. Version 1 bundles (TFLite

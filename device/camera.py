@@ -14,8 +14,9 @@ from typing import Callable, Literal
 import numpy as np
 
 from .camera_sources import FrameSource, open_source, redact
-from .config import CameraConfig
+from .config import CameraConfig, ImagesConfig
 from .errors import CameraError
+from .status import CameraStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,14 @@ class Camera:
     ``backoff_max_s``, when opening fails, when the source ends (``read()`` returns None) or when no
     frame arrives for ``stall_timeout_s``. It never gives up: the appliance keeps running and the
     state stays "reconnecting" until the camera is back. ``opener`` is called as
-    ``opener(spec, fps=, loop=, width=, height=)`` and returns a ``FrameSource``.
+    ``opener(spec, fps=, loop=, width=, height=, max_pixels=)`` and returns a ``FrameSource``; ``images`` bounds
+    what an image-folder source decodes.
     """
 
-    def __init__(self, config: CameraConfig, *, opener: Callable[..., FrameSource] = open_source):
+    def __init__(self, config: CameraConfig, images: ImagesConfig = ImagesConfig(), *,
+                 opener: Callable[..., FrameSource] = open_source):
         self.config = config
+        self.images = images
         self.spec = config.source
         self._name = redact(config.source)
         self._opener = opener
@@ -154,7 +158,7 @@ class Camera:
             latest = self._latest
             return latest if latest is not None and latest.index > after_index else None
 
-    def status(self) -> dict:
+    def status(self) -> CameraStatus:
         """Health summary: state, spec, frames_total, fps (measured over the last seconds),
         last_frame_age_s (None before the first frame), reconnects, last_error."""
         now_s = time.monotonic()
@@ -163,15 +167,10 @@ class Camera:
             span_s = recent[-1] - recent[0] if len(recent) >= 2 else 0.0
             fps = (len(recent) - 1) / span_s if span_s > 0 else 0.0
             latest = self._latest
-            return {
-                "state": self._state,
-                "spec": self._name,
-                "frames_total": self._frames_total,
-                "fps": round(fps, 2),
-                "last_frame_age_s": None if latest is None else round(now_s - latest.timestamp, 3),
-                "reconnects": self._reconnects,
-                "last_error": self._last_error,
-            }
+            return CameraStatus(
+                state=self._state, spec=self._name, frames_total=self._frames_total, fps=round(fps, 2),
+                last_frame_age_s=None if latest is None else round(now_s - latest.timestamp, 3),
+                reconnects=self._reconnects, last_error=self._last_error)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -235,7 +234,8 @@ class Camera:
         source: FrameSource | None = None
         try:
             cfg = self.config
-            source = self._opener(self.spec, fps=cfg.fps, loop=cfg.loop, width=cfg.width, height=cfg.height)
+            source = self._opener(self.spec, fps=cfg.fps, loop=cfg.loop, width=cfg.width, height=cfg.height,
+                                  max_pixels=self.images.max_pixels)
             reader.opened = True  # a stall from now on is a stalled stream, not a slow open
             reader.progress_s = time.monotonic()
             while not reader.abandoned.is_set():

@@ -191,6 +191,7 @@ def open_source(
     loop: bool = True,
     width: int | None = None,
     height: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FrameSource:
     """Open a frame source from a spec string.
 
@@ -201,7 +202,8 @@ def open_source(
     * a video file: played in real time at ``fps`` (default: the file's rate), restarting if ``loop``;
     * a directory: its images in name order at ``fps`` (default 2), looping if ``loop``.
 
-    ``width``/``height`` (pixels) and ``fps`` are requested from cameras. Raises ``CameraError`` naming
+    ``width``/``height`` (pixels) and ``fps`` are requested from cameras; a folder's images decode to at most
+    ``max_pixels`` (``images.max_pixels``; a larger one is skipped like an unreadable one). Raises ``CameraError`` naming
     the spec and what was tried when it cannot be opened.
     """
     if fps is not None and not fps > 0:
@@ -215,7 +217,7 @@ def open_source(
         return _open_network(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _ImageFolderSource(str(path), fps, loop)
+        return _ImageFolderSource(str(path), fps, loop, max_pixels)
     if path.is_file():
         return _VideoFileSource(str(path), fps, loop)
     raise CameraError(

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .catalog import ItemMaker, load_labels, scan_folder, validate_id, validate_label
-from .config import CatalogConfig
+from .config import CatalogConfig, ImagesConfig
 from .errors import ApplianceError, BusyError, InputError
-from .images import DEFAULT_MAX_PIXELS, decode_image, encode_jpeg
+from .images import decode_image, encode_jpeg
 from .index import CatalogIndex, CatalogItem
 from .index_writer import IndexHolder
 from .store import CatalogStore, StoredItem, ensure_free
@@ -52,13 +52,13 @@ class CatalogService:
     """The catalog store + the live index + the item maker, and the worker that keeps them in step."""
 
     def __init__(self, config: CatalogConfig, holder: IndexHolder, maker: ItemMaker, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, set_aside: list[dict] | None = None):
+                 images: ImagesConfig = ImagesConfig(), set_aside: list[dict] | None = None):
         """Open (or create) ``config.store``; its first start migrates ``config.enrolled_dir`` (originals,
         labels.json, removed.json of older versions; damaged ones are skipped and logged)."""
         self.config = config
         self.holder = holder
         self.maker = maker
-        self.max_pixels = max_pixels
+        self.images = images
         self.store = CatalogStore(config.store)
         self.migrated = migrate_enrolled_dir(self.store, config.enrolled_dir)
         self.set_aside = list(set_aside or []) + holder.set_aside
@@ -155,7 +155,7 @@ class CatalogService:
             if cached is not None and cached[0] == row.seq:
                 item = cached[1]
             else:  # after a restart, or another process's enrolment: re-encode the kept original
-                item = self.maker.make(decode_image(row.image or b"", self.max_pixels), row.id, row.label)
+                item = self.maker.make(decode_image(row.image or b"", self.images.max_pixels), row.id, row.label)
         except (InputError, ApplianceError) as e:
             log.warning("catalog: %s (change %d) cannot be indexed: %s", row.id, row.seq, e)
             report.skipped.append((row.id, str(e)))

@@ -4,17 +4,19 @@ Unknown keys and bad values are refused with the file, the key and the allowed v
 resolved against the config file's folder."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Optional, TypeVar, Union, get_args
+from typing import Annotated, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from .errors import ApplianceError, ConfigError
+from .errors import ConfigError
 
-M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
+
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 # The default bundle: SSCD copy detection (distilled), an ONNX model that lives in the installed package
@@ -39,7 +41,8 @@ def _ordered(section: _Section, low: str, high: str) -> _Section:
 class CameraConfig(_Section):
     """Where frames come from and how the capture watchdog reconnects (device/camera.py)."""
 
-    source: str = Field("demo", description="demo | /dev/videoN | N | csi://N | rtsp://… | video file | image folder")
+    source: str = Field("demo", description="demo | none (uploads only) | /dev/videoN | N | csi://N | rtsp://… | "
+                        "video file | image folder")
     fps: Optional[float] = Field(None, gt=0, le=120, description="pace files/folders; request from cameras")
     width: Optional[int] = Field(None, ge=16, le=8192)
     height: Optional[int] = Field(None, ge=16, le=8192)
@@ -200,6 +203,13 @@ class RecognitionConfig(_Section):
         return v
 
 
+class ImagesConfig(_Section):
+    """What every decoder of the device may be fed (device/images.py): uploads, enrolments, catalog files at
+    `index build`, the store's originals, an image-folder camera source."""
+
+    max_pixels: int = Field(16_000_000, ge=1024, le=500_000_000, description="decoded width × height at most")
+
+
 class WebConfig(_Section):
     """The LAN page and JSON API (device/web/)."""
 
@@ -209,10 +219,10 @@ class WebConfig(_Section):
                                      "device's own names and addresses and localhost; ['*'] = any (no rebinding check)")
     threads: int = Field(6, ge=4, le=64)
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
-    max_pixels: int = Field(16_000_000, ge=1024, le=500_000_000)
     max_parallel_uploads: int = Field(2, ge=1, le=64)
     api_token: Optional[str] = Field(None, min_length=8)
     stream_fps: float = Field(5.0, gt=0, le=60)
+    stream_quality: int = Field(75, ge=10, le=100, description="JPEG quality of the live view's frames")
     # A slow client holding a half-sent request must not lock others out: waitress refuses new connections
     # past connection_limit (its default 100) and keeps an idle one for channel_timeout_s (its default 120).
     connection_limit: int = Field(500, ge=10, le=10000, description="open connections before new ones wait")
@@ -309,6 +319,7 @@ class Config(_Section):
     catalog: CatalogConfig = CatalogConfig()
     build: BuildConfig = BuildConfig()
     recognition: RecognitionConfig = RecognitionConfig()
+    images: ImagesConfig = ImagesConfig()
     web: WebConfig = WebConfig()
     history: HistoryConfig = HistoryConfig()
     sse: SseConfig = SseConfig()
@@ -375,6 +386,27 @@ def _describe(e: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
+# Keys that moved between sections: an older config.yaml keeps working (with a warning) unless it sets both.
+_MOVED = {("web", "max_pixels"): ("images", "max_pixels")}
+
+
+def _moved_keys(raw: dict, path: Path) -> dict:
+    raw = dict(raw)
+    for (old_section, key), (new_section, new_key) in _MOVED.items():
+        old = raw.get(old_section)
+        if not isinstance(old, dict) or key not in old:
+            continue
+        new = raw.get(new_section) or {}
+        if not isinstance(new, dict):
+            continue  # validation names the bad section
+        if new_key in new:
+            raise ConfigError(f"{path}: {old_section}.{key} moved to {new_section}.{new_key}; set only the latter")
+        log.warning("%s: %s.%s is now %s.%s; please move it", path, old_section, key, new_section, new_key)
+        raw[old_section] = {k: v for k, v in old.items() if k != key}
+        raw[new_section] = {**new, new_key: old[key]}
+    return raw
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read and validate config.yaml (None = all defaults, paths relative to the current folder)."""
     if path is None:
@@ -396,43 +428,9 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping of sections (camera:, encoder:, …)")
     if "source_file" in raw:
         raise ConfigError(f"{path}: unknown key 'source_file'")
+    raw = _moved_keys(raw, path)
     try:
         cfg = Config.model_validate({**raw, "source_file": path})
     except ValidationError as e:
         raise ConfigError(_describe(e, path)) from None
     return _resolve(cfg, path.resolve().parent)
-
-
-def read_json_model(path: Path, model: type[M], error: type[ApplianceError], *, format_version: int,
-                    hint: str) -> M:
-    """Read a versioned JSON file (a bundle manifest, an index generation's meta) into a pydantic ``model``
-    whose first field is ``format_version``, parsing it once (an index's meta may list 100k items).
-
-    A file of another ``format_version`` is refused for that alone; every other problem raises ``error`` naming
-    the file and the first bad field, followed by ``hint`` (what to do about it)."""
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path}: missing; {hint}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e}); {hint}") from None
-    try:
-        return model.model_validate_json(text)
-    except ValidationError as e:
-        errors = e.errors()
-    version = [err for err in errors if err["loc"][:1] == ("format_version",)]
-    err = version[0] if version else errors[0]
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "json_invalid":
-        why = f"not valid JSON ({err['msg']})"
-    elif err["type"] in ("model_type", "model_attributes_type"):
-        why = "must hold a JSON object"
-    elif version:
-        why = f"field 'format_version' is {err.get('input')!r}; this device reads {format_version}"
-    elif err["type"] == "missing":
-        why = f"missing field '{key}'"
-    elif err["type"] == "extra_forbidden":
-        why = f"unknown field '{key}'"
-    else:
-        why = f"field '{key}' is {err.get('input')!r}: {err['msg']}"
-    raise error(f"{path}: {why}; {hint}") from None

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from .config import MqttConfig, WebhookConfig
 from .mqtt_auth import password, tls_context
 from .results import LookupResult
+from .status import Health
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,11 @@ class EventSink(Protocol):
 
     def publish_lookup(self, result: LookupResult) -> None: ...
 
-    def publish_health(self, health: dict) -> None: ...
+    def publish_health(self, health: Health) -> None: ...
 
     def register_metrics(self, metrics) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def default_device_id() -> str:
@@ -227,14 +230,12 @@ class MqttPublisher(_QueueWorker):
         except Exception:  # noqa: BLE001 - publishing must never fail a lookup
             log.exception("mqtt: could not queue a lookup event")
 
-    def publish_health(self, health: dict) -> None:
+    def publish_health(self, health: Health) -> None:
         """Queue the retained camera/index state from ``Appliance.health()``; never blocks, never raises."""
         try:
-            cam = health.get("camera") or {}
-            idx = health.get("index") or {}
-            state = {"ok": bool(health.get("ok")), "camera_ok": cam.get("state") == "streaming",
-                     "camera": cam.get("state"), "fps": cam.get("fps"), "index_items": idx.get("size"),
-                     "index_generation": idx.get("generation"), "uptime_s": health.get("uptime_s")}
+            cam, idx = health.camera, health.index
+            state = {"ok": health.ok, "camera_ok": cam.state == "streaming", "camera": cam.state, "fps": cam.fps,
+                     "index_items": idx.size, "index_generation": idx.generation, "uptime_s": health.uptime_s}
             self._set_state("state", json.dumps(state))
         except Exception:  # noqa: BLE001
             log.exception("mqtt: could not queue the health state")
@@ -383,7 +384,7 @@ class WebhookNotifier(_QueueWorker):
         except Exception:  # noqa: BLE001 - notifying must never fail a lookup
             log.exception("webhook: could not queue a lookup event")
 
-    def publish_health(self, health: dict) -> None:
+    def publish_health(self, health: Health) -> None:
         """Health is not sent over the webhook (MQTT's state topic carries it)."""
 
     def stats(self) -> dict:

@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-from .config import WebConfig
+from .config import ImagesConfig
 from .errors import ImageError
 
-# Library callers (tests, benches, the converter) get the configured default; the device passes web.max_pixels.
-DEFAULT_MAX_PIXELS: int = WebConfig.model_fields["max_pixels"].default
+# Library callers (tests, benches, the converter) get the configured default; the device passes images.max_pixels.
+DEFAULT_MAX_PIXELS: int = ImagesConfig.model_fields["max_pixels"].default
 
 MIN_SIDE_PX = 16  # smaller images carry nothing to recognise
 MAX_ASPECT = 20  # a 40000x1 strip is not a photo of anything
@@ -104,7 +104,7 @@ def check_shape(width: int, height: int) -> None:
 
 def _over_limit(width: int, height: int, limit: int, what: str) -> ImageError:
     return ImageError(f"image is {width}x{height} = {width * height / 1e6:.1f} MP{what}, over the limit of "
-                      f"{limit / 1e6:.1f} MP (web.max_pixels)", http_status=413)
+                      f"{limit / 1e6:.1f} MP (images.max_pixels)", http_status=413)
 
 
 def _unsupported(prefix: bytes, formats: tuple[str, ...]) -> str | None:
@@ -146,7 +146,7 @@ def _open(fp: BinaryIO, max_pixels: int, formats: tuple[str, ...]) -> Image.Imag
     try:
         return Image.open(fp, formats=formats)
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP (web.max_pixels)",
+        raise ImageError(f"image is too large ({exc}); the limit is {max_pixels / 1e6:.1f} MP (images.max_pixels)",
                          http_status=413) from exc
     except UnidentifiedImageError as exc:
         other = _unsupported(prefix, formats)

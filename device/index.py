@@ -35,7 +35,7 @@ from annoy import AnnoyIndex
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adapt import PROJECTION_FILE, Projection
-from .config import read_json_model
+from .jsonfile import read_json_model
 from .errors import CatalogIndexError
 from .items import IndexedItem, ItemTable
 from .results import Candidate

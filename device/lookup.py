@@ -9,10 +9,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import (NORM_K, UNCALIBRATED_ACCEPT_INLIERS, UNCALIBRATED_ACCEPT_SCORE, DecisionModel,
+from .config import (NORM_K, ImagesConfig, UNCALIBRATED_ACCEPT_INLIERS, UNCALIBRATED_ACCEPT_SCORE, DecisionModel,
                      RecognitionConfig)
 from .decision import accepts
-from .images import DEFAULT_MAX_PIXELS, decode_image
+from .images import decode_image
 from .index import CatalogIndex
 from .results import Candidate, LookupResult
 from .verify import extract, region, verify_candidates
@@ -51,12 +51,14 @@ class Lookup:
     IndexHolder (swapped on enrolment); one lookup uses one generation throughout."""
 
     def __init__(self, encoder, index: IndexSource, recognition: RecognitionConfig, *, top_k: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 images: ImagesConfig = ImagesConfig()):
+        """``top_k``: results per lookup (``index.top_k``, or the CLI's ``--top-k``); ``images``: what an uploaded
+        image may decode to."""
         self.encoder = encoder
         self.index = index
         self.recognition = recognition
         self.top_k = top_k
-        self.max_pixels = max_pixels
+        self.images = images
         self.decision, self.accept_inliers, self.accept_score = resolve_decision(recognition, encoder.manifest.calibration)
 
     def verification_status(self) -> dict:
@@ -171,5 +173,5 @@ class Lookup:
         """Encoded image bytes → (RGB uint8 HxWx3 no larger than a lookup needs, milliseconds it took); raises
         ImageError. The appliance decodes an upload once and keeps the RGB for its history snapshot."""
         t0 = time.perf_counter()
-        rgb = decode_image(data, self.max_pixels, min_side_px=self.decode_side_px())
+        rgb = decode_image(data, self.images.max_pixels, min_side_px=self.decode_side_px())
         return rgb, (time.perf_counter() - t0) * 1e3

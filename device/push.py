@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 from .config import SseConfig
+from .status import Status
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,24 @@ class PushEvent:
     data: Any
 
 
-def status_digest(status: dict) -> tuple[Hashable, Hashable]:
+def status_digest(status: Status | None) -> tuple[Hashable, Hashable]:
     """(what the page shows, the catalog) of an ``/api/status`` document, coarse enough that a steady device
     sends nothing: camera state and whole fps, trigger armed, lookups in the last minute, whether one runs, the
     last error, CPU to 10 % and RSS to 10 MB, verification, the latest lookup; the catalog is the index's size
     and generation."""
-    cam, trigger, proc = status.get("camera") or {}, status.get("trigger") or {}, status.get("process") or {}
+    if status is None:
+        return None, None
 
     def coarse(value, step: float):
         return None if value is None else round(float(value) / step)
 
-    shown = json.dumps([cam.get("state"), coarse(cam.get("fps"), 1), cam.get("last_error"), trigger.get("enabled"),
-                        trigger.get("armed"), status.get("looking_up"), status.get("lookups_per_min"),
-                        status.get("last_error"), coarse(proc.get("cpu_percent"), 10), coarse(proc.get("rss_mb"), 10),
-                        status.get("verification"), status.get("latest")], sort_keys=True, default=str)
-    return shown, json.dumps(status.get("index"), sort_keys=True, default=str)
+    cam, proc = status.camera, status.process
+    shown = json.dumps([cam.state, coarse(cam.fps, 1), cam.last_error, status.trigger.enabled, status.trigger.armed,
+                        status.looking_up, status.lookups_per_min,
+                        status.last_error.model_dump() if status.last_error else None,
+                        coarse(proc.cpu_percent, 10), coarse(proc.rss_mb, 10), status.verification,
+                        status.latest.model_dump()], sort_keys=True, default=str)
+    return shown, (status.index.size, status.index.generation)
 
 
 class Stream:
@@ -100,14 +104,19 @@ class Stream:
 class PushHub:
     """Fans events out to the open streams; watches the status for changes while any is open."""
 
-    def __init__(self, config: SseConfig, status: Callable[[], dict] | None = None):
+    def __init__(self, config: SseConfig):
+        """The status it watches is given by :meth:`watch` (the appliance, once it exists)."""
         self.config = config
-        self._status = status
+        self._status: Callable[[], Status] | None = None
         self._streams: list[Stream] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
         self.slow_clients = 0  # streams ended because their client stopped reading
+
+    def watch(self, status: Callable[[], Status]) -> None:
+        """Send ``status()`` to each new stream first, and again whenever what the page shows of it changes."""
+        self._status = status
 
     def open(self) -> Stream:
         """A new stream, its first event the current status (so a page that (re)connects is up to date)."""
@@ -155,7 +164,7 @@ class PushHub:
             if stream in self._streams:
                 self._streams.remove(stream)
 
-    def _read_status(self) -> dict | None:
+    def _read_status(self) -> Status | None:
         if self._status is None:
             return None
         try:
@@ -167,7 +176,7 @@ class PushHub:
     def _watch(self) -> None:
         """While a stream is open: compare the status every ``status_check_s``; send it when what the page shows
         changed, and ``catalog_changed`` when the index did."""
-        last = status_digest(self._read_status() or {})
+        last = status_digest(self._read_status())
         while not self._closed.wait(self.config.status_check_s):
             with self._lock:
                 if not self._streams:
@@ -180,5 +189,5 @@ class PushHub:
             if digest[0] != last[0] or digest[1] != last[1]:
                 self.publish("status", status)
             if digest[1] != last[1]:
-                self.publish("catalog_changed", status.get("index") or {})
+                self.publish("catalog_changed", status.index)
             last = digest

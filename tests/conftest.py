@@ -46,9 +46,24 @@ def view(photos, name: str, kind: str, seed: int) -> np.ndarray:
     return camera_view(photos[name], kind, np.random.default_rng(seed))
 
 
-def catalog_service(tmp_path: Path, holder, maker):
-    """The catalog service of a test appliance: a store in ``tmp_path`` over ``holder`` with ``maker``."""
-    from device.catalog_service import CatalogService
-    from device.config import CatalogConfig
-    return CatalogService(CatalogConfig(store=tmp_path / "catalog.sqlite", enrolled_dir=tmp_path / "enrolled"),
-                          holder, maker)
+def appliance_config(tmp_path: Path, **sections):
+    """The Config of a test appliance living in ``tmp_path`` (index, catalog store, history), with no camera, index
+    builds in process, and ``sections`` (a section model each, or a dict of its fields) replacing the defaults."""
+    from device.config import (BuildConfig, CameraConfig, CatalogConfig, Config, HistoryConfig, IndexConfig)
+    base = {"index": IndexConfig(path=tmp_path / "index", search_k=2000),
+            "catalog": CatalogConfig(store=tmp_path / "catalog.sqlite", enrolled_dir=tmp_path / "enrolled"),
+            "history": HistoryConfig(dir=tmp_path / "history"), "camera": CameraConfig(source="none"),
+            "build": BuildConfig(workers=1)}
+    for name, value in sections.items():
+        base[name] = base[name].model_copy(update=value) if isinstance(value, dict) else value
+    return Config(**base)
+
+
+def make_appliance(tmp_path: Path, encoder, catalog: Path | None = None, **sections):
+    """A test appliance built by the public wiring (device/wiring.py), not started; ``catalog``: a folder indexed
+    first, as ``index build`` would."""
+    from device.wiring import build_appliance, build_catalog
+    cfg = appliance_config(tmp_path, **sections)
+    if catalog is not None:
+        build_catalog(cfg, encoder, catalog)
+    return build_appliance(cfg, encoder)

@@ -290,19 +290,19 @@ def test_camera_reconnects_after_stall_or_end(then, unblock, caplog):
             first = cam.wait_frame(0, timeout_s=10)
             assert isinstance(first, Frame) and first.rgb.shape == (512, 512, 3)
             assert not first.rgb.flags.writeable
-            assert _wait_until(lambda: cam.status()["reconnects"] >= 2)
+            assert _wait_until(lambda: cam.status().reconnects >= 2)
             seen = cam.latest().index
             later = cam.wait_frame(seen, timeout_s=10)
             assert later is not None and later.index > seen  # new frames after reconnecting
             status = cam.status()
-            assert status["frames_total"] >= 10 and status["last_error"]
-            assert status["spec"] == "fake://cam" and status["last_frame_age_s"] is not None
+            assert status.frames_total >= 10 and status.last_error
+            assert status.spec == "fake://cam" and status.last_frame_age_s is not None
     prefix = "camera fake://cam: "
     states = [r.getMessage()[len(prefix):].split(" ")[0]
               for r in caplog.records if r.getMessage().startswith(prefix)]
     assert states[:4] == ["starting", "streaming", "reconnecting", "streaming"]
     assert cam.state == "stopped"
-    assert opener.kwargs == {"fps": None, "loop": True, "width": None, "height": None}
+    assert opener.kwargs == {"fps": None, "loop": True, "width": None, "height": None, "max_pixels": 16_000_000}
     if then == "none":
         assert all(s.closed for s in opener.sources)
 
@@ -322,9 +322,9 @@ def test_camera_with_unopenable_spec_keeps_retrying(tmp_path):
     spec = str(tmp_path / "missing.mp4")
     cam = Camera(CameraConfig(source=spec, stall_timeout_s=0.3, backoff_initial_s=0.01, backoff_max_s=0.05))
     with cam:
-        assert _wait_until(lambda: cam.status()["reconnects"] >= 3)
+        assert _wait_until(lambda: cam.status().reconnects >= 3)
         assert cam.state == "reconnecting"
-        assert "missing.mp4" in cam.status()["last_error"]
+        assert "missing.mp4" in cam.status().last_error
         assert cam.latest() is None
     assert cam.state == "stopped"
 
@@ -333,8 +333,8 @@ def test_camera_streams_a_real_video_file_as_rgb(red_video):
     with Camera(CameraConfig(source=str(red_video), fps=100, stall_timeout_s=2)) as cam:
         frame = cam.wait_frame(0, timeout_s=10)
         assert frame is not None and _is_red(frame.rgb)
-        assert _wait_until(lambda: cam.status()["frames_total"] > 6)  # past the end: looped
-        assert cam.status()["reconnects"] == 0 and cam.status()["fps"] > 0
+        assert _wait_until(lambda: cam.status().frames_total > 6)  # past the end: looped
+        assert cam.status().reconnects == 0 and cam.status().fps > 0
 
 
 def test_jpeg_decoded_at_reduced_scale_keeps_both_sides_above_the_minimum():

@@ -9,10 +9,10 @@ import sys
 from .conftest import ROOT
 
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
-LAYERS = ("errors", "procstat", "config", "results", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
+LAYERS = ("errors", "procstat", "jsonfile", "config", "results", "status", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
           "items", "index", "index_writer", "store", "catalog", "build_pool", "catalog_service", "trigger",
-          "camera_sources", "camera", "lookup", "metrics", "history", "mqtt_auth", "events", "push", "appliance",
-          "demo", "web.common", "web.hosts", "web.page", "web.stream", "web.sse", "web.api", "web", "__main__")
+          "camera_sources", "camera", "lookup", "metrics", "history", "mqtt_auth", "events", "push", "recorder",
+          "camera_loop", "appliance", "demo", "wiring", "systemd", "web.services", "web.common", "web.hosts", "web.page", "web.stream", "web.sse", "web.api", "web", "__main__")
 MAX_LINES = 450
 
 
@@ -77,3 +77,31 @@ def test_device_never_imports_tensorflow_keras_torch_ray_or_the_converter():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def protocol_mismatches(protocol: type, implementation) -> list[str]:
+    """Where ``implementation`` (a class or an object) differs from ``protocol``: a missing method or attribute,
+    or a method whose parameters (names, kinds, defaults) are not the protocol's."""
+    import inspect
+    out = []
+    members = [n for n in vars(protocol) if not n.startswith("_")] + list(getattr(protocol, "__annotations__", {}))
+    for name in dict.fromkeys(members):
+        want = getattr(protocol, name, None)
+        if not callable(want):  # a data attribute: an instance must have it
+            if not isinstance(implementation, type) and not hasattr(implementation, name):
+                out.append(f"no attribute {name}")
+            continue
+        got = getattr(implementation, name, None)
+        if got is None or not callable(got):
+            out.append(f"no method {name}")
+            continue
+        strip = lambda sig: [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name != "self"]
+        if strip(inspect.signature(got)) != strip(inspect.signature(want)):
+            out.append(f"{name}{inspect.signature(got)} is not {name}{inspect.signature(want)}")
+    return out
+
+
+def test_the_appliance_is_what_the_web_layer_calls():
+    from device.appliance import Appliance
+    from device.web.services import Services
+    assert protocol_mismatches(Services, Appliance) == []

@@ -3,8 +3,8 @@
 ``create_app(config, appliance)`` registers four blueprints — the page (``page.py``), the live view
 (``stream.py``), the event stream (``sse.py``) and the JSON API (``api.py``) — and keeps the appliance in
 ``app.extensions["appliance"]``.
-The appliance is ``device.appliance.Appliance`` (its methods are what the routes call); tests/test_web.py
-passes a fake with the same methods, so the HTTP layer is tested without a camera or a model.
+What the routes call is written once, in ``services.Services``: ``device.appliance.Appliance`` satisfies it, and
+tests/test_web.py drives the routes with a fake that does too (and tests/test_service.py with a real appliance).
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
 ``{"error": "..."}``: InputError → 400 (or its 409/413/415), BusyError → 503 + Retry-After, DiskFullError →
@@ -15,8 +15,6 @@ nosniff / CSP / frame-deny headers, and a POST or DELETE from another site's pag
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 import flask
 from werkzeug.exceptions import HTTPException
 
@@ -24,11 +22,10 @@ from device.config import WebConfig
 from device.errors import ApplianceError, BusyError, DiskFullError, InputError
 
 from . import api, page, sse, stream
-from .common import THREADS_KEPT_FOR_API, error
+from .common import THREADS_KEPT_FOR_API, StreamSlots, error
 from .hosts import allowed_hosts, host_checker
+from .services import Services
 
-if TYPE_CHECKING:  # the web layer never imports model code at run time
-    from device.appliance import Appliance
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +109,7 @@ def _same_origin() -> flask.Response | None:
     return None
 
 
-def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
+def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
     """The Flask app of the appliance: the page, the MJPEG live view and the JSON API."""
     app = flask.Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
@@ -122,6 +119,7 @@ def create_app(config: WebConfig, appliance: "Appliance") -> flask.Flask:
     app.json.sort_keys = False  # keep the LookupResult key order readable
     app.extensions["appliance"] = appliance
     app.extensions["web_config"] = config
+    app.extensions["stream_slots"] = StreamSlots(app.config["MAX_STREAMS"])
     _register_errors(app, config)
 
     app.before_request(host_checker(allowed_hosts(config)))  # first: nothing runs for a foreign Host

@@ -3,14 +3,13 @@ enrol and remove behind the bearer token)."""
 from __future__ import annotations
 
 import hmac
-from pathlib import PurePosixPath
 
 import flask
 
 from device.metrics import CONTENT_TYPE
 from device.results import LookupResult
 
-from .common import appliance, entry_json, error, web_config, with_thumbnails
+from .common import appliance, entry_json, error, names_not_paths, web_config, with_thumbnails
 
 bp = flask.Blueprint("api", __name__)
 
@@ -45,25 +44,10 @@ def _require_token() -> flask.Response | None:
     return None
 
 
-def _names_not_paths(status: dict) -> dict:
-    """The health document with every absolute file path it mentions cut to its file name: anyone on the
-    LAN may read /api/health, and the layout of the device's disk is none of their business."""
-    paths = [(status.get("bundle") or {}).get("path"), status.get("index", {}).get("path"),
-             status.get("enrolled", {}).get("store"), status.get("camera", {}).get("spec")]
-    names = {p: PurePosixPath(p).name for p in paths
-             if isinstance(p, str) and p.startswith("/") and not p.startswith("/dev/")}
-
-    def scrub(value):
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        if isinstance(value, str):
-            for path in sorted(names, key=len, reverse=True):
-                value = value.replace(path, names[path])
-        return value
-
-    return scrub(status)
+def _public(document: dict, paths: list) -> dict:
+    """``document`` as anyone may see it: whole with the bearer token, else with the file ``paths`` it
+    mentions cut to their names."""
+    return document if _has_token() else names_not_paths(document, paths)
 
 
 def _uploaded_image() -> bytes:
@@ -79,9 +63,10 @@ def _uploaded_image() -> bytes:
 def health() -> flask.Response:
     """Camera, bundle, index, verification and uptime; 200 when ``ok``, else 503. File paths are shown
     only with the bearer token."""
-    status = appliance().health()
-    response = flask.jsonify(status if _has_token() else _names_not_paths(status))
-    response.status_code = 200 if status.get("ok") is True else 503
+    health = appliance().health()
+    paths = [health.bundle.get("path"), health.index.path, health.enrolled.get("store"), health.camera.spec]
+    response = flask.jsonify(_public(health.to_json(), paths))
+    response.status_code = 200 if health.ok else 503
     return response
 
 
@@ -90,7 +75,7 @@ def status() -> flask.Response:
     """The page's status panel, polled every few seconds: camera, trigger, lookups/min, last error, CPU/RSS,
     index, verification, latest lookup (file paths cut to names without the bearer token, as in health)."""
     body = appliance().status()
-    response = flask.jsonify(body if _has_token() else _names_not_paths(body))
+    response = flask.jsonify(_public(body.to_json(), [body.camera.spec]))
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -184,7 +169,8 @@ def catalog_list() -> flask.Response:
 
 @bp.post("/api/catalog")
 def catalog_add() -> tuple[flask.Response, int] | flask.Response:
-    """Enrol an item (multipart ``image`` + ``label`` (+ ``id``)); needs the bearer token."""
+    """Enrol an item (multipart ``image`` + ``label`` (+ ``id``)); needs the bearer token. 202: committed to
+    the catalog store, indexed in the background."""
     denied = _require_token()
     if denied is not None:
         return denied
@@ -193,8 +179,7 @@ def catalog_add() -> tuple[flask.Response, int] | flask.Response:
     if not label:
         return error(400, "missing form field 'label'")
     item_id = flask.request.form.get("id", "").strip() or None
-    outcome = appliance().enrol(data, label, item_id)
-    return flask.jsonify(outcome), 201 if outcome.get("status") == "done" else 202
+    return flask.jsonify(appliance().enrol(data, label, item_id)), 202
 
 
 @bp.post("/api/catalog/camera")

@@ -3,6 +3,7 @@ answers, and a lookup's JSON with the page's URLs."""
 from __future__ import annotations
 
 import threading
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
 import flask
@@ -10,14 +11,14 @@ import flask
 from device.config import WebConfig
 from device.history import Entry, decision
 
+from .services import Services
+
 if TYPE_CHECKING:  # the web layer never imports model code at run time
-    from device.appliance import Appliance
     from device.results import LookupResult
 
 # Each open MJPEG stream or event stream holds one waitress worker thread for as long as it is open; together
 # they take at most threads - 2, so two threads always stay free for the API (config.web.threads is at least 4).
 THREADS_KEPT_FOR_API = 2
-_slots_lock = threading.Lock()
 
 
 def error(status: int, message: str, **headers: str) -> flask.Response:
@@ -28,7 +29,7 @@ def error(status: int, message: str, **headers: str) -> flask.Response:
     return response
 
 
-def appliance() -> "Appliance":
+def appliance() -> Services:
     """The appliance of the current app."""
     return flask.current_app.extensions["appliance"]
 
@@ -38,24 +39,56 @@ def web_config() -> WebConfig:
     return flask.current_app.extensions["web_config"]
 
 
-def take_stream_slot(gauge) -> Callable[[], None] | None:
-    """One of the app's ``MAX_STREAMS`` slots for a long-lived answer (live views and event streams share them),
-    counted on ``gauge`` (a metrics gauge of open streams); returns its release (safe to call more than once),
-    or None when every slot is taken."""
-    metrics = appliance().metrics
-    with _slots_lock:
-        open_now = metrics.value("appliance_http_streams_open") + metrics.value("appliance_http_event_streams_open")
-        if open_now >= flask.current_app.config["MAX_STREAMS"]:
-            return None
-        gauge.inc()
-    released = threading.Event()
+class StreamSlots:
+    """The slots of one app's long-lived answers (live views and event streams share them: each holds a waitress
+    thread): at most ``limit`` open, each counted on its metrics gauge too."""
 
-    def release() -> None:
-        with _slots_lock:  # close() may be called more than once: count the stream out exactly once
-            if not released.is_set():
-                released.set()
-                gauge.dec()
-    return release
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def take(self, gauge) -> Callable[[], None] | None:
+        """A slot counted on ``gauge``; returns its release (safe to call more than once), or None when every
+        slot is taken."""
+        with self._lock:
+            if self._open >= self.limit:
+                return None
+            self._open += 1
+            gauge.inc()
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:  # close() may be called more than once: count the stream out exactly once
+                if not released.is_set():
+                    released.set()
+                    self._open -= 1
+                    gauge.dec()
+        return release
+
+
+def take_stream_slot(gauge) -> Callable[[], None] | None:
+    """One of the current app's stream slots (see StreamSlots), or None when every one is taken."""
+    return flask.current_app.extensions["stream_slots"].take(gauge)
+
+
+def names_not_paths(document: dict, paths: list) -> dict:
+    """``document`` with every absolute file path of ``paths`` it mentions cut to its file name: anyone on the
+    LAN may read the health and the status, and the layout of the device's disk is none of their business."""
+    names = {p: PurePosixPath(p).name for p in paths
+             if isinstance(p, str) and p.startswith("/") and not p.startswith("/dev/")}
+
+    def scrub(value):
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, str):
+            for path in sorted(names, key=len, reverse=True):
+                value = value.replace(path, names[path])
+        return value
+
+    return scrub(document)
 
 
 def with_thumbnails(body: dict) -> dict:

@@ -16,18 +16,26 @@ from typing import Callable, Iterator
 
 import flask
 
-from device.push import PushEvent, Stream
+from pydantic import BaseModel
 
-from .common import appliance, entry_json, error, take_stream_slot
+from device.push import PushEvent, Stream
+from device.status import Status
+
+from .common import appliance, entry_json, error, names_not_paths, take_stream_slot
 
 bp = flask.Blueprint("sse", __name__)
 _GONE_CHECK_S = 0.5  # how often a waiting stream asks waitress whether its page closed it
 
 
 def _data(event: PushEvent) -> dict:
-    """The event's JSON: a finished lookup as its history entry (with the page's URLs), else as given."""
+    """The event's JSON: a finished lookup as its history entry (with the page's URLs); the status with its
+    camera's file path cut to a name (an event stream carries no bearer token); else as given."""
     if event.kind == "lookup_finished":
         return entry_json(event.data)
+    if isinstance(event.data, Status):
+        return names_not_paths(event.data.to_json(), [event.data.camera.spec])
+    if isinstance(event.data, BaseModel):
+        return event.data.model_dump(mode="json")
     return event.data
 
 

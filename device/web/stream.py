@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import flask
 
 from .common import appliance, error, take_stream_slot, web_config
+from .services import Services
 
-if TYPE_CHECKING:
-    from device.appliance import Appliance
 
 bp = flask.Blueprint("stream", __name__)
 
@@ -17,7 +16,7 @@ _STREAM_KEEPALIVE_S = 2.0  # with a stalled camera the last frame is re-sent thi
 _FIRST_FRAME_WAIT_S = 1.0  # how long /stream.mjpg waits for a first frame before answering 503
 
 
-def _mjpeg(first: tuple[int, bytes], source: "Appliance", interval_s: float) -> Iterator[bytes]:
+def _mjpeg(first: tuple[int, bytes], source: Services, interval_s: float) -> Iterator[bytes]:
     """multipart/x-mixed-replace parts, at most one per ``interval_s``.
 
     When no new frame arrives within the keep-alive time the last frame is sent again: writing is the

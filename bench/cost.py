@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--pairs", type=int, default=150, help="interleaved rounds")
     args = ap.parse_args(argv)
-    from device.catalog import ItemMaker, build_index
-    from device.config import IndexConfig, RecognitionConfig
+    from device import wiring
+    from device.config import BuildConfig, Config, IndexConfig, RecognitionConfig
     from device.encoder import Encoder
     from device.images import decode_image
     from device.index import CatalogIndex
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = Encoder.from_bundle(args.bundle, num_threads=2)
     path = CACHE / "cost" / enc.manifest.name
     t0 = time.perf_counter()
-    build_index(data.catalog, ItemMaker(enc, rc, IndexConfig().thumbnail_px), path, n_trees=10, progress=False)
+    wiring.build_catalog(Config(recognition=rc, build=BuildConfig(workers=1)), enc, data.catalog, path)
     build_s = time.perf_counter() - t0
     idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=IndexConfig().search_k,
                             require_features=True)

@@ -81,15 +81,11 @@ def _publisher(port: int, device_id: str, queue_size: int = 1000) -> MqttPublish
 
 def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
     """Interleaved lookups with and without publish_lookup after each."""
-    from device.images import encode_jpeg
-    from device.catalog import build_index
-    from device.views import camera_view
+    from device import wiring
+    from device.config import BuildConfig, Config, IndexConfig, RecognitionConfig
     from device.demo import shipped_photos
-    from device.encoder import Encoder
-    from device.catalog import ItemMaker
-    from device.config import DEFAULT_BUNDLE, IndexConfig, RecognitionConfig
-    from device.index_writer import IndexHolder
-    from device.lookup import Lookup
+    from device.images import encode_jpeg
+    from device.views import camera_view
     photos = shipped_photos()
     cat = work / "catalog"
     cat.mkdir()
@@ -99,11 +95,11 @@ def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
     frames = [camera_view(photos[CATALOG[i % len(CATALOG)]], "perspective", rng) for i in range(12)]
     pub = _publisher(port, "solo")
     sub = Counter(port, "fleet/solo/lookup")
-    global_only = RecognitionConfig(enrol_views=[], features=False, verify=False)  # the fastest lookup
-    with Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=2) as enc:
-        build_index(cat, ItemMaker(enc, global_only, 160), work / "index", n_trees=10, progress=False)
-        holder = IndexHolder(IndexConfig(path=work / "index", search_k=5000), expected_bundle_sha256=enc.sha256)
-        lookup = Lookup(enc, holder, global_only, top_k=5)
+    cfg = Config(recognition=RecognitionConfig(enrol_views=[], features=False, verify=False),  # the fastest lookup
+                 index=IndexConfig(path=work / "index"), build=BuildConfig(workers=1))
+    with wiring.load(cfg) as enc:
+        wiring.build_catalog(cfg, enc, cat)
+        lookup = wiring.build_lookup(cfg, enc, wiring.open_index(cfg, enc))
         for f in frames[:4]:
             lookup.lookup_rgb(f, source="camera")  # warm-up
         bare, attached, calls = [], [], []
@@ -120,7 +116,7 @@ def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
                 calls.append(t2 - t1)
             else:
                 bare.append(t1 - t0)
-        holder.close()
+        lookup.index.close()
     _wait(lambda: sub.n >= pairs, 10)
     out = {"pairs": pairs, "lookup_ms_median": round(statistics.median(bare) * 1e3, 3),
            "lookup_plus_publish_ms_median": round(statistics.median(attached) * 1e3, 3),

@@ -10,19 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-from device.__main__ import _parser, _with_listen_flags, page_urls
-from device.appliance import Appliance
-from device.catalog import ItemMaker, build_index
-from device.config import Config, HistoryConfig, IndexConfig, RecognitionConfig, WebConfig
+from device.__main__ import _parser, _with_listen_flags
+from device.systemd import page_urls
+from device.config import Config, HistoryConfig, RecognitionConfig, WebConfig
 from device.errors import ConfigError
 from device.history import CSV_COLUMNS, History
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
-from device.lookup import Lookup
 from device.results import Candidate, LookupResult
 from device.verify import extract, match_homography, region
 from device.web import create_app
-from .conftest import catalog_service
+from .conftest import make_appliance
 
 from .conftest import view
 from .test_reliability import small_catalog  # noqa: F401 - the fixture
@@ -155,12 +152,7 @@ def test_region_maps_the_catalog_corners_into_the_query_frame(photos):
 
 @pytest.fixture()
 def appliance(tmp_path, catalog_dir, encoder):
-    recognition = RecognitionConfig()
-    build_index(catalog_dir, ItemMaker(encoder, recognition, 160), tmp_path / "index", n_trees=10, progress=False)
-    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3),
-                    catalog=catalog_service(tmp_path, holder, ItemMaker(encoder, recognition, 160)), camera=None,
-                    trigger=None, history=History(HistoryConfig(dir=tmp_path / "history")))
+    app = make_appliance(tmp_path, encoder, catalog_dir, index={"top_k": 3})
     yield app
     app.stop()
 

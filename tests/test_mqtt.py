@@ -20,8 +20,9 @@ from device.config import MqttConfig, WebhookConfig, load_config
 from device.errors import ConfigError
 from device.events import MqttPublisher, WebhookNotifier
 from device.results import Candidate, LookupResult
+from device.status import CameraStatus, Health, IndexHealth
 
-from .conftest import ROOT, view, catalog_service
+from .conftest import ROOT, make_appliance, view
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -99,8 +100,9 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
     try:
         wait_until(lambda: live.client.is_connected(), 5, "the subscriber")
         time.sleep(0.2)  # the live subscription is in place before the first event
-        pub.publish_health({"ok": True, "camera": {"state": "streaming", "fps": 9.8},
-                            "index": {"size": 14, "generation": "g1"}, "uptime_s": 3.0})
+        pub.publish_health(Health(ok=True, camera=CameraStatus(state="streaming", fps=9.8), bundle={},
+                                  index=IndexHealth(size=14, generation="g1", path="/x", n_trees=10, search_k=5000),
+                                  verification={}, adaptation={}, uptime_s=3.0, enrolled={}))
         pub.publish_lookup(result("rocket"))
         pub.publish_lookup(result(None, source="upload"))
         events = wait_until(lambda: len(live.on("edge-retrieval/shelf/lookup")) == 2 and live.on(
@@ -160,18 +162,10 @@ def test_the_home_assistant_button_requests_a_lookup(broker):
 
 
 def test_the_appliance_publishes_every_recorded_lookup_and_counts_in_metrics(broker, tmp_path, catalog_dir, encoder, photos):
-    from device.appliance import Appliance
-    from device.catalog import ItemMaker, build_index
-    from device.config import IndexConfig, RecognitionConfig
-    from device.index_writer import IndexHolder
-    from device.lookup import Lookup
-    maker = ItemMaker(encoder, RecognitionConfig(), 160)
-    build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
-    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
     live = Subscriber(broker.port, "edge-retrieval/shelf/lookup")
-    pub = connected(MqttPublisher(publisher_config(broker.port)).start())
-    app = Appliance(lookup=Lookup(encoder, holder, RecognitionConfig(), top_k=3),
-                    catalog=catalog_service(tmp_path, holder, maker), camera=None, trigger=None, sinks=[pub])
+    app = make_appliance(tmp_path, encoder, catalog_dir, mqtt=publisher_config(broker.port), index={"top_k": 3})
+    (pub,) = app.recorder.sinks  # the publisher that mqtt.enabled wires, started
+    connected(pub)
     try:
         time.sleep(0.2)
         app.query_image(encode_jpeg(view(photos, "chelsea", "perspective", seed=4)), source="upload")

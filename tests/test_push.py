@@ -5,38 +5,32 @@ only; every wait is bounded."""
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import socket
-import threading
 import time
 
 import pytest
 
-from device.appliance import Appliance
-from device.catalog import ItemMaker, build_index
-from device.config import HistoryConfig, IndexConfig, SseConfig, WebConfig
-from device.history import History
+from device.config import SseConfig, WebConfig
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
-from device.lookup import Lookup
 from device.push import PushHub, status_digest
+from device.status import Status
 from device.web import WAITRESS_LOOKAHEAD, create_app
 
-from .conftest import catalog_service, view
+from .conftest import make_appliance, view
 from .test_reliability import FAST
 from .test_web import waitress_server  # noqa: F401 - the fixture
 
 TOKEN = "s3cret-token"
 
 
-def _status(**changes) -> dict:
+def _status(**changes) -> Status:
     s = {"camera": {"state": "streaming", "fps": 9.8}, "trigger": {"enabled": True, "armed": False},
          "looking_up": False, "lookups_per_min": 0, "last_error": None,
          "process": {"cpu_percent": 12.0, "rss_mb": 150.0}, "index": {"size": 3, "generation": "gen-1"},
          "verification": {"enabled": True}, "latest": {"n": None}, "uptime_s": 1.0}
     s.update(changes)
-    return s
+    return Status.model_validate(s)
 
 
 def test_a_client_that_stops_reading_never_blocks_publishing_and_is_disconnected():
@@ -55,7 +49,8 @@ def test_a_client_that_stops_reading_never_blocks_publishing_and_is_disconnected
 
 def test_the_status_is_sent_when_what_the_page_shows_changes_and_the_catalog_too():
     current = {"status": _status()}
-    hub = PushHub(SseConfig(status_check_s=0.05), status=lambda: current["status"])
+    hub = PushHub(SseConfig(status_check_s=0.05))
+    hub.watch(lambda: current["status"])
     stream = hub.open()
     first = stream.next(1)
     assert [e.kind for e in first] == ["status"]  # a new stream starts with the current status
@@ -63,12 +58,12 @@ def test_the_status_is_sent_when_what_the_page_shows_changes_and_the_catalog_too
     current["status"] = _status(uptime_s=5.0, camera={"state": "streaming", "fps": 10.1},
                                 process={"cpu_percent": 14.0, "rss_mb": 151.0})
     assert status_digest(current["status"]) == status_digest(_status())
-    current["status"] = _status(camera={"state": "reconnecting", "fps": None})
+    current["status"] = _status(camera={"state": "reconnecting", "fps": 0.0})
     events = _collect(stream, lambda evs: any(e.kind == "status" for e in evs))
-    assert events[-1].data["camera"]["state"] == "reconnecting"
-    current["status"] = _status(camera={"state": "reconnecting", "fps": None}, index={"size": 4, "generation": "gen-2"})
+    assert events[-1].data.camera.state == "reconnecting"
+    current["status"] = _status(camera={"state": "reconnecting", "fps": 0.0}, index={"size": 4, "generation": "gen-2"})
     events = _collect(stream, lambda evs: any(e.kind == "catalog_changed" for e in evs))
-    assert [e.data for e in events if e.kind == "catalog_changed"] == [{"size": 4, "generation": "gen-2"}]
+    assert [e.data.model_dump() for e in events if e.kind == "catalog_changed"] == [{"size": 4, "generation": "gen-2"}]
     stream.close()
     hub.close()
 
@@ -86,13 +81,9 @@ def _collect(stream, done, timeout_s: float = 10.0) -> list:
 
 @pytest.fixture()
 def appliance(tmp_path, catalog_dir, encoder):
-    maker = ItemMaker(encoder, FAST, 160)
-    build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
-    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, FAST, top_k=3),
-                    catalog=catalog_service(tmp_path, holder, maker).start(),  # its worker indexes enrolments
-                    camera=None, trigger=None, history=History(HistoryConfig(dir=tmp_path / "h")),
-                    sse=SseConfig(stream_max_s=30, heartbeat_s=0.5, status_check_s=0.1, queue_size=20))
+    app = make_appliance(tmp_path, encoder, catalog_dir, recognition=FAST, index={"top_k": 3},
+                         sse=SseConfig(stream_max_s=30, heartbeat_s=0.5, status_check_s=0.1, queue_size=20))
+    app.catalog.start()  # its worker indexes enrolments
     yield app
     app.stop()
 

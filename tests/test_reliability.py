@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.appliance import Appliance
-from device.catalog import ItemMaker, build_index
-from device.config import IndexConfig, RecognitionConfig, WebConfig
+from device.config import RecognitionConfig, WebConfig
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
-from device.lookup import Lookup
 from device.web import create_app
 
 from bench.serve import AUTH, TOKEN, Serve, bad_input_corpus
 
-from .conftest import OPEN_BUNDLE, view, catalog_service
+from .conftest import OPEN_BUNDLE, make_appliance, view
 
 # The fixtures here test HTTP and durability, not recognition: no catalog adaptation (it fits a projection on
 # synthetic views at every index build), with the decision thresholds calibrated for unadapted cosines.
@@ -38,12 +34,8 @@ def corpus(photos) -> dict[str, tuple[bytes, int, str]]:
 
 @pytest.fixture()
 def appliance(tmp_path, catalog_dir, encoder):
-    recognition = FAST
-    maker = ItemMaker(encoder, recognition, 160)
-    build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)
-    holder = IndexHolder(IndexConfig(path=tmp_path / "index", search_k=2000), expected_bundle_sha256=encoder.sha256)
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3), catalog=catalog_service(tmp_path, holder, maker),
-                    camera=None, trigger=None, max_parallel_uploads=1).start()
+    app = make_appliance(tmp_path, encoder, catalog_dir, recognition=FAST, index={"top_k": 3},
+                         web=WebConfig(max_parallel_uploads=1)).start()
     yield app
     app.stop()
 
@@ -59,12 +51,12 @@ def _post(client, url, data: bytes, headers=None, **fields):
 def _nothing_written(app, generation: str, tmp_path) -> None:
     enrolled = tmp_path / "enrolled"
     assert not enrolled.exists() or not [p for p in enrolled.rglob("*") if p.is_file()]
-    assert app.holder.current().generation == generation
+    assert app.catalog.holder.current().generation == generation
 
 
 def test_every_bad_upload_gets_its_exact_status_and_nothing_is_written(appliance, corpus, tmp_path):
     client = _client(appliance)
-    gen = appliance.holder.current().generation
+    gen = appliance.catalog.holder.current().generation
     for name, (data, status, words) in corpus.items():
         for url, fields in (("/api/query", {}), ("/api/catalog", {"label": "x", "id": f"t/{name}"})):
             r = _post(client, url, data, AUTH if url == "/api/catalog" else None, **fields)
@@ -77,9 +69,9 @@ def test_every_bad_upload_gets_its_exact_status_and_nothing_is_written(appliance
     # the device still answers, and the valid odd formats were enrolled under their ids
     assert client.get("/api/health").status_code == 200
     deadline = time.monotonic() + 30
-    while not appliance.holder.current().has("t/exif_rotated") and time.monotonic() < deadline:
+    while not appliance.catalog.holder.current().has("t/exif_rotated") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert appliance.holder.current().has("t/cmyk_jpeg")
+    assert appliance.catalog.holder.current().has("t/cmyk_jpeg")
 
 
 def test_exif_orientation_is_applied_before_the_lookup(appliance, photos, corpus):
@@ -93,7 +85,7 @@ def test_exif_orientation_is_applied_before_the_lookup(appliance, photos, corpus
                                      "trailing/", "a/-b", "界" * 200, "a/" + "界" * 41])
 def test_ids_follow_one_rule_and_a_bad_one_is_a_400_that_states_it(appliance, photos, tmp_path, item_id):
     client = _client(appliance)
-    gen = appliance.holder.current().generation
+    gen = appliance.catalog.holder.current().generation
     r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="Mug", id=item_id)
     assert r.status_code == 400, r.get_json()
     assert "invalid catalog id" in r.get_json()["error"] and "each part starts with" in r.get_json()["error"]
@@ -102,7 +94,7 @@ def test_ids_follow_one_rule_and_a_bad_one_is_a_400_that_states_it(appliance, ph
 
 def test_labels_and_form_fields_name_the_real_limit(appliance, photos, tmp_path):
     client = _client(appliance)
-    gen = appliance.holder.current().generation
+    gen = appliance.catalog.holder.current().generation
     r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="x" * 300, id="ok")
     assert r.status_code == 400 and "at most 200" in r.get_json()["error"]
     r = _post(client, "/api/catalog", encode_jpeg(photos["coffee"]), AUTH, label="x" * 600_000, id="ok")

@@ -20,17 +20,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from device.__main__ import http_probe, watchdog_check
-from device.appliance import Appliance
+from device.systemd import http_probe, watchdog_check
 from device.camera import Camera
-from device.catalog import ItemMaker, build_index
-from device.config import CameraConfig, IndexConfig, RecognitionConfig, WebConfig
-from device.index_writer import IndexHolder
-from device.lookup import Lookup
+from device.config import CameraConfig, RecognitionConfig, TriggerConfig, WebConfig
 
 from bench.serve import free_port
 
-from .conftest import OPEN_BUNDLE, ROOT, catalog_service
+from .conftest import OPEN_BUNDLE, ROOT, make_appliance
 from .test_web import waitress_server  # noqa: F401  (the shared fixture: a real waitress on a free port)
 
 SERVE_START_S = 120  # bundle load + index build of 14 photos on a busy 2-core machine
@@ -146,13 +142,9 @@ def test_half_open_connections_do_not_lock_out_the_api(served):
 
 @pytest.fixture()
 def appliance(tmp_path, catalog_dir, encoder, photos):
-    recognition = RecognitionConfig(enrol_views=[], features=False)
-    maker = ItemMaker(encoder, recognition, 160)
-    build_index(catalog_dir, maker, tmp_path / "index", n_trees=2, progress=False)
-    holder = IndexHolder(IndexConfig(path=tmp_path / "index"), expected_bundle_sha256=encoder.sha256)
-    camera = Camera(CameraConfig(source=str(frames_folder(tmp_path / "frames", photos)), fps=10))
-    app = Appliance(lookup=Lookup(encoder, holder, recognition, top_k=3),
-                    catalog=catalog_service(tmp_path, holder, maker), camera=camera, trigger=None).start()
+    app = make_appliance(tmp_path, encoder, catalog_dir, recognition=RecognitionConfig(enrol_views=[], features=False),
+                         index={"n_trees": 2, "top_k": 3}, trigger=TriggerConfig(enabled=False),
+                         camera=CameraConfig(source=str(frames_folder(tmp_path / "frames", photos)), fps=10)).start()
     yield app
     app.stop()
 
@@ -187,14 +179,14 @@ class BrokenTrigger:
 
 
 def test_watchdog_pings_a_healthy_appliance(appliance):
-    assert wait_for(lambda: appliance.camera.state == "streaming")
+    assert wait_for(lambda: appliance.camera_loop.camera.state == "streaming")
     ok, why = watchdog_check(appliance, web_ok)
     assert ok and "camera streaming" in why
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug is the point
 def test_watchdog_stops_when_the_camera_loop_thread_died(appliance):
-    appliance.trigger = BrokenTrigger()  # the next frame kills the loop thread
+    appliance.camera_loop.trigger = BrokenTrigger()  # the next frame kills the loop thread
     assert wait_for(lambda: not appliance.alive()[0])
     ok, why = watchdog_check(appliance, web_ok)
     assert not ok and "lookup loop is not running" in why
@@ -202,7 +194,7 @@ def test_watchdog_stops_when_the_camera_loop_thread_died(appliance):
 
 def test_watchdog_stops_when_the_camera_loop_is_stuck(appliance):
     release = threading.Event()
-    appliance.trigger = BrokenTrigger(block=release)
+    appliance.camera_loop.trigger = BrokenTrigger(block=release)
     try:
         assert wait_for(lambda: not appliance.alive(max_silence_s=1.0)[0])
         ok, why = appliance.alive(max_silence_s=1.0)
@@ -219,18 +211,18 @@ def test_watchdog_stops_when_the_camera_watchdog_is_gone_but_not_while_reconnect
         assert lost.alive() == (True, "camera reconnecting")
     finally:
         lost.stop()
-    appliance.camera.stop()
+    appliance.camera_loop.camera.stop()
     ok, why = watchdog_check(appliance, web_ok)
     assert not ok and "capture watchdog is not running" in why
 
 
 def test_watchdog_needs_an_answer_from_the_web_server(appliance, waitress_server):
     from device.web import create_app
-    assert wait_for(lambda: appliance.camera.state == "streaming")
+    assert wait_for(lambda: appliance.camera_loop.camera.state == "streaming")
     closed = free_port()
     ok, why = watchdog_check(appliance, http_probe("0.0.0.0", closed, timeout_s=1))
     assert not ok and f"127.0.0.1:{closed}/api/health" in why
-    appliance.camera.stop()  # health now answers 503: the server is up, and that is all this probe asks
+    appliance.camera_loop.camera.stop()  # health now answers 503: the server is up, and that is all this probe asks
     port = waitress_server(create_app(WebConfig(), appliance))
     assert http_probe("127.0.0.1", port, timeout_s=5)() == (True, "web server answers")
 

@@ -12,18 +12,18 @@ import time
 import numpy as np
 import pytest
 
-from device.appliance import Appliance
 from device.catalog import ItemMaker, build_index
 from device.catalog_service import CatalogService, migrate_enrolled_dir
 from device.config import CatalogConfig, IndexConfig, RecognitionConfig, WebConfig
 from device.errors import DiskFullError, StoreError
 from device.images import encode_jpeg
 from device.index_writer import IndexHolder, recover_index, write_index
-from device.lookup import Lookup
 from device.store import CatalogStore, hold_serve_lock
 from device.web import create_app
 
 from bench.serve import AUTH, TOKEN
+
+from .conftest import make_appliance
 
 CHEAP = RecognitionConfig(adapt=False, enrol_views=[], features=False, verify=False, decision=None,
                           accept_inliers=16, accept_score=0.74)
@@ -179,12 +179,12 @@ def test_damaged_generations_are_set_aside_never_deleted(tmp_path, kind):
 # ---------------------------------------------------------------------------------------------- the web layer
 
 @pytest.fixture()
-def appliance(state, encoder):
-    service = _service(state, encoder, max_pending_enrolments=1)  # the worker is not started: nothing drains
-    app = Appliance(lookup=Lookup(encoder, service.holder, CHEAP, top_k=3), catalog=service, camera=None,
-                    trigger=None)
-    yield app
-    service.stop()
+def appliance(state, encoder, tmp_path):
+    catalog, index, _, _ = state
+    app = make_appliance(tmp_path, encoder, recognition=CHEAP, index=index.model_copy(update={"top_k": 3}),
+                         catalog=catalog.model_copy(update={"max_pending_enrolments": 1}))
+    yield app  # not started: the catalog worker does not run, nothing drains
+    app.stop()
 
 
 def _post(client, url, data: bytes, headers=None, **fields):

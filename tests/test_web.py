@@ -14,10 +14,14 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from device.errors import CatalogIndexError, ImageError
+from device.errors import CatalogIndexError, ImageError, InputError
 from device.results import Candidate, LookupResult
-from device.config import WebConfig
+from device.config import SseConfig, WebConfig
 from device.metrics import Metrics
+from device.push import PushHub
+from device.status import (CameraStatus, Health, IndexHealth, IndexSummary, LatestLookup, ProcessStatus, Status,
+                           TriggerStatus)
+from device.web.services import Services
 from device.web import create_app, serve
 
 
@@ -35,11 +39,13 @@ COFFEE = jpeg_of(skimage.data.coffee())
 
 
 class FakeServices:
-    """Has the methods of device.appliance.Appliance that the web layer calls, with canned answers, and
-    records the calls."""
+    """The web layer's ``Services`` (device/web/services.py), as the real appliance has them, with canned
+    answers (camera states the real camera reports), recording the calls; no history, an idle push hub."""
 
     def __init__(self, *, camera: bool = True, ok: bool = True):
         self.ok = ok
+        self.history = None
+        self.push = PushHub(SseConfig())
         self.metrics = Metrics()
         self.metrics.lookups.labels("camera").inc(3)
         self.metrics.lookups.labels("upload").inc()
@@ -83,16 +89,28 @@ class FakeServices:
     def request_lookup(self) -> None:
         self.lookups_requested += 1
 
-    def health(self) -> dict:
+    def _camera(self) -> CameraStatus:
+        return CameraStatus(state="streaming" if self.ok else "reconnecting", spec="/dev/video0")
+
+    def health(self) -> Health:
         if self.explode:
             raise RuntimeError("boom")
-        return {
-            "ok": self.ok,
-            "camera": {"state": "running" if self.ok else "stalled"},
-            "bundle": {"name": "effnet-lite0", "quantization": "int8"},
-            "index": {"size": len(self.catalog), "generation": 3},
-            "uptime_s": 12.5,
-        }
+        return Health(ok=self.ok, camera=self._camera(), bundle={"name": "effnet-lite0", "quantization": "int8"},
+                      index=IndexHealth(size=len(self.catalog), generation="gen-000003", path="/var/lib/x/catalog",
+                                        n_trees=10, search_k=5000),
+                      verification={"enabled": False, "why": "fake"}, adaptation={"enabled": False}, uptime_s=12.5,
+                      enrolled={"store": "/var/lib/x/catalog.sqlite"})
+
+    def status(self) -> Status:
+        return Status(camera=self._camera(), trigger=TriggerStatus(enabled=False), looking_up=False,
+                      lookups_per_min=self.lookups_requested, process=ProcessStatus(),
+                      index=IndexSummary(size=len(self.catalog), generation="gen-000003"),
+                      verification={"enabled": False}, latest=LatestLookup(), uptime_s=12.5)
+
+    def enrol_frame(self, label: str, item_id: str | None) -> dict:
+        if not self.frames:
+            raise InputError("no camera frame to enrol (is the camera streaming?)", http_status=409)
+        return self.enrol(self.frames[-1][1], label, item_id)
 
     def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
         self.enrolled.append((data, label, item_id))
@@ -109,6 +127,11 @@ class FakeServices:
 
     def catalog_items(self) -> list[dict]:
         return [{"id": k, "label": v} for k, v in self.catalog.items()]
+
+
+def test_the_fake_is_what_the_web_layer_calls_as_the_appliance_is():
+    from .test_layout import protocol_mismatches
+    assert protocol_mismatches(Services, FakeServices()) == []
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
     app.json.sort_keys = False  # keep the LookupResult key order readable
     app.extensions["appliance"] = appliance
     app.extensions["web_config"] = config
-    app.extensions["stream_slots"] = StreamSlots(app.config["MAX_STREAMS"])
+    app.extensions["stream_slots"] = StreamSlots()
     _register_errors(app, config)
 
     app.before_request(host_checker(allowed_hosts(config)))  # first: nothing runs for a foreign Host

@@ -41,18 +41,17 @@ def web_config() -> WebConfig:
 
 class StreamSlots:
     """The slots of one app's long-lived answers (live views and event streams share them: each holds a waitress
-    thread): at most ``limit`` open, each counted on its metrics gauge too."""
+    thread), each counted on its metrics gauge too."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self) -> None:
         self._open = 0
         self._lock = threading.Lock()
 
-    def take(self, gauge) -> Callable[[], None] | None:
-        """A slot counted on ``gauge``; returns its release (safe to call more than once), or None when every
-        slot is taken."""
+    def take(self, gauge, limit: int) -> Callable[[], None] | None:
+        """A slot counted on ``gauge``; returns its release (safe to call more than once), or None when ``limit``
+        are open."""
         with self._lock:
-            if self._open >= self.limit:
+            if self._open >= limit:
                 return None
             self._open += 1
             gauge.inc()
@@ -68,8 +67,9 @@ class StreamSlots:
 
 
 def take_stream_slot(gauge) -> Callable[[], None] | None:
-    """One of the current app's stream slots (see StreamSlots), or None when every one is taken."""
-    return flask.current_app.extensions["stream_slots"].take(gauge)
+    """One of the current app's ``MAX_STREAMS`` stream slots (see StreamSlots), or None when every one is taken."""
+    app = flask.current_app
+    return app.extensions["stream_slots"].take(gauge, app.config["MAX_STREAMS"])
 
 
 def names_not_paths(document: dict, paths: list) -> dict:

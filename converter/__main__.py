@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .build import ConverterError
+    from .errors import ConverterError
     try:
         return {"build": _build, "report": _report, "sample-images": _sample_images,
                 "training-pool": _training_pool}[args.cmd](args)

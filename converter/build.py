@@ -17,16 +17,13 @@ from device.views import VIEW_KINDS, camera_view
 
 from . import report as report_mod
 from .autoencoder import build_autoencoder, train_autoencoder
+from .errors import ConverterError
 from .backbones import BackboneSpec, build_backbone
 from .export import to_tflite
 from .images import ImageSet
 from .layers import L2Normalize
 
 log = logging.getLogger(__name__)
-
-
-class ConverterError(Exception):
-    """A build that cannot go on, with a message for the user."""
 
 
 @dataclass

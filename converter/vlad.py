@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .build import ConverterError
+from .errors import ConverterError
 from .layers import L2Normalize
 
 log = logging.getLogger(__name__)

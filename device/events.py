@@ -61,7 +61,7 @@ def lookup_event(result: LookupResult, device_id: str) -> dict:
     m = result.match
     return {
         "device": device_id,
-        "decision": "match" if m is not None else "no_match",
+        "decision": result.decision,
         "id": m.id if m is not None else None,
         "label": m.label if m is not None else None,
         "score": round(float(m.score), 4) if m is not None else None,

@@ -58,12 +58,7 @@ class Entry:
     def to_json(self) -> dict:
         """The LookupResult's JSON with ``n``, ``decision`` ("match" | "no_match") and ``has_image``."""
         body = self.result.to_json()
-        return {"n": self.n, "decision": decision(self.result), "has_image": self.has_image, **body}
-
-
-def decision(result: LookupResult) -> str:
-    """The one spelling of a lookup's outcome: "match" or "no_match" (as in MQTT events and metrics)."""
-    return "match" if result.match is not None else "no_match"
+        return {"n": self.n, "decision": self.result.decision, "has_image": self.has_image, **body}
 
 
 class History:
@@ -224,7 +219,7 @@ class History:
             top = m if m is not None else (r.results[0] if r.results else None)
             writer.writerow([
                 entry.n, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.timestamp)), r.source,
-                decision(r), _cell(m.id) if m else "", _cell(m.label) if m else "",
+                r.decision, _cell(m.id) if m else "", _cell(m.label) if m else "",
                 "" if top is None or top.inliers is None else top.inliers,
                 "" if top is None else top.to_json()["rank_score"], "" if top is None else round(top.score, 4),
                 _cell(" ".join(f"{c.id}:{c.to_json()['rank_score']}" for c in r.results)),

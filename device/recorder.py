@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from .config import HistoryConfig, MqttConfig
-from .history import History, decision
+from .history import History
 from .metrics import Metrics
 from .push import PushHub
 from .results import LookupResult
@@ -56,7 +56,7 @@ class Recorder:
         self._summary["lookups"] += 1
         self._summary["matches"] += result.match is not None
         self.metrics.lookups.labels(result.source).inc()
-        self.metrics.outcomes.labels(decision(result)).inc()
+        self.metrics.outcomes.labels(result.decision).inc()
         self.metrics.lookup_ms.inc(result.timings_ms.get("total", 0.0))
         for sink in self.sinks:  # sinks only queue the event: they never block or raise
             sink.publish_lookup(result)

@@ -51,6 +51,11 @@ class LookupResult:
     timestamp: float = field(default_factory=time.time)
     match: Candidate | None = None
 
+    @property
+    def decision(self) -> str:
+        """The one spelling of the outcome: "match" or "no_match" (history, CSV, MQTT events, metrics)."""
+        return "match" if self.match is not None else "no_match"
+
     def to_json(self) -> dict:
         return {
             "match": self.match.to_json() if self.match is not None else None,

@@ -60,7 +60,8 @@ class IndexSummary(_Doc):
 
 
 class TriggerStatus(_Doc):
-    """Whether the motion/stillness trigger runs, and its last measurements (device/trigger.py)."""
+    """Whether the motion/stillness trigger runs, and its last measurements (device/trigger.py); its JSON
+    leaves out what was not measured."""
 
     enabled: bool
     motion: Optional[float] = None
@@ -98,7 +99,10 @@ class Health(_Doc):
 
     def to_json(self) -> dict:
         """The JSON document (no ``trigger`` key on an appliance without a trigger)."""
-        return self.model_dump(mode="json", exclude={"trigger"} if self.trigger is None else None)
+        out = self.model_dump(mode="json", exclude={"trigger"})
+        if self.trigger is not None:
+            out["trigger"] = self.trigger.model_dump(mode="json", exclude_none=True)
+        return out
 
 
 class Status(_Doc):
@@ -117,4 +121,4 @@ class Status(_Doc):
 
     def to_json(self) -> dict:
         """The JSON document."""
-        return self.model_dump(mode="json")
+        return {**self.model_dump(mode="json"), "trigger": self.trigger.model_dump(mode="json", exclude_none=True)}

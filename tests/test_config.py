@@ -68,3 +68,14 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     assert cfg.camera.source == str(tmp_path / "clips" / "door.avi")
     cfg = load_config(write(tmp_path, "camera:\n  source: rtsp://cam/stream\n"))
     assert cfg.camera.source == "rtsp://cam/stream"
+
+
+def test_a_key_that_moved_section_still_loads_from_an_older_config(tmp_path, caplog):
+    """web.max_pixels became images.max_pixels (it bounds every decoder, not only uploads): an older
+    config.yaml keeps its value, with a warning naming the new place; setting both is refused."""
+    with caplog.at_level("WARNING", logger="device.config"):
+        cfg = load_config(write(tmp_path, "web:\n  port: 8081\n  max_pixels: 2000000\n"))
+    assert cfg.images.max_pixels == 2_000_000 and cfg.web.port == 8081
+    assert "web.max_pixels is now images.max_pixels" in caplog.text
+    with pytest.raises(ConfigError, match="set only the latter"):
+        load_config(write(tmp_path, "web:\n  max_pixels: 2000000\nimages:\n  max_pixels: 3000000\n"))

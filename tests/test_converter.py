@@ -24,7 +24,8 @@ from converter import __main__ as cli  # noqa: E402
 from converter import effnet_lite  # noqa: E402
 from converter.autoencoder import build_autoencoder, train_autoencoder  # noqa: E402
 from converter.backbones import BackboneSpec, build_backbone  # noqa: E402
-from converter.build import ConverterError, descriptor_model, fit_pca, training_views  # noqa: E402
+from converter.build import descriptor_model, fit_pca, training_views  # noqa: E402
+from converter.errors import ConverterError  # noqa: E402
 from converter.export import to_tflite  # noqa: E402
 from converter.images import load_folder  # noqa: E402
 from converter.layers import GeM  # noqa: E402

@@ -105,3 +105,21 @@ def test_the_appliance_is_what_the_web_layer_calls():
     from device.appliance import Appliance
     from device.web.services import Services
     assert protocol_mismatches(Services, Appliance) == []
+
+
+def _readme_modules() -> list[str]:
+    """The modules of the README's table under "How a frame flows", in its order, as LAYERS names them."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## How a frame flows"):]
+    section = section[:section.index("\n## ", 3)]
+    out = []
+    for line in section.splitlines():
+        if line.startswith("| `") and line.count("|") >= 3:
+            path = line.split("`")[1]
+            name = path[:-len(".py")].replace("/__init__", "").replace("/", ".")
+            out.append(name)
+    return out
+
+
+def test_the_readme_module_table_lists_every_module_in_the_layer_order():
+    assert _readme_modules() == list(LAYERS)

@@ -23,7 +23,8 @@ pytest.importorskip("tensorflow")
 
 from converter import __main__ as cli  # noqa: E402
 from converter.backbones import BackboneSpec, build_backbone  # noqa: E402
-from converter.build import ConverterError, descriptor_model, fit_pca, training_views  # noqa: E402
+from converter.build import descriptor_model, fit_pca, training_views  # noqa: E402
+from converter.errors import ConverterError  # noqa: E402
 from converter.export import to_tflite  # noqa: E402
 from converter.vlad import ASSIGN_TARGET, VladPool, alpha_for, fit_vlad_head, vlad_hard  # noqa: E402
 from device.bundle import FORMAT_VERSION, InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import flask
 
 from device.config import WebConfig
-from device.history import Entry, decision
+from device.history import Entry
 
 from .services import Services
 
@@ -107,5 +107,5 @@ def entry_json(entry: Entry | LookupResult) -> dict:
         body["image_url"] = flask.url_for("api.history_image", n=entry.n) if entry.has_image else None
         return body
     body = with_thumbnails(entry.to_json())
-    return {"n": None, "decision": decision(entry), "has_image": False,
+    return {"n": None, "decision": entry.decision, "has_image": False,
             **body, "image_url": None}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.images import IMAGE_SUFFIXES, read_image
+from device.images import is_image_file, read_image
 from device.errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def training_pool_files(packages: tuple[str, ...] = TRAINING_PACKAGES) -> list[P
     except OSError:  # no dpkg: not a Debian system
         return []
     return sorted({Path(line) for line in listed.splitlines()
-                   if Path(line).suffix.lower() in IMAGE_SUFFIXES and Path(line).is_file()})
+                   if is_image_file(Path(line).name) and Path(line).is_file()})
 
 
 def link_training_pool(dest: Path) -> int:
@@ -73,8 +73,8 @@ def load_folder(folder: str | Path, *, limit: int | None = None) -> ImageSet:
     out = ImageSet([], [], folder=str(folder))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            out.skipped.append((rel, "not an image file type"))
+        if not is_image_file(path.name):
+            out.skipped.append((rel, "not an image file type (or hidden)"))
             continue
         try:
             img = read_image(path, MAX_PIXELS)

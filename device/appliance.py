@@ -21,7 +21,7 @@ from .lookup import Lookup
 from .procstat import CpuMeter, rss_mb
 from .recorder import Recorder
 from .results import LookupResult
-from .status import (ABSENT_CAMERA, ErrorInfo, Health, IndexHealth, IndexSummary, LatestLookup, ProcessStatus,
+from .status import (ABSENT_CAMERA, ErrorInfo, Health, IndexSummary, LatestLookup, ProcessStatus,
                      Status, TriggerStatus)
 
 REMOVE_WAIT_S = 30.0  # a DELETE answers once the index no longer has the item (or after this, committed anyway)
@@ -137,18 +137,12 @@ class Appliance:
     def health(self) -> Health:
         """Camera, bundle, index, verification, adaptation, catalog store, uptime; ``ok`` is False while the
         camera is not streaming."""
-        holder = self.catalog.holder
-        idx, cam, trigger = holder.current(), self._camera(), self._trigger()
+        cam, trigger = self._camera(), self._trigger()
         return Health(
             ok=self.camera_loop is None or cam.state == "streaming", camera=cam, bundle=self.lookup.encoder.info(),
-            index=IndexHealth(size=idx.size, generation=idx.generation, path=str(holder.path), n_trees=idx.n_trees,
-                              search_k=holder.config.search_k),
-            verification=self.lookup.verification_status(),
-            adaptation=idx.projection.describe() if idx.projection is not None else
-            {"enabled": False, "why": "recognition.adapt is false" if not self.lookup.recognition.adapt else
-             "the index was built without a catalog-adapted projection (rebuild it with `index build`)"},
-            uptime_s=round(time.time() - self.started, 1), trigger=trigger if trigger.enabled else None,
-            enrolled=self.catalog.health())
+            index=self.catalog.index_health(), verification=self.lookup.verification_status(),
+            adaptation=self.catalog.adaptation(), uptime_s=round(time.time() - self.started, 1),
+            trigger=trigger if trigger.enabled else None, enrolled=self.catalog.health())
 
     def status(self) -> Status:
         """What the page's status panel shows (small, cheap): camera, trigger, lookups in the last minute,

@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 from .camera import Camera, Frame
+from .config import WebConfig
 from .errors import ApplianceError
 from .images import encode_jpeg
 from .lookup import Lookup
@@ -22,13 +23,13 @@ class CameraLoop:
     """Feeds triggered frames (and frames asked for with :meth:`request_lookup`) to the shared Lookup."""
 
     def __init__(self, camera: Camera, trigger: Trigger | None, lookup: Lookup, recorder: Recorder, *,
-                 stream_quality: int):
-        """``stream_quality``: the live view's JPEG quality (``web.stream_quality``)."""
+                 web: WebConfig):
+        """``web.stream_quality``: the live view's JPEG quality."""
         self.camera = camera
         self.trigger = trigger
         self.lookup = lookup
         self.recorder = recorder
-        self.stream_quality = stream_quality
+        self.stream_quality = web.stream_quality
         self._on_turn: Callable[[], None] = lambda: None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

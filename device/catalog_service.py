@@ -30,6 +30,7 @@ from .errors import ApplianceError, BusyError, InputError
 from .images import decode_image, encode_jpeg
 from .index import CatalogIndex, CatalogItem
 from .index_writer import IndexHolder
+from .status import IndexHealth
 from .store import CatalogStore, StoredItem, ensure_free
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,20 @@ class CatalogService:
         ensure_free(self.store.path, change_bytes + (self._gen_bytes[1] if same else 0), self.config.min_free_mb)
         if not same:
             ensure_free(self.holder.path, self._gen_bytes[1], self.config.min_free_mb)
+
+    def index_health(self) -> IndexHealth:
+        """The live index: items, generation, folder, trees and search_k."""
+        idx = self.holder.current()
+        return IndexHealth(size=idx.size, generation=idx.generation, path=str(self.holder.path), n_trees=idx.n_trees,
+                           search_k=self.holder.config.search_k)
+
+    def adaptation(self) -> dict:
+        """The live generation's catalog-adapted projection, or why there is none."""
+        idx = self.holder.current()
+        if idx.projection is not None:
+            return idx.projection.describe()
+        return {"enabled": False, "why": "recognition.adapt is false" if not self.maker.recognition.adapt else
+                "the index was built without a catalog-adapted projection (rebuild it with `index build`)"}
 
     def health(self) -> dict:
         """The store, what waits, what the first replay did, what was set aside, the last error."""

@@ -104,7 +104,7 @@ def build_appliance(cfg: Config, encoder: Encoder, *, set_aside: list[dict] | No
     camera_loop = None
     if cfg.camera.source != "none":
         camera_loop = CameraLoop(Camera(cfg.camera, cfg.images), Trigger(cfg.trigger) if cfg.trigger.enabled else None,
-                                 lookup, recorder, stream_quality=cfg.web.stream_quality)
+                                 lookup, recorder, web=cfg.web)
     app = Appliance(lookup=lookup, catalog=catalog, recorder=recorder, camera_loop=camera_loop, web=cfg.web)
     for sink in sinks:  # the Home Assistant "look up now" button
         if hasattr(sink, "on_lookup_command"):

@@ -59,11 +59,11 @@ def appliance_config(tmp_path: Path, **sections):
     return Config(**base)
 
 
-def make_appliance(tmp_path: Path, encoder, catalog: Path | None = None, **sections):
-    """A test appliance built by the public wiring (device/wiring.py), not started; ``catalog``: a folder indexed
-    first, as ``index build`` would."""
+def make_appliance(tmp_path: Path, encoder, folder: Path | None = None, **sections):
+    """A test appliance built by the public wiring (device/wiring.py), not started; ``folder``: a catalog folder
+    indexed first, as ``index build`` would."""
     from device.wiring import build_appliance, build_catalog
     cfg = appliance_config(tmp_path, **sections)
-    if catalog is not None:
-        build_catalog(cfg, encoder, catalog)
+    if folder is not None:
+        build_catalog(cfg, encoder, folder)
     return build_appliance(cfg, encoder)

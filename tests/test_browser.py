@@ -179,7 +179,10 @@ def test_a_phone_sized_viewport_has_no_horizontal_scroll(server, driver):
         driver.get(_url(server))
         _wait(driver, lambda d: _history_size(d) >= 1 and d.find_elements(By.CSS_SELECTOR, "#status-panel dd"),
               "the page to fill in")
-        driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
+        summary = driver.find_element(By.CSS_SELECTOR, "#catalog summary")
+        # at the foot of a phone screen, and the panels above it still fill in: bring it to the middle first
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", summary)
+        summary.click()
         _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .card"), "catalog thumbnails")
         time.sleep(0.5)
         width, inner = driver.execute_script(

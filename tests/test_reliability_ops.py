@@ -196,8 +196,8 @@ def test_watchdog_stops_when_the_camera_loop_is_stuck(appliance):
     release = threading.Event()
     appliance.camera_loop.trigger = BrokenTrigger(block=release)
     try:
-        assert wait_for(lambda: not appliance.alive(max_silence_s=1.0)[0])
-        ok, why = appliance.alive(max_silence_s=1.0)
+        assert wait_for(lambda: not appliance.camera_loop.alive(max_silence_s=1.0)[0])
+        ok, why = appliance.camera_loop.alive(max_silence_s=1.0)
         assert "stuck" in why
     finally:
         release.set()

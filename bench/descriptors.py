@@ -23,7 +23,7 @@ def encode(out: Path, bundle: Path, images: list[Path]) -> dict:
     from device.encoder import Encoder
     with Encoder.from_bundle(bundle, num_threads=2) as enc:
         vecs = np.stack([enc.embed(read_image(p)) for p in images])
-        runtime = enc.info().get("runtime", "?")
+        runtime = enc.info().runtime
     meta = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
             "runtime": str(runtime)}
     np.savez(out, names=np.array([p.name for p in images]), vectors=vecs, meta=json.dumps(meta))

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CONFIG).model_copy(update={"recognition": global_only(), "build": BuildConfig(workers=1)})
     data = prepare_data()
     enc = Encoder.from_bundle(DEFAULT_BUNDLE, num_threads=s["num_threads"])
-    log(f"default bundle {enc.manifest.name}: {enc.info()['backbone']} {enc.manifest.quantization}, runtime "
+    log(f"default bundle {enc.manifest.name}: {enc.info().backbone} {enc.manifest.quantization}, runtime "
         f"{enc.runtime}, {s['num_threads']} interpreter threads; config n_trees {s['n_trees']}, search_k "
         f"{s['search_k']}, top_k {s['top_k']}; {os.cpu_count()} CPU cores")
     qbytes = data["queries"]

@@ -30,7 +30,7 @@ from .errors import ApplianceError, BusyError, InputError
 from .images import decode_image, encode_jpeg
 from .index import CatalogIndex, CatalogItem
 from .index_writer import IndexHolder
-from .status import IndexHealth
+from .status import CatalogHealth, IndexHealth
 from .store import CatalogStore, StoredItem, ensure_free
 
 log = logging.getLogger(__name__)
@@ -252,15 +252,16 @@ class CatalogService:
         return {"enabled": False, "why": "recognition.adapt is false" if not self.maker.recognition.adapt else
                 "the index was built without a catalog-adapted projection (rebuild it with `index build`)"}
 
-    def health(self) -> dict:
+    def health(self) -> CatalogHealth:
         """The store, what waits, what the first replay did, what was set aside, the last error."""
         first = self.first
-        return {"store": str(self.store.path), "seq": self.store.seq(), "applied_seq": self.applied_seq(),
-                "pending": self.pending(), **self.store.counts(), "last_error": self.last_error,
-                "reconciled_at_start": None if first is None else len(first.enrolled),
-                "removals_applied_at_start": None if first is None else len(first.removed),
-                "skipped": [] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
-                "migrated": self.migrated, "set_aside": self.set_aside}
+        return CatalogHealth(
+            store=str(self.store.path), seq=self.store.seq(), applied_seq=self.applied_seq(), pending=self.pending(),
+            **self.store.counts(), last_error=self.last_error,
+            reconciled_at_start=None if first is None else len(first.enrolled),
+            removals_applied_at_start=None if first is None else len(first.removed),
+            skipped=[] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
+            migrated=self.migrated, set_aside=self.set_aside)
 
 
 def _device(path: Path) -> int:

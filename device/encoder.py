@@ -16,6 +16,7 @@ import numpy as np
 from .bundle import Manifest, load_manifest, model_path, needs_normalization, prepare_pixels, resize_for_input
 from .config import EncoderConfig
 from .errors import BundleError, BundleUnavailable
+from .status import BundleInfo
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +228,13 @@ class Encoder:
     def sha256(self) -> str:
         return self.manifest.sha256
 
-    def info(self) -> dict:
+    def info(self) -> BundleInfo:
         """Bundle facts for health pages and logs."""
         m = self.manifest
-        return {"name": m.name, "path": str(self.bundle_dir), "sha256": m.sha256, "quantization": m.quantization,
-                "backbone": m.source.get("backbone"), "output_dim": m.output_dim, "format": m.model_format,
-                "input": m.input.describe(), "runtime": self.runtime, "num_threads": self.num_threads,
-                "licence": m.licence.get("summary", ""), "fallback_reason": self.fallback_reason}
+        return BundleInfo(name=m.name, path=str(self.bundle_dir), sha256=m.sha256, quantization=m.quantization,
+                          backbone=m.source.get("backbone"), output_dim=m.output_dim, format=m.model_format,
+                          input=m.input.describe(), runtime=self.runtime, num_threads=self.num_threads,
+                          licence=m.licence.get("summary", ""), fallback_reason=self.fallback_reason)
 
     def close(self) -> None:
         """Drop the interpreter or session."""

@@ -3,8 +3,8 @@ publishes as the device's state and what the page's event stream compares — on
 uses attributes the type checker knows, not string keys that can drift.
 
 ``Health`` is the full picture (camera, bundle, index, verification, adaptation, catalog store); ``Status`` the
-small document the page's status panel polls. Parts only displayed (the bundle's facts, the store's counts) stay
-free-form dicts, written by their owners."""
+small document the page's status panel polls. Parts only displayed (verification, adaptation) stay
+free-form dicts, written by their owners and read by nobody else."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -33,6 +33,24 @@ class CameraStatus(_Doc):
 ABSENT_CAMERA = CameraStatus(state="absent")
 
 
+class BundleInfo(_Doc):
+    """The model bundle that runs (device/encoder.py): its manifest's facts, the runtime, and why it is the
+    fallback bundle when it is (``fallback_reason``, None when the configured bundle runs)."""
+
+    name: str
+    path: str
+    sha256: str
+    quantization: str
+    backbone: Optional[str] = None
+    output_dim: int
+    format: str
+    input: str
+    runtime: str
+    num_threads: int
+    licence: str = ""
+    fallback_reason: Optional[str] = None
+
+
 class ErrorInfo(_Doc):
     """The last error the status panel shows: its kind (an error class, ``internal``, ``catalog``), a message
     and when (epoch seconds)."""
@@ -57,6 +75,26 @@ class IndexSummary(_Doc):
 
     size: int
     generation: Optional[str] = None
+
+
+class CatalogHealth(_Doc):
+    """The catalog store and its replay onto the index (device/catalog_service.py): the store file, its newest
+    change and the one the live index holds, acknowledged enrolments not indexed yet, enrolled items and
+    tombstones kept, the last rebuild error, what the first replay of this start did and skipped, the migration
+    of an older ``enrolled_dir``, and damaged generations set aside."""
+
+    store: str
+    seq: int
+    applied_seq: int
+    pending: int
+    enrolled: int
+    removed: int
+    last_error: Optional[str] = None
+    reconciled_at_start: Optional[int] = None
+    removals_applied_at_start: Optional[int] = None
+    skipped: list[dict[str, str]] = []
+    migrated: Optional[dict[str, Any]] = None
+    set_aside: list[dict[str, Any]] = []
 
 
 class TriggerStatus(_Doc):
@@ -89,13 +127,13 @@ class Health(_Doc):
 
     ok: bool
     camera: CameraStatus
-    bundle: dict[str, Any]
+    bundle: BundleInfo
     index: IndexHealth
     verification: dict[str, Any]
     adaptation: dict[str, Any]
     uptime_s: float
     trigger: Optional[TriggerStatus] = None
-    enrolled: dict[str, Any]
+    enrolled: CatalogHealth
 
     def to_json(self) -> dict:
         """The JSON document (no ``trigger`` key on an appliance without a trigger)."""

@@ -100,9 +100,9 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
     try:
         wait_until(lambda: live.client.is_connected(), 5, "the subscriber")
         time.sleep(0.2)  # the live subscription is in place before the first event
-        pub.publish_health(Health(ok=True, camera=CameraStatus(state="streaming", fps=9.8), bundle={},
-                                  index=IndexHealth(size=14, generation="g1", path="/x", n_trees=10, search_k=5000),
-                                  verification={}, adaptation={}, uptime_s=3.0, enrolled={}))
+        pub.publish_health(Health.model_construct(ok=True, camera=CameraStatus(state="streaming", fps=9.8),
+                                                  index=IndexHealth(size=14, generation="g1", path="/x", n_trees=10,
+                                                                    search_k=5000), uptime_s=3.0))
         pub.publish_lookup(result("rocket"))
         pub.publish_lookup(result(None, source="upload"))
         events = wait_until(lambda: len(live.on("edge-retrieval/shelf/lookup")) == 2 and live.on(

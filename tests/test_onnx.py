@@ -96,7 +96,7 @@ def test_without_the_package_the_device_runs_the_open_bundle_and_says_why(tmp_pa
     with caplog.at_level(logging.WARNING, logger="device.encoder"):
         enc = load_encoder(EncoderConfig(bundle=gone, fallback_bundle=OPEN_BUNDLE))
     assert enc.manifest.model_format == "tflite" and enc.sha256 == load_manifest(OPEN_BUNDLE).sha256
-    assert "not installed" in enc.info()["fallback_reason"] and "fallback_bundle" in caplog.text
+    assert "not installed" in enc.info().fallback_reason and "fallback_bundle" in caplog.text
     with pytest.raises(BundleUnavailable):  # no fallback configured: refuse, naming the package
         load_encoder(EncoderConfig(bundle=gone, fallback_bundle=None))
     # any other fault of the configured bundle is not papered over by the fallback

@@ -19,8 +19,8 @@ from device.results import Candidate, LookupResult
 from device.config import SseConfig, WebConfig
 from device.metrics import Metrics
 from device.push import PushHub
-from device.status import (CameraStatus, Health, IndexHealth, IndexSummary, LatestLookup, ProcessStatus, Status,
-                           TriggerStatus)
+from device.status import (BundleInfo, CameraStatus, CatalogHealth, Health, IndexHealth, IndexSummary, LatestLookup,
+                           ProcessStatus, Status, TriggerStatus)
 from device.web.services import Services
 from device.web import create_app, serve
 
@@ -95,11 +95,14 @@ class FakeServices:
     def health(self) -> Health:
         if self.explode:
             raise RuntimeError("boom")
-        return Health(ok=self.ok, camera=self._camera(), bundle={"name": "effnet-lite0", "quantization": "int8"},
+        return Health(ok=self.ok, camera=self._camera(), bundle=BundleInfo(
+                          name="effnet-lite0", path="/opt/models/effnet", sha256="0" * 64, quantization="int8",
+                          output_dim=256, format="tflite", input="224x224 uint8", runtime="tflite", num_threads=2),
                       index=IndexHealth(size=len(self.catalog), generation="gen-000003", path="/var/lib/x/catalog",
                                         n_trees=10, search_k=5000),
                       verification={"enabled": False, "why": "fake"}, adaptation={"enabled": False}, uptime_s=12.5,
-                      enrolled={"store": "/var/lib/x/catalog.sqlite"})
+                      enrolled=CatalogHealth(store="/var/lib/x/catalog.sqlite", seq=0, applied_seq=0, pending=0,
+                                             enrolled=0, removed=0))
 
     def status(self) -> Status:
         return Status(camera=self._camera(), trigger=TriggerStatus(enabled=False), looking_up=False,

@@ -64,7 +64,7 @@ def health() -> flask.Response:
     """Camera, bundle, index, verification and uptime; 200 when ``ok``, else 503. File paths are shown
     only with the bearer token."""
     health = appliance().health()
-    paths = [health.bundle.get("path"), health.index.path, health.enrolled.get("store"), health.camera.spec]
+    paths = [health.bundle.path, health.index.path, health.enrolled.store, health.camera.spec]
     response = flask.jsonify(_public(health.to_json(), paths))
     response.status_code = 200 if health.ok else 503
     return response

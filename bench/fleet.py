@@ -88,7 +88,7 @@ def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
     from device.encoder import Encoder
     from device.catalog import ItemMaker
     from device.config import DEFAULT_BUNDLE, IndexConfig, RecognitionConfig
-    from device.index_writer import IndexHolder
+    from device.index_holder import IndexHolder
     from device.lookup import Lookup
     photos = shipped_photos()
     cat = work / "catalog"

@@ -1,7 +1,7 @@
 """Scale: build throughput (in process, 1 and 2 worker processes, a 2-node Ray cluster simulated here) and a
 large index in the configuration a user runs (default bundle, its enrolment views, catalog-adapted projection).
 
-  python -m bench scale [--images 48] [--sizes 100000] [--skip-ray]
+  python -m bench scale [--images 48] [--sizes 100000] [--skip-ray] [--driver-images 2000]
 
 1. Build: ``index build`` of ``--images`` real catalog JPEGs (crops of shipped photos) with the default bundle and
    the default recognition settings (enrolment views, ORB, thumbnails); items/s of the item pass, descriptors/s
@@ -10,7 +10,10 @@ large index in the configuration a user runs (default bundle, its enrolment view
    perturbed (bench/annoy_recall.py), projected by a learned whitening fitted on real views — written by the
    device's own ``write_index``; then a device process (no Ray, no builder) loads it and runs 200 lookups of real
    JPEG camera views: RSS (anonymous + file-backed), lookup time, and recall@10 of Annoy at index.search_k
-   against exact search over the same projected vectors. Writes bench/results/scale.json.
+   against exact search over the same projected vectors.
+3. Driver memory (``--driver-images``): peak RSS of a fresh process that runs ``index build`` of that many real
+   catalog JPEGs on 2 worker processes (the workers' memory is their own), default settings. Writes
+   bench/results/scale.json.
 """
 from __future__ import annotations
 
@@ -109,6 +112,25 @@ def bench_build(n_images: int, skip_ray: bool) -> dict:
     return out
 
 
+def driver_peak(n_images: int) -> dict:
+    """In a fresh process: ``index build`` of ``n_images`` JPEGs on 2 worker processes; the driver's peak RSS."""
+    from bench.speed import rss_now_mb
+    from device.build_pool import ProcessRunner
+    from device.catalog import ItemMaker, build_index
+    from device.config import load_config
+    from device.encoder import load_encoder
+    cfg = load_config(ROOT / "config.yaml")
+    rc = cfg.recognition.model_copy(update={"adapt_max_items": 16})  # the items, not the fixed adaptation cost
+    enc = load_encoder(cfg.encoder)
+    maker = ItemMaker(enc, rc, cfg.index.thumbnail_px)
+    start = rss_now_mb()
+    rep = build_index(_catalog(n_images), maker, WORK / "driver-index", n_trees=cfg.index.n_trees, progress=False,
+                      runner=ProcessRunner(maker.spec(1), 2, min_tasks=0))
+    gen = WORK / "driver-index" / rep.generation
+    return {"images": n_images, "indexed": rep.indexed, "seconds": round(rep.seconds, 1), "before_build": start,
+            "after_build": rss_now_mb(), "generation_mb": round(sum(p.stat().st_size for p in gen.iterdir()) / 2**20, 1)}
+
+
 def build_big(n: int) -> dict:
     """The N-item index (cached by size), written by write_index."""
     from bench.annoy_recall import perturbation_sigma
@@ -146,22 +168,29 @@ def build_big(n: int) -> dict:
     rng = np.random.default_rng(0)
     per = 1 + len(rc.enrol_views)
     log(f"   writing a {n:,}-item index ({per} vectors each, {enc.dim}-d → projected {proj.dim}-d) …")
-    t0 = time.perf_counter()
-    items = []
-    for i in range(n):
-        src = pool[rng.integers(len(pool))]
-        v = src + rng.normal(0, sigma, (per, src.size)).astype(np.float32) * np.array([[1.0]] + [[0.5]] * (per - 1),
-                                                                                      np.float32)
-        items.append(CatalogItem(f"item/{i:07d}", f"Item {i}", (v / np.linalg.norm(v, axis=1, keepdims=True))
-                                 .astype(np.float16)))
-    gen_t0 = time.perf_counter()
+    generate_s = 0.0
+
+    def items():  # streamed into write_index: the bench holds no item either
+        nonlocal generate_s
+        for i in range(n):
+            t = time.perf_counter()
+            src = pool[rng.integers(len(pool))]
+            v = src + rng.normal(0, sigma, (per, src.size)).astype(np.float32) * np.array(
+                [[1.0]] + [[0.5]] * (per - 1), np.float32)
+            item = CatalogItem(f"item/{i:07d}", f"Item {i}", (v / np.linalg.norm(v, axis=1, keepdims=True))
+                               .astype(np.float16))
+            generate_s += time.perf_counter() - t
+            yield item
+
     shutil.rmtree(path, ignore_errors=True)
-    write_index(path, items, bundle_sha256=enc.sha256, n_trees=cfg.index.n_trees, dim=enc.dim, projection=proj)
-    write_s = time.perf_counter() - gen_t0
-    del items
+    t0 = time.perf_counter()
+    write_index(path, items(), bundle_sha256=enc.sha256, n_trees=cfg.index.n_trees, dim=enc.dim, projection=proj)
+    write_s = time.perf_counter() - t0 - generate_s
+    from bench.speed import peak_rss_mb
+    peak = peak_rss_mb()
     stamp.write_text(json.dumps(want))
-    (path / "bench-write.json").write_text(json.dumps({"write_index_s": round(write_s, 1),
-                                                       "generate_s": round(gen_t0 - t0, 1)}))
+    (path / "bench-write.json").write_text(json.dumps({"write_index_s": round(write_s, 1), "generate_s": round(
+        generate_s, 1), "writer_peak_rss_mb": round(peak, 1)}))
     enc.close()
     return {"path": path, "real": z}
 
@@ -251,10 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000], help="index sizes (items)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--driver-images", type=int, default=0, help="images of the driver-memory build (0: skip)")
     ap.add_argument("--worker", nargs="*")
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker_rss(args.worker[0], int(args.worker[1]))))
+        out = (driver_peak(int(args.worker[1])) if args.worker[0] == "driver" else
+               worker_rss(args.worker[0], int(args.worker[1])))
+        print("RESULT " + json.dumps(out))
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -281,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Annoy search {rss['annoy_query_ms']} ms; recall@10 {rec:.3f} at search_k {search_k}")
         log("   by stage: " + ", ".join(f"{k} {v['rss_mb']:.0f} ({v['anon_mb']:.0f}+{v['file_backed_mb']:.0f})"
                                        for k, v in rss["stages"].items()))
+    if args.driver_images:
+        log(f"3. driver memory: index build of {args.driver_images} images on 2 worker processes")
+        _catalog(args.driver_images)  # made here, so the measured process only builds
+        d = result["driver"] = run_worker("driver", str(args.driver_images))
+        log(f"   peak RSS of the driver {d['after_build']['peak_so_far_mb']:.0f} MB (before the build "
+            f"{d['before_build']['rss_mb']:.0f} MB; generation on disk {d['generation_mb']} MB; {d['seconds']} s)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     return 0

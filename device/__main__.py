@@ -89,7 +89,7 @@ def _encoder(cfg: Config, bundle: Path | None = None):
 
 
 def _holder(cfg: Config, encoder, path: Path | None = None, create_empty: bool = False):
-    from .index_writer import IndexHolder
+    from .index_holder import IndexHolder
     index = cfg.index if path is None else cfg.index.model_copy(update={"path": path})
     return IndexHolder(index, expected_bundle_sha256=encoder.sha256, create_empty=create_empty, dim=encoder.dim,
                        require_features=cfg.recognition.require_features, recover=create_empty)

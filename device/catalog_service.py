@@ -29,7 +29,7 @@ from .config import CatalogConfig
 from .errors import ApplianceError, BusyError, InputError
 from .images import DEFAULT_MAX_PIXELS, decode_image, encode_jpeg
 from .index import CatalogIndex, CatalogItem
-from .index_writer import IndexHolder
+from .index_holder import IndexHolder
 from .store import CatalogStore, StoredItem, ensure_free
 
 log = logging.getLogger(__name__)

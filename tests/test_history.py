@@ -17,7 +17,7 @@ from device.config import Config, HistoryConfig, IndexConfig, RecognitionConfig,
 from device.errors import ConfigError
 from device.history import CSV_COLUMNS, History
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 from device.results import Candidate, LookupResult
 from device.verify import extract, match_homography, region

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device import generation as generation_mod
 from device import index_writer as index_mod
 from device.config import IndexConfig
 from device.errors import CatalogIndexError
 from device.index import CatalogIndex, CatalogItem, angular_to_cosine
-from device.index_writer import IndexHolder, write_index
+from device.index_holder import IndexHolder
+from device.index_writer import write_index
 
 N, DIM, TREES = 300, 64, 50
 # Annoy's default search effort (search_k=-1: n_trees * top_k nodes) is low for 64-d random data;
@@ -407,11 +409,11 @@ def test_failed_swap_leaves_old_generation(built, vecs, monkeypatch):
 
 
 def test_failed_ann_save_leaves_old_generation(built, vecs, monkeypatch):
-    class BrokenAnnoy(index_mod.AnnoyIndex):
+    class BrokenAnnoy(generation_mod.AnnoyIndex):
         def save(self, *args, **kwargs):
             raise OSError("I/O error (simulated)")
 
-    monkeypatch.setattr(index_mod, "AnnoyIndex", BrokenAnnoy)
+    monkeypatch.setattr(generation_mod, "AnnoyIndex", BrokenAnnoy)
     with pytest.raises(CatalogIndexError, match="I/O error"):
         write_index(built, _items(vecs[:5]), bundle_sha256=SHA, n_trees=TREES)
     monkeypatch.undo()
@@ -423,12 +425,12 @@ def test_hard_crash_mid_build_then_next_build_cleans_up(built, vecs):
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np
-        from device import index_writer as m
+        from device import generation as g, index_writer as m
         from device.index import CatalogItem
-        class Dying(m.AnnoyIndex):
+        class Dying(g.AnnoyIndex):
             def save(self, *a, **k):
                 os._exit(3)
-        m.AnnoyIndex = Dying
+        g.AnnoyIndex = Dying
         v = np.eye(4, dtype=np.float32)
         m.write_index({str(built)!r}, [CatalogItem(str(i), 'x', v[i]) for i in range(4)],
                       bundle_sha256='c' * 64, n_trees=2)

@@ -163,7 +163,7 @@ def test_the_appliance_publishes_every_recorded_lookup_and_counts_in_metrics(bro
     from device.appliance import Appliance
     from device.catalog import ItemMaker, build_index
     from device.config import IndexConfig, RecognitionConfig
-    from device.index_writer import IndexHolder
+    from device.index_holder import IndexHolder
     from device.lookup import Lookup
     maker = ItemMaker(encoder, RecognitionConfig(), 160)
     build_index(catalog_dir, maker, tmp_path / "index", n_trees=10, progress=False)

@@ -18,7 +18,7 @@ from device.catalog import ItemMaker, build_index
 from device.config import HistoryConfig, IndexConfig, SseConfig, WebConfig
 from device.history import History
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 from device.push import PushHub, status_digest
 from device.web import WAITRESS_LOOKAHEAD, create_app

@@ -16,7 +16,7 @@ from device.appliance import Appliance
 from device.catalog import ItemMaker, build_index
 from device.config import IndexConfig, RecognitionConfig, WebConfig
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 from device.web import create_app
 

@@ -25,7 +25,7 @@ from device.appliance import Appliance
 from device.camera import Camera
 from device.catalog import ItemMaker, build_index
 from device.config import CameraConfig, IndexConfig, RecognitionConfig, WebConfig
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 
 from bench.serve import free_port

@@ -170,7 +170,8 @@ def test_a_killed_ray_driver_leaves_the_live_generation_intact(tmp_path, folder,
 
 def test_the_item_table_round_trips_non_ascii_ids_and_labels_and_enrolment_after_it_works(tmp_path, encoder, photos):
     from device.config import IndexConfig
-    from device.index_writer import IndexHolder, write_index
+    from device.index_holder import IndexHolder
+    from device.index_writer import write_index
     from device.items import ItemTable
     maker = ItemMaker(encoder, RecognitionConfig(enrol_views=[], features=False, verify=False), 160)
     names = {"Kärtchen/Straße 1": "Grüße aus Köln", "日本/東京": "東京タワー 🗼", "cats/chelsea": "Chelsea",

@@ -14,7 +14,7 @@ from device.camera_sources import VideoWriter
 from device.catalog import ItemMaker, build_index
 from device.config import CameraConfig, IndexConfig, RecognitionConfig, TriggerConfig, WebConfig
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 from device.trigger import Trigger
 from device.web import create_app

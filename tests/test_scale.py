@@ -1,6 +1,6 @@
 """Builds that outgrow one process: the same generation from worker processes and from Ray actors (a two-node
-cluster simulated on this machine) as from an in-process build; a worker process, a Ray worker or the driver killed mid-build leaves
-the live generation intact."""
+cluster simulated on this machine) as from an in-process build; a worker process, a Ray worker or the driver
+killed mid-build leaves the live generation intact."""
 from __future__ import annotations
 
 import os

@@ -245,7 +245,7 @@ class _KillAnActorAfterTheFirstResult:
     worker processes (work of the build is still queued on them): the kill lands mid-build, every time."""
 
     def __init__(self, runner, psutil):
-        self.runner, self.psutil, self.killed = runner, psutil, []
+        self.runner, self.psutil, self.killed, self.serving = runner, psutil, [], set()
 
     def map(self, tasks):
         for n, result in enumerate(self.runner.map(tasks)):
@@ -255,6 +255,8 @@ class _KillAnActorAfterTheFirstResult:
                 actors[0].send_signal(signal.SIGKILL)
                 actors[0].wait(10)
                 self.killed.append(actors[0].pid)
+            elif not self.serving:  # who works on after the kill (the actor held batches in flight: lost with it)
+                self.serving = {a.pid for a in _ray_actor_processes(self.psutil)}
             yield result
 
     def describe(self):
@@ -283,6 +285,7 @@ def test_a_killed_ray_worker_leaves_the_live_generation_intact_and_ray_retries_i
                                              psutil)
     rep = build_index(folder, maker, path, n_trees=4, progress=False, runner=runner)
     assert len(runner.killed) == 1 and not psutil.pid_exists(runner.killed[0])
+    assert runner.serving and runner.killed[0] not in runner.serving  # Ray restarted / replaced the actor
     assert rep.indexed == local[1].indexed and rep.skipped == local[1].skipped
     assert rep.generation != before[0] and read_current_name(path) == rep.generation
     assert_same_generation(local[0], path)

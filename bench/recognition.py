@@ -59,6 +59,8 @@ MODES["adapted_verified_top3"] = MODES["adapted_verified"] + "  verify_top_k: 3\
 MODES["adapted_verified_noviews"] = MODES["adapted_verified"].replace("enrol_views: [0.7, 0.55]", "enrol_views: []")
 MODES["adapted_verified_dim128"] = MODES["adapted_verified"] + "  adapt_dim: 128\n"
 MODES["adapted_verified_dim384"] = MODES["adapted_verified"] + "  adapt_dim: 384\n"
+# Issue 21: the large-catalog choice that keeps a 100k-item device under 200 MB RSS (one vector an item, Lw to 128)
+MODES["adapted_verified_compact"] = MODES["adapted_verified_noviews"] + "  adapt_dim: 128\n"
 # can a clear global answer skip verification? (the top adapted cosine at or above this is not verified)
 MODES["adapted_verified_skip07"] = MODES["adapted_verified"] + "  verify_below_score: 0.7\n"
 DEFAULT_MODES = ("global", "multiview", "verified")

@@ -1,7 +1,8 @@
 """Scale: build throughput (in process, 1 and 2 worker processes, a 2-node Ray cluster simulated here) and a
 large index in the configuration a user runs (default bundle, its enrolment views, catalog-adapted projection).
 
-  python -m bench scale [--images 48] [--sizes 100000] [--skip-ray]
+  python -m bench scale [--images 48] [--sizes 100000] [--skip-ray] [--driver-images 2000]
+                        [--enrol-views F ...] [--adapt-dim D] [--n-trees T] [--search-k K]
 
 1. Build: ``index build`` of ``--images`` real catalog JPEGs (crops of shipped photos) with the default bundle and
    the default recognition settings (enrolment views, ORB, thumbnails); items/s of the item pass, descriptors/s
@@ -10,7 +11,11 @@ large index in the configuration a user runs (default bundle, its enrolment view
    perturbed (bench/annoy_recall.py), projected by a learned whitening fitted on real views — written by the
    device's own ``write_index``; then a device process (no Ray, no builder) loads it and runs 200 lookups of real
    JPEG camera views: RSS (anonymous + file-backed), lookup time, and recall@10 of Annoy at index.search_k
-   against exact search over the same projected vectors. Writes bench/results/scale.json.
+   against exact search over the same projected vectors. ``--enrol-views`` / ``--adapt-dim`` / ``--n-trees`` /
+   ``--search-k`` replace config.yaml's for this index (results under ``index_N`` plus the settings changed).
+3. Driver memory (``--driver-images``): peak RSS of a fresh process that runs ``index build`` of that many real
+   catalog JPEGs on 2 worker processes (the workers' memory is their own), default settings. Writes
+   bench/results/scale.json.
 """
 from __future__ import annotations
 
@@ -109,8 +114,56 @@ def bench_build(n_images: int, skip_ray: bool) -> dict:
     return out
 
 
-def build_big(n: int) -> dict:
-    """The N-item index (cached by size), written by write_index."""
+class _PeakAfterItems:
+    """A runner that notes the driver's RSS (and peak so far) once the item pass has streamed its last result."""
+
+    def __init__(self, runner):
+        self.runner, self.after_items = runner, None
+
+    def map(self, tasks):
+        from bench.speed import rss_now_mb
+        yield from self.runner.map(tasks)
+        self.after_items = self.after_items or rss_now_mb()
+
+    def describe(self):
+        return self.runner.describe()
+
+    def close(self):
+        self.runner.close()
+
+
+def driver_peak(n_images: int) -> dict:
+    """In a fresh process: ``index build`` of ``n_images`` JPEGs on 2 worker processes; the driver's peak RSS
+    after the item pass and after the whole build (adaptation fit, Annoy build in memory, write)."""
+    from bench.speed import rss_now_mb
+    from device.build_pool import ProcessRunner
+    from device.catalog import ItemMaker, build_index
+    from device.config import load_config
+    from device.encoder import load_encoder
+    cfg = load_config(ROOT / "config.yaml")
+    rc = cfg.recognition.model_copy(update={"adapt_max_items": 16})  # the items, not the fixed adaptation cost
+    enc = load_encoder(cfg.encoder)
+    maker = ItemMaker(enc, rc, cfg.index.thumbnail_px)
+    start = rss_now_mb()
+    runner = _PeakAfterItems(ProcessRunner(maker.spec(1), 2, min_tasks=0))
+    rep = build_index(_catalog(n_images), maker, WORK / "driver-index", n_trees=cfg.index.n_trees, progress=False,
+                      runner=runner)
+    gen = WORK / "driver-index" / rep.generation
+    return {"images": n_images, "indexed": rep.indexed, "seconds": round(rep.seconds, 1), "before_build": start,
+            "after_items": runner.after_items, "after_build": rss_now_mb(),
+            "generation_mb": round(sum(p.stat().st_size for p in gen.iterdir()) / 2**20, 1)}
+
+
+def index_settings(over: dict) -> dict:
+    """enrol_views, adapt_dim, n_trees, search_k of the big index: config.yaml's, with ``over`` replacing some."""
+    from device.config import load_config
+    cfg = load_config(ROOT / "config.yaml")
+    return {"enrol_views": cfg.recognition.enrol_views, "adapt_dim": cfg.recognition.adapt_dim,
+            "n_trees": cfg.index.n_trees, "search_k": cfg.index.search_k, **over}
+
+
+def build_big(n: int, settings: dict, tag: str) -> dict:
+    """The N-item index (cached by size and settings), written by write_index."""
     from bench.annoy_recall import perturbation_sigma
     from device.adapt import Projection, adaptation_views, fit_lw
     from device.config import load_config
@@ -119,11 +172,12 @@ def build_big(n: int) -> dict:
     from device.index import CatalogItem
     from device.index_writer import write_index
     cfg = load_config(ROOT / "config.yaml")
-    rc = cfg.recognition
-    path = WORK / f"index-{n}"
+    rc = cfg.recognition.model_copy(update={"enrol_views": settings["enrol_views"], "adapt_dim": settings["adapt_dim"]})
+    path = WORK / f"index-{n}{tag}"
     stamp = path / "bench-stamp.json"
     enc = load_encoder(cfg.encoder)
-    want = {"n": n, "sha256": enc.sha256, "views": rc.enrol_views, "dim": rc.adapt_dim, "v": 1}
+    want = {"n": n, "sha256": enc.sha256, "views": rc.enrol_views, "dim": rc.adapt_dim, "trees": settings["n_trees"],
+            "v": 2}
     real_path = WORK / f"real-{enc.sha256[:12]}.npz"
     if real_path.is_file():
         z = dict(np.load(real_path))
@@ -146,27 +200,34 @@ def build_big(n: int) -> dict:
     rng = np.random.default_rng(0)
     per = 1 + len(rc.enrol_views)
     log(f"   writing a {n:,}-item index ({per} vectors each, {enc.dim}-d → projected {proj.dim}-d) …")
-    t0 = time.perf_counter()
-    items = []
-    for i in range(n):
-        src = pool[rng.integers(len(pool))]
-        v = src + rng.normal(0, sigma, (per, src.size)).astype(np.float32) * np.array([[1.0]] + [[0.5]] * (per - 1),
-                                                                                      np.float32)
-        items.append(CatalogItem(f"item/{i:07d}", f"Item {i}", (v / np.linalg.norm(v, axis=1, keepdims=True))
-                                 .astype(np.float16)))
-    gen_t0 = time.perf_counter()
+    generate_s = 0.0
+
+    def items():  # streamed into write_index: the bench holds no item either
+        nonlocal generate_s
+        for i in range(n):
+            t = time.perf_counter()
+            src = pool[rng.integers(len(pool))]
+            v = src + rng.normal(0, sigma, (per, src.size)).astype(np.float32) * np.array(
+                [[1.0]] + [[0.5]] * (per - 1), np.float32)
+            item = CatalogItem(f"item/{i:07d}", f"Item {i}", (v / np.linalg.norm(v, axis=1, keepdims=True))
+                               .astype(np.float16))
+            generate_s += time.perf_counter() - t
+            yield item
+
     shutil.rmtree(path, ignore_errors=True)
-    write_index(path, items, bundle_sha256=enc.sha256, n_trees=cfg.index.n_trees, dim=enc.dim, projection=proj)
-    write_s = time.perf_counter() - gen_t0
-    del items
+    t0 = time.perf_counter()
+    write_index(path, items(), bundle_sha256=enc.sha256, n_trees=settings["n_trees"], dim=enc.dim, projection=proj)
+    write_s = time.perf_counter() - t0 - generate_s
+    from bench.speed import peak_rss_mb
+    peak = peak_rss_mb()
     stamp.write_text(json.dumps(want))
-    (path / "bench-write.json").write_text(json.dumps({"write_index_s": round(write_s, 1),
-                                                       "generate_s": round(gen_t0 - t0, 1)}))
+    (path / "bench-write.json").write_text(json.dumps({"write_index_s": round(write_s, 1), "generate_s": round(
+        generate_s, 1), "writer_peak_rss_mb": round(peak, 1)}))
     enc.close()
     return {"path": path, "real": z}
 
 
-def worker_rss(path: str, queries: int) -> dict:
+def worker_rss(path: str, queries: int, search_k: int) -> dict:
     """A device process: the default bundle + the index at ``path``, ``queries`` lookups of real JPEG views."""
     from bench.speed import rss_now_mb
     stages = {"start": rss_now_mb()}
@@ -178,7 +239,7 @@ def worker_rss(path: str, queries: int) -> dict:
     jpegs = [p.read_bytes() for p in sorted((WORK / "queries").glob("*.jpg"))]  # made by the parent: no skimage here
     enc = load_encoder(cfg.encoder)
     stages["encoder_loaded"] = rss_now_mb()
-    idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=cfg.index.search_k)
+    idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=search_k)
     stages["index_loaded"] = rss_now_mb()
     lk = Lookup(enc, idx, RecognitionConfig(enrol_views=[], features=False, verify=False), top_k=cfg.index.top_k)
     ts = []
@@ -191,10 +252,10 @@ def worker_rss(path: str, queries: int) -> dict:
     qv = idx.projection.apply(np.stack([enc.embed(decode_image(b)) for b in jpegs[:20]]))
     t0 = time.perf_counter()
     for v in qv:
-        idx._ann.get_nns_by_vector(v.tolist(), 10, cfg.index.search_k)  # noqa: SLF001 - the bare Annoy search
+        idx._ann.get_nns_by_vector(v.tolist(), 10, search_k)  # noqa: SLF001 - the bare Annoy search
     ann_ms = (time.perf_counter() - t0) / len(qv) * 1e3
     return {"items": idx.size, "queries": queries, "stages": stages, "lookup_ms": round(statistics.median(ts) * 1e3, 2),
-            "annoy_query_ms": round(ann_ms, 3), "search_k": cfg.index.search_k}
+            "annoy_query_ms": round(ann_ms, 3), "search_k": search_k}
 
 
 def recall_at_10(path: Path, real: dict, search_k: int) -> float:
@@ -251,29 +312,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000], help="index sizes (items)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--driver-images", type=int, default=0, help="images of the driver-memory build (0: skip)")
+    ap.add_argument("--enrol-views", type=float, nargs="*", help="the big index's enrol_views (default: config.yaml's)")
+    ap.add_argument("--adapt-dim", type=int, help="the big index's projected dim (default: config.yaml's)")
+    ap.add_argument("--n-trees", type=int, help="the big index's Annoy trees (default: config.yaml's)")
+    ap.add_argument("--search-k", type=int, help="Annoy search_k of the lookups (default: config.yaml's)")
     ap.add_argument("--worker", nargs="*")
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker_rss(args.worker[0], int(args.worker[1]))))
+        out = (driver_peak(int(args.worker[1])) if args.worker[0] == "driver" else
+               worker_rss(args.worker[0], int(args.worker[1]), int(args.worker[2])))
+        print("RESULT " + json.dumps(out))
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if not args.skip_build:
         log(f"1. build throughput, {args.images} images, default bundle and recognition settings")
         result["build"] = bench_build(args.images, args.skip_ray)
-    from device.config import load_config
-    search_k = load_config(ROOT / "config.yaml").index.search_k
+    over = {k: v for k, v in (("enrol_views", args.enrol_views), ("adapt_dim", args.adapt_dim),
+                              ("n_trees", args.n_trees), ("search_k", args.search_k)) if v is not None}
+    settings = index_settings(over)
+    search_k = settings["search_k"]
+    tag = "".join(f"_{k}={v}" for k, v in over.items() if k != "search_k").replace(" ", "")
     for n in args.sizes:
         log(f"2. {n:,} items")
-        big = build_big(n)
+        big = build_big(n, settings, tag)
         path = big["path"]
         sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in (path / "current").resolve().iterdir()}
         _query_jpegs()
-        rss = run_worker(str(path), str(QUERIES))
+        rss = run_worker(str(path), str(QUERIES), str(search_k))
         rec = recall_at_10(path, big["real"], search_k)
         entry = {**rss, "files_mb": sizes, "recall_at_10": round(rec, 3),
                  **json.loads((path / "bench-write.json").read_text())}
-        result[f"index_{n}"] = entry
+        entry["settings"] = settings
+        result[f"index_{n}" + "".join(f"_{k}={v}" for k, v in over.items()).replace(" ", "")] = entry
         st = rss["stages"]["after_queries"]
         log(f"   files (MB): {sizes}")
         log(f"   write_index {entry['write_index_s']} s; after {QUERIES} lookups: RSS {st['rss_mb']:.0f} MB "
@@ -281,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             f"Annoy search {rss['annoy_query_ms']} ms; recall@10 {rec:.3f} at search_k {search_k}")
         log("   by stage: " + ", ".join(f"{k} {v['rss_mb']:.0f} ({v['anon_mb']:.0f}+{v['file_backed_mb']:.0f})"
                                        for k, v in rss["stages"].items()))
+    if args.driver_images:
+        log(f"3. driver memory: index build of {args.driver_images} images on 2 worker processes")
+        _catalog(args.driver_images)  # made here, so the measured process only builds
+        d = result["driver"] = run_worker("driver", str(args.driver_images))
+        log(f"   driver RSS: before the build {d['before_build']['rss_mb']:.0f} MB, peak by the end of the item pass "
+            f"{d['after_items']['peak_so_far_mb']:.0f} MB, peak of the whole build {d['after_build']['peak_so_far_mb']:.0f}"
+            f" MB (generation on disk {d['generation_mb']} MB; {d['seconds']} s)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     return 0

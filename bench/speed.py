@@ -224,7 +224,8 @@ def worker_baseline(n: int, pairs: int) -> dict:
 def build_big_index(n: int) -> Path:
     """A 100k-item index of real descriptors + perturbations (bench/annoy_recall.py), built once."""
     from device.bundle import load_manifest
-    from device.index import FORMAT_VERSION, CatalogItem
+    from device.generation import FORMAT_VERSION
+    from device.index import CatalogItem
     from device.index_writer import write_index
     from bench.annoy_recall import filled_index_vectors, real_descriptors
     sha = load_manifest(DEFAULT_BUNDLE, verify_sha=False).sha256

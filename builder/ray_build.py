@@ -83,7 +83,7 @@ class RayRunner:
         return self.actors or max(1, cpus // self.spec.num_threads)
 
     def map(self, tasks: list[BuildTask]) -> Iterator[ItemResult]:
-        """make_entry of every task on the actors; results stream back in any order."""
+        """make_entry of every task on the actors; results stream back in task order."""
         if not tasks:
             return
         actors = min(self._connect(), len(tasks))
@@ -91,6 +91,7 @@ class RayRunner:
         log.info("ray build: %d tasks on %d actors (%s)", len(tasks), actors, ray.get_runtime_context().gcs_address)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's tqdm shows img/s; Ray's bars would interleave with it
+        ctx.execution_options.preserve_order = True  # the driver writes in row order: few results wait there
         ds = ray.data.from_items([{"task": pickle.dumps(t)} for t in tasks],
                                  override_num_blocks=max(1, min(len(tasks) // self.batch_size, 1000)))
         out = ds.map_batches(ItemActor, fn_constructor_kwargs={"spec": self.spec}, batch_size=self.batch_size,

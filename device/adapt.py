@@ -7,25 +7,20 @@ between a view and its original (the directions camera effects move a descriptor
 rotates by the PCA of the whitened descriptors and keeps ``dim`` of them. Measured on the camera-view benchmark:
 README, "Recognition".
 
-The projection of a generation is ``projection.npz`` beside its vectors (mean [d_in], matrix [dim, d_in],
-fit size, the bundle's sha256); ``vectors.npy`` keeps the bundle's own descriptors, so an enrolment rebuild
-re-projects them with the stored projection and a full ``index build`` refits it.
+A generation stores its projection in ``projection.npz`` beside its vectors (device/generation.py);
+``vectors.npy`` keeps the bundle's own descriptors, so an enrolment rebuild re-projects them with the stored
+projection and a full ``index build`` refits it.
 """
 from __future__ import annotations
 
-import os
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .config import RecognitionConfig
-from .errors import CatalogIndexError
 from .views import camera_view
 
-PROJECTION_FILE = "projection.npz"
 # The kinds a catalog print meets in front of the camera (closeup adds nothing over the original).
 ADAPT_KINDS = ("table", "table_occluded", "perspective", "occluded", "rotate", "zoom", "lighting", "blur",
                "color_cast", "noise_jpeg")
@@ -65,31 +60,6 @@ class Projection:
         """What /api/health shows about it."""
         return {"enabled": True, "method": "learned whitening (Lw)", "in_dim": self.in_dim, "dim": self.dim,
                 "fit_items": self.fit_items, "views_per_item": self.views_per_item}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``projection.npz`` (the caller fsyncs its generation folder)."""
-        with open(path, "wb") as f:
-            np.savez(f, mean=self.mean, matrix=self.matrix, fit=np.array([self.fit_items, self.views_per_item]),
-                     bundle_sha256=np.array(self.bundle_sha256))
-            f.flush()
-            os.fsync(f.fileno())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, bundle_sha256: str) -> Projection:
-        """Read ``projection.npz``; CatalogIndexError when it is unreadable or was made for another bundle."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                mean, matrix, fit, sha = z["mean"], z["matrix"], z["fit"], str(z["bundle_sha256"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a truncated .npz: BadZipFile
-            raise CatalogIndexError(f"{path} is missing or unreadable ({e}); rebuild the index with "
-                                    "`python -m device index build`") from None
-        if sha != bundle_sha256:
-            raise CatalogIndexError(f"{path} was fitted for bundle sha256 {sha[:12]}… but the index holds vectors "
-                                    f"of bundle {bundle_sha256[:12]}…; rebuild the index")
-        if matrix.ndim != 2 or mean.shape != (matrix.shape[1],) or not np.isfinite(matrix).all():
-            raise CatalogIndexError(f"{path}: mean {mean.shape} and matrix {matrix.shape} do not fit; rebuild the index")
-        return cls(mean.astype(np.float32), matrix.astype(np.float32), int(fit[0]), int(fit[1]), sha)
 
 
 def fit_lw(originals: np.ndarray, views: np.ndarray, dim: int, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from .config import RecognitionConfig
 from .errors import CatalogIndexError, InputError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
-from .index_writer import write_index
+from .index_writer import NewGeneration
 from .views import padded_view
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
                                 f"{others} other files ignored); the index was not changed")
     tasks = [BuildTask(row, str(p), p.relative_to(folder).as_posix(), (rid := p.relative_to(folder).with_suffix(
         "").as_posix()), labels.get(rid), max_pixels) for row, p in enumerate(paths)]
+    del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
     try:
         return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)
     finally:
@@ -252,45 +253,61 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
 def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],
            run: Callable[[list[BuildTask]], Iterable[ItemResult]], rep: BuildReport, n_trees: int,
            allow_empty: bool, progress: bool, t0: float) -> BuildReport:
+    # Each item goes to the new generation's files as it arrives (NewGeneration): the driver holds no item but
+    # the sampled rows' descriptors that the adaptation fit needs (≤ adapt_max_items).
     enc, rc = maker.encoder, maker.recognition
-    results = sorted(tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress),
-                     key=lambda r: r.row)
-    rep.items_seconds = time.perf_counter() - t0
-    items: list[CatalogItem] = []
+    fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
+    sample = fit.sample(len(tasks)) if fit is not None else set()
+    originals: dict[int, np.ndarray] = {}
     seen: dict[str, str] = {}
-    for r in results:  # in row order, as a one-process build meets them: the first readable file of an id wins
-        if r.item is not None and r.item.id in seen:
-            r = ItemResult(r.row, r.rel, error=f"duplicate id {r.item.id!r} (also {seen[r.item.id]})")
-        if r.error is not None:
-            rep.skipped.append((r.rel, r.error))
-            log.warning("skipped %s: %s", r.rel, r.error)
-            continue
-        seen[r.item.id] = r.rel
-        items.append(r.item)
-    if not items and not allow_empty:
-        raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
-                                f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
-    projection = _fit_projection(run, maker, tasks, results, rep, progress) if rc.adapt else None
-    gen = write_index(index_path, items, bundle_sha256=enc.sha256, n_trees=n_trees, dim=enc.dim, projection=projection)
-    rep.indexed, rep.generation, rep.seconds = len(items), gen.name, time.perf_counter() - t0
+    with NewGeneration(index_path, dim=enc.dim) as new:
+        results = tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress)
+        for r in _in_task_order(results, tasks):  # as a one-process build meets them: the first file of an id wins
+            if r.item is not None and r.item.id in seen:
+                r = ItemResult(r.row, r.rel, error=f"duplicate id {r.item.id!r} (also {seen[r.item.id]})")
+            if r.error is not None:
+                rep.skipped.append((r.rel, r.error))
+                log.warning("skipped %s: %s", r.rel, r.error)
+                continue
+            seen[r.item.id] = r.rel
+            new.add(r.item)
+            if r.row in sample:
+                originals[r.row] = np.asarray(r.item.vector, np.float32).reshape(-1, enc.dim)[0]
+        rep.items_seconds = time.perf_counter() - t0
+        if not new.count and not allow_empty:
+            raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
+                                    f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
+        projection = _fit_projection(run, fit, tasks, originals, rep, progress) if fit is not None else None
+        gen = new.commit(bundle_sha256=enc.sha256, n_trees=n_trees, projection=projection)
+        rep.indexed = new.count
+    rep.generation, rep.seconds = gen.name, time.perf_counter() - t0
     rep.adapted = projection.describe() if projection is not None else None
     return rep
 
 
-def _fit_projection(run: Callable[[list[BuildTask]], Iterable[ItemResult]], maker: ItemMaker,
-                    tasks: list[BuildTask], results: list[ItemResult], rep: BuildReport, progress: bool):
+def _in_task_order(results: Iterable[ItemResult], tasks: list[BuildTask]) -> Iterator[ItemResult]:
+    """``results`` in the order of ``tasks``, from a runner that may return them in any order: the ones that come
+    early wait here (worker processes and Ray keep the order, so none wait for long)."""
+    waiting: dict[int, ItemResult] = {}
+    rows = iter([t.row for t in tasks])
+    nxt = next(rows, None)
+    for r in results:
+        waiting[r.row] = r
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt = next(rows, None)
+    yield from (waiting[row] for row in sorted(waiting))
+
+
+def _fit_projection(run: Callable[[list[BuildTask]], Iterable[ItemResult]], fit: AdaptationFit,
+                    tasks: list[BuildTask], originals: dict[int, np.ndarray], rep: BuildReport, progress: bool):
     """The adaptation pass: views of a seeded sample of the indexed rows (seeded by the row: the same folder
-    gives the same projection, however the rows were spread over workers)."""
+    gives the same projection, however the rows were spread over workers); ``originals``: their descriptors."""
     t0 = time.perf_counter()
-    enc = maker.encoder
-    fit = AdaptationFit(enc.embed, maker.recognition, enc.sha256, enc.dim)
-    indexed = {r.row: r.item for r in results if r.error is None and r.item is not None}
-    sample = sorted(row for row in fit.sample(len(tasks)) if row in indexed)
-    view_tasks = [replace(tasks[row], enrol=False, views_seed=row) for row in sample]
-    for r in sorted(tqdm(run(view_tasks), total=len(view_tasks), desc="adaptation views", unit="img",
-                         disable=not progress), key=lambda r: r.row):
+    view_tasks = [replace(tasks[row], enrol=False, views_seed=row) for row in sorted(originals)]
+    for r in _in_task_order(tqdm(run(view_tasks), total=len(view_tasks), desc="adaptation views", unit="img",
+                                 disable=not progress), view_tasks):
         if r.error is None:  # it decoded a moment ago; a file changed meanwhile only thins the sample
-            fit.add_views(indexed[r.row].vector[0], r.views)
+            fit.add_views(originals[r.row], r.views)
     rep.adapt_items, rep.adapt_seconds = len(view_tasks), time.perf_counter() - t0
     return fit.fit()
-

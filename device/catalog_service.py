@@ -29,7 +29,7 @@ from .config import CatalogConfig, ImagesConfig
 from .errors import ApplianceError, BusyError, InputError
 from .images import decode_image, encode_jpeg
 from .index import CatalogIndex, CatalogItem
-from .index_writer import IndexHolder
+from .index_holder import IndexHolder
 from .status import CatalogHealth, IndexHealth
 from .store import CatalogStore, StoredItem, ensure_free
 

@@ -1,8 +1,8 @@
-"""Writing the catalog index: a new generation is built in ``.tmp-gen-XXXX``, fsynced, renamed to ``gen-N``
-and only then made live by replacing the ``current`` symlink (layout: device/index.py). A crash before that
-replace leaves ``current`` on the old, intact generation; the leftovers (``.tmp-*`` folders, an orphan
-``gen-N``) are removed by the next build. ``IndexHolder`` is the live index of a running appliance, with
-enrol / remove rebuilding a generation in the background while queries go on.
+"""Making a generation live: a new generation is written in ``.tmp-gen-XXXX`` (device/generation.py, items
+streamed in as they are made), fsynced, renamed to ``gen-N`` and only then made live by replacing the ``current``
+symlink (layout: device/index.py). A crash before that replace leaves ``current`` on the old, intact
+generation; the leftovers (``.tmp-*`` folders no writer holds, an orphan ``gen-N``) are removed by the next
+build. The live index of a running appliance, with enrol / remove: device/index_holder.py.
 """
 from __future__ import annotations
 
@@ -15,28 +15,22 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-from annoy import AnnoyIndex
-
-from .adapt import PROJECTION_FILE, Projection
-from .config import IndexConfig
+from .adapt import Projection
 from .errors import CatalogIndexError
-from .index import (ANN_FILE, CURRENT, FEATURES_FILE, FORMAT_VERSION, ITEMS_FILE, META_FILE, METRIC, NPY_FILE,
-                    OWNERS_FILE, THUMBS_FILE, TMP_PREFIX, CatalogIndex, CatalogItem, IndexMeta, read_current_name)
-from .items import ItemTable
-from .verify import Features, FeatureStore
+from .generation import GenerationWriter, fsync_dir, item_vectors
+from .index import CURRENT, TMP_PREFIX, CatalogIndex, CatalogItem, read_current_name
 
 log = logging.getLogger(__name__)
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_CHUNK = 65536  # vectors projected at a time
+_WRITER_LOCK = ".lock"  # in a .tmp-gen-* folder: flock'd while its writer is alive
 
 
 def write_index(
     path: str | os.PathLike,
-    items: Sequence[CatalogItem],
+    items: Iterable[CatalogItem],
     *,
     bundle_sha256: str,
     n_trees: int,
@@ -44,7 +38,8 @@ def write_index(
     projection: Projection | None = None,
     store: tuple[str, int] | None = None,
 ) -> Path:
-    """Write ``items`` as a new generation under the index directory ``path`` and make it live.
+    """Write ``items`` (any iterable: they are written as they come) as a new generation under the index
+    directory ``path`` and make it live.
 
     Vectors are L2-normalised on the way in. ``dim``, when given, is the encoder's descriptor size and
     every vector must have it; an empty catalog (a fresh appliance) is allowed and then records
@@ -54,137 +49,126 @@ def write_index(
     (device/store.py). Returns the new generation directory.
     Raises CatalogIndexError naming the offending id / field, or the path that could not be written.
     """
-    root = Path(path)
-    vectors, owners, dim = validate_items(items, dim)
+    _check_args(bundle_sha256, n_trees)
+    with NewGeneration(path, dim=dim) as new:
+        for item in items:
+            new.add(item)
+        return new.commit(bundle_sha256=bundle_sha256, n_trees=n_trees, projection=projection, store=store)
+
+
+def _check_args(bundle_sha256: str, n_trees: int) -> None:
     if not isinstance(bundle_sha256, str) or not bundle_sha256:
         raise CatalogIndexError("write_index: bundle_sha256 must be the encoder bundle's sha256 (non-empty)")
     if int(n_trees) < 1:
         raise CatalogIndexError(f"write_index: n_trees must be >= 1, got {n_trees}")
-    if projection is not None and (projection.bundle_sha256 != bundle_sha256 or projection.in_dim != dim):
-        raise CatalogIndexError(f"write_index: the projection was fitted for bundle {projection.bundle_sha256[:12]}… "
-                                f"({projection.in_dim}-d), not {bundle_sha256[:12]}… ({dim}-d); rebuild the index")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CatalogIndexError(f"cannot create the index directory {root}: {e}") from e
 
-    with build_lock(root):
-        _remove_leftovers(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gen-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user than the CLI
+
+class NewGeneration:
+    """A generation being written under the index directory ``root``: items stream into a ``.tmp-gen-XXXX`` folder
+    (``add``: each item's vectors, features and thumbnail go to disk at once), then ``commit`` completes it and
+    makes it live. Until the swap in ``commit`` the live generation is untouched; leaving the ``with`` block
+    without a commit (an error, a failed worker) removes the folder. The folder's ``.lock`` is flock'd for as
+    long as this writer lives, so another build's clean-up (under the build lock) leaves it alone, and a writer
+    that died (its lock released by the kernel) is cleaned up by the next build."""
+
+    def __init__(self, root: str | os.PathLike, *, dim: int | None = None):
+        """``dim``: the encoder's descriptor size (None: fixed by the first item)."""
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CatalogIndexError(f"cannot create the index directory {self.root}: {e}") from e
+        with build_lock(self.root), self._oserror():  # no clean-up between mkdtemp and the flock
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gen-", dir=self.root))
+            os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700; the server may run as another user than the CLI
+            self._lock_fd: int | None = os.open(self.tmp / _WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self.writer = GenerationWriter(self.tmp, dim=dim)
+            except BaseException:
+                self._abort()
+                raise
+        self._done = False
+
+    @property
+    def count(self) -> int:
+        """Items added so far."""
+        return self.writer.count
+
+    def add(self, item: CatalogItem) -> None:
+        """Write the next item (row ``count``); CatalogIndexError names a duplicate or bad id, vector, thumbnail."""
+        with self._oserror():
+            self.writer.add(item.id, item.label, item.vector, thumbnail_jpeg=item.thumbnail_jpeg, source=item.source,
+                            features=item.features)
+
+    def commit(self, *, bundle_sha256: str, n_trees: int, projection: Projection | None = None,
+               store: tuple[str, int] | None = None) -> Path:
+        """Complete the generation (``GenerationWriter.finish``: item table, projection, Annoy, meta, fsync), rename
+        it ``gen-N`` and point ``current`` at it under the build lock. Returns the new generation directory."""
+        _check_args(bundle_sha256, n_trees)
         gen_dir: Path | None = None
         try:
-            _write_generation(tmp, items, vectors, owners, dim=dim, bundle_sha256=bundle_sha256,
-                              n_trees=int(n_trees), projection=projection, store=store)
-            gen_dir = root / f"gen-{_next_generation_number(root):06d}"
-            os.rename(tmp, gen_dir)
-            previous = read_current_name(root)
-            _point_current(root, gen_dir.name)
-        except BaseException as e:
-            # The old generation is still live; drop what this attempt wrote. (A hard crash leaves it
-            # behind instead, and the next build's _remove_leftovers takes care of it.)
-            if gen_dir is None or not gen_dir.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif read_current_name(root) != gen_dir.name:
-                shutil.rmtree(gen_dir, ignore_errors=True)
-            for leftover in root.glob(f"{TMP_PREFIX}current-*"):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-            if isinstance(e, OSError):
-                raise CatalogIndexError(f"could not write a new index generation in {root}: {e}") from e
-            raise
-        _remove_old_generations(root, keep={gen_dir.name, previous})
-    return gen_dir
+            with self._oserror():
+                self.writer.finish(bundle_sha256=bundle_sha256, n_trees=n_trees, projection=projection, store=store)
+            with build_lock(self.root):
+                _remove_leftovers(self.root)
+                try:
+                    with self._oserror():
+                        (self.tmp / _WRITER_LOCK).unlink()  # held by the build lock from here on
+                        gen_dir = self.root / f"gen-{_next_generation_number(self.root):06d}"
+                        os.rename(self.tmp, gen_dir)
+                        previous = read_current_name(self.root)
+                        _point_current(self.root, gen_dir.name)
+                except BaseException:
+                    # The old generation is still live; drop what this attempt wrote. (A hard crash leaves it
+                    # behind instead, and the next build's _remove_leftovers takes care of it.)
+                    if gen_dir is not None and gen_dir.exists() and read_current_name(self.root) != gen_dir.name:
+                        shutil.rmtree(gen_dir, ignore_errors=True)
+                    for leftover in self.root.glob(f"{TMP_PREFIX}current-*"):
+                        with contextlib.suppress(OSError):
+                            leftover.unlink()
+                    raise
+                _remove_old_generations(self.root, keep={gen_dir.name, previous})
+        finally:
+            self._abort()
+        self._done = True
+        return gen_dir
+
+    @contextlib.contextmanager
+    def _oserror(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise CatalogIndexError(f"could not write a new index generation in {self.root}: {e}") from e
+
+    def _abort(self) -> None:
+        """Close the files and release the folder: removed unless it was renamed into a generation."""
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> NewGeneration:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            self._abort()
 
 
-def validate_items(items: Sequence[CatalogItem], dim: int | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(vectors L2-normalised as float16 — what vectors.npy keeps, so a fresh build and a rebuild search the same
-    vectors —, owner row of each vector, dim) of ``items``; CatalogIndexError names the bad id."""
+def validate_items(items: Sequence[CatalogItem]) -> None:
+    """Check ``items`` before a rebuild: ids non-empty and unique in the batch, vectors of one dim, finite and not
+    zero, thumbnails bytes; CatalogIndexError names the bad id."""
     seen: set[str] = set()
-    rows = []
-    owners: list[int] = []
+    dim = None
     for n, item in enumerate(items):
-        if not isinstance(item.id, str) or not item.id.strip():
-            raise CatalogIndexError(f"catalog item #{n} has an empty id; every item needs a unique id")
+        dim = item_vectors(n, item.id, item.vector, item.thumbnail_jpeg, dim).shape[1]
         if item.id in seen:
             raise CatalogIndexError(f"duplicate catalog id {item.id!r}; ids must be unique")
         seen.add(item.id)
-        v = np.asarray(item.vector, dtype=np.float32)
-        v = v.reshape(1, -1) if v.ndim <= 1 else v
-        if dim is None:
-            dim = v.shape[1]
-        if v.ndim != 2 or v.shape[1] != dim or v.size == 0:
-            raise CatalogIndexError(
-                f"catalog item {item.id!r}: vector has dim {v.shape[-1]}, expected dim {dim} (all vectors "
-                "must come from the same encoder)")
-        if not np.all(np.isfinite(v)):
-            raise CatalogIndexError(f"catalog item {item.id!r}: vector has NaN or infinite values")
-        norm = np.linalg.norm(v, axis=1, keepdims=True)
-        if float(norm.min()) < 1e-12:
-            raise CatalogIndexError(f"catalog item {item.id!r}: vector is all zeros")
-        if item.thumbnail_jpeg is not None and not isinstance(item.thumbnail_jpeg, (bytes, bytearray, memoryview)):
-            raise CatalogIndexError(f"catalog item {item.id!r}: thumbnail_jpeg must be bytes or None")
-        rows.append((v / norm).astype(np.float16))
-        owners.extend([n] * len(v))
-    dim = int(dim or 0)
-    vectors = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float16)
-    return vectors, np.asarray(owners, dtype=np.int32), dim
-
-
-def _write_generation(gen: Path, items: Sequence[CatalogItem], vectors: np.ndarray, owners: np.ndarray, *,
-                      dim: int, bundle_sha256: str, n_trees: int, projection: Projection | None,
-                      store: tuple[str, int] | None) -> None:
-    # The raw vectors only serve enrol/remove rebuilds (never a query): float16 halves them on disk.
-    for name, array in ((NPY_FILE, vectors), (OWNERS_FILE, owners)):
-        with open(gen / name, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            _fsync_file(f)
-    # Features are all-or-nothing: an item without them gets an empty entry (never verified).
-    with_features = any(it.features is not None for it in items)
-    if with_features:
-        FeatureStore.write(gen / FEATURES_FILE, [it.features if it.features is not None
-                                                 else Features.empty() for it in items])
-
-    thumbs: list[tuple[int, int] | None] = []
-    with open(gen / THUMBS_FILE, "wb") as f:
-        offset = 0
-        for item in items:
-            if item.thumbnail_jpeg is None:
-                thumbs.append(None)
-                continue
-            data = bytes(item.thumbnail_jpeg)
-            f.write(data)
-            thumbs.append((offset, len(data)))
-            offset += len(data)
-        _fsync_file(f)
-    ItemTable.build([it.id for it in items], [it.label for it in items], [it.source for it in items],
-                    thumbs).write(gen / ITEMS_FILE)
-
-    if projection is not None:
-        projection.save(gen / PROJECTION_FILE)
-    ann = AnnoyIndex(max(projection.dim if projection is not None else dim, 1), METRIC)
-    ann.set_seed(0)  # same catalog, same trees: builds are reproducible
-    for start in range(0, len(vectors), _CHUNK):  # in chunks: a 1M-item catalog's float32 copy would be GBs
-        chunk = np.asarray(vectors[start:start + _CHUNK], np.float32)
-        for i, v in enumerate(projection.apply(chunk) if projection is not None else chunk, start):
-            ann.add_item(i, v)
-    ann.build(n_trees)
-    ann.save(str(gen / ANN_FILE))
-    ann.unload()
-    with open(gen / ANN_FILE, "rb") as f:
-        os.fsync(f.fileno())
-
-    meta = IndexMeta(
-        format_version=FORMAT_VERSION, dim=dim, metric=METRIC, bundle_sha256=bundle_sha256, n_trees=n_trees,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        ann_bytes=(gen / ANN_FILE).stat().st_size, vectors=int(len(vectors)), features=with_features,
-        projection=None if projection is None else {"dim": projection.dim, "fit_items": projection.fit_items,
-                                                    "views_per_item": projection.views_per_item},
-        count=len(items), store=store)
-    with open(gen / META_FILE, "w", encoding="utf-8") as f:
-        f.write(meta.model_dump_json(indent=1))
-        _fsync_file(f)
-    fsync_dir(gen)
 
 
 _held = threading.local()  # the index folders whose build lock this thread holds (so it nests)
@@ -211,20 +195,6 @@ def build_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_file(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def fsync_dir(d: Path) -> None:
-    """fsync a folder, so that the names created or removed in it survive a power cut."""
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _generation_dirs(root: Path) -> dict[str, int]:
     return {p.name: int(m.group(1)) for p in root.iterdir() if (m := _GEN_RE.match(p.name))}
 
@@ -234,13 +204,29 @@ def _next_generation_number(root: Path) -> int:
 
 
 def _remove_leftovers(root: Path) -> None:
-    """Called under the build lock: anything named .tmp-* is a crashed build's debris."""
+    """Called under the build lock: anything named .tmp-* is a crashed build's debris, unless a live writer holds
+    its lock (a build streaming its items, in this process or another)."""
     for p in root.glob(f"{TMP_PREFIX}*"):
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+            if not _being_written(p):
+                shutil.rmtree(p, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def _being_written(tmp: Path) -> bool:
+    try:
+        fd = os.open(tmp / _WRITER_LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _remove_old_generations(root: Path, keep: set[str | None]) -> None:
@@ -316,119 +302,3 @@ def _point_current(root: Path, gen: str) -> None:
     os.symlink(gen, link_tmp)
     os.replace(link_tmp, root / CURRENT)
     fsync_dir(root)
-
-
-class IndexHolder:
-    """The index shared by the server's threads, with enrol / remove.
-
-    ``holder.current()`` is the live CatalogIndex; queries go to whichever object was live when they
-    started. ``add`` / ``remove`` run one at a time (a lock), rebuild a whole
-    new generation from the live one's vectors + metadata + thumbnails, and then swap the live one; the
-    replaced object is not closed (a query may still be running on it) but left to garbage collection.
-    They block for the rebuild while queries keep being served from the old index; ``rebuild_with`` decides
-    the new items under the build lock (the catalog service replays its store that way).
-    """
-
-    def __init__(self, config: IndexConfig, *, expected_bundle_sha256: str | None, create_empty: bool = False,
-                 dim: int | None = None, require_features: bool = False, recover: bool = False):
-        """Load the index at ``config.path``. With ``create_empty`` (and ``expected_bundle_sha256``), a
-        directory without an index gets an empty one of descriptor size ``dim`` (a fresh appliance). With
-        ``recover``, damaged generations are set aside first (``recover_index``; listed in ``set_aside``)."""
-        self.config = config
-        self.path = Path(config.path)
-        self.set_aside: list[dict] = recover_index(self.path) if recover else []
-        self.expected_bundle_sha256 = expected_bundle_sha256
-        self.require_features = require_features
-        self._lock = threading.Lock()  # one mutation at a time
-        if create_empty and read_current_name(self.path) is None:
-            if not expected_bundle_sha256:
-                raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
-            write_index(self.path, [], bundle_sha256=expected_bundle_sha256, n_trees=config.n_trees, dim=dim)
-        self._index: CatalogIndex = self._load()
-        self._refused: str | None = None  # a generation on disk that refresh() could not load
-
-    def current(self) -> CatalogIndex:
-        """The live generation (swapped atomically on enrol/remove; a query keeps the one it got)."""
-        return self._index
-
-    def add(self, items: Sequence[CatalogItem]) -> None:
-        """Enrol ``items``; an id already in the index is replaced (re-enrolment: new vector, label,
-        thumbnail and source). Rebuilds and swaps in a new generation; blocks until done."""
-        self.update(add=items)
-
-    def remove(self, ids: Sequence[str]) -> list[str]:
-        """Remove ``ids`` from the index. Returns the ids actually removed, in the order given; ids that
-        are not in the index are not an error and simply do not appear in the result (so the caller
-        can report them as not found). Nothing is rebuilt when nothing is removed."""
-        return self.update(remove=ids)
-
-    def update(self, *, add: Sequence[CatalogItem] = (), remove: Sequence[str] = ()) -> list[str]:
-        """Enrol ``add`` and remove ``remove`` in one rebuild (nothing is rebuilt when nothing changes);
-        returns the ids actually removed."""
-        items = list(add)
-        validate_items(items, None)  # duplicates inside the batch are an error, not "last one wins"
-        with self._lock:
-            cur = self._live_on_disk()
-            removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
-            if items or removed:
-                kept = cur.stored_items(skip={it.id for it in items} | set(removed))
-                self._rebuild(cur, kept + items, store=cur.store_seq)
-            return removed
-
-    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[list[CatalogItem], tuple[str, int]] | None]) -> bool:
-        """One rebuild decided under the build lock: ``change(live)`` is called with the generation ``current``
-        names on disk at that moment (another process's build included) and returns the new generation's items
-        and its store (id, seq), or None for no change. True when a generation was written."""
-        with self._lock, build_lock(self.path):
-            cur = self._live_on_disk()
-            planned = change(cur)
-            if planned is None:
-                return False
-            self._rebuild(cur, planned[0], store=planned[1])
-            return True
-
-    def refresh(self) -> bool:
-        """Swap in the generation ``current`` names on disk when another process replaced it (a CLI ``index
-        build``, a generation shipped to a fleet device); True when it did. One readlink when nothing changed; a
-        generation that cannot be loaded (another bundle, corrupt) is logged once and the live one kept."""
-        on_disk = read_current_name(self.path)
-        if on_disk in (None, self._index.generation, self._refused):
-            return False
-        if not self._lock.acquire(blocking=False):  # a rebuild is running: it starts from the disk itself
-            return False
-        try:
-            self._live_on_disk()
-        except CatalogIndexError as e:
-            self._refused = on_disk
-            log.error("index %s: not switching to %s: %s", self.path, on_disk, e)
-            return False
-        finally:
-            self._lock.release()
-        return True
-
-    def close(self) -> None:
-        """Nothing runs in the background here (callers rebuild on their own threads): kept so that every
-        owner of an index can release it the same way. The index itself is left to garbage collection."""
-
-    def _load(self) -> CatalogIndex:
-        return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
-                                 search_k=self.config.search_k, require_features=self.require_features)
-
-    def _live_on_disk(self) -> CatalogIndex:
-        """Called under ``_lock`` before a rebuild: if ``current`` on disk names another generation than the
-        loaded one (an ``index build`` or ``catalog add`` from the CLI meanwhile), load that one first, so
-        the rebuild starts from it instead of silently throwing it away."""
-        on_disk = read_current_name(self.path)
-        if on_disk is not None and on_disk != self._index.generation:
-            log.warning("index %s: 'current' is now %s, not the loaded %s (changed by another process): "
-                        "reloading it before this change", self.path, on_disk, self._index.generation)
-            self._index = self._load()
-        return self._index
-
-    def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem], store: tuple[str, int] | None) -> None:
-        # The live generation's projection is carried over (only a full `index build` refits it).
-        gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
-                              dim=cur.dim or None, projection=cur.projection, store=store)
-        new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
-                                           search_k=self.config.search_k, require_features=self.require_features)
-        self._index = new  # the old object stays usable for queries already holding it

@@ -10,39 +10,22 @@ Why one-to-one: on smooth, low-texture catalog images (moon, clock, coins) a few
 nearest neighbour of many query keypoints; without the rule any textured frame "verifies" against them
 because a homography can always map many points onto the same few.
 
-Features file (``FeatureStore``), one per index generation, beside the index, memory-mapped::
-
-    offset 0   header, 16 bytes, little endian: magic b"ORBF", version u32 (=1), count u32, desc_bytes u32 (=32)
-    16         offsets     int64  [count + 1]   row of item i is offsets[i] .. offsets[i+1]; offsets[0] = 0
-    ...        size_wh     int32  [count, 2]    (width, height) of the downscaled image the xy refer to
-    ...        xy          float32 [total, 2]   keypoint coordinates, total = offsets[count]
-    ...        desc        uint8  [total, 32]   ORB descriptors
-    file size = 16 + 8 * (count + 1) + 8 * count + 40 * total  (every section stays 8-byte aligned)
-
-Bytes per item: 16 + 40 per keypoint, i.e. ≈ 20 KB at 500 features (≈ 2 GB for a 100k-item catalog, which
-is why it is mapped, not read). Only the candidates' pages are touched per query.
+The features of a catalog live in one mapped file per index generation: device/feature_store.py.
 
 Costs (ORB extraction, knnMatch, MAGSAC vs RANSAC) and why ``rerank`` stays sequential: README, "Benchmarks".
 """
 from __future__ import annotations
 
-import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
 from .config import RecognitionConfig
-from .errors import CatalogIndexError
 
-MAGIC = b"ORBF"
-FORMAT_VERSION = 1
 DESC_BYTES = 32
-_HEADER = struct.Struct("<4sIII")
 MIN_MATCHES_TO_FIT = 8  # fewer ratio-test matches than this: no homography is tried, 0 inliers
 _MAX_SCALE_CHANGE = 10.0
 _METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
@@ -192,116 +175,3 @@ def rerank(query: np.ndarray | Features, candidates: Sequence[Any],
     :func:`verify_candidates`): the count, or -1 when not verified."""
     qf = query if isinstance(query, Features) else extract(query, cfg, query=True)
     return [n for n, _ in verify_candidates(qf, candidates, get_features, cfg, stop_inliers=stop_inliers)]
-
-
-# ------------------------------------------------------------------------------------- features file
-
-def _layout(count: int, total: int) -> tuple[int, int, int, int, int]:
-    """Byte offsets of (offsets, size_wh, xy, desc) and the file size."""
-    off = _HEADER.size
-    size = off + 8 * (count + 1)
-    xy = size + 8 * count
-    desc = xy + 8 * total
-    return off, size, xy, desc, desc + DESC_BYTES * total
-
-
-class FeatureStore:
-    """All catalog items' Features in one memory-mapped file (format in the module docstring).
-
-    ``get(row)`` returns views into the mapping (no copy); they stay valid after ``close()`` because they
-    hold the mapping themselves. Reads are thread-safe.
-    """
-
-    def __init__(self, path: Path, raw: np.ndarray, offsets: np.ndarray, size_wh: np.ndarray,
-                 xy: np.ndarray, desc: np.ndarray):
-        """Use :meth:`open`; this constructor takes already-validated parts."""
-        self.path = path
-        self._raw: np.ndarray | None = raw
-        self._offsets, self._size_wh, self._xy, self._desc = offsets, size_wh, xy, desc
-
-    @staticmethod
-    def write(path: str | os.PathLike, features: Sequence[Features]) -> int:
-        """Write ``features`` (row i = catalog item i) to ``path`` and fsync it; returns the bytes written.
-        The caller writes into its temporary generation folder and swaps atomically."""
-        path = Path(path)
-        counts = [len(f) for f in features]
-        offsets = np.zeros(len(features) + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        for i, f in enumerate(features):
-            if f.xy.shape != (counts[i], 2) or f.desc.shape != (counts[i], DESC_BYTES):
-                raise CatalogIndexError(f"features of item #{i} have shapes xy {f.xy.shape}, "
-                                        f"desc {f.desc.shape}; expected [N, 2] and [N, {DESC_BYTES}]")
-        size_wh = np.array([f.size_wh for f in features], np.int32).reshape(-1, 2)
-        try:
-            with open(path, "wb") as fh:
-                fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(features), DESC_BYTES))
-                fh.write(offsets.astype("<i8").tobytes())
-                fh.write(size_wh.astype("<i4").tobytes())
-                for f in features:
-                    fh.write(np.ascontiguousarray(f.xy, "<f4").tobytes())
-                for f in features:
-                    fh.write(np.ascontiguousarray(f.desc, np.uint8).tobytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-                return fh.tell()
-        except OSError as e:
-            raise CatalogIndexError(f"could not write the features file {path}: {e}") from e
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> FeatureStore:
-        """Map the features file at ``path``. Raises CatalogIndexError naming the file when it is missing,
-        truncated or corrupt (bad magic/version, sizes not matching its length, offsets not monotonic)."""
-        path = Path(path)
-        try:
-            length = path.stat().st_size
-            raw = np.memmap(path, dtype=np.uint8, mode="r") if length else np.zeros(0, np.uint8)
-        except (OSError, ValueError) as e:
-            raise CatalogIndexError(f"cannot map the features file {path}: {e}") from None
-
-        def bad(why: str) -> CatalogIndexError:
-            return CatalogIndexError(f"features file {path} is corrupt or truncated: {why}; rebuild the index")
-
-        if length < _HEADER.size:
-            raise bad(f"{length} bytes, shorter than the {_HEADER.size}-byte header")
-        magic, version, count, desc_bytes = _HEADER.unpack(bytes(raw[:_HEADER.size]))
-        if magic != MAGIC:
-            raise bad(f"magic {magic!r}, expected {MAGIC!r}")
-        if version != FORMAT_VERSION or desc_bytes != DESC_BYTES:
-            raise bad(f"version {version} / desc_bytes {desc_bytes}, expected {FORMAT_VERSION} / {DESC_BYTES}")
-        o_off, o_size, _, _, _ = _layout(count, 0)
-        if length < o_size + 8 * count:
-            raise bad(f"{length} bytes cannot hold the tables of {count} items")
-        offsets = np.asarray(raw[o_off:o_size]).view("<i8")
-        if offsets[0] != 0 or (np.diff(offsets) < 0).any():
-            raise bad("item offsets are not monotonic from 0")
-        total = int(offsets[-1])
-        _, s_off, xy_off, d_off, end = _layout(count, total)
-        if length != end:
-            raise bad(f"{length} bytes, but {count} items with {total} keypoints need {end}")
-        size_wh = np.asarray(raw[s_off:xy_off]).view("<i4").reshape(count, 2)
-        xy = np.asarray(raw[xy_off:d_off]).view("<f4").reshape(total, 2)
-        desc = np.asarray(raw[d_off:end]).reshape(total, DESC_BYTES)
-        return cls(path, raw, offsets, size_wh, xy, desc)
-
-    def __len__(self) -> int:
-        return int(self._size_wh.shape[0])
-
-    def get(self, row: int) -> Features:
-        """Features of catalog item ``row`` (views into the mapping)."""
-        if self._raw is None:
-            raise CatalogIndexError(f"features file {self.path} is closed")
-        if not 0 <= row < len(self):
-            raise IndexError(f"row {row} out of range for {len(self)} items in {self.path}")
-        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
-        w, h = self._size_wh[row]
-        return Features(self._xy[a:b], self._desc[a:b], (int(w), int(h)))
-
-    def close(self) -> None:
-        """Drop this store's reference to the mapping (views handed out keep it alive until released)."""
-        self._raw = None
-
-    def __enter__(self) -> FeatureStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

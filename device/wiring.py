@@ -25,7 +25,7 @@ from .encoder import Encoder, load_encoder
 from .errors import ApplianceError, CatalogIndexError
 from .history import History
 from .index import CatalogIndex, index_exists
-from .index_writer import IndexHolder
+from .index_holder import IndexHolder
 from .lookup import IndexSource, Lookup
 from .metrics import Metrics
 from .push import PushHub

@@ -7,12 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from device.adapt import PROJECTION_FILE, Projection, fit_lw
+from device.adapt import Projection, fit_lw
 from device.catalog import ItemMaker, build_index
 from device.config import IndexConfig, RecognitionConfig
 from device.errors import CatalogIndexError
 from device.index import CatalogIndex
-from device.index_writer import IndexHolder, write_index
+from device.generation import PROJECTION_FILE, save_projection
+from device.index_holder import IndexHolder
+from device.index_writer import write_index
 from device.lookup import Lookup
 
 from device.demo import photo_crops
@@ -112,7 +114,7 @@ def test_a_projection_for_another_bundle_is_refused(tmp_path, adapted, encoder):
     other = Projection(proj.mean, proj.matrix, proj.fit_items, proj.views_per_item, "0" * 64)
     with pytest.raises(CatalogIndexError, match="fitted for bundle"):
         write_index(tmp_path / "other", items, bundle_sha256=encoder.sha256, n_trees=2, projection=other)
-    other.save(path / "current" / PROJECTION_FILE)  # a generation whose projection.npz came from elsewhere
+    save_projection(other, path / "current" / PROJECTION_FILE)  # a generation whose projection.npz came from elsewhere
     with pytest.raises(CatalogIndexError, match=f"{PROJECTION_FILE} was fitted for bundle sha256 000000000000"):
         CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256)
 

@@ -196,7 +196,7 @@ def test_index_build_says_what_it_replaced_and_a_running_holder_keeps_that_build
     starts from the new generation on disk instead of rebuilding from the one it had loaded."""
     from device.catalog import ItemMaker
     from device.config import IndexConfig, RecognitionConfig
-    from device.index_writer import IndexHolder
+    from device.index_holder import IndexHolder
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"encoder:\n  bundle: {OPEN_BUNDLE}\nindex:\n  path: {tmp_path / 'index'}\n"
                    "recognition:\n  enrol_views: []\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import io
 import os
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device import generation as generation_mod
 from device import index_writer as index_mod
 from device.config import IndexConfig
 from device.errors import CatalogIndexError
 from device.index import CatalogIndex, CatalogItem, angular_to_cosine
-from device.index_writer import IndexHolder, write_index
+from device.index_holder import IndexHolder
+from device.index_writer import write_index
 
 N, DIM, TREES = 300, 64, 50
 # Annoy's default search effort (search_k=-1: n_trees * top_k nodes) is low for 64-d random data;
@@ -407,11 +410,11 @@ def test_failed_swap_leaves_old_generation(built, vecs, monkeypatch):
 
 
 def test_failed_ann_save_leaves_old_generation(built, vecs, monkeypatch):
-    class BrokenAnnoy(index_mod.AnnoyIndex):
+    class BrokenAnnoy(generation_mod.AnnoyIndex):
         def save(self, *args, **kwargs):
             raise OSError("I/O error (simulated)")
 
-    monkeypatch.setattr(index_mod, "AnnoyIndex", BrokenAnnoy)
+    monkeypatch.setattr(generation_mod, "AnnoyIndex", BrokenAnnoy)
     with pytest.raises(CatalogIndexError, match="I/O error"):
         write_index(built, _items(vecs[:5]), bundle_sha256=SHA, n_trees=TREES)
     monkeypatch.undo()
@@ -423,12 +426,12 @@ def test_hard_crash_mid_build_then_next_build_cleans_up(built, vecs):
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np
-        from device import index_writer as m
+        from device import generation as g, index_writer as m
         from device.index import CatalogItem
-        class Dying(m.AnnoyIndex):
+        class Dying(g.AnnoyIndex):
             def save(self, *a, **k):
                 os._exit(3)
-        m.AnnoyIndex = Dying
+        g.AnnoyIndex = Dying
         v = np.eye(4, dtype=np.float32)
         m.write_index({str(built)!r}, [CatalogItem(str(i), 'x', v[i]) for i in range(4)],
                       bundle_sha256='c' * 64, n_trees=2)
@@ -442,3 +445,33 @@ def test_hard_crash_mid_build_then_next_build_cleans_up(built, vecs):
     gen = write_index(built, _items(vecs[:10]), bundle_sha256=SHA, n_trees=TREES)
     assert gen.name == "gen-000002" and not list(built.glob(".tmp-*"))
     assert _load(built).size == 10
+
+
+def test_a_generation_streamed_in_survives_another_build_and_is_made_live_after_it(built, vecs):
+    """A build streams its items into a .tmp-gen-* folder long before it commits (a 1M-item build: hours); another
+    build meanwhile (a serve's enrolment, under the build lock) cleans up crashed builds' folders but not this one."""
+    from device.index_writer import NewGeneration
+    with NewGeneration(built, dim=DIM) as new:
+        for item in _items(vecs[:100]):  # any iterable, one item at a time
+            new.add(item)
+        streaming = new.tmp
+        # on disk already, but for what the file object buffers
+        assert (streaming / "vectors.npy").stat().st_size >= 100 * DIM * 2 - io.DEFAULT_BUFFER_SIZE
+        assert write_index(built, iter(_items(vecs[:5])), bundle_sha256=SHA, n_trees=TREES).name == "gen-000002"
+        assert streaming.is_dir() and _load(built).size == 5
+        assert new.commit(bundle_sha256=SHA, n_trees=TREES).name == "gen-000003"
+    assert not streaming.exists() and not list(built.glob(".tmp-*"))
+    idx = _load(built)
+    assert idx.size == 100 and [i.id for i in idx.items] == [f"item-{i:04d}" for i in range(100)]
+    assert np.array_equal(np.load(idx.path / "vectors.npy"), np.asarray(idx.vectors()))  # a plain .npy file
+    assert not (idx.path / ".lock").exists()
+
+
+def test_a_build_that_fails_midway_leaves_nothing_behind(built, vecs):
+    from device.index_writer import NewGeneration
+    with pytest.raises(CatalogIndexError, match="duplicate catalog id 'item-0001'"):
+        with NewGeneration(built, dim=DIM) as new:
+            for item in _items(vecs[:3]) + _items(vecs[1:2], start=1):
+                new.add(item)
+    assert not list(built.glob(".tmp-*"))
+    _assert_old_intact(built, vecs)

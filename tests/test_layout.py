@@ -9,10 +9,12 @@ import sys
 from .conftest import ROOT
 
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
-LAYERS = ("errors", "procstat", "jsonfile", "config", "results", "status", "decision", "images", "views", "bundle", "encoder", "verify", "adapt",
-          "items", "index", "index_writer", "store", "catalog", "build_pool", "catalog_service", "trigger",
-          "camera_sources", "camera", "lookup", "metrics", "history", "mqtt_auth", "events", "push", "recorder",
-          "camera_loop", "appliance", "demo", "wiring", "systemd", "web.services", "web.common", "web.hosts", "web.page", "web.stream", "web.sse", "web.api", "web", "__main__")
+LAYERS = ("errors", "procstat", "jsonfile", "config", "results", "status", "decision", "images", "views", "bundle",
+          "encoder", "verify", "feature_store", "adapt", "items", "generation", "index", "index_writer", "index_holder",
+          "store", "catalog", "build_pool", "catalog_service", "trigger", "camera_sources", "camera", "lookup",
+          "metrics", "history", "mqtt_auth", "events", "push", "recorder", "camera_loop", "appliance", "demo", "wiring",
+          "systemd", "web.services", "web.common", "web.hosts", "web.page", "web.stream", "web.sse", "web.api", "web",
+          "__main__")
 MAX_LINES = 450
 
 

@@ -18,7 +18,7 @@ from device.config import DEFAULT_BUNDLE, OPEN_BUNDLE, EncoderConfig, IndexConfi
 from device.encoder import Encoder, load_encoder
 from device.errors import BundleError, BundleUnavailable
 from device.images import decode_image
-from device.index_writer import IndexHolder
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 from device.views import empty_table
 from PIL import Image

@@ -8,8 +8,9 @@ import pytest
 from device.catalog import ItemMaker, build_index
 from device.config import IndexConfig, RecognitionConfig
 from device.errors import CatalogIndexError
-from device.index import FEATURES_FILE, CatalogIndex
-from device.index_writer import IndexHolder
+from device.generation import FEATURES_FILE
+from device.index import CatalogIndex
+from device.index_holder import IndexHolder
 from device.lookup import Lookup
 
 from .conftest import CATALOG, view
@@ -123,7 +124,7 @@ def test_enrol_and_remove_keep_vectors_features_and_ids_consistent(tmp_path, rec
     idx = holder.current()
     assert idx.size == n - 1 and len(idx.vectors()) == 3 * (n - 1) and not idx.has("mug")
     assert np.array_equal(idx.features("moon").desc, moon_before)  # features stayed with their item
-    from device.verify import FeatureStore
+    from device.feature_store import FeatureStore
     with FeatureStore.open(idx.path / FEATURES_FILE) as store:
         assert len(store) == idx.size  # no orphan features
     holder.close()
@@ -133,7 +134,7 @@ def test_crash_during_rebuild_leaves_old_index_and_features_usable(tmp_path, rec
                                                                    monkeypatch):
     import shutil
 
-    import device.index_writer as index_mod
+    from device.feature_store import FeatureWriter
     path = tmp_path / "index"
     shutil.copytree(recog_index, path, symlinks=True)
     holder = holder_of(path, encoder)
@@ -141,7 +142,7 @@ def test_crash_during_rebuild_leaves_old_index_and_features_usable(tmp_path, rec
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
-    monkeypatch.setattr(index_mod.FeatureStore, "write", staticmethod(boom))
+    monkeypatch.setattr(FeatureWriter, "add", boom)  # the disk fills up as the features stream in
     with pytest.raises(CatalogIndexError, match="disk full"):
         holder.add([maker(encoder).make(photos["coffee"], "mug", "Mug")])
     monkeypatch.undo()

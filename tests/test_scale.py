@@ -1,6 +1,6 @@
 """Builds that outgrow one process: the same generation from worker processes and from Ray actors (a two-node
-cluster simulated on this machine) as from an in-process build; a worker or driver killed mid-build leaves
-the live generation intact."""
+cluster simulated on this machine) as from an in-process build; a worker process, a Ray worker or the driver
+killed mid-build leaves the live generation intact."""
 from __future__ import annotations
 
 import os
@@ -170,7 +170,8 @@ def test_a_killed_ray_driver_leaves_the_live_generation_intact(tmp_path, folder,
 
 def test_the_item_table_round_trips_non_ascii_ids_and_labels_and_enrolment_after_it_works(tmp_path, encoder, photos):
     from device.config import IndexConfig
-    from device.index_writer import IndexHolder, write_index
+    from device.index_holder import IndexHolder
+    from device.index_writer import write_index
     from device.items import ItemTable
     maker = ItemMaker(encoder, RecognitionConfig(enrol_views=[], features=False, verify=False), 160)
     names = {"Kärtchen/Straße 1": "Grüße aus Köln", "日本/東京": "東京タワー 🗼", "cats/chelsea": "Chelsea",
@@ -224,3 +225,69 @@ def test_a_format_1_generation_still_loads(tmp_path, encoder, photos):
         assert [i.to_json()["label"] for i in idx.items] == ["Rakete", "Mond"]
         assert idx.query(encoder.embed(photos["rocket"]), top_k=1)[0].id == "röcket"
         assert idx.thumbnail("moon")
+
+
+def _ray_actor_processes(psutil) -> list:
+    """This test's Ray Data actor processes (Ray titles them ``ray::MapWorker(MapBatches(ItemActor))…``): only
+    descendants of this process, so no other Ray on the machine is touched."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "MapWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return out
+
+
+class _KillAnActorAfterTheFirstResult:
+    """A RayRunner whose first result, once it reached the driver, is followed by SIGKILL to one of the actors'
+    worker processes (work of the build is still queued on them): the kill lands mid-build, every time."""
+
+    def __init__(self, runner, psutil):
+        self.runner, self.psutil, self.killed, self.serving = runner, psutil, [], set()
+
+    def map(self, tasks):
+        for n, result in enumerate(self.runner.map(tasks)):
+            if not self.killed:
+                actors = _ray_actor_processes(self.psutil)
+                assert actors, "no Ray actor process found among this test's descendants"
+                actors[0].send_signal(signal.SIGKILL)
+                actors[0].wait(10)
+                self.killed.append(actors[0].pid)
+            elif not self.serving:  # who works on after the kill (the actor held batches in flight: lost with it)
+                self.serving = {a.pid for a in _ray_actor_processes(self.psutil)}
+            yield result
+
+    def describe(self):
+        return self.runner.describe()
+
+    def close(self):
+        self.runner.close()
+
+
+def _files(gen) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(gen.iterdir())}
+
+
+def test_a_killed_ray_worker_leaves_the_live_generation_intact_and_ray_retries_its_batch(
+        tmp_path, folder, local, encoder, ray_cluster):
+    """SIGKILL to a Ray actor's worker process mid-build: Ray restarts the actor and retries its batch (Ray Data's
+    actor pool: max_restarts / max_task_retries -1), so the build completes with the generation a local build
+    makes; the previous generation is untouched throughout and stays on disk beside the new one."""
+    psutil = pytest.importorskip("psutil", reason="psutil finds the Ray worker process to kill")
+    from builder.ray_build import RayRunner
+    path = tmp_path / "index"
+    shutil.copytree(local[0], path, symlinks=True)
+    before, before_files = _live(path), _files(path / read_current_name(path))
+    maker = ItemMaker(encoder, RC, 160)
+    runner = _KillAnActorAfterTheFirstResult(RayRunner(maker.spec(1), address=ray_cluster.address, batch_size=1),
+                                             psutil)
+    rep = build_index(folder, maker, path, n_trees=4, progress=False, runner=runner)
+    assert len(runner.killed) == 1 and not psutil.pid_exists(runner.killed[0])
+    assert runner.serving and runner.killed[0] not in runner.serving  # Ray restarted / replaced the actor
+    assert rep.indexed == local[1].indexed and rep.skipped == local[1].skipped
+    assert rep.generation != before[0] and read_current_name(path) == rep.generation
+    assert_same_generation(local[0], path)
+    assert _files(path / before[0]) == before_files  # the previous generation: kept, byte for byte
+    assert _live(path)[1] == before[1]

@@ -17,7 +17,8 @@ from device.catalog_service import CatalogService, migrate_enrolled_dir
 from device.config import CatalogConfig, IndexConfig, RecognitionConfig, WebConfig
 from device.errors import DiskFullError, StoreError
 from device.images import encode_jpeg
-from device.index_writer import IndexHolder, recover_index, write_index
+from device.index_holder import IndexHolder
+from device.index_writer import recover_index, write_index
 from device.store import CatalogStore, hold_serve_lock
 from device.web import create_app
 

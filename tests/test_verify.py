@@ -9,8 +9,8 @@ import pytest
 from device.config import RecognitionConfig
 from device.errors import CatalogIndexError
 from device.views import camera_view, empty_table
-from device.verify import (MIN_MATCHES_TO_FIT, Features, FeatureStore, extract, match_inliers,
-                           ratio_matches, rerank)
+from device.feature_store import FeatureStore
+from device.verify import MIN_MATCHES_TO_FIT, Features, extract, match_inliers, ratio_matches, rerank
 
 CFG = RecognitionConfig()
 TRUE_MIN = 15   # a true pair has at least this many inliers (seen: >= 39 on these views)

@@ -14,6 +14,7 @@ HTTP (device/appliance.py → device/web/) and the CLI (``catalog add|remove``, 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -137,7 +138,7 @@ class CatalogService:
             added = [item for row in rows if (item := self._item(row, report)) is not None]
             report.removed = [r.id for r in rows if r.removed and cur.has(r.id)]
             kept = cur.stored_items(skip={r.id for r in rows})
-            return kept + added, (self.store.id, top)
+            return itertools.chain(kept, added), (self.store.id, top)
 
         if self.holder.rebuild_with(plan):
             self._rebuild_s = time.monotonic() - t0

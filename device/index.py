@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,12 +224,16 @@ class CatalogIndex:
         order, starts = self._by_item
         return np.asarray(self._vectors[order[starts[row]:starts[row + 1]]])
 
-    def stored_items(self, skip: set[str] | frozenset[str] = frozenset()) -> list[CatalogItem]:
+    def stored_items(self, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[CatalogItem]:
         """Every item as stored (vectors, thumbnail, source, features), except the ids in ``skip``: what a
-        rebuild carries over into the next generation without re-encoding anything."""
-        return [CatalogItem(it.id, it.label, self._item_vectors(row), self._thumbnail_at(row), it.source,
-                            self._features.get(row) if self._features is not None else None)
-                for row, it in enumerate(self.items) if it.id not in skip]
+        rebuild carries over into the next generation without re-encoding anything. One at a time, read from the
+        maps while this generation stays open (a rebuild streams them to disk: memory does not grow with the
+        catalog)."""
+        for row in range(self.size):
+            it = self._table.item(row)
+            if it.id not in skip:
+                yield CatalogItem(it.id, it.label, self._item_vectors(row), self._thumbnail_at(row), it.source,
+                                  self._features.get(row) if self._features is not None else None)
 
     def current(self) -> CatalogIndex:
         """This generation: a loaded index never changes (``IndexHolder.current()`` follows enrolments)."""

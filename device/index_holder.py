@@ -4,9 +4,10 @@ on ``refresh`` when another process (a CLI ``index build``) replaced ``current``
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .config import IndexConfig
@@ -71,10 +72,10 @@ class IndexHolder:
             removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
             if items or removed:
                 kept = cur.stored_items(skip={it.id for it in items} | set(removed))
-                self._rebuild(cur, kept + items, store=cur.store_seq)
+                self._rebuild(cur, itertools.chain(kept, items), store=cur.store_seq)
             return removed
 
-    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[list[CatalogItem], tuple[str, int]] | None]) -> bool:
+    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[Iterable[CatalogItem], tuple[str, int]] | None]) -> bool:
         """One rebuild decided under the build lock: ``change(live)`` is called with the generation ``current``
         names on disk at that moment (another process's build included) and returns the new generation's items
         and its store (id, seq), or None for no change. True when a generation was written."""
@@ -124,7 +125,7 @@ class IndexHolder:
             self._index = self._load()
         return self._index
 
-    def _rebuild(self, cur: CatalogIndex, items: list[CatalogItem], store: tuple[str, int] | None) -> None:
+    def _rebuild(self, cur: CatalogIndex, items: Iterable[CatalogItem], store: tuple[str, int] | None) -> None:
         # The live generation's projection is carried over (only a full `index build` refits it).
         gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
                               dim=cur.dim or None, projection=cur.projection, store=store)

@@ -40,10 +40,6 @@ class IndexedItem:
     label: str
     source: str | None
 
-    def to_json(self) -> dict:
-        """The item as the JSON object served by the web API."""
-        return {"id": self.id, "label": self.label, "source": self.source}
-
 
 def id_hash(item_id: str) -> int:
     """The 64-bit hash the table is searched by (stable across processes and machines, unlike ``hash``)."""

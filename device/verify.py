@@ -12,7 +12,7 @@ because a homography can always map many points onto the same few.
 
 The features of a catalog live in one mapped file per index generation: device/feature_store.py.
 
-Costs (ORB extraction, knnMatch, MAGSAC vs RANSAC) and why ``rerank`` stays sequential: README, "Benchmarks".
+Costs (ORB extraction, knnMatch, MAGSAC vs RANSAC) and why verification stays sequential: README, "Benchmarks".
 """
 from __future__ import annotations
 
@@ -74,26 +74,20 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size_wh)
 
 
-def ratio_matches(query: Features, cand: Features, cfg: RecognitionConfig, *,
-                  one_to_one: bool = True) -> np.ndarray:
+def ratio_matches(query: Features, cand: Features, cfg: RecognitionConfig) -> np.ndarray:
     """Putative matches query → candidate as int [M, 2] (query index, candidate index): Hamming 2-NN, Lowe
-    ratio test, and (``one_to_one``) each candidate keypoint kept only for its best-distance query keypoint.
-    ``one_to_one=False`` exists to show why the rule is needed; verification always uses it."""
+    ratio test, and each candidate keypoint kept only for its best-distance query keypoint (one-to-one: a smooth
+    candidate with a few keypoints would otherwise absorb many query keypoints; tests/test_verify.py)."""
     if len(query) == 0 or len(cand) < 2:
         return np.zeros((0, 2), np.int64)
     knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.desc, cand.desc, k=2)
     best: dict[int, tuple[float, int]] = {}
-    pairs = []
     for m in knn:
         if len(m) < 2 or m[0].distance >= cfg.ratio * m[1].distance:
             continue
-        if not one_to_one:
-            pairs.append((m[0].queryIdx, m[0].trainIdx))
-        elif m[0].trainIdx not in best or m[0].distance < best[m[0].trainIdx][0]:
+        if m[0].trainIdx not in best or m[0].distance < best[m[0].trainIdx][0]:
             best[m[0].trainIdx] = (m[0].distance, m[0].queryIdx)
-    if one_to_one:
-        pairs = [(q, t) for t, (_, q) in best.items()]
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return np.array([(q, t) for t, (_, q) in best.items()], dtype=np.int64).reshape(-1, 2)
 
 
 def match_inliers(query: Features, cand: Features, cfg: RecognitionConfig) -> int:
@@ -167,11 +161,3 @@ def verify_candidates(query: Features, candidates: Sequence[Any],
         out.append((-1, None) if feats is None else match_homography(query, feats, cfg))
     return out
 
-
-def rerank(query: np.ndarray | Features, candidates: Sequence[Any],
-           get_features: Callable[[Any], Features | None], cfg: RecognitionConfig, *,
-           stop_inliers: int | None = None) -> list[int]:
-    """Inliers of ``query`` (an RGB frame or its Features) against each candidate (see
-    :func:`verify_candidates`): the count, or -1 when not verified."""
-    qf = query if isinstance(query, Features) else extract(query, cfg, query=True)
-    return [n for n, _ in verify_candidates(qf, candidates, get_features, cfg, stop_inliers=stop_inliers)]

@@ -110,7 +110,7 @@ def test_a_projection_for_another_bundle_is_refused(tmp_path, adapted, encoder):
     path = tmp_path / "index"
     shutil.copytree(adapted[0], path, symlinks=True)
     with CatalogIndex.load(path, expected_bundle_sha256=encoder.sha256) as idx:
-        proj, items = idx.projection, idx.stored_items()
+        proj, items = idx.projection, list(idx.stored_items())
     other = Projection(proj.mean, proj.matrix, proj.fit_items, proj.views_per_item, "0" * 64)
     with pytest.raises(CatalogIndexError, match="fitted for bundle"):
         write_index(tmp_path / "other", items, bundle_sha256=encoder.sha256, n_trees=2, projection=other)

@@ -16,6 +16,7 @@ import pytest
 from device import generation as generation_mod
 from device import index_writer as index_mod
 from device.config import IndexConfig
+from device.items import IndexedItem
 from device.errors import CatalogIndexError
 from device.index import CatalogIndex, CatalogItem, angular_to_cosine
 from device.index_holder import IndexHolder
@@ -91,7 +92,7 @@ def test_build_load_query_matches_numpy(built, vecs):
     idx = _load(built)
     assert (idx.size, idx.dim, idx.bundle_sha256, idx.generation) == (N, DIM, SHA, "gen-000001")
     assert os.readlink(built / "current") == "gen-000001"
-    assert idx.items[5].to_json() == {"id": "item-0005", "label": "Label 5", "source": "/photos/5.jpg"}
+    assert idx.items[5] == IndexedItem("item-0005", "Label 5", "/photos/5.jpg")
     np.testing.assert_allclose(idx.vectors(), vecs, atol=1e-3)  # float16 on disk
 
     queries = _queries(vecs)

@@ -63,7 +63,7 @@ def assert_same_generation(a_path, b_path):
     """Ids, labels, sources, vectors, owners, features, thumbnails and projection agree."""
     with CatalogIndex.load(a_path, expected_bundle_sha256=None) as a, \
             CatalogIndex.load(b_path, expected_bundle_sha256=None) as b:
-        assert [i.to_json() for i in a.items] == [i.to_json() for i in b.items]
+        assert a.items == b.items
         np.testing.assert_allclose(np.asarray(a.vectors(), np.float32), np.asarray(b.vectors(), np.float32),
                                    atol=2e-3)
         assert np.array_equal(np.load(a.path / "owners.npy"), np.load(b.path / "owners.npy"))
@@ -172,7 +172,7 @@ def test_the_item_table_round_trips_non_ascii_ids_and_labels_and_enrolment_after
     from device.config import IndexConfig
     from device.index_holder import IndexHolder
     from device.index_writer import write_index
-    from device.items import ItemTable
+    from device.items import IndexedItem, ItemTable
     maker = ItemMaker(encoder, RecognitionConfig(enrol_views=[], features=False, verify=False), 160)
     names = {"Kärtchen/Straße 1": "Grüße aus Köln", "日本/東京": "東京タワー 🗼", "cats/chelsea": "Chelsea",
              "éé": "é" * 200}
@@ -184,9 +184,8 @@ def test_the_item_table_round_trips_non_ascii_ids_and_labels_and_enrolment_after
     gen = root / read_current_name(root)
     assert "Kärtchen" not in (gen / "meta.json").read_text(encoding="utf-8")  # the table, not the meta, holds them
     table = ItemTable.open(gen / "items.bin", thumbs_size=(gen / "thumbs.bin").stat().st_size)
-    assert [table.item(r).to_json() for r in range(len(table))] == [
-        {"id": i, "label": lab, "source": "/fotos/Chélsea.jpg" if i == "cats/chelsea" else None}
-        for i, lab in names.items()]
+    assert [table.item(r) for r in range(len(table))] == [
+        IndexedItem(i, lab, "/fotos/Chélsea.jpg" if i == "cats/chelsea" else None) for i, lab in names.items()]
     assert table.row("日本/東京") == 1 and table.row("日本") is None and table.row("") is None
     holder = IndexHolder(IndexConfig(path=root, n_trees=2), expected_bundle_sha256=encoder.sha256)
     idx = holder.current()

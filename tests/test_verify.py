@@ -3,6 +3,7 @@ and not against others; photos outside the catalog and an empty table verify aga
 low-texture candidates included; the memory-mapped features file round-trips and refuses corrupt files."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -10,7 +11,8 @@ from device.config import RecognitionConfig
 from device.errors import CatalogIndexError
 from device.views import camera_view, empty_table
 from device.feature_store import FeatureStore
-from device.verify import MIN_MATCHES_TO_FIT, Features, extract, match_inliers, ratio_matches, rerank
+from device.verify import (MIN_MATCHES_TO_FIT, Features, extract, match_inliers, ratio_matches,
+                           verify_candidates)
 
 CFG = RecognitionConfig()
 TRUE_MIN = 15   # a true pair has at least this many inliers (seen: >= 39 on these views)
@@ -51,7 +53,9 @@ def test_photo_not_in_catalog_and_empty_table_verify_against_nothing(photos, fea
 def test_one_to_one_stops_smooth_candidate_absorbing_matches(photos, feats):
     # "clock" is smooth: ORB finds ~10 keypoints, each the nearest neighbour of many query keypoints.
     q = _query(camera_view(photos["grace_hopper"], "table", np.random.default_rng(0)))
-    many = ratio_matches(q, feats["clock"], CFG, one_to_one=False)
+    # the ratio test alone (what ratio_matches does before its one-to-one rule)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(q.desc, feats["clock"].desc, k=2)
+    many = [m[0] for m in knn if len(m) == 2 and m[0].distance < CFG.ratio * m[1].distance]
     one = ratio_matches(q, feats["clock"], CFG)
     assert len(feats["clock"]) < 50
     assert len(many) >= 5 * len(one) and len(many) >= 50
@@ -109,7 +113,7 @@ def test_feature_store_refuses_corrupt_files(tmp_path, feats):
         FeatureStore.open(tmp_path / "missing.bin")
 
 
-def test_rerank_stops_early_and_marks_unverified(photos, feats):
+def test_verification_stops_early_and_marks_unverified(photos, feats):
     frame = camera_view(photos["chelsea"], "table", np.random.default_rng(5))
     calls = []
 
@@ -117,10 +121,13 @@ def test_rerank_stops_early_and_marks_unverified(photos, feats):
         calls.append(name)
         return None if name == "nofeatures" else feats[name]
 
-    full = rerank(frame, ["astronaut", "nofeatures", "chelsea", "moon"], get, CFG)
+    def inliers(names, **kw):
+        return [n for n, _ in verify_candidates(q, names, get, CFG, **kw)]
+
+    q = _query(frame)
+    full = inliers(["astronaut", "nofeatures", "chelsea", "moon"])
     assert full[0] <= FALSE_MAX and full[1] == -1 and full[2] >= TRUE_MIN and full[3] <= FALSE_MAX
     calls.clear()
-    q = _query(frame)
-    early = rerank(q, ["chelsea", "astronaut", "moon"], get, CFG, stop_inliers=12)
+    early = inliers(["chelsea", "astronaut", "moon"], stop_inliers=12)
     assert early[0] >= TRUE_MIN and early[1:] == [-1, -1]
     assert calls == ["chelsea"]

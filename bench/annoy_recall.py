@@ -68,7 +68,7 @@ def real_descriptors(encoder=None, *, cache_dir: Path = CACHE) -> dict[str, np.n
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    from device.views import camera_view
+    from device.synthetic_views import camera_view
     from device.demo import photo_crops, shipped_photos
     from device.encoder import Encoder
     own = encoder is None

@@ -85,7 +85,7 @@ def lookup_overhead(port: int, work: Path, pairs: int) -> dict:
     from device.config import BuildConfig, Config, IndexConfig, RecognitionConfig
     from device.demo import shipped_photos
     from device.images import encode_jpeg
-    from device.views import camera_view
+    from device.synthetic_views import camera_view
     photos = shipped_photos()
     cat = work / "catalog"
     cat.mkdir()

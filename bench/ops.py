@@ -23,7 +23,7 @@ from device.history import STORE_NAME, History
 from device.images import make_thumbnail
 from device.push import PushHub
 from device.results import Candidate, LookupResult
-from device.views import camera_view
+from device.synthetic_views import camera_view
 
 ROOT = Path(__file__).resolve().parent.parent
 

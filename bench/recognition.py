@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from device.config import DEFAULT_BUNDLE
-from device.views import VIEW_KINDS, VIEWPOINT_KINDS
+from device.synthetic_views import VIEW_KINDS, VIEWPOINT_KINDS
 
 from .views import CACHE, RESULTS, camera_view_set, catalog_view_set, run_module, write_json
 
@@ -77,7 +77,7 @@ def open_set(root: Path, seed: int = 5) -> list[dict]:
     parts, as different unknown prints), two views each. ``source`` is the photo, ``package`` the Debian package
     it ships in (the held-out split puts each package wholly on one side), None for empty tables."""
     from device.images import encode_jpeg, read_image
-    from device.views import camera_view, empty_table
+    from device.synthetic_views import camera_view, empty_table
     from device.errors import ImageError
     from converter.images import MAX_PIXELS, TRAINING_PACKAGES, training_pool_files  # no TensorFlow
     meta = root / "open_set.json"

@@ -255,7 +255,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from device.demo import shipped_photos
     from device.images import encode_jpeg
-    from device.views import camera_view
+    from device.synthetic_views import camera_view
     photos = shipped_photos()
     shutil.rmtree(WORK, ignore_errors=True)
     catalog = WORK / "catalog"

@@ -284,7 +284,7 @@ def _query_jpegs() -> None:
     """40 real 640x480 camera-view JPEGs for the device process (written once)."""
     from device.demo import photo_crops, shipped_photos
     from device.images import encode_jpeg
-    from device.views import camera_view
+    from device.synthetic_views import camera_view
     folder = WORK / "queries"
     if folder.is_dir() and len(list(folder.glob("*.jpg"))) == 40:
         return

@@ -102,7 +102,7 @@ def prepare_data() -> dict:
     catalog, queries = WORK / "catalog", WORK / "queries"
     if not (catalog.is_dir() and queries.is_dir()):
         from device.images import encode_jpeg
-        from device.views import VIEW_KINDS, camera_view
+        from device.synthetic_views import VIEW_KINDS, camera_view
         from device.demo import photo_crops, shipped_photos
         crops = photo_crops(shipped_photos(), CATALOG_CROPS_PER_PHOTO, seed=1)
         for d in (catalog, queries):

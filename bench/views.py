@@ -103,7 +103,7 @@ def _write_views(rgb: np.ndarray, item: str, root: Path, n: int, rng: np.random.
     """Write ``n`` camera views of one item under ``root/queries`` (kinds cycle over ``kinds``, VIEW_KINDS by
     default, from the running count ``j``), append their ground truth to ``queries``; returns the new count."""
     from device.images import encode_jpeg
-    from device.views import VIEW_KINDS, camera_view
+    from device.synthetic_views import VIEW_KINDS, camera_view
     kinds = kinds or VIEW_KINDS
     for _ in range(n):
         kind = kinds[j % len(kinds)]
@@ -130,7 +130,7 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     ``dataset.json`` with the ground truth. View kinds cycle over VIEW_KINDS across all queries, so each kind
     gets about the same number of queries and each item ``views_per_item`` different kinds."""
     from device.images import encode_jpeg
-    from device.views import VIEW_KINDS, VIEWPOINT_KINDS
+    from device.synthetic_views import VIEW_KINDS, VIEWPOINT_KINDS
     from device.demo import shipped_photos
     root = Path(root or CACHE / "camera_views")
     meta = root / "dataset.json"

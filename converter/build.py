@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from device.bundle import InputSpec, Manifest, prepare_pixels, write_bundle
-from device.views import VIEW_KINDS, camera_view
+from device.synthetic_views import VIEW_KINDS, camera_view
 
 from . import report as report_mod
 from .autoencoder import build_autoencoder, train_autoencoder

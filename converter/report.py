@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from device.bundle import InputSpec, prepare_pixels
-from device.views import VIEW_KINDS, camera_view
+from device.synthetic_views import VIEW_KINDS, camera_view
 from device.encoder import Encoder
 
 REPORT_VIEW_KINDS = ("closeup", "perspective", "lighting", "blur", "table")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import RecognitionConfig
-from .views import camera_view
+from .synthetic_views import camera_view
 
 # The kinds a catalog print meets in front of the camera (closeup adds nothing over the original).
 ADAPT_KINDS = ("table", "table_occluded", "perspective", "occluded", "rotate", "zoom", "lighting", "blur",

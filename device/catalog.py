@@ -24,7 +24,7 @@ from .errors import CatalogIndexError, InputError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
 from .index_writer import NewGeneration
-from .views import padded_view
+from .synthetic_views import padded_view
 
 log = logging.getLogger(__name__)
 MAX_ID_CHARS = 200

@@ -1,5 +1,5 @@
 """The demo: a catalog of real photos that ship inside pip packages, and a demo camera video of simulated
-camera views of them (device/views.py).
+camera views of them (device/synthetic_views.py).
 
 The photos are also the tests', the converter's and the benchmarks' offline data. Needs the ``demo`` extra
 (scikit-image, scikit-learn); matplotlib's sample photo is used when matplotlib is installed.
@@ -14,7 +14,7 @@ import numpy as np
 
 from .camera_sources import VideoWriter
 from .images import encode_jpeg
-from .views import VGA_HW, camera_view, empty_table
+from .synthetic_views import VGA_HW, camera_view, empty_table
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:

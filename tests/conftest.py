@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device.images import encode_jpeg
-from device.views import camera_view
+from device.synthetic_views import camera_view
 from device.config import OPEN_BUNDLE
 from device.demo import shipped_photos
 

@@ -19,7 +19,7 @@ from device.lookup import Lookup
 
 from device.demo import photo_crops
 from device.images import encode_jpeg
-from device.views import camera_view
+from device.synthetic_views import camera_view
 
 from .conftest import CATALOG, view
 

@@ -9,7 +9,7 @@ import sys
 from .conftest import ROOT
 
 # The frame path and its helpers, lowest first: a module may import only modules listed before it.
-LAYERS = ("errors", "procstat", "jsonfile", "config", "results", "status", "decision", "images", "views", "bundle",
+LAYERS = ("errors", "procstat", "jsonfile", "config", "results", "status", "decision", "images", "synthetic_views", "bundle",
           "encoder", "verify", "feature_store", "adapt", "items", "generation", "index", "index_writer", "index_holder",
           "store", "catalog", "build_pool", "catalog_service", "trigger", "camera_sources", "camera", "lookup",
           "metrics", "history", "mqtt_auth", "events", "push", "recorder", "camera_loop", "appliance", "demo", "wiring",

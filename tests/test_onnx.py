@@ -20,7 +20,7 @@ from device.errors import BundleError, BundleUnavailable
 from device.images import decode_image
 from device.index_holder import IndexHolder
 from device.lookup import Lookup
-from device.views import empty_table
+from device.synthetic_views import empty_table
 from PIL import Image
 
 from .conftest import CATALOG, view

@@ -83,7 +83,7 @@ def test_verification_beats_global_only_on_table_views(encoder, index, single_vi
 
 @DECISIONS
 def test_not_in_catalog_and_empty_table_give_no_match(encoder, index, photos, rc):
-    from device.views import empty_table
+    from device.synthetic_views import empty_table
     lookup = Lookup(encoder, index, rc, top_k=5)
     negatives = [view(photos, name, kind, seed=7 + i) for i, name in enumerate(("coffee", "grace_hopper"))
                  for kind in ("closeup", "table", "perspective")]
@@ -191,6 +191,6 @@ def test_retry_crops_look_closer_only_when_the_whole_frame_gives_no_match(encode
     matched = lookup.lookup_rgb(view(photos, "rocket", "closeup", seed=3))
     assert matched.match is not None and matched.match.id == "rocket" and len(calls) == 1
     calls.clear()
-    from device.views import empty_table
+    from device.synthetic_views import empty_table
     table = lookup.lookup_rgb(empty_table(np.random.default_rng(4)))
     assert table.match is None and len(calls) == 2 and calls[1][0] == int(480 * 0.7)

@@ -9,7 +9,7 @@ import pytest
 
 from device.config import RecognitionConfig
 from device.errors import CatalogIndexError
-from device.views import camera_view, empty_table
+from device.synthetic_views import camera_view, empty_table
 from device.feature_store import FeatureStore
 from device.verify import (MIN_MATCHES_TO_FIT, Features, extract, match_inliers, ratio_matches,
                            verify_candidates)

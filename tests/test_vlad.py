@@ -29,7 +29,7 @@ from converter.export import to_tflite  # noqa: E402
 from converter.vlad import ASSIGN_TARGET, VladPool, alpha_for, fit_vlad_head, vlad_hard  # noqa: E402
 from device.bundle import FORMAT_VERSION, InputSpec, Manifest, load_manifest, prepare_pixels, write_bundle  # noqa: E402
 from device.images import encode_jpeg  # noqa: E402
-from device.views import camera_view  # noqa: E402
+from device.synthetic_views import camera_view  # noqa: E402
 from device.demo import photo_crops, shipped_photos  # noqa: E402
 from device.encoder import Encoder  # noqa: E402
 

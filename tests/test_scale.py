@@ -129,11 +129,23 @@ def test_a_killed_build_worker_leaves_the_live_generation_intact(tmp_path, folde
         except BaseException as e:  # noqa: BLE001 - the test looks at it
             errors.append(e)
 
+    me = psutil.Process()
+    earlier = {c.pid for c in me.children()}  # another test's pool may still be winding down: not this build's
+
+    def workers():
+        out = []
+        for c in me.children():
+            try:
+                if c.pid not in earlier and "spawn_main" in " ".join(c.cmdline()):
+                    out.append(c)
+            except psutil.Error:  # gone between listing and asking
+                pass
+        return out
+
     t = threading.Thread(target=build)
     t.start()
-    me = psutil.Process()
     deadline = time.monotonic() + 60
-    while not (kids := [c for c in me.children() if "spawn_main" in " ".join(c.cmdline())]) and time.monotonic() < deadline:
+    while not (kids := workers()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kids, "no worker process started"
     kids[0].kill()

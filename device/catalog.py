@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from . import verify
 from .adapt import AdaptationFit, view_descriptors
-from .config import RecognitionConfig
+from .config import ImagesConfig, RecognitionConfig
 from .errors import CatalogIndexError, InputError
-from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
+from .images import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from .index import CatalogItem
 from .index_writer import NewGeneration
 from .synthetic_views import padded_view
@@ -218,13 +218,14 @@ def scan_folder(folder: Path) -> list[Path]:
 
 
 def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
-                labels: dict[str, str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                labels: dict[str, str] | None = None, images: ImagesConfig = ImagesConfig(),
                 progress: bool = True, allow_empty: bool = False, runner: Runner | None = None) -> BuildReport:
     """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
     files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
     item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
     unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP). With ``recognition.adapt``
-    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored.
+    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored. Each
+    file decodes within ``images.max_pixels``.
 
     ``runner`` maps BuildTasks to ItemResults (any order) with :func:`make_entry`: None runs them here with
     ``maker``; device/build_pool.py runs them in worker processes, builder/ on Ray. Only this driver writes."""
@@ -240,7 +241,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
         raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
                                 f"{others} other files ignored); the index was not changed")
     tasks = [BuildTask(row, str(p), p.relative_to(folder).as_posix(), (rid := p.relative_to(folder).with_suffix(
-        "").as_posix()), labels.get(rid), max_pixels) for row, p in enumerate(paths)]
+        "").as_posix()), labels.get(rid), images.max_pixels) for row, p in enumerate(paths)]
     del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
     try:
         return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)

@@ -6,7 +6,7 @@ TIFF for the device's own folders), and each image's size is checked from its he
 Pillow's ICO, JPEG 2000 or SPIDER decoders (some decode inside ``Image.open``) are never tried. A multi-frame file
 (animated GIF/PNG/WebP, MPO, TIFF pages) gives its first frame only.
 
-Everything decoded here is RGB ``uint8`` HxWx3 and C-contiguous. Camera frames come from device/camera.py,
+Everything decoded here is RGB ``uint8`` HxWx3 and C-contiguous. Camera frames come from device/camera_sources.py,
 the only place where OpenCV's BGR frames become RGB; the RGB→BGR step of ``encode_jpeg`` only feeds OpenCV's
 encoder.
 """

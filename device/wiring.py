@@ -75,7 +75,7 @@ def build_catalog(cfg: Config, encoder: Encoder, folder: Path, out: Path | None 
     ``labels`` (default ``catalog.labels``), on ``build.workers`` processes or Ray (``build:``)."""
     maker = item_maker(cfg, encoder)
     return build_index(folder, maker, out or cfg.index.path, n_trees=cfg.index.n_trees,
-                       labels=load_labels(labels or cfg.catalog.labels), max_pixels=cfg.images.max_pixels,
+                       labels=load_labels(labels or cfg.catalog.labels), images=cfg.images,
                        progress=progress, allow_empty=allow_empty,
                        runner=runner_for(cfg.build, maker, workers=workers, ray=ray))
 

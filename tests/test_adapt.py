@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from device.adapt import Projection, fit_lw
-from device.catalog import ItemMaker, build_index
-from device.config import IndexConfig, RecognitionConfig
+from device.catalog import ItemMaker
+from device.config import BuildConfig, Config, IndexConfig, RecognitionConfig
 from device.errors import CatalogIndexError
 from device.index import CatalogIndex
 from device.generation import PROJECTION_FILE, save_projection
@@ -20,6 +20,7 @@ from device.lookup import Lookup
 from device.demo import photo_crops
 from device.images import encode_jpeg
 from device.synthetic_views import camera_view
+from device.wiring import build_catalog
 
 from .conftest import CATALOG, view
 
@@ -48,8 +49,9 @@ def crops_dir(tmp_path_factory, crops):
 
 
 def _build(tmp_path_factory, folder, encoder, rc: RecognitionConfig):
+    """`index build` of ``folder`` with ``rc``, as the device wires it (in process)."""
     path = tmp_path_factory.mktemp("adapt") / "index"
-    rep = build_index(folder, ItemMaker(encoder, rc, 160), path, n_trees=10, progress=False)
+    rep = build_catalog(Config(recognition=rc, build=BuildConfig(workers=1)), encoder, folder, path)
     return path, rep
 
 

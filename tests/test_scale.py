@@ -233,7 +233,7 @@ def test_a_format_1_generation_still_loads(tmp_path, encoder, photos):
     (gen / "items.bin").unlink()
     np.save(gen / "vectors.npy", np.load(gen / "vectors.npy").astype(np.float32))
     with CatalogIndex.load(root, expected_bundle_sha256=encoder.sha256) as idx:
-        assert [i.to_json()["label"] for i in idx.items] == ["Rakete", "Mond"]
+        assert [i.label for i in idx.items] == ["Rakete", "Mond"]
         assert idx.query(encoder.embed(photos["rocket"]), top_k=1)[0].id == "röcket"
         assert idx.thumbnail("moon")
 

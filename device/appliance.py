@@ -21,10 +21,11 @@ from .lookup import Lookup
 from .procstat import CpuMeter, rss_mb
 from .recorder import Recorder
 from .results import LookupResult
-from .status import (ABSENT_CAMERA, ErrorInfo, Health, IndexSummary, LatestLookup, ProcessStatus,
+from .status import (ABSENT_CAMERA, CameraStatus, ErrorInfo, Health, IndexSummary, LatestLookup, ProcessStatus,
                      Status, TriggerStatus)
 
 REMOVE_WAIT_S = 30.0  # a DELETE answers once the index no longer has the item (or after this, committed anyway)
+TICK_S = 0.5  # without a camera loop, how often the recorder's schedule is looked at
 
 
 class Appliance:
@@ -44,6 +45,8 @@ class Appliance:
         self._uploads = threading.BoundedSemaphore(web.max_parallel_uploads)
         self._max_uploads = web.max_parallel_uploads
         self._cpu = CpuMeter()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
         self.push.watch(self.status)  # what the page is told (GET /api/events)
         self._watch_metrics()
 
@@ -66,15 +69,29 @@ class Appliance:
     # ---- running ---------------------------------------------------------------------------------------
     def start(self) -> "Appliance":
         """Bring the index up to date with the catalog store (as every start must) and run its worker, then
-        start the camera loop."""
+        start the camera loop; it runs the recorder's schedule (health to MQTT, the summary line), which an
+        appliance without a camera runs in a thread of its own."""
         self.catalog.start()
         if self.camera_loop is not None:
-            self.camera_loop.start(on_turn=lambda: self.recorder.tick(self.health))
+            self.camera_loop.start(on_turn=self._tick)
+        else:
+            self._ticker = threading.Thread(target=self._tick_until_stopped, name="recorder-tick", daemon=True)
+            self._ticker.start()
         return self
+
+    def _tick(self) -> None:
+        self.recorder.tick(self.health)
+
+    def _tick_until_stopped(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self._tick()
 
     def stop(self) -> None:
         """Stop the camera loop, the page's streams, the catalog worker and the history (idempotent)."""
+        self._stop.set()
         self.push.close()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
         if self.camera_loop is not None:
             self.camera_loop.stop()
         self.catalog.stop()
@@ -128,7 +145,7 @@ class Appliance:
         if self.camera_loop is not None:
             self.camera_loop.request_lookup()
 
-    def _camera(self):
+    def _camera(self) -> CameraStatus:
         return self.camera_loop.camera.status() if self.camera_loop is not None else ABSENT_CAMERA
 
     def _trigger(self) -> TriggerStatus:

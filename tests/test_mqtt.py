@@ -162,11 +162,17 @@ def test_the_home_assistant_button_requests_a_lookup(broker):
 
 
 def test_the_appliance_publishes_every_recorded_lookup_and_counts_in_metrics(broker, tmp_path, catalog_dir, encoder, photos):
-    live = Subscriber(broker.port, "edge-retrieval/shelf/lookup")
-    app = make_appliance(tmp_path, encoder, catalog_dir, mqtt=publisher_config(broker.port), index={"top_k": 3})
+    """As `serve` wires it with mqtt.enabled, on an appliance without a camera (uploads only): its state goes out
+    on schedule all the same, and each lookup as an event."""
+    live = Subscriber(broker.port, "edge-retrieval/shelf/lookup", "edge-retrieval/shelf/state")
+    app = make_appliance(tmp_path, encoder, catalog_dir, mqtt=publisher_config(broker.port, state_interval_s=0.5),
+                         index={"top_k": 3})
     (pub,) = app.recorder.sinks  # the publisher that mqtt.enabled wires, started
     connected(pub)
     try:
+        app.start()
+        state = json.loads(wait_until(lambda: live.on("edge-retrieval/shelf/state"), 5, "the state")[-1])
+        assert state["ok"] is True and state["camera"] == "absent" and state["index_items"] == 14
         time.sleep(0.2)
         app.query_image(encode_jpeg(view(photos, "chelsea", "perspective", seed=4)), source="upload")
         event = json.loads(wait_until(lambda: live.on("edge-retrieval/shelf/lookup"), 5, "the lookup event")[0])

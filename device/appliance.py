@@ -118,7 +118,7 @@ class Appliance:
         """Decode + encode + search through the shared Lookup; the result becomes the latest one, and the
         decoded photo its history snapshot."""
         with self._upload_slot():
-            self.push.publish("lookup_started", {"source": source, "timestamp": time.time()})
+            self.recorder.started(source, time.time())
             try:
                 rgb, decode_ms = self.lookup.decode(data)
                 result = self.lookup.lookup_rgb(rgb, source=source, timings={"decode": decode_ms})

@@ -99,7 +99,7 @@ class CameraLoop:
         self._looking_up_since = time.time()
         # "requested": the page's button (or MQTT's); "camera": the trigger saw something worth it
         source = "requested" if reason == "requested" else "camera"
-        self.recorder.push.publish("lookup_started", {"source": source, "timestamp": self._looking_up_since})
+        self.recorder.started(source, self._looking_up_since)
         try:
             result = self.lookup.lookup_rgb(frame.rgb, source=source)
         except ApplianceError as e:  # keep running: log, count, and try the next trigger

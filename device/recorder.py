@@ -47,6 +47,10 @@ class Recorder:
         self._summary_at = time.monotonic()
         self._sink_health_at = 0.0
 
+    def started(self, source: str, timestamp: float) -> None:
+        """A lookup began (the page shows it at once: ``lookup_started``)."""
+        self.push.publish("lookup_started", {"source": source, "timestamp": timestamp})
+
     def record(self, result: LookupResult, rgb: np.ndarray | None = None) -> None:
         """Every lookup passes here: latest result, history (with a snapshot of ``rgb``), metrics, sinks, page."""
         self.latest = result  # one reference store: atomic

@@ -230,14 +230,25 @@ class CatalogService:
 
     def _ensure_space(self, change_bytes: int) -> None:
         """A change must fit with a whole new generation (a rebuild writes one) and the reserve."""
-        idx = self.holder.current()
-        if self._gen_bytes[0] != idx.generation:
-            size = sum(p.stat().st_size for p in idx.path.iterdir() if p.is_file())
-            self._gen_bytes = (idx.generation, size)
+        self._measure_generation()
         same = _device(self.store.path) == _device(self.holder.path)
         ensure_free(self.store.path, change_bytes + (self._gen_bytes[1] if same else 0), self.config.min_free_mb)
         if not same:
             ensure_free(self.holder.path, self._gen_bytes[1], self.config.min_free_mb)
+
+    def _measure_generation(self) -> None:
+        """The bytes of the live generation (what the next rebuild writes again), measured once per generation.
+        Another process (a CLI `index build`) may have made a newer one live and removed this one from disk before
+        the worker noticed: then the holder follows it now; if that is gone too, the last size stands."""
+        for _ in range(2):
+            idx = self.holder.current()
+            if self._gen_bytes[0] == idx.generation:
+                return
+            try:
+                self._gen_bytes = (idx.generation, sum(p.stat().st_size for p in idx.path.iterdir() if p.is_file()))
+                return
+            except FileNotFoundError:
+                self.holder.refresh()
 
     def index_health(self) -> IndexHealth:
         """The live index: items, generation, folder, trees and search_k."""

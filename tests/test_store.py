@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -141,6 +142,22 @@ def test_a_rebuild_reads_current_after_taking_the_lock(state, encoder, photos):
         t.start()  # ...while the server's rebuild waits
         time.sleep(0.3)
     t.join(60)
+    assert {it.id for it in service.holder.current().items} == {"cli/new", "mug"}
+    service.stop()
+
+
+def test_an_enrolment_right_after_a_cli_build_removed_the_loaded_generation_is_acknowledged(state, encoder, photos):
+    """A CLI `index build` makes a newer generation live and removes older ones, the one this server still has
+    loaded among them (its worker looks only every few seconds): an enrolment then must not fail on the vanished
+    folder — it is acknowledged, and indexed on top of the CLI's generation."""
+    cfg, index, maker, base = state
+    service = _service(state, encoder)
+    loaded = service.holder.current().path
+    write_index(index.path, [maker.make(photos["camera"], "cli/new")], bundle_sha256=encoder.sha256, n_trees=2,
+                dim=encoder.dim)
+    shutil.rmtree(loaded)  # what the CLI's clean-up of old generations does
+    assert service.enrol(photos["coffee"], "mug", "Mug")["status"] == "queued"
+    service.apply()
     assert {it.id for it in service.holder.current().items} == {"cli/new", "mug"}
     service.stop()
 

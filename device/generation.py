@@ -253,6 +253,9 @@ class GenerationWriter:
         ann_path = self.folder / ANN_FILE
         ann = AnnoyIndex(max(projection.dim if projection is not None else dim, 1), METRIC)
         ann.set_seed(0)  # same catalog, same trees: builds are reproducible
+        # built in its file, not in memory: a 1M-item catalog's trees would be GBs of anonymous memory; the file's
+        # pages are page cache the kernel can write back and drop
+        ann.on_disk_build(str(ann_path))
         vectors = np.load(self.folder / NPY_FILE, mmap_mode="r", allow_pickle=False)
         for start in range(0, len(vectors), _CHUNK):  # in chunks: a 1M-item catalog's float32 copy would be GBs
             chunk = np.asarray(vectors[start:start + _CHUNK], np.float32)
@@ -260,7 +263,6 @@ class GenerationWriter:
                 ann.add_item(i, v)
         del vectors
         ann.build(int(n_trees))
-        ann.save(str(ann_path))
         ann.unload()
         with open(ann_path, "rb") as f:
             os.fsync(f.fileno())

@@ -410,9 +410,9 @@ def test_failed_swap_leaves_old_generation(built, vecs, monkeypatch):
     assert sorted(p.name for p in built.iterdir()) == [".lock", "current", "gen-000001"]
 
 
-def test_failed_ann_save_leaves_old_generation(built, vecs, monkeypatch):
+def test_failed_ann_build_leaves_old_generation(built, vecs, monkeypatch):
     class BrokenAnnoy(generation_mod.AnnoyIndex):
-        def save(self, *args, **kwargs):
+        def build(self, *args, **kwargs):  # the trees are written into vectors.ann as they are built
             raise OSError("I/O error (simulated)")
 
     monkeypatch.setattr(generation_mod, "AnnoyIndex", BrokenAnnoy)
@@ -430,7 +430,7 @@ def test_hard_crash_mid_build_then_next_build_cleans_up(built, vecs):
         from device import generation as g, index_writer as m
         from device.index import CatalogItem
         class Dying(g.AnnoyIndex):
-            def save(self, *a, **k):
+            def build(self, *a, **k):
                 os._exit(3)
         g.AnnoyIndex = Dying
         v = np.eye(4, dtype=np.float32)

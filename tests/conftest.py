@@ -2,15 +2,18 @@
 simulated camera views of them (fixed seeds)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from device.images import encode_jpeg
-from device.synthetic_views import camera_view
-from device.config import OPEN_BUNDLE
-from device.demo import shipped_photos
+from edge_retrieval.core.config import OPEN_BUNDLE, RecognitionConfig, WebConfig
+from edge_retrieval.imaging.codec import encode_jpeg
+from edge_retrieval.imaging.shipped_photos import shipped_photos
+from edge_retrieval.imaging.synthetic_views import camera_view
+from edge_retrieval.web import create_app
+from tests.support.serve import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 # Catalog photos for the device tests; "coffee" and "grace_hopper" stay out (not-in-catalog queries).
@@ -25,7 +28,7 @@ def photos() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from device.encoder import Encoder
+    from edge_retrieval.model.encoder import Encoder
     with Encoder.from_bundle(OPEN_BUNDLE, num_threads=2) as enc:
         yield enc
 
@@ -49,7 +52,7 @@ def view(photos, name: str, kind: str, seed: int) -> np.ndarray:
 def appliance_config(tmp_path: Path, **sections):
     """The Config of a test appliance living in ``tmp_path`` (index, catalog store, history), with no camera, index
     builds in process, and ``sections`` (a section model each, or a dict of its fields) replacing the defaults."""
-    from device.config import (BuildConfig, CameraConfig, CatalogConfig, Config, HistoryConfig, IndexConfig)
+    from edge_retrieval.core.config import BuildConfig, CameraConfig, CatalogConfig, Config, HistoryConfig, IndexConfig
     base = {"index": IndexConfig(path=tmp_path / "index", search_k=2000),
             "catalog": CatalogConfig(store=tmp_path / "catalog.sqlite", enrolled_dir=tmp_path / "enrolled"),
             "history": HistoryConfig(dir=tmp_path / "history"), "camera": CameraConfig(source="none"),
@@ -60,10 +63,66 @@ def appliance_config(tmp_path: Path, **sections):
 
 
 def make_appliance(tmp_path: Path, encoder, folder: Path | None = None, **sections):
-    """A test appliance built by the public wiring (device/wiring.py), not started; ``folder``: a catalog folder
+    """A test appliance built by the public wiring (edge_retrieval/app/wiring.py), not started; ``folder``: a catalog folder
     indexed first, as ``index build`` would."""
-    from device.wiring import build_appliance, build_catalog
+    from edge_retrieval.app.wiring import build_appliance, build_catalog
     cfg = appliance_config(tmp_path, **sections)
     if folder is not None:
         build_catalog(cfg, encoder, folder)
     return build_appliance(cfg, encoder)
+
+
+# Fast, predictable recognition for tests that are not about recognition: no adaptation, fixed thresholds.
+FAST = RecognitionConfig(adapt=False, accept_inliers=16, accept_score=0.74, decision=None)
+
+
+@pytest.fixture()
+def appliance(tmp_path, catalog_dir, encoder):
+    app = make_appliance(tmp_path, encoder, catalog_dir, recognition=FAST, index={"top_k": 3},
+                         web=WebConfig(max_parallel_uploads=1)).start()
+    yield app
+    app.stop()
+
+
+def web_client(app, **web):
+    """A Flask test client of the appliance's web layer with the test token."""
+    return create_app(WebConfig(api_token=TOKEN, **web), app).test_client()
+
+
+@pytest.fixture()
+def small_catalog(tmp_path, photos):
+    d = tmp_path / "catalog"
+    d.mkdir()
+    for name in ("rocket", "moon", "brick"):
+        (d / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+    return d
+
+
+@pytest.fixture
+def waitress_server():
+    """Start a real waitress server for an app on a free local port; closed after the test."""
+    from waitress import create_server
+
+    running = []
+
+    def start(app, **adjustments):
+        server = create_server(app, host="127.0.0.1", port=0, threads=4, **adjustments)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return server.effective_port
+
+    yield start
+    for server, thread in running:
+        # workers first (a finishing request still pulls the trigger), then close() from the
+        # server's own loop thread so its select() never sees a closed socket; the loop then ends
+        server.task_dispatcher.shutdown()
+        server.trigger.pull_trigger(server.close)
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def tflite_rt_python():
+    """The python of a cached virtualenv with only tflite-runtime 2.14 and numpy<2 (tests/support/tflite_runtime.py)."""
+    from tests.support.tflite_runtime import tflite_runtime_python
+    return tflite_runtime_python()

@@ -1,0 +1,76 @@
+"""What a lookup costs against bare inference of the same model, interleaved in one run:
+``python -m benchmarks cost [--bundle DIR] [--pairs N]``.
+
+On the camera-view benchmark's catalog (286 items, built with the default recognition settings), each round
+times, on the same camera view: bare ``invoke()`` of the prepared tensor, the camera path (an RGB frame → global
+lookup: preprocess → invoke → Annoy, no verification), an upload (JPEG bytes → decode → global lookup) and the
+default verified lookup of the frame (multi-view index, adaptation, ORB verification, decision). Medians and
+their ratios to the bare invoke of the same rounds; the process's peak RSS while looking up (reset after the build). Writes benchmarks/results/cost_NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.views import CACHE, RESULTS, camera_view_set, write_json
+from edge_retrieval.core.config import DEFAULT_BUNDLE
+
+
+def _memory_mb() -> dict:
+    """Peak RSS since the reset, RSS now and its anonymous part, from /proc/self/status."""
+    st = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = {k: int(st[k].split()[0]) for k in ("VmHWM", "VmRSS", "RssAnon")}
+    return {"peak_rss_mb": round(kb["VmHWM"] / 1024, 1), "rss_mb": round(kb["VmRSS"] / 1024, 1),
+            "anon_mb": round(kb["RssAnon"] / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the benchmark catalog with ``--bundle``, time the four paths interleaved, print and write ratios."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks cost", description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    ap.add_argument("--pairs", type=int, default=150, help="interleaved rounds")
+    args = ap.parse_args(argv)
+    from edge_retrieval.app import wiring
+    from edge_retrieval.core.config import BuildConfig, Config, IndexConfig, RecognitionConfig
+    from edge_retrieval.imaging.codec import decode_image
+    from edge_retrieval.index.reader import CatalogIndex
+    from edge_retrieval.model.encoder import Encoder
+    from edge_retrieval.search.lookup import Lookup
+    data = camera_view_set()
+    rc = RecognitionConfig()
+    enc = Encoder.from_bundle(args.bundle, num_threads=2)
+    path = CACHE / "cost" / enc.manifest.name
+    t0 = time.perf_counter()
+    wiring.build_catalog(Config(recognition=rc, build=BuildConfig(workers=1)), enc, data.catalog, path)
+    build_s = time.perf_counter() - t0
+    idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=IndexConfig().search_k,
+                            require_features=True)
+    verified = Lookup(enc, idx, rc, top_k=5)
+    camera = Lookup(enc, idx, rc.model_copy(update={"verify": False}), top_k=5)
+    blobs = [(data.root / q["path"]).read_bytes() for q in data.queries]
+    times: dict[str, list[float]] = {"invoke": [], "camera": [], "upload": [], "verified": []}
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM): what follows is a serving device
+    for i in range(args.pairs + 5):
+        blob = blobs[i % len(blobs)]
+        frame = decode_image(blob)
+        x = enc.preprocess(frame)
+        # each lambda runs in this iteration (timed below), so binding the loop variables late is intended
+        for name, run in (("invoke", lambda: enc.invoke(x)), ("camera", lambda: camera.lookup_rgb(frame)),  # noqa: B023
+                          ("upload", lambda: camera.lookup_bytes(blob)), ("verified", lambda: verified.lookup_rgb(frame))):  # noqa: B023
+            t = time.perf_counter()
+            run()
+            if i >= 5:
+                times[name].append((time.perf_counter() - t) * 1e3)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    out = {"bundle": enc.manifest.name, "runtime": enc.runtime, "rounds": args.pairs, "catalog_items": idx.size,
+           "median_ms": med, "over_invoke": {k: round(v / med["invoke"], 3) for k, v in med.items() if k != "invoke"},
+           "build_s": round(build_s, 1), **_memory_mb()}
+    print(f"{out['bundle']} ({out['runtime']}), {idx.size} items, {args.pairs} interleaved rounds; medians ms {med}")
+    print(f"  ÷ bare invoke: {out['over_invoke']}; index build {out['build_s']} s; while looking up: peak RSS "
+          f"{out['peak_rss_mb']} MB, RSS {out['rss_mb']} MB of which anonymous {out['anon_mb']} MB")
+    write_json(RESULTS / f"cost_{out['bundle']}.json", out)
+    return 0

@@ -1,0 +1,314 @@
+"""Catalog items from images: one ``ItemMaker`` turns an RGB image into a CatalogItem (with the SAME encoder
+and settings the device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the
+demo; the id and label rules; labels files; ``index build`` of a folder. What was enrolled or removed at run
+time lives in the catalog store (edge_retrieval/catalog/store.py, edge_retrieval/catalog/service.py)."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_retrieval.core.config import ImagesConfig, RecognitionConfig
+from edge_retrieval.core.errors import CatalogIndexError, InputError
+from edge_retrieval.imaging.codec import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
+from edge_retrieval.imaging.synthetic_views import padded_view
+from edge_retrieval.index.reader import CatalogItem
+from edge_retrieval.index.writer import NewGeneration
+from edge_retrieval.model import local_features as verify
+from edge_retrieval.model.adaptation import AdaptationFit, view_descriptors
+
+log = logging.getLogger(__name__)
+MAX_ID_CHARS = 200
+MAX_ID_PART_BYTES = 120  # a part becomes a file name under enrolled_dir: ext4 allows 255 bytes
+MAX_LABEL_CHARS = 200
+_ID_PART_RE = re.compile(r"^\w[\w.\- ]*$")
+ID_RULE = (f"an id is up to {MAX_ID_CHARS} characters in parts separated by '/'; each part starts with a letter, "
+           f"digit or '_', then letters, digits, '_', '-', '.' or spaces, at most {MAX_ID_PART_BYTES} bytes in UTF-8 "
+           "(no empty parts, no leading '.', no '..')")
+
+
+def validate_id(item_id: str) -> str:
+    """Check a catalog id against the one id rule (``ID_RULE``); it is also a relative path under
+    ``enrolled_dir``, so it must stay inside it and be a legal, visible file name. Raises InputError (400)."""
+    parts = item_id.split("/") if isinstance(item_id, str) else [""]
+    if (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS or item_id != item_id.strip()
+            or any(not _ID_PART_RE.match(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
+        raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
+    return item_id
+
+
+def validate_label(label: str) -> str:
+    """Labels are shown on the page and in events: 1–MAX_LABEL_CHARS printable characters. Raises InputError."""
+    label = label.strip()
+    if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+        raise InputError(f"invalid label ({len(label)} characters): a label is at most {MAX_LABEL_CHARS} printable "
+                         "characters, and not empty")
+    return label
+
+
+class ItemMaker:
+    """Encodes catalog images into index items: descriptors of the image and of its padded views
+    (``recognition.enrol_views``: a print seen from further away), ORB features when ``recognition.features``,
+    and a JPEG thumbnail of at most ``thumbnail_px``. Holds the SAME encoder the device queries with."""
+
+    def __init__(self, encoder, recognition: RecognitionConfig, thumbnail_px: int):
+        self.encoder = encoder
+        self.recognition = recognition
+        self.thumbnail_px = thumbnail_px
+
+    def make(self, rgb: np.ndarray, item_id: str, label: str | None = None, *,
+             source: str | None = None) -> CatalogItem:
+        """One catalog image (RGB uint8 HxWx3) → a CatalogItem; ``label`` defaults to the id's file name."""
+        rc = self.recognition
+        check_shape(rgb.shape[1], rgb.shape[0])
+        vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(padded_view(rgb, f)) for f in rc.enrol_views]
+        features = verify.extract(rgb, rc) if rc.features else None
+        return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
+                           thumbnail_jpeg=make_thumbnail(rgb, self.thumbnail_px), source=source,
+                           features=features)
+
+    def spec(self, num_threads: int) -> MakerSpec:
+        """What a build worker needs to make the same items with its own encoder of ``num_threads`` threads."""
+        return MakerSpec(Path(self.encoder.bundle_dir), num_threads, self.recognition, self.thumbnail_px)
+
+
+@dataclass(frozen=True)
+class MakerSpec:
+    """How a build worker (a process, a Ray actor) makes its own ItemMaker: the same bundle and settings as the
+    driver's, its own encoder loaded once. Picklable."""
+
+    bundle_dir: Path
+    num_threads: int
+    recognition: RecognitionConfig
+    thumbnail_px: int
+
+    def maker(self) -> ItemMaker:
+        """Load the encoder (``num_threads`` interpreter threads, and as many OpenCV threads: the worker's
+        share of the cores) and wrap it in an ItemMaker."""
+        import cv2
+
+        from edge_retrieval.model.encoder import Encoder
+        cv2.setNumThreads(self.num_threads)
+        enc = Encoder.from_bundle(self.bundle_dir, num_threads=self.num_threads)
+        return ItemMaker(enc, self.recognition, self.thumbnail_px)
+
+
+class Runner(Protocol):
+    """Runs the per-item work of a build elsewhere (worker processes, a Ray cluster)."""
+
+    def map(self, tasks: list[BuildTask]) -> Iterable[ItemResult]:
+        """:func:`make_entry` of every task, results in any order."""
+
+    def describe(self) -> str:
+        """What runs the work, for the build report (e.g. '2 worker processes × 1 thread')."""
+
+    def close(self) -> None:
+        """Release the workers (build_index calls it when the build ends, written or failed)."""
+
+
+def load_labels(path: str | Path | None) -> dict[str, str]:
+    """id → label from a JSON object, or a CSV/TSV with columns id,label (header optional)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CatalogIndexError(f"{path}: cannot read labels ({e.strerror or e})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CatalogIndexError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CatalogIndexError(f"{path}: labels JSON must be an object of id → label")
+        return {str(k): str(v) for k, v in data.items()}
+    delim = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
+    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["id", "label"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise CatalogIndexError(f"{path}: line {bad[0]} needs two columns: id{delim!r}label")
+    return {r[0].strip(): r[1].strip() for r in rows}
+
+
+@dataclass
+class BuildReport:
+    """What an index build did: items and their wall time, the adaptation views (a fixed cost of at most
+    ``adapt_max_items`` items) and theirs, what was skipped and why."""
+
+    indexed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    generation: str = ""
+    seconds: float = 0.0
+    adapted: dict | None = None  # the fitted projection (Projection.describe()), None without adaptation
+    items_seconds: float = 0.0  # wall time of the items (decode, descriptors, features, thumbnail)
+    adapt_items: int = 0  # items whose adaptation views were made
+    adapt_seconds: float = 0.0  # wall time of those views
+    workers: str = "in process"  # what ran the per-item work
+
+    @property
+    def items_per_s(self) -> float:
+        """Catalog images (indexed or skipped) per second of the item pass."""
+        return (self.indexed + len(self.skipped)) / self.items_seconds if self.items_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class BuildTask:
+    """One image of a build: make its item (``enrol``) and/or the descriptors of its adaptation views
+    (``views_seed`` not None). Picklable: a worker process or a Ray actor runs it with :func:`make_entry`."""
+
+    row: int
+    path: str
+    rel: str
+    item_id: str
+    label: str | None
+    max_pixels: int
+    enrol: bool = True
+    views_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What :func:`make_entry` made of a BuildTask: the item, the view descriptors, or why it was skipped."""
+
+    row: int
+    rel: str
+    item: CatalogItem | None = None
+    views: np.ndarray | None = None
+    error: str | None = None
+
+
+def make_entry(maker: ItemMaker, task: BuildTask) -> ItemResult:
+    """The per-item work of every build, in process, in a worker process or in a Ray actor: decode, the
+    item (descriptors incl. enrolment views, local features, thumbnail) and the adaptation views' descriptors.
+    An unreadable or invalid image gives an ItemResult with ``error`` (skipped and listed, never fatal)."""
+    try:
+        rgb = read_image(task.path, task.max_pixels)
+        item = maker.make(rgb, task.item_id, task.label, source=task.path) if task.enrol else None
+        views = None
+        if task.views_seed is not None:
+            views = view_descriptors(maker.encoder.embed, rgb, maker.recognition.adapt_views, task.views_seed)
+        return ItemResult(task.row, task.rel, item, views)
+    except (InputError, CatalogIndexError) as e:
+        return ItemResult(task.row, task.rel, error=str(e))
+
+
+def make_entries(maker: ItemMaker, tasks: Iterable[BuildTask]) -> Iterator[ItemResult]:
+    """The in-process runner: :func:`make_entry` of each task, in order."""
+    return (make_entry(maker, t) for t in tasks)
+
+
+def scan_folder(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted (recursively)."""
+    if not folder.is_dir():
+        raise CatalogIndexError(f"{folder}: catalog folder does not exist")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p.name)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
+                labels: dict[str, str] | None = None, images: ImagesConfig = ImagesConfig(),
+                progress: bool = True, allow_empty: bool = False, runner: Runner | None = None) -> BuildReport:
+    """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
+    files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
+    item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
+    unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP). With ``recognition.adapt``
+    the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored. Each
+    file decodes within ``images.max_pixels``.
+
+    ``runner`` maps BuildTasks to ItemResults (any order) with :func:`make_entry`: None runs them here with
+    ``maker``; edge_retrieval/catalog/pool.py runs them in worker processes, edge_retrieval/catalog/ray_build.py on Ray. Only this driver writes."""
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    labels = labels or {}
+    rep = BuildReport()
+    run = runner.map if runner is not None else (lambda tasks: make_entries(maker, tasks))
+    paths = scan_folder(folder)
+    if not paths and not allow_empty:
+        # a wrong --catalog path or a folder of HEIC/RAW files: say what was looked for
+        others = sum(1 for p in folder.rglob("*") if p.is_file())
+        raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
+                                f"{others} other files ignored); the index was not changed")
+    tasks = [BuildTask(row, str(p), p.relative_to(folder).as_posix(), (rid := p.relative_to(folder).with_suffix(
+        "").as_posix()), labels.get(rid), images.max_pixels) for row, p in enumerate(paths)]
+    del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
+    try:
+        return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)
+    finally:
+        if runner is not None:
+            rep.workers = runner.describe()  # after the work: a Ray runner knows its actors only then
+            runner.close()
+
+
+def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],
+           run: Callable[[list[BuildTask]], Iterable[ItemResult]], rep: BuildReport, n_trees: int,
+           allow_empty: bool, progress: bool, t0: float) -> BuildReport:
+    # Each item goes to the new generation's files as it arrives (NewGeneration): the driver holds no item but
+    # the sampled rows' descriptors that the adaptation fit needs (≤ adapt_max_items).
+    enc, rc = maker.encoder, maker.recognition
+    fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
+    sample = fit.sample(len(tasks)) if fit is not None else set()
+    originals: dict[int, np.ndarray] = {}
+    seen: dict[str, str] = {}
+    with NewGeneration(index_path, dim=enc.dim) as new:
+        results = tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress)
+        for r in _in_task_order(results, tasks):  # as a one-process build meets them: the first file of an id wins
+            if r.item is not None and r.item.id in seen:
+                r = ItemResult(r.row, r.rel, error=f"duplicate id {r.item.id!r} (also {seen[r.item.id]})")
+            if r.error is not None:
+                rep.skipped.append((r.rel, r.error))
+                log.warning("skipped %s: %s", r.rel, r.error)
+                continue
+            seen[r.item.id] = r.rel
+            new.add(r.item)
+            if r.row in sample:
+                originals[r.row] = np.asarray(r.item.vector, np.float32).reshape(-1, enc.dim)[0]
+        rep.items_seconds = time.perf_counter() - t0
+        if not new.count and not allow_empty:
+            raise CatalogIndexError(f"{folder}: all {len(rep.skipped)} image files were skipped (first: "
+                                    f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
+        projection = _fit_projection(run, fit, tasks, originals, rep, progress) if fit is not None else None
+        gen = new.commit(bundle_sha256=enc.sha256, n_trees=n_trees, projection=projection)
+        rep.indexed = new.count
+    rep.generation, rep.seconds = gen.name, time.perf_counter() - t0
+    rep.adapted = projection.describe() if projection is not None else None
+    return rep
+
+
+def _in_task_order(results: Iterable[ItemResult], tasks: list[BuildTask]) -> Iterator[ItemResult]:
+    """``results`` in the order of ``tasks``, from a runner that may return them in any order: the ones that come
+    early wait here (worker processes and Ray keep the order, so none wait for long)."""
+    waiting: dict[int, ItemResult] = {}
+    rows = iter([t.row for t in tasks])
+    nxt = next(rows, None)
+    for r in results:
+        waiting[r.row] = r
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt = next(rows, None)
+    yield from (waiting[row] for row in sorted(waiting))
+
+
+def _fit_projection(run: Callable[[list[BuildTask]], Iterable[ItemResult]], fit: AdaptationFit,
+                    tasks: list[BuildTask], originals: dict[int, np.ndarray], rep: BuildReport, progress: bool):
+    """The adaptation pass: views of a seeded sample of the indexed rows (seeded by the row: the same folder
+    gives the same projection, however the rows were spread over workers); ``originals``: their descriptors."""
+    t0 = time.perf_counter()
+    view_tasks = [replace(tasks[row], enrol=False, views_seed=row) for row in sorted(originals)]
+    for r in _in_task_order(tqdm(run(view_tasks), total=len(view_tasks), desc="adaptation views", unit="img",
+                                 disable=not progress), view_tasks):
+        if r.error is None:  # it decoded a moment ago; a file changed meanwhile only thins the sample
+            fit.add_views(originals[r.row], r.views)
+    rep.adapt_items, rep.adapt_seconds = len(view_tasks), time.perf_counter() - t0
+    return fit.fit()

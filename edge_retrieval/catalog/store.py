@@ -1,0 +1,224 @@
+"""The catalog store: the one source of truth for what the catalog holds, in one SQLite database (stdlib
+``sqlite3``, WAL journal, ``synchronous=FULL``: a committed change survives a power cut).
+
+Every change — an enrolment (id, label, the original JPEG) or a removal (a tombstone) — gets the next value of
+one monotonically increasing change sequence number (``seq``) in the same transaction that writes it, so the
+row of an id always carries the seq of its latest change. An index generation records the store's id and the
+highest seq it contains (edge_retrieval/index/reader.py ``IndexMeta.store``); whoever rebuilds replays every row newer than
+that (edge_retrieval/catalog/service.py). An HTTP 202 or a CLI "enrolled" is said only after the commit.
+
+Also here: the lock file that keeps a second ``serve`` off the same state, and the free-space check.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_retrieval.core.errors import DiskFullError, StoreError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,      -- the change sequence number of this id's latest change
+    removed INTEGER NOT NULL,         -- 1: a tombstone (the removal of the id, also of a catalog-folder item)
+    label TEXT,
+    image BLOB,                       -- the enrolled original (JPEG), NULL for a tombstone
+    changed TEXT NOT NULL             -- UTC time of the change
+);
+"""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One row of the store: the latest change of ``id``."""
+
+    id: str
+    seq: int
+    removed: bool
+    label: str | None
+    image: bytes | None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the disk (or the quota) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return isinstance(exc, sqlite3.Error) and ("disk is full" in str(exc) or "SQLITE_FULL" in str(exc))
+
+
+class CatalogStore:
+    """The SQLite catalog store at ``path`` (created on first use). Thread-safe; several processes may use it
+    at once (the CLI while ``serve`` runs): writers are serialised by SQLite (``BEGIN IMMEDIATE``)."""
+
+    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Written only when new: a start on a full disk must still read the catalog.
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone():
+                with self._write() as db:
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(stmt)
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('store_id', ?), ('seq', '0')",
+                               (str(SCHEMA_VERSION), uuid.uuid4().hex))
+            schema = int(self.meta("schema") or 0)
+        except DiskFullError:
+            raise
+        except (sqlite3.Error, OSError, ValueError) as e:
+            raise StoreError(f"catalog store {self.path} cannot be opened ({e}); it is the catalog's source of "
+                             "truth: restore it from a backup, or move it away to start with an empty catalog "
+                             "(catalog.store)") from None
+        if schema != SCHEMA_VERSION:
+            raise StoreError(f"catalog store {self.path} has schema {schema}; this device reads {SCHEMA_VERSION}")
+        if mode.lower() != "wal":
+            raise StoreError(f"catalog store {self.path}: the file system refused the WAL journal ({mode})")
+        self.id = self.meta("store_id")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (committed durably on leaving); a full disk is DiskFullError."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as e:
+                if disk_full(e):
+                    raise DiskFullError(f"the disk holding the catalog store {self.path} is full; nothing was "
+                                        "changed") from None
+                raise StoreError(f"catalog store {self.path}: {e}") from None
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq'")
+        return int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+
+    def put(self, item_id: str, label: str, image: bytes) -> int:
+        """Enrol (or re-enrol) ``item_id`` with ``label`` and its original JPEG ``image``; returns its seq.
+        Committed when this returns."""
+        with self._write() as db:
+            seq = self._next_seq(db)
+            db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 0, ?, ?, ?)", (item_id, seq, label, image, _now()))
+        return seq
+
+    def remove(self, item_id: str) -> int:
+        """Record the removal of ``item_id`` (a tombstone, which keeps a catalog-folder item out of later
+        builds too); returns its seq. Committed when this returns."""
+        with self._write() as db:
+            seq = self._next_seq(db)
+            db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 1, NULL, NULL, ?)", (item_id, seq, _now()))
+        return seq
+
+    def import_rows(self, rows: list[tuple[str, bool, str | None, bytes | None]], marker: str) -> int:
+        """Write many changes ``(id, removed, label, image)`` and the meta key ``marker`` in ONE transaction
+        (a migration: all of it or nothing); returns the number of rows."""
+        with self._write() as db:
+            for item_id, removed, label, image in rows:
+                db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                           (item_id, self._next_seq(db), int(removed), label, image, _now()))
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (marker, _now()))
+        return len(rows)
+
+    def changes_since(self, seq: int) -> tuple[list[StoredItem], int]:
+        """(the rows whose latest change is newer than ``seq``, in seq order; the store's seq) — one snapshot."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    rows = self._db.execute("SELECT id, seq, removed, label, image FROM items WHERE seq > ? "
+                                            "ORDER BY seq", (seq,)).fetchall()
+                    top = int(self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"catalog store {self.path}: {e}") from None
+        return [StoredItem(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows], top
+
+    def get(self, item_id: str) -> StoredItem | None:
+        """The latest change of ``item_id`` (None: the store never heard of it)."""
+        rows = self._query("SELECT id, seq, removed, label, image FROM items WHERE id = ?", (item_id,))
+        return StoredItem(rows[0][0], rows[0][1], bool(rows[0][2]), rows[0][3], rows[0][4]) if rows else None
+
+    def seq(self) -> int:
+        """The seq of the latest change committed."""
+        return int(self.meta("seq") or 0)
+
+    def counts(self) -> dict[str, int]:
+        """How many enrolled items and tombstones the store holds."""
+        by = dict(self._query("SELECT removed, COUNT(*) FROM items GROUP BY removed", ()))
+        return {"enrolled": by.get(0, 0), "removed": by.get(1, 0)}
+
+    def meta(self, key: str) -> str | None:
+        """A value of the store's meta table (``store_id``, ``seq``, a migration marker)."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def _query(self, sql: str, args: tuple) -> list:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"catalog store {self.path}: {e}") from None
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            self._db.close()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def hold_serve_lock(store_path: str | os.PathLike) -> int:
+    """Take ``<store>.serve.lock`` (fcntl.flock, held until the process exits) so that one ``serve`` at a time
+    runs on this state; returns the open descriptor (keep it). StoreError names the holder (pid, host)."""
+    path = Path(f"{store_path}.serve.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StoreError(f"another `serve` already runs on this state ({holder}; lock {path}): stop it first, "
+                         "or give this one its own catalog.store and index.path") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def ensure_free(path: str | os.PathLike, need_bytes: int, reserve_mb: float) -> None:
+    """DiskFullError unless the file system of ``path`` has ``need_bytes`` + ``reserve_mb`` free (for the
+    service user: f_bavail)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes + reserve_mb * 1e6:
+        raise DiskFullError(f"only {free / 1e6:.1f} MB free on the disk of {path}; this change needs "
+                            f"{need_bytes / 1e6:.1f} MB plus the reserve of {reserve_mb:g} MB "
+                            "(catalog.min_free_mb): free some space and try again")

@@ -1,0 +1,74 @@
+"""The result of one lookup, shared by the CLI, the camera loop and the web API (one JSON shape)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One catalog item returned by a lookup. ``score`` is the cosine similarity (1 = identical) of the
+    global descriptors; ``inliers`` the spatially verified matching points (None: not verified);
+    ``rank_score`` what the candidates are ranked by (the cosine fused with the inliers; None = the cosine);
+    ``quad`` where the verified item lies in the query frame (four (x, y) corners, fractions 0..1)."""
+
+    id: str
+    label: str
+    score: float
+    inliers: int | None = None
+    rank_score: float | None = None
+    quad: tuple[tuple[float, float], ...] | None = None
+
+    def to_json(self) -> dict:
+        """The JSON shape: ``score`` stays the cosine (API compatibility); ``rank_score`` is the ranking score."""
+        d = {"id": self.id, "label": self.label, "score": round(float(self.score), 4),
+             "rank_score": round(float(self.score if self.rank_score is None else self.rank_score), 4)}
+        if self.inliers is not None:
+            d["inliers"] = int(self.inliers)
+        if self.quad is not None:
+            d["quad"] = [list(corner) for corner in self.quad]
+        return d
+
+    def with_inliers(self, inliers: int | None) -> Candidate:
+        return replace(self, inliers=inliers)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Candidate:
+        """The candidate back from :meth:`to_json` (scores as rounded there)."""
+        quad = d.get("quad")
+        return cls(str(d["id"]), str(d["label"]), float(d["score"]), d.get("inliers"), d.get("rank_score"),
+                   tuple(tuple(corner) for corner in quad) if quad is not None else None)
+
+
+@dataclass
+class LookupResult:
+    """Ranked candidates of one query, the decision (``match``: the accepted item, or None = "no match"),
+    and where the time went (milliseconds per stage)."""
+
+    results: list[Candidate]
+    timings_ms: dict[str, float]
+    source: str = "cli"  # "camera" (trigger) | "requested" ("Look up now") | "upload" | "cli"
+    timestamp: float = field(default_factory=time.time)
+    match: Candidate | None = None
+
+    @property
+    def decision(self) -> str:
+        """The one spelling of the outcome: "match" or "no_match" (history, CSV, MQTT events, metrics)."""
+        return "match" if self.match is not None else "no_match"
+
+    def to_json(self) -> dict:
+        return {
+            "match": self.match.to_json() if self.match is not None else None,
+            "results": [c.to_json() for c in self.results],
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "source": self.source,
+            "timestamp": self.timestamp,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> LookupResult:
+        """The result back from :meth:`to_json` (the lookup history keeps it so across restarts)."""
+        match = d.get("match")
+        return cls([Candidate.from_json(c) for c in d.get("results", [])],
+                   {str(k): float(v) for k, v in (d.get("timings_ms") or {}).items()}, str(d.get("source", "cli")),
+                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None)

@@ -1,0 +1,134 @@
+"""The live index of a running appliance: ``IndexHolder`` shares the current generation among the server's threads
+and swaps in a new one on enrol / remove (a whole generation rebuilt from the live one, edge_retrieval/index/writer.py),
+on ``refresh`` when another process (a CLI ``index build``) replaced ``current``, while queries go on.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from edge_retrieval.core.config import IndexConfig
+from edge_retrieval.core.errors import CatalogIndexError
+from edge_retrieval.index.reader import CatalogIndex, CatalogItem, read_current_name
+from edge_retrieval.index.writer import build_lock, recover_index, validate_items, write_index
+
+log = logging.getLogger(__name__)
+
+
+class IndexHolder:
+    """The index shared by the server's threads, with enrol / remove.
+
+    ``holder.current()`` is the live CatalogIndex; queries go to whichever object was live when they
+    started. ``add`` / ``remove`` run one at a time (a lock), rebuild a whole
+    new generation from the live one's vectors + metadata + thumbnails, and then swap the live one; the
+    replaced object is not closed (a query may still be running on it) but left to garbage collection.
+    They block for the rebuild while queries keep being served from the old index; ``rebuild_with`` decides
+    the new items under the build lock (the catalog service replays its store that way).
+    """
+
+    def __init__(self, config: IndexConfig, *, expected_bundle_sha256: str | None, create_empty: bool = False,
+                 dim: int | None = None, require_features: bool = False, recover: bool = False):
+        """Load the index at ``config.path``. With ``create_empty`` (and ``expected_bundle_sha256``), a
+        directory without an index gets an empty one of descriptor size ``dim`` (a fresh appliance). With
+        ``recover``, damaged generations are set aside first (``recover_index``; listed in ``set_aside``)."""
+        self.config = config
+        self.path = Path(config.path)
+        self.set_aside: list[dict] = recover_index(self.path) if recover else []
+        self.expected_bundle_sha256 = expected_bundle_sha256
+        self.require_features = require_features
+        self._lock = threading.Lock()  # one mutation at a time
+        if create_empty and read_current_name(self.path) is None:
+            if not expected_bundle_sha256:
+                raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
+            write_index(self.path, [], bundle_sha256=expected_bundle_sha256, n_trees=config.n_trees, dim=dim)
+        self._index: CatalogIndex = self._load()
+        self._refused: str | None = None  # a generation on disk that refresh() could not load
+
+    def current(self) -> CatalogIndex:
+        """The live generation (swapped atomically on enrol/remove; a query keeps the one it got)."""
+        return self._index
+
+    def add(self, items: Sequence[CatalogItem]) -> None:
+        """Enrol ``items``; an id already in the index is replaced (re-enrolment: new vector, label,
+        thumbnail and source). Rebuilds and swaps in a new generation; blocks until done."""
+        self.update(add=items)
+
+    def remove(self, ids: Sequence[str]) -> list[str]:
+        """Remove ``ids`` from the index. Returns the ids actually removed, in the order given; ids that
+        are not in the index are not an error and simply do not appear in the result (so the caller
+        can report them as not found). Nothing is rebuilt when nothing is removed."""
+        return self.update(remove=ids)
+
+    def update(self, *, add: Sequence[CatalogItem] = (), remove: Sequence[str] = ()) -> list[str]:
+        """Enrol ``add`` and remove ``remove`` in one rebuild (nothing is rebuilt when nothing changes);
+        returns the ids actually removed."""
+        items = list(add)
+        validate_items(items)  # duplicates inside the batch are an error, not "last one wins"
+        with self._lock:
+            cur = self._live_on_disk()
+            removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
+            if items or removed:
+                kept = cur.stored_items(skip={it.id for it in items} | set(removed))
+                self._rebuild(cur, itertools.chain(kept, items), store=cur.store_seq)
+            return removed
+
+    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[Iterable[CatalogItem], tuple[str, int]] | None]) -> bool:
+        """One rebuild decided under the build lock: ``change(live)`` is called with the generation ``current``
+        names on disk at that moment (another process's build included) and returns the new generation's items
+        and its store (id, seq), or None for no change. True when a generation was written."""
+        with self._lock, build_lock(self.path):
+            cur = self._live_on_disk()
+            planned = change(cur)
+            if planned is None:
+                return False
+            self._rebuild(cur, planned[0], store=planned[1])
+            return True
+
+    def refresh(self) -> bool:
+        """Swap in the generation ``current`` names on disk when another process replaced it (a CLI ``index
+        build``, a generation shipped to a fleet device); True when it did. One readlink when nothing changed; a
+        generation that cannot be loaded (another bundle, corrupt) is logged once and the live one kept."""
+        on_disk = read_current_name(self.path)
+        if on_disk in (None, self._index.generation, self._refused):
+            return False
+        if not self._lock.acquire(blocking=False):  # a rebuild is running: it starts from the disk itself
+            return False
+        try:
+            self._live_on_disk()
+        except CatalogIndexError as e:
+            self._refused = on_disk
+            log.error("index %s: not switching to %s: %s", self.path, on_disk, e)
+            return False
+        finally:
+            self._lock.release()
+        return True
+
+    def close(self) -> None:
+        """Nothing runs in the background here (callers rebuild on their own threads): kept so that every
+        owner of an index can release it the same way. The index itself is left to garbage collection."""
+
+    def _load(self) -> CatalogIndex:
+        return CatalogIndex.load(self.path, expected_bundle_sha256=self.expected_bundle_sha256,
+                                 search_k=self.config.search_k, require_features=self.require_features)
+
+    def _live_on_disk(self) -> CatalogIndex:
+        """Called under ``_lock`` before a rebuild: if ``current`` on disk names another generation than the
+        loaded one (an ``index build`` or ``catalog add`` from the CLI meanwhile), load that one first, so
+        the rebuild starts from it instead of silently throwing it away."""
+        on_disk = read_current_name(self.path)
+        if on_disk is not None and on_disk != self._index.generation:
+            log.warning("index %s: 'current' is now %s, not the loaded %s (changed by another process): "
+                        "reloading it before this change", self.path, on_disk, self._index.generation)
+            self._index = self._load()
+        return self._index
+
+    def _rebuild(self, cur: CatalogIndex, items: Iterable[CatalogItem], store: tuple[str, int] | None) -> None:
+        # The live generation's projection is carried over (only a full `index build` refits it).
+        gen_dir = write_index(self.path, items, bundle_sha256=cur.bundle_sha256, n_trees=self.config.n_trees,
+                              dim=cur.dim or None, projection=cur.projection, store=store)
+        new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
+                                           search_k=self.config.search_k, require_features=self.require_features)
+        self._index = new  # the old object stays usable for queries already holding it

@@ -1,0 +1,421 @@
+"""Events out of the device: MQTT (lookup events, retained state, Home Assistant discovery, the "look up now"
+button) and an optional webhook for systems without MQTT.
+
+Both are "sinks" the appliance hands each recorded lookup to (``publish_lookup``) and, every few seconds, its
+health (``publish_health``). Neither may slow or fail a lookup: a sink only serialises the event and puts it
+on a bounded queue that its own thread drains; a full queue drops the event and counts it. A broker that is
+down or refuses the credentials, or a webhook that times out, is logged and counted, never raised.
+Only ids, labels, scores and timings leave the device — never a frame.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Protocol
+
+import paho.mqtt.client as mqtt
+
+from edge_retrieval.core.config import MqttConfig, WebhookConfig
+from edge_retrieval.core.results import LookupResult
+from edge_retrieval.core.status import Health
+from edge_retrieval.outputs.mqtt_auth import password, tls_context
+
+log = logging.getLogger(__name__)
+
+# How long stop() waits for queued events to go out before giving up on them.
+_DRAIN_S = 2.0
+# The worker wakes this often to notice stop() while it waits for a queue item or a connection.
+_POLL_S = 0.2
+
+
+class EventSink(Protocol):
+    """What the appliance calls; implemented by MqttPublisher and WebhookNotifier."""
+
+    def publish_lookup(self, result: LookupResult) -> None: ...
+
+    def publish_health(self, health: Health) -> None: ...
+
+    def register_metrics(self, metrics) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def default_device_id() -> str:
+    """This machine's host name, reduced to what MQTT topics and Home Assistant ids accept."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "edge-retrieval"
+
+
+def lookup_event(result: LookupResult, device_id: str) -> dict:
+    """The JSON event of one lookup, the same for MQTT and the webhook: the decision, the matched item and the
+    candidates' ids and scores — never the frame."""
+    m = result.match
+    return {
+        "device": device_id,
+        "decision": result.decision,
+        "id": m.id if m is not None else None,
+        "label": m.label if m is not None else None,
+        "score": round(float(m.score), 4) if m is not None else None,
+        "inliers": m.inliers if m is not None else None,
+        "candidates": [c.to_json() for c in result.results],
+        "source": result.source,
+        "timings_ms": {k: round(float(v), 2) for k, v in result.timings_ms.items()},
+        "time": datetime.fromtimestamp(result.timestamp, timezone.utc).isoformat(timespec="milliseconds"),
+    }
+
+
+class _QueueWorker:
+    """A bounded queue drained by one daemon thread: ``_offer`` never blocks; a full queue drops and counts."""
+
+    def __init__(self, name: str, size: int):
+        self._name = name
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._counts_lock = threading.Lock()
+        self._counts: Counter = Counter()
+
+    def _handle(self, item) -> None:
+        raise NotImplementedError
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[key] += n
+
+    def _counted(self) -> Counter:
+        with self._counts_lock:
+            return Counter(self._counts)
+
+    def _offer(self, item) -> bool:
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self._count("dropped")
+            return False
+
+    def _start_worker(self) -> None:
+        if self._thread is None:
+            self._halt.clear()
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _stop_worker(self, drain_s: float) -> None:
+        deadline = time.monotonic() + drain_s
+        while self._thread is not None and not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=drain_s + 1)
+            self._thread = None
+        left = 0
+        while True:  # whatever could not go out in time is dropped, and counted as such
+            try:
+                self._queue.get_nowait()
+                left += 1
+            except queue.Empty:
+                break
+        if left:
+            self._count("dropped", left)
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(item)
+            except Exception:
+                self._count("dropped")
+                log.exception("%s: an event could not be sent", self._name)
+
+
+class MqttPublisher(_QueueWorker):
+    """Publishes lookups and state to an MQTT broker and announces the device to Home Assistant.
+
+    Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained:
+    the matched item id or "none"), ``state`` (retained JSON: camera and index health), ``availability``
+    (retained "online"; the broker publishes the last will "offline" when the device vanishes) and
+    ``command/lookup`` (the Home Assistant button; see ``on_lookup_command``)."""
+
+    def __init__(self, config: MqttConfig):
+        super().__init__("mqtt-publisher", config.queue_size)
+        self.config = config
+        self.device_id = config.device_id or default_device_id()
+        base = f"{config.topic_prefix}/{self.device_id}"
+        self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "state", "availability")}
+        self.topics["command"] = f"{base}/command/lookup"
+        self._callbacks: list[Callable[[], None]] = []
+        self._connected = threading.Event()
+        self._retained: dict[str, str] = {}  # last state per topic: re-sent after a reconnect (the broker may have restarted)
+        self._retained_lock = threading.Lock()
+        self._last_error: str | None = None
+        self._tls_error: str | None = None  # why the last TLS handshake failed (paho only says "failed")
+        self._stopping = False
+        self._client = self._make_client(password(config))
+
+    def _make_client(self, password: str | None) -> mqtt.Client:
+        c = self.config
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=c.client_id or f"edge-retrieval-{self.device_id}")
+        if c.username is not None:
+            client.username_pw_set(c.username, password)
+        if c.tls:
+            client.tls_set_context(tls_context(c, self._tls_failed))
+        client.will_set(self.topics["availability"], "offline", qos=c.qos, retain=True)
+        client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)
+        # paho's own queue holds QoS>0 messages awaiting the broker's ack: bound it as well
+        client.max_queued_messages_set(c.queue_size)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = lambda *_: self._count("published")
+        client.on_message = self._on_message
+        return client
+
+    # ---- lifetime --------------------------------------------------------------------------------------------
+    def start(self) -> MqttPublisher:
+        """Connect in the background (a broker that is down is retried with backoff) and start the worker."""
+        self._stopping = False
+        self._start_worker()
+        try:
+            self._client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+            self._client.loop_start()
+        except (OSError, ValueError) as e:
+            self._last_error = str(e)
+            log.error("mqtt: cannot start the client for %s:%d: %s", self.config.host, self.config.port, e)
+        log.info("mqtt: publishing to %s:%d under %s/%s", self.config.host, self.config.port,
+                 self.config.topic_prefix, self.device_id)
+        return self
+
+    def stop(self) -> None:
+        """Send what is queued (≤ 2 s), mark the device offline and disconnect. Idempotent; never raises."""
+        self._stop_worker(_DRAIN_S)
+        self._stopping = True
+        try:
+            if self._connected.is_set():
+                info = self._client.publish(self.topics["availability"], "offline", qos=self.config.qos, retain=True)
+                info.wait_for_publish(timeout=_DRAIN_S)
+            self._client.disconnect()
+            self._client.loop_stop()
+        except (OSError, RuntimeError, ValueError) as e:
+            log.warning("mqtt: stopping: %s", e)
+        self._connected.clear()
+
+    def __enter__(self) -> MqttPublisher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- what the appliance calls ----------------------------------------------------------------------------
+    def on_lookup_command(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the MQTT thread) whenever the "look up now" button's command topic gets a message."""
+        self._callbacks.append(callback)
+
+    def publish_lookup(self, result: LookupResult) -> None:
+        """Queue the lookup event and the new retained match state; never blocks, never raises."""
+        try:
+            self._offer((self.topics["lookup"], json.dumps(lookup_event(result, self.device_id)), False))
+            self._set_state("match", result.match.id if result.match is not None else "none")
+        except Exception:
+            log.exception("mqtt: could not queue a lookup event")
+
+    def publish_health(self, health: Health) -> None:
+        """Queue the retained camera/index state from ``Appliance.health()``; never blocks, never raises."""
+        try:
+            cam, idx = health.camera, health.index
+            state = {"ok": health.ok, "camera_ok": cam.state == "streaming", "camera": cam.state, "fps": cam.fps,
+                     "index_items": idx.size, "index_generation": idx.generation, "uptime_s": health.uptime_s}
+            self._set_state("state", json.dumps(state))
+        except Exception:
+            log.exception("mqtt: could not queue the health state")
+
+    def stats(self) -> dict:
+        """published (acknowledged by the broker at QoS ≥ 1), dropped, queued, connected, reconnects, last_error."""
+        n = self._counted()
+        return {"published": n["published"], "dropped": n["dropped"], "queued": self._queue.qsize(),
+                "connected": self._connected.is_set(), "reconnects": n["reconnects"], "last_error": self._last_error}
+
+    def register_metrics(self, metrics) -> None:
+        """Expose the publisher's counters on the appliance's /metrics (a ``edge_retrieval.outputs.metrics.Metrics``)."""
+        metrics.read_at_scrape("appliance_mqtt_messages", "MQTT messages by result", "counter",
+                               lambda: {k: self.stats()[k] for k in ("published", "dropped")}, label="result")
+        metrics.read_at_scrape("appliance_mqtt_connected", "1 while connected to the broker", "gauge",
+                               lambda: float(self.stats()["connected"]))
+        metrics.read_at_scrape("appliance_mqtt_reconnects", "Reconnects to the broker", "counter",
+                               lambda: self.stats()["reconnects"])
+
+    def discovery_messages(self) -> dict[str, dict]:
+        """Home Assistant MQTT discovery: one device with a sensor (current match), a binary sensor (camera OK)
+        and a button (look up now), keyed by their retained config topics."""
+        oid, p = self.device_id, self.config.discovery_prefix
+        common = {"availability_topic": self.topics["availability"], "payload_available": "online",
+                  "payload_not_available": "offline",
+                  "device": {"identifiers": [f"edge_retrieval_{oid}"], "name": self.config.device_name or oid,
+                             "manufacturer": "edge-retrieval", "model": "Edge image-retrieval appliance"}}
+        return {
+            f"{p}/sensor/{oid}/match/config": {
+                **common, "name": "Current match", "unique_id": f"{oid}_match", "icon": "mdi:image-search",
+                "state_topic": self.topics["match"], "json_attributes_topic": self.topics["lookup"]},
+            f"{p}/binary_sensor/{oid}/camera/config": {
+                **common, "name": "Camera", "unique_id": f"{oid}_camera", "device_class": "connectivity",
+                "state_topic": self.topics["state"], "value_template": "{{ 'ON' if value_json.camera_ok else 'OFF' }}"},
+            f"{p}/button/{oid}/lookup/config": {
+                **common, "name": "Look up now", "unique_id": f"{oid}_lookup_now", "icon": "mdi:camera-iris",
+                "command_topic": self.topics["command"], "payload_press": "PRESS"},
+        }
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _set_state(self, key: str, payload: str) -> None:
+        topic = self.topics[key]
+        with self._retained_lock:
+            self._retained[topic] = payload
+        self._offer((topic, payload, self.config.retain))
+
+    def _handle(self, item: tuple[str, str, bool]) -> None:
+        # Waiting here while the broker is away is what makes the queue fill up and, past its size, drop.
+        while not self._connected.wait(_POLL_S):
+            if self._halt.is_set():
+                self._count("dropped")
+                return
+        topic, payload, retain = item
+        info = self._client.publish(topic, payload, qos=self.config.qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:  # lost the connection meanwhile (QoS 0) or paho's queue is full
+            self._count("dropped")
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            if self._last_error != str(reason_code):
+                log.warning("mqtt: %s:%d refused the connection: %s (retrying with backoff)",
+                            self.config.host, self.config.port, reason_code)
+            self._last_error = str(reason_code)
+            return
+        first = self._counted()["connects"] == 0
+        self._count("connects")
+        self._tls_error = None
+        if not first:
+            self._count("reconnects")
+        self._last_error = None
+        log.info("mqtt: connected to %s:%d%s", self.config.host, self.config.port, "" if first else " again")
+        qos = self.config.qos
+        client.publish(self.topics["availability"], "online", qos=qos, retain=True)
+        if self.config.discovery:
+            for topic, payload in self.discovery_messages().items():
+                client.publish(topic, json.dumps(payload), qos=qos, retain=True)
+        client.subscribe(self.topics["command"], qos=qos)
+        with self._retained_lock:
+            last = dict(self._retained)
+        for topic, payload in last.items():
+            client.publish(topic, payload, qos=qos, retain=self.config.retain)
+        self._connected.set()
+
+    def _tls_failed(self, e: ssl.SSLError) -> None:
+        c = self.config
+        if isinstance(e, ssl.SSLCertVerificationError):
+            self._tls_error = (f"TLS: certificate verify failed ({e.verify_message}): is mqtt.ca_file "
+                               f"({c.ca_file or 'the system CAs'}) the CA of the broker's certificate, for {c.host}?")
+        else:  # e.g. the broker wants a client certificate (TLS 1.3 says so after the handshake)
+            why = str(e.reason).lower().replace("_", " ") if e.reason else str(e)
+            self._tls_error = f"TLS refused ({why}): does the broker want a client certificate (mqtt.cert_file)?"
+
+    def _on_connect_fail(self, _client, _userdata) -> None:
+        self._refused(self._tls_error or "cannot connect (is the broker running, and reachable from here?)")
+
+    def _refused(self, why: str) -> None:
+        self._tls_error = None
+        if self._last_error != why:
+            log.error("mqtt: %s:%d: %s (retrying with backoff)", self.config.host, self.config.port, why)
+        self._last_error = why
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._stopping:  # (a refused CONNACK also ends here: keep its reason)
+            self._last_error = f"disconnected: {reason_code}"
+            log.warning("mqtt: lost %s:%d (%s); reconnecting with backoff", self.config.host, self.config.port,
+                        reason_code)
+        elif self._tls_error is not None and not self._stopping:  # closed before its CONNACK, by a TLS alert
+            self._refused(self._tls_error)
+
+    def _on_message(self, _client, _userdata, msg) -> None:
+        if msg.topic != self.topics["command"]:
+            return
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("mqtt: the lookup command callback failed")
+
+
+class WebhookNotifier(_QueueWorker):
+    """POSTs the lookup event (``lookup_event``) as JSON to a URL, by default for accepted matches only, with a
+    timeout and retries with backoff, from its own thread."""
+
+    def __init__(self, config: WebhookConfig, device_id: str | None = None):
+        super().__init__("webhook", config.queue_size)
+        self.config = config
+        self.device_id = device_id or default_device_id()
+
+    def start(self) -> WebhookNotifier:
+        """Start the sending thread."""
+        self._start_worker()
+        return self
+
+    def stop(self) -> None:
+        """Send what is queued (≤ one timeout), then stop. Idempotent; never raises."""
+        self._stop_worker(min(self.config.timeout_s, _DRAIN_S))
+
+    def publish_lookup(self, result: LookupResult) -> None:
+        """Queue the event of an accepted match (or of every lookup with matches_only false); never blocks."""
+        if self.config.matches_only and result.match is None:
+            return
+        try:
+            self._offer(json.dumps(lookup_event(result, self.device_id)).encode())
+        except Exception:
+            log.exception("webhook: could not queue a lookup event")
+
+    def publish_health(self, health: Health) -> None:
+        """Health is not sent over the webhook (MQTT's state topic carries it)."""
+
+    def stats(self) -> dict:
+        """sent, failed (gave up after the retries), dropped (queue full), queued."""
+        n = self._counted()
+        return {"sent": n["sent"], "failed": n["failed"], "dropped": n["dropped"], "queued": self._queue.qsize()}
+
+    def register_metrics(self, metrics) -> None:
+        """Expose the notifier's counters on the appliance's /metrics (a ``edge_retrieval.outputs.metrics.Metrics``)."""
+        metrics.read_at_scrape("appliance_webhook_posts", "Webhook posts by result", "counter",
+                               lambda: {k: self.stats()[k] for k in ("sent", "failed", "dropped")}, label="result")
+
+    def _handle(self, body: bytes) -> None:
+        c = self.config
+        for attempt in range(c.retries + 1):
+            if attempt and self._halt.wait(c.retry_backoff_s * 2 ** (attempt - 1)):
+                break
+            req = urllib.request.Request(c.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "User-Agent": "edge-retrieval"})
+            try:
+                with urllib.request.urlopen(req, timeout=c.timeout_s) as resp:
+                    resp.read()
+                self._count("sent")
+                return
+            except urllib.error.HTTPError as e:
+                why = f"HTTP {e.code}"
+                if e.code < 500 and e.code not in (408, 429):  # the receiver refuses this event: retrying won't help
+                    break
+            except (urllib.error.URLError, OSError) as e:
+                why = str(getattr(e, "reason", e))
+            log.warning("webhook: POST %s failed (%s), attempt %d of %d", c.url, why, attempt + 1, c.retries + 1)
+        self._count("failed")

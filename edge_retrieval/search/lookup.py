@@ -1,0 +1,183 @@
+"""ONE lookup: RGB frame (or image bytes) → descriptor(s) → candidates → (spatial verification) → match or
+"no match". The camera loop, the CLI ``query`` and ``POST /api/query`` all call this, so a benchmark of the
+CLI measures exactly what the camera does."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Protocol
+
+import numpy as np
+
+from edge_retrieval.core.config import (
+    NORM_K,
+    UNCALIBRATED_ACCEPT_INLIERS,
+    UNCALIBRATED_ACCEPT_SCORE,
+    DecisionModel,
+    ImagesConfig,
+    RecognitionConfig,
+)
+from edge_retrieval.core.results import Candidate, LookupResult
+from edge_retrieval.imaging.codec import decode_image
+from edge_retrieval.index.reader import CatalogIndex
+from edge_retrieval.model.local_features import extract, region, verify_candidates
+from edge_retrieval.search.decision import accepts
+
+
+class IndexSource(Protocol):
+    """What a lookup reads: the generation to use for one whole query (a loaded ``CatalogIndex`` is its
+    own; the appliance's ``IndexHolder`` hands out whichever is live)."""
+
+    def current(self) -> CatalogIndex:
+        """The generation to query."""
+        ...
+
+
+def centre_crop(rgb: np.ndarray, frac: float) -> np.ndarray:
+    """The central ``frac`` × ``frac`` part of a frame (where the user holds the object)."""
+    h, w = rgb.shape[:2]
+    ch, cw = max(1, int(h * frac)), max(1, int(w * frac))
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+
+
+def resolve_decision(rc: RecognitionConfig, calibration) -> tuple[DecisionModel | None, int, float]:
+    """(learned decision or None, accept_inliers, accept_score) of a lookup: what the config sets, else the
+    bundle's calibration (cosines of different descriptors live on different scales), else the uncalibrated rule."""
+    decision = rc.decision if rc.decision != "bundle" else (calibration.decision if calibration else None)
+    inliers = rc.accept_inliers if rc.accept_inliers is not None else (
+        calibration.accept_inliers if calibration else UNCALIBRATED_ACCEPT_INLIERS)
+    score = rc.accept_score if rc.accept_score is not None else (
+        calibration.accept_score if calibration else UNCALIBRATED_ACCEPT_SCORE)
+    return decision, inliers, score
+
+
+class Lookup:
+    """Wraps the shared encoder and index. ``index`` is a loaded CatalogIndex or the appliance's
+    IndexHolder (swapped on enrolment); one lookup uses one generation throughout."""
+
+    def __init__(self, encoder, index: IndexSource, recognition: RecognitionConfig, *, top_k: int,
+                 images: ImagesConfig = ImagesConfig()):
+        """``top_k``: results per lookup (``index.top_k``, or the CLI's ``--top-k``); ``images``: what an uploaded
+        image may decode to."""
+        self.encoder = encoder
+        self.index = index
+        self.recognition = recognition
+        self.top_k = top_k
+        self.images = images
+        self.decision, self.accept_inliers, self.accept_score = resolve_decision(recognition, encoder.manifest.calibration)
+
+    def verification_status(self) -> dict:
+        """Whether verification runs, and why not (for /api/health)."""
+        idx = self.index.current()
+        if not self.recognition.verify:
+            return {"enabled": False, "why": "recognition.verify is false in the config"}
+        if not idx.has_features:
+            return {"enabled": False, "why": idx.features_error or "the index has no local features"}
+        return {"enabled": True, "top_k": self.recognition.verify_top_k,
+                "accept_inliers": self.accept_inliers,
+                "decision": "learned" if self.decision is not None else "thresholds"}
+
+    def lookup_rgb(self, rgb: np.ndarray, *, source: str = "cli", top_k: int | None = None,
+                   timings: dict[str, float] | None = None) -> LookupResult:
+        """RGB uint8 HxWx3 → ranked candidates and the decision, with per-stage timings in milliseconds.
+
+        When the whole frame gives no match and ``recognition.retry_crops`` is set, the lookup looks closer: the
+        centre crops are encoded too, their candidates join the list (an item keeps its best cosine), the new
+        ones are verified with the same query keypoints, and the decision is taken again. A print small in the
+        frame then costs one more encode; a lookup that matched at once costs nothing more."""
+        rc = self.recognition
+        top_k = top_k or self.top_k
+        idx = self.index.current()
+        timings = dict(timings or {})
+        want = max(top_k, rc.verify_top_k if rc.verify else 0, NORM_K)  # NORM_K: the decision's score_norm
+        best: dict[str, Candidate] = {}
+        verified: dict[str, tuple[int, np.ndarray | None]] = {}
+        query: list = [None]  # the query's keypoints, extracted once, on the first verification
+
+        def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
+            ranked = self._search(images, idx, want, best, timings)
+            if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
+                t0 = time.perf_counter()
+                query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
+                ranked = self._verify(query[0], ranked, idx, verified)
+                timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
+            return ranked, self._decide(ranked)
+
+        ranked, match = attempt([rgb] + [centre_crop(rgb, f) for f in rc.query_crops])
+        if match is None and rc.retry_crops:
+            # the merged list (whole frame + crops) ranks a small print better even where no item is accepted
+            ranked, match = attempt([centre_crop(rgb, f) for f in rc.retry_crops])
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match)
+
+    def _search(self, images: list[np.ndarray], idx: CatalogIndex, want: int, best: dict[str, Candidate],
+                timings: dict[str, float]) -> list[Candidate]:
+        """Encode ``images`` and merge their nearest items into ``best`` (an item's score is the max over the
+        images, and inside the index over its views); the ``want`` best so far, best first."""
+        t0 = time.perf_counter()
+        vectors = [self.encoder.embed(image) for image in images]
+        t1 = time.perf_counter()
+        for v in vectors:
+            for c in idx.query(v, want):
+                if c.id not in best or c.score > best[c.id].score:
+                    best[c.id] = c
+        t2 = time.perf_counter()
+        timings["encode"] = timings.get("encode", 0.0) + (t1 - t0) * 1e3
+        timings["search"] = timings.get("search", 0.0) + (t2 - t1) * 1e3
+        return sorted(best.values(), key=lambda c: -c.score)[:want]
+
+    def _verify(self, query, ranked: list[Candidate], idx: CatalogIndex,
+                verified: dict[str, tuple[int, np.ndarray | None]]) -> list[Candidate]:
+        """Verify the top ``verify_top_k`` candidates not verified yet (``verified`` remembers them across a
+        retry), re-rank them by the fused score, and outline the top one when it verifies."""
+        rc = self.recognition
+        head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
+        todo = [c for c in head if c.id not in verified]
+        found = verify_candidates(query, todo, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
+        verified.update({c.id: r for c, r in zip(todo, found)})
+        cap = max(rc.stop_inliers, 1)
+
+        def fused(c: Candidate) -> float:
+            return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
+
+        head = [c.with_inliers(verified[c.id][0] if verified[c.id][0] >= 0 else None) for c in head]
+        head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
+        top = head[0]
+        if top.inliers is not None and top.inliers >= self.accept_inliers:  # the page outlines a verified match
+            head[0] = replace(top, quad=region(query, idx.features(top.id), verified[top.id][1]))
+        return head + tail
+
+    def _decide(self, ranked: list[Candidate]) -> Candidate | None:
+        """Accept the top item only when the evidence says so; else "no match". A verified lookup is decided by
+        the learned model when one is configured; otherwise (or when nothing was verified: verification off, an
+        index without features) by the two thresholds, since the model's inlier features would all be zero."""
+        if not ranked:
+            return None
+        top, model = ranked[0], self.decision
+        if model is not None and any(c.inliers is not None for c in ranked):
+            return top if accepts(model, ranked) else None
+        if top.inliers is not None and top.inliers >= self.accept_inliers:
+            return top
+        if top.score >= self.accept_score:
+            return top
+        return None
+
+    def decode_side_px(self) -> int:
+        """How large an image must stay when decoded: the model input, or ORB's working size when verifying
+        or enrolling with features (decoding no larger bounds the memory of a request)."""
+        spec, rc = self.encoder.manifest.input, self.recognition
+        need = spec.min_side_px
+        return max(need, rc.features_max_side_px) if (rc.verify or rc.features) else need
+
+    def lookup_bytes(self, data: bytes, *, source: str = "upload", top_k: int | None = None) -> LookupResult:
+        """Encoded image bytes (JPEG/PNG/…) → ranked candidates; raises ImageError for bad images."""
+        rgb, decode_ms = self.decode(data)
+        return self.lookup_rgb(rgb, source=source, top_k=top_k, timings={"decode": decode_ms})
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        """Encoded image bytes → (RGB uint8 HxWx3 no larger than a lookup needs, milliseconds it took); raises
+        ImageError. The appliance decodes an upload once and keeps the RGB for its history snapshot."""
+        t0 = time.perf_counter()
+        rgb = decode_image(data, self.images.max_pixels, min_side_px=self.decode_side_px())
+        return rgb, (time.perf_counter() - t0) * 1e3

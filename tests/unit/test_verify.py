@@ -1,0 +1,139 @@
+"""Spatial verification on real photos: a catalog print on a cluttered table verifies against its own photo
+and not against others; photos outside the catalog and an empty table verify against nothing, smooth
+low-texture candidates included; the memory-mapped features file round-trips and refuses corrupt files."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_retrieval.core.config import RecognitionConfig
+from edge_retrieval.core.errors import CatalogIndexError
+from edge_retrieval.imaging.synthetic_views import camera_view, empty_table
+from edge_retrieval.index.feature_store import FeatureStore
+from edge_retrieval.model.local_features import (
+    MIN_MATCHES_TO_FIT,
+    Features,
+    extract,
+    match_inliers,
+    ratio_matches,
+    verify_candidates,
+)
+
+CFG = RecognitionConfig()
+TRUE_MIN = 15   # a true pair has at least this many inliers (seen: >= 39 on these views)
+FALSE_MAX = 6   # a false pair has at most this many (4-point homography noise; seen: <= 7 over many views)
+CANDIDATES = ("astronaut", "rocket", "chelsea", "coffee", "camera", "moon", "clock", "coins")
+
+
+@pytest.fixture(scope="module")
+def feats(photos) -> dict[str, Features]:
+    return {name: extract(photos[name], CFG) for name in CANDIDATES}
+
+
+def _query(img: np.ndarray) -> Features:
+    return extract(img, CFG, query=True)
+
+
+@pytest.mark.parametrize("name,kind,seed", [
+    ("astronaut", "table", 0), ("rocket", "table", 1), ("chelsea", "table_occluded", 2),
+    ("coffee", "table_occluded", 3), ("rocket", "perspective", 4),
+])
+def test_print_on_table_verifies_against_its_photo_only(photos, feats, name, kind, seed):
+    q = _query(camera_view(photos[name], kind, np.random.default_rng(seed)))
+    others = [c for c in ("astronaut", "rocket", "chelsea", "coffee", "moon") if c != name][:3]
+    assert match_inliers(q, feats[name], CFG) >= TRUE_MIN
+    assert all(match_inliers(q, feats[c], CFG) <= FALSE_MAX for c in others)
+
+
+@pytest.mark.parametrize("what,seed", [("grace_hopper", 0), ("china", 1), ("flower", 2), ("empty", 3),
+                                       ("empty", 4)])
+def test_photo_not_in_catalog_and_empty_table_verify_against_nothing(photos, feats, what, seed):
+    rng = np.random.default_rng(seed)
+    frame = empty_table(rng) if what == "empty" else camera_view(photos[what], "table", rng)
+    q = _query(frame)
+    inliers = {c: match_inliers(q, feats[c], CFG) for c in CANDIDATES}
+    assert max(inliers.values()) <= FALSE_MAX, inliers
+
+
+def test_one_to_one_stops_smooth_candidate_absorbing_matches(photos, feats):
+    # "clock" is smooth: ORB finds ~10 keypoints, each the nearest neighbour of many query keypoints.
+    q = _query(camera_view(photos["grace_hopper"], "table", np.random.default_rng(0)))
+    # the ratio test alone (what ratio_matches does before its one-to-one rule)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(q.desc, feats["clock"].desc, k=2)
+    many = [m[0] for m in knn if len(m) == 2 and m[0].distance < CFG.ratio * m[1].distance]
+    one = ratio_matches(q, feats["clock"], CFG)
+    assert len(feats["clock"]) < 50
+    assert len(many) >= 5 * len(one) and len(many) >= 50
+    assert len(np.unique(one[:, 1])) == len(one) and len(np.unique(one[:, 0])) == len(one)
+    assert len(one) < MIN_MATCHES_TO_FIT and match_inliers(q, feats["clock"], CFG) == 0
+
+
+def test_extract_downscales_and_flat_image_gives_empty_arrays():
+    flat = np.full((960, 1280, 3), 128, np.uint8)
+    f = extract(flat, CFG)
+    assert f.size_wh == (640, 480)
+    assert f.xy.shape == (0, 2) and f.xy.dtype == np.float32
+    assert f.desc.shape == (0, 32) and f.desc.dtype == np.uint8
+    assert match_inliers(f, f, CFG) == 0
+
+
+def test_feature_store_round_trip(tmp_path, feats):
+    written = [feats["astronaut"], extract(np.zeros((50, 80, 3), np.uint8), CFG), feats["clock"], feats["coins"]]
+    path = tmp_path / "features.bin"
+    n_bytes = FeatureStore.write(path, written)
+    total = sum(len(f) for f in written)
+    assert n_bytes == path.stat().st_size == 16 + 8 * (len(written) + 1) + 8 * len(written) + 40 * total
+    with FeatureStore.open(path) as store:
+        assert len(store) == len(written)
+        for i, f in enumerate(written):
+            got = store.get(i)
+            assert got.size_wh == f.size_wh
+            np.testing.assert_array_equal(got.xy, f.xy)
+            np.testing.assert_array_equal(got.desc, f.desc)
+            assert got.xy.dtype == np.float32 and got.desc.dtype == np.uint8
+        assert store.get(1).xy.shape == (0, 2) and store.get(1).desc.shape == (0, 32)
+        assert not store.get(0).desc.flags.owndata  # a view into the mapping, not a copy
+        assert match_inliers(feats["astronaut"], store.get(0), CFG) == match_inliers(
+            feats["astronaut"], feats["astronaut"], CFG)
+        with pytest.raises(IndexError):
+            store.get(len(written))
+
+
+def test_feature_store_refuses_corrupt_files(tmp_path, feats):
+    good = tmp_path / "features.bin"
+    FeatureStore.write(good, [feats["astronaut"], feats["rocket"]])
+    data = good.read_bytes()
+    cases = {
+        "truncated.bin": data[:-100],
+        "header_only.bin": data[:10],
+        "magic.bin": b"XXXX" + data[4:],
+        "offsets.bin": data[:16 + 8] + np.int64(10**6).tobytes() + data[16 + 16:],
+    }
+    for name, blob in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(blob)
+        with pytest.raises(CatalogIndexError, match=name):
+            FeatureStore.open(bad)
+    with pytest.raises(CatalogIndexError, match="missing.bin"):
+        FeatureStore.open(tmp_path / "missing.bin")
+
+
+def test_verification_stops_early_and_marks_unverified(photos, feats):
+    frame = camera_view(photos["chelsea"], "table", np.random.default_rng(5))
+    calls = []
+
+    def get(name):
+        calls.append(name)
+        return None if name == "nofeatures" else feats[name]
+
+    def inliers(names, **kw):
+        return [n for n, _ in verify_candidates(q, names, get, CFG, **kw)]
+
+    q = _query(frame)
+    full = inliers(["astronaut", "nofeatures", "chelsea", "moon"])
+    assert full[0] <= FALSE_MAX and full[1] == -1 and full[2] >= TRUE_MIN and full[3] <= FALSE_MAX
+    calls.clear()
+    early = inliers(["chelsea", "astronaut", "moon"], stop_inliers=12)
+    assert early[0] >= TRUE_MIN and early[1:] == [-1, -1]
+    assert calls == ["chelsea"]

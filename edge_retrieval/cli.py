@@ -1,10 +1,13 @@
-"""edge-retrieval (or python -m edge_retrieval) serve|index build|query|catalog — the command line: it parses, asks
-edge_retrieval/app/wiring.py for the parts, and is the one place where errors become exit codes.
+"""edge-retrieval: recognise which catalog items a camera sees, offline.
 
-  edge-retrieval serve [--config config.yaml] [--host HOST] [--port PORT]
-  python -m edge_retrieval index build --catalog DIR [--bundle DIR] [--out PATH] [--labels FILE] [--workers N] [--ray [ADDRESS]]
-  python -m edge_retrieval query IMAGE... [--index PATH] [--top-k K] [--json]
-  python -m edge_retrieval catalog add IMAGE... [--label L] [--id ID]   |   catalog remove ID...   |   catalog list
+  edge-retrieval index build --catalog DIR     index a folder of photos (one photo per item; the file name is its id)
+  edge-retrieval query PHOTO... [--json]       which catalog item is in each photo
+  edge-retrieval serve                         the appliance: camera, lookups, the web page, MQTT
+  edge-retrieval catalog add|remove|list       change the catalog of a stopped or running appliance
+
+Settings come from --config FILE, else ./config.yaml if present, else the defaults (no camera, the index in
+./var/catalog, the SSCD bundle when its package is installed, the open bundle otherwise). Docs: docs/ in the
+source, or README.md.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config, load_config
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
 
-log = logging.getLogger("device")
+log = logging.getLogger("edge_retrieval")
 DEFAULT_CONFIG = "config.yaml"
 
 
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     b = idx.add_parser("build", parents=[common],
                        help="index a folder of images (id = relative path without extension)")
     b.add_argument("--catalog", type=Path, required=True, help="folder of catalog images")
-    b.add_argument("--bundle", type=Path, default=None, help="model bundle (default: encoder.bundle)")
+    b.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
     b.add_argument("--out", type=Path, default=None, help="index folder (default: index.path)")
     b.add_argument("--labels", type=Path, default=None, help="CSV/TSV/JSON of id → label")
     b.add_argument("--workers", type=_positive_int, default=None,
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", parents=[common], help="look up image files")
     q.add_argument("images", nargs="+", type=Path)
     q.add_argument("--index", type=Path, default=None, help="index folder (default: index.path)")
-    q.add_argument("--bundle", type=Path, default=None, help="model bundle (default: encoder.bundle)")
+    q.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
     q.add_argument("--top-k", type=_positive_int, default=None, help="results per query, ≥ 1 (default: index.top_k)")
     q.add_argument("--json", action="store_true", help="one JSON line per query")
     c = sub.add_parser("catalog", help="enrol or remove items").add_subparsers(dest="catalog_cmd", required=True)

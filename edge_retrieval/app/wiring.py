@@ -21,7 +21,7 @@ from edge_retrieval.capture.trigger import Trigger
 from edge_retrieval.catalog.build import BuildReport, ItemMaker, build_index, load_labels
 from edge_retrieval.catalog.pool import runner_for
 from edge_retrieval.catalog.service import CatalogService
-from edge_retrieval.core.config import Config
+from edge_retrieval.core.config import Config, resolve_bundle
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.reader import CatalogIndex, index_exists
@@ -40,6 +40,7 @@ def load(cfg: Config, bundle: Path | None = None) -> Encoder:
     missing); a ``bundle`` named on the command line instead, with no fallback."""
     if bundle is None:
         return load_encoder(cfg.encoder)
+    bundle = resolve_bundle(Path(bundle), Path.cwd())  # a name or a path, as in config.yaml
     return load_encoder(cfg.encoder.model_copy(update={"bundle": bundle, "fallback_bundle": None}))
 
 

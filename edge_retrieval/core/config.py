@@ -54,7 +54,8 @@ def _ordered(section: _Section, low: str, high: str) -> _Section:
 class CameraConfig(_Section):
     """Where frames come from and how the capture watchdog reconnects (edge_retrieval/capture/camera.py)."""
 
-    source: str = Field("demo", description="demo | none (uploads only) | /dev/videoN | N | csi://N | rtsp://… | "
+    # none by default: a config-less start serves uploads only; config.yaml sets demo (with catalog.demo: true)
+    source: str = Field("none", description="demo | none (uploads only) | /dev/videoN | N | csi://N | rtsp://… | "
                         "video file | image folder")
     fps: Optional[float] = Field(None, gt=0, le=120, description="pace files/folders; request from cameras")
     width: Optional[int] = Field(None, ge=16, le=8192)

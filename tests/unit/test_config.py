@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_retrieval.core.config import load_config
+from edge_retrieval.core.config import BUNDLES, load_config
 from edge_retrieval.core.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -17,10 +17,36 @@ def write(tmp_path, text):
 
 def test_the_documented_config_yaml_loads_and_resolves_paths():
     cfg = load_config(ROOT / "config.yaml")
-    assert cfg.encoder.bundle == ROOT / "models" / "sscd-distilled"
-    assert cfg.encoder.fallback_bundle == ROOT / "models" / "efficientnet-lite0"
+    assert cfg.encoder.bundle == BUNDLES / "sscd-distilled"  # a shipped bundle by its name
+    assert cfg.encoder.fallback_bundle == BUNDLES / "efficientnet-lite0"
     assert cfg.index.path == ROOT / "var" / "catalog"
     assert cfg.catalog.demo is True and cfg.camera.source == "demo"
+
+
+def test_bundle_names_keywords_and_paths_relative_to_the_config_file(tmp_path):
+    cfg = load_config(write(tmp_path, "encoder:\n  bundle: efficientnet-lite0\n  fallback_bundle: null\n"
+                                      "camera:\n  source: none\n"))
+    assert cfg.encoder.bundle == BUNDLES / "efficientnet-lite0" and cfg.encoder.fallback_bundle is None
+    assert cfg.camera.source == "none"  # a keyword, not <config dir>/none
+    (tmp_path / "efficientnet-lite0").mkdir()  # a folder of that name beside the config wins over the shipped one
+    cfg = load_config(write(tmp_path, "encoder:\n  bundle: efficientnet-lite0\n"))
+    assert cfg.encoder.bundle == tmp_path / "efficientnet-lite0"
+    cfg = load_config(write(tmp_path, "encoder:\n  bundle: bundles/mine\n"))
+    assert cfg.encoder.bundle == tmp_path / "bundles" / "mine"
+
+
+def test_a_config_less_start_has_no_camera_and_the_shipped_bundles():
+    cfg = load_config(None)
+    assert cfg.camera.source == "none" and cfg.catalog.demo is False
+    assert cfg.encoder.bundle == BUNDLES / "sscd-distilled" and cfg.encoder.fallback_bundle == BUNDLES / "efficientnet-lite0"
+
+
+def test_a_bundle_error_names_its_key(tmp_path):
+    from edge_retrieval.core.errors import BundleError
+    from edge_retrieval.model.encoder import load_encoder
+    cfg = load_config(write(tmp_path, "encoder:\n  bundle: no-such-bundle\n"))
+    with pytest.raises(BundleError, match=r"^encoder\.bundle: bundle .*no-such-bundle: not a directory"):
+        load_encoder(cfg.encoder)
 
 
 def test_every_setting_in_the_model_is_documented_in_config_yaml():
@@ -79,3 +105,13 @@ def test_a_key_that_moved_section_still_loads_from_an_older_config(tmp_path, cap
     assert "web.max_pixels is now images.max_pixels" in caplog.text
     with pytest.raises(ConfigError, match="set only the latter"):
         load_config(write(tmp_path, "web:\n  max_pixels: 2000000\nimages:\n  max_pixels: 3000000\n"))
+
+
+def test_the_demo_names_the_extra_it_needs_when_scikit_image_is_missing(monkeypatch):
+    import sys
+
+    from edge_retrieval.imaging.shipped_photos import shipped_photos
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(ConfigError, match=r"edge-retrieval\[demo\]"):
+        shipped_photos()

@@ -1,7 +1,7 @@
 """Descriptors of image files through edge_retrieval.model.encoder.Encoder, written to .npz, and the cosine between two such
 files: how benchmarks/arm64.sh compares an arm64 (QEMU) install with this machine's.
 
-  python -m benchmarks.descriptors encode OUT.npz --bundle models/efficientnet-lite0 IMAGE...
+  python -m benchmarks.descriptors encode OUT.npz --bundle edge_retrieval/bundles/efficientnet-lite0 IMAGE...
   python -m benchmarks.descriptors compare A.npz B.npz     # prints one JSON line: mean/min cosine per image
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from edge_retrieval.core.config import MqttConfig
-from edge_retrieval.outputs.events import MqttPublisher
+from edge_retrieval.outputs.mqtt import MqttPublisher
 from tests.support.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]

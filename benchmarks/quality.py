@@ -1,6 +1,6 @@
 """Camera-view benchmark, through the device CLI exactly as a user runs it.
 
-    python -m benchmarks quality [--bundle models/efficientnet-lite0] [--out NAME]
+    python -m benchmarks quality [--bundle edge_retrieval/bundles/efficientnet-lite0] [--out NAME]
     python -m benchmarks quality --table          # converter combinations → benchmarks/results/combos.{json,md}
 
 Catalog: crops of the real photos that ship with scikit-image / scikit-learn / matplotlib (benchmarks.views:
@@ -132,7 +132,7 @@ BASELINE = "gem-pca128-int8"
 COMBOS: list[tuple[str, str, list[str] | None]] = [
     (BASELINE, "baseline: GeM p=3, PCA 128 (4 views/photo), int8", EFFNET + ["--pooling", "gem", "--pca", "128",
                                                                         "--quantize", "int8"]),
-    ("default", "shipped models/efficientnet-lite0: GeM, PCA 256 + whitening (8 views/photo), int8", None),
+    ("default", "shipped efficientnet-lite0: GeM, PCA 256 + whitening (8 views/photo), int8", None),
     ("mac-pca128-int8", "pooling MAC", EFFNET + ["--pooling", "mac", "--pca", "128", "--quantize", "int8"]),
     ("avg-pca128-int8", "pooling average", EFFNET + ["--pooling", "avg", "--pca", "128", "--quantize", "int8"]),
     ("gem-nopca-int8", "no PCA (1280-d)", EFFNET + ["--pooling", "gem", "--quantize", "int8"]),
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks quality``: one bundle on the camera-view benchmark, or the combination table."""
     p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=OPEN_BUNDLE, help="bundle to benchmark (default models/efficientnet-lite0)")
+    p.add_argument("--bundle", type=Path, default=OPEN_BUNDLE, help="bundle to benchmark (default edge_retrieval/bundles/efficientnet-lite0)")
     p.add_argument("--out", default=None, help="results name: benchmarks/results/quality_<NAME>.json "
                    "(default: the bundle folder name)")
     p.add_argument("--table", action="store_true", help="build the converter combinations (cached under "

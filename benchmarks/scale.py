@@ -89,7 +89,7 @@ def _catalog(n: int) -> Path:
 def bench_build(n_images: int, skip_ray: bool) -> dict:
     """Items/s of the item pass for each runner, on the same folder."""
     from edge_retrieval.catalog.build import ItemMaker, build_index
-    from edge_retrieval.catalog.pool import ProcessRunner
+    from edge_retrieval.catalog.build_workers import ProcessRunner
     from edge_retrieval.core.config import load_config
     from edge_retrieval.model.encoder import load_encoder
     cfg = load_config(ROOT / "config.yaml")
@@ -169,7 +169,7 @@ def driver_peak(n_images: int) -> dict:
     after the item pass and after the whole build (adaptation fit, Annoy build in memory, write)."""
     from benchmarks.speed import rss_now_mb
     from edge_retrieval.catalog.build import ItemMaker, build_index
-    from edge_retrieval.catalog.pool import ProcessRunner
+    from edge_retrieval.catalog.build_workers import ProcessRunner
     from edge_retrieval.core.config import load_config
     from edge_retrieval.model.encoder import load_encoder
     cfg = load_config(ROOT / "config.yaml")

@@ -85,7 +85,7 @@ def _config(args) -> Config:
 
 
 def cmd_index_build(cfg: Config, args) -> int:
-    from edge_retrieval.catalog.pool import report_text
+    from edge_retrieval.catalog.build_workers import report_text
     out = args.out or cfg.index.path
     encoder = wiring.load(cfg, args.bundle)
     previous = _describe_index(out)

@@ -18,8 +18,9 @@ from edge_retrieval.app.appliance import Appliance
 from edge_retrieval.app.camera_loop import CameraLoop
 from edge_retrieval.capture.camera import Camera
 from edge_retrieval.capture.trigger import Trigger
-from edge_retrieval.catalog.build import BuildReport, ItemMaker, build_index, load_labels
-from edge_retrieval.catalog.pool import runner_for
+from edge_retrieval.catalog.build import BuildReport, ItemMaker, build_index
+from edge_retrieval.catalog.build_workers import runner_for
+from edge_retrieval.catalog.ids import load_labels
 from edge_retrieval.catalog.service import CatalogService
 from edge_retrieval.core.config import Config, resolve_bundle
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError
@@ -83,7 +84,8 @@ def build_catalog(cfg: Config, encoder: Encoder, folder: Path, out: Path | None 
 
 def event_sinks(cfg: Config) -> list:
     """The MQTT publisher and the webhook notifier that the config enables, started."""
-    from edge_retrieval.outputs.events import MqttPublisher, WebhookNotifier  # paho is imported only when MQTT is used
+    from edge_retrieval.outputs.mqtt import MqttPublisher
+    from edge_retrieval.outputs.webhook import WebhookNotifier  # paho is imported only when MQTT is used
     sinks: list = []
     if cfg.mqtt.enabled:
         sinks.append(MqttPublisher(cfg.mqtt).start())

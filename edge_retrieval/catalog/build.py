@@ -1,13 +1,10 @@
 """Catalog items from images: one ``ItemMaker`` turns an RGB image into a CatalogItem (with the SAME encoder
 and settings the device queries with), used by ``index build``, ``catalog add``, ``POST /api/catalog`` and the
-demo; the id and label rules; labels files; ``index build`` of a folder. What was enrolled or removed at run
+demo; ``index build`` of a folder (ids, labels and labels files: edge_retrieval/catalog/ids.py). What was enrolled or removed at run
 time lives in the catalog store (edge_retrieval/catalog/store.py, edge_retrieval/catalog/service.py)."""
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -17,6 +14,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from edge_retrieval.catalog.ids import validate_id
 from edge_retrieval.core.config import ImagesConfig, RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
 from edge_retrieval.imaging.codec import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
@@ -27,34 +25,6 @@ from edge_retrieval.model import local_features as verify
 from edge_retrieval.model.adaptation import AdaptationFit, view_descriptors
 
 log = logging.getLogger(__name__)
-MAX_ID_CHARS = 200
-MAX_ID_PART_BYTES = 120  # a part becomes a file name under enrolled_dir: ext4 allows 255 bytes
-MAX_LABEL_CHARS = 200
-_ID_PART_RE = re.compile(r"^\w[\w.\- ]*$")
-ID_RULE = (f"an id is up to {MAX_ID_CHARS} characters in parts separated by '/'; each part starts with a letter, "
-           f"digit or '_', then letters, digits, '_', '-', '.' or spaces, at most {MAX_ID_PART_BYTES} bytes in UTF-8 "
-           "(no empty parts, no leading '.', no '..')")
-
-
-def validate_id(item_id: str) -> str:
-    """Check a catalog id against the one id rule (``ID_RULE``); it is also a relative path under
-    ``enrolled_dir``, so it must stay inside it and be a legal, visible file name. Raises InputError (400)."""
-    parts = item_id.split("/") if isinstance(item_id, str) else [""]
-    if (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS or item_id != item_id.strip()
-            or any(not _ID_PART_RE.match(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
-        raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
-    return item_id
-
-
-def validate_label(label: str) -> str:
-    """Labels are shown on the page and in events: 1–MAX_LABEL_CHARS printable characters. Raises InputError."""
-    label = label.strip()
-    if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-        raise InputError(f"invalid label ({len(label)} characters): a label is at most {MAX_LABEL_CHARS} printable "
-                         "characters, and not empty")
-    return label
-
-
 class ItemMaker:
     """Encodes catalog images into index items: descriptors of the image and of its padded views
     (``recognition.enrol_views``: a print seen from further away), ORB features when ``recognition.features``,
@@ -113,33 +83,6 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Release the workers (build_index calls it when the build ends, written or failed)."""
-
-
-def load_labels(path: str | Path | None) -> dict[str, str]:
-    """id → label from a JSON object, or a CSV/TSV with columns id,label (header optional)."""
-    if path is None:
-        return {}
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CatalogIndexError(f"{path}: cannot read labels ({e.strerror or e})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CatalogIndexError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CatalogIndexError(f"{path}: labels JSON must be an object of id → label")
-        return {str(k): str(v) for k, v in data.items()}
-    delim = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["id", "label"]:
-        rows = rows[1:]
-    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
-    if bad:
-        raise CatalogIndexError(f"{path}: line {bad[0]} needs two columns: id{delim!r}label")
-    return {r[0].strip(): r[1].strip() for r in rows}
 
 
 @dataclass
@@ -228,7 +171,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     file decodes within ``images.max_pixels``.
 
     ``runner`` maps BuildTasks to ItemResults (any order) with :func:`make_entry`: None runs them here with
-    ``maker``; edge_retrieval/catalog/pool.py runs them in worker processes, edge_retrieval/catalog/ray_build.py on Ray. Only this driver writes."""
+    ``maker``; edge_retrieval/catalog/build_workers.py runs them in worker processes, edge_retrieval/catalog/ray_build.py on Ray. Only this driver writes."""
     t0 = time.perf_counter()
     folder = Path(folder)
     labels = labels or {}

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_retrieval.catalog.build import ItemMaker, load_labels, scan_folder, validate_id, validate_label
+from edge_retrieval.catalog.build import ItemMaker, scan_folder
+from edge_retrieval.catalog.ids import load_labels, validate_id, validate_label
 from edge_retrieval.catalog.store import CatalogStore, StoredItem, ensure_free
 from edge_retrieval.core.config import CatalogConfig, ImagesConfig
 from edge_retrieval.core.errors import ApplianceError, BusyError, InputError

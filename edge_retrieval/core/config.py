@@ -25,8 +25,7 @@ DEFAULT_BUNDLE = BUNDLES / "sscd-distilled"
 # The fully open bundle (EfficientNet-Lite0 int8 TFLite, Apache-2.0 weights, built by our converter): the
 # fallback when that package is not installed, and what a tflite-runtime-only device runs.
 OPEN_BUNDLE = BUNDLES / "efficientnet-lite0"
-# camera.source values that are keywords, never paths (a file or folder of that name is written ./demo).
-CAMERA_KEYWORDS = ("demo", "none")
+CAMERA_KEYWORDS = ("demo", "none")  # camera.source keywords, never paths (a file of that name: ./demo)
 
 
 def resolve_bundle(value: Path, base: Path) -> Path:
@@ -119,7 +118,7 @@ class CatalogConfig(_Section):
 
 
 class BuildConfig(_Section):
-    """Who does the per-item work of ``index build`` (edge_retrieval/catalog/pool.py, edge_retrieval/catalog/ray_build.py for Ray): worker processes
+    """Who does the per-item work of ``index build`` (edge_retrieval/catalog/build_workers.py, edge_retrieval/catalog/ray_build.py for Ray): worker processes
     on this machine, or Ray (a local Ray, or a cluster at ``ray_address``). Only the driver writes the index."""
 
     workers: int = Field(0, ge=0, le=256, description="local worker processes; 0 = one per core, 1 = in process")
@@ -270,7 +269,7 @@ class SseConfig(_Section):
 
 
 class MqttConfig(_Section):
-    """MQTT events and Home Assistant discovery (edge_retrieval/outputs/events.py). The password never lives in the YAML:
+    """MQTT events and Home Assistant discovery (edge_retrieval/outputs/mqtt.py). The password never lives in the YAML:
     it is read from ``password_file`` or the environment variable ``password_env``."""
 
     enabled: bool = False
@@ -308,7 +307,7 @@ class MqttConfig(_Section):
 
 
 class WebhookConfig(_Section):
-    """POST of a JSON event per lookup to a URL, for systems without MQTT (edge_retrieval/outputs/events.py)."""
+    """POST of a JSON event per lookup to a URL, for systems without MQTT (edge_retrieval/outputs/webhook.py)."""
 
     enabled: bool = False
     url: Optional[str] = Field(None, pattern=r"^https?://")

@@ -1,4 +1,4 @@
-"""How the device and the MQTT broker trust each other (edge_retrieval/outputs/events.py uses it): the TLS context from the
+"""How the device and the MQTT broker trust each other (edge_retrieval/outputs/mqtt.py uses it): the TLS context from the
 ``mqtt`` section (the CA, an optional client certificate, host-name checks) and the password, which never
 lives in config.yaml (``password_file`` or the environment variable ``password_env``)."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ from edge_retrieval.outputs.metrics import Metrics
 from edge_retrieval.outputs.push import PushHub
 
 if TYPE_CHECKING:
-    from edge_retrieval.outputs.events import EventSink
+    from edge_retrieval.outputs.sinks import EventSink
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.core.results import Candidate, LookupResult
 from edge_retrieval.core.status import CameraStatus, Health, IndexHealth
 from edge_retrieval.imaging.codec import encode_jpeg
-from edge_retrieval.outputs.events import MqttPublisher, WebhookNotifier
+from edge_retrieval.outputs.mqtt import MqttPublisher
+from edge_retrieval.outputs.webhook import WebhookNotifier
 from tests.conftest import ROOT, make_appliance, view
 
 
@@ -268,7 +269,7 @@ def _serve_config(tmp_path, photos, broker_port: int):
     cfg.write_text(f"""
 camera: {{source: {frames}, fps: 5}}
 trigger: {{enabled: false}}
-encoder: {{bundle: {ROOT / 'models' / 'efficientnet-lite0'}, num_threads: 1}}
+encoder: {{bundle: efficientnet-lite0, num_threads: 1}}
 index: {{path: {tmp_path / 'index'}}}
 catalog: {{build_from: {catalog}, enrolled_dir: {tmp_path / 'enrolled'}}}
 web: {{host: 127.0.0.1, port: {broker_mod.free_port()}}}

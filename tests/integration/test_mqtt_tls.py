@@ -13,7 +13,7 @@ import tests.support.mosquitto as broker_mod
 from edge_retrieval.core.config import MqttConfig, load_config
 from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.imaging.codec import encode_jpeg
-from edge_retrieval.outputs.events import MqttPublisher
+from edge_retrieval.outputs.mqtt import MqttPublisher
 from tests.integration.test_mqtt import Subscriber, connected, publisher_config, result, wait_until
 from tests.support.serve import Serve
 
@@ -66,7 +66,7 @@ def test_events_arrive_over_tls_with_a_client_certificate_and_a_password(tls_bro
 
 @pytest.mark.parametrize("case", ["wrong_ca", "no_client_certificate", "wrong_password"])
 def test_a_refused_tls_connection_is_reported_and_never_raises(tls_broker, certs, tmp_path, caplog, monkeypatch, case):
-    caplog.set_level(logging.WARNING, logger="edge_retrieval.outputs.events")
+    caplog.set_level(logging.WARNING, logger="edge_retrieval.outputs.mqtt")
     monkeypatch.setenv("EDGE_MQTT_PASSWORD", "wrong-password")
     config = {"wrong_ca": lambda: tls_config(tls_broker, certs, tmp_path, ca_file=certs.other_ca),
               "no_client_certificate": lambda: tls_config(tls_broker, certs, tmp_path, cert_file=None, key_file=None),
@@ -123,7 +123,7 @@ def test_serve_with_a_wrong_ca_keeps_running_and_says_why(tls_broker, certs, tmp
         assert status == 200 and body["results"]
         wait_until(lambda: "certificate verify failed" in (tmp_path / "log").read_text(), 20, "the log line")
         line = next(x for x in (tmp_path / "log").read_text().splitlines() if "certificate verify failed" in x)
-        assert "ERROR edge_retrieval.outputs.events: mqtt: 127.0.0.1:" in line and "mqtt.ca_file" in line
+        assert "ERROR edge_retrieval.outputs.mqtt: mqtt: 127.0.0.1:" in line and "mqtt.ca_file" in line
         assert serve.request("GET", "/api/health")[0] == 200 and serve.proc.poll() is None
     finally:
         serve.stop()

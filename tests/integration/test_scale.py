@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_retrieval.catalog.build import ItemMaker, build_index
-from edge_retrieval.catalog.pool import ProcessRunner
+from edge_retrieval.catalog.build_workers import ProcessRunner
 from edge_retrieval.core.config import OPEN_BUNDLE, RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError
 from edge_retrieval.index.reader import CatalogIndex, read_current_name

@@ -1,147 +1,25 @@
-"""Events out of the device: MQTT (lookup events, retained state, Home Assistant discovery, the "look up now"
-button) and an optional webhook for systems without MQTT.
-
-Both are "sinks" the appliance hands each recorded lookup to (``publish_lookup``) and, every few seconds, its
-health (``publish_health``). Neither may slow or fail a lookup: a sink only serialises the event and puts it
-on a bounded queue that its own thread drains; a full queue drops the event and counts it. A broker that is
-down or refuses the credentials, or a webhook that times out, is logged and counted, never raised.
-Only ids, labels, scores and timings leave the device — never a frame.
-"""
+"""MQTT: lookup events, retained state, Home Assistant discovery and the "look up now" button (a sink:
+edge_retrieval/outputs/sinks.py)."""
 from __future__ import annotations
 
 import json
 import logging
-import queue
-import re
-import socket
 import ssl
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Protocol
 
 import paho.mqtt.client as mqtt
 
-from edge_retrieval.core.config import MqttConfig, WebhookConfig
+from edge_retrieval.core.config import MqttConfig
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.core.status import Health
 from edge_retrieval.outputs.mqtt_auth import password, tls_context
+from edge_retrieval.outputs.sinks import DRAIN_S, POLL_S, QueueWorker, default_device_id, lookup_event
 
 log = logging.getLogger(__name__)
 
-# How long stop() waits for queued events to go out before giving up on them.
-_DRAIN_S = 2.0
-# The worker wakes this often to notice stop() while it waits for a queue item or a connection.
-_POLL_S = 0.2
 
-
-class EventSink(Protocol):
-    """What the appliance calls; implemented by MqttPublisher and WebhookNotifier."""
-
-    def publish_lookup(self, result: LookupResult) -> None: ...
-
-    def publish_health(self, health: Health) -> None: ...
-
-    def register_metrics(self, metrics) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def default_device_id() -> str:
-    """This machine's host name, reduced to what MQTT topics and Home Assistant ids accept."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "edge-retrieval"
-
-
-def lookup_event(result: LookupResult, device_id: str) -> dict:
-    """The JSON event of one lookup, the same for MQTT and the webhook: the decision, the matched item and the
-    candidates' ids and scores — never the frame."""
-    m = result.match
-    return {
-        "device": device_id,
-        "decision": result.decision,
-        "id": m.id if m is not None else None,
-        "label": m.label if m is not None else None,
-        "score": round(float(m.score), 4) if m is not None else None,
-        "inliers": m.inliers if m is not None else None,
-        "candidates": [c.to_json() for c in result.results],
-        "source": result.source,
-        "timings_ms": {k: round(float(v), 2) for k, v in result.timings_ms.items()},
-        "time": datetime.fromtimestamp(result.timestamp, timezone.utc).isoformat(timespec="milliseconds"),
-    }
-
-
-class _QueueWorker:
-    """A bounded queue drained by one daemon thread: ``_offer`` never blocks; a full queue drops and counts."""
-
-    def __init__(self, name: str, size: int):
-        self._name = name
-        self._queue: queue.Queue = queue.Queue(maxsize=size)
-        self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._counts_lock = threading.Lock()
-        self._counts: Counter = Counter()
-
-    def _handle(self, item) -> None:
-        raise NotImplementedError
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._counts_lock:
-            self._counts[key] += n
-
-    def _counted(self) -> Counter:
-        with self._counts_lock:
-            return Counter(self._counts)
-
-    def _offer(self, item) -> bool:
-        try:
-            self._queue.put_nowait(item)
-            return True
-        except queue.Full:
-            self._count("dropped")
-            return False
-
-    def _start_worker(self) -> None:
-        if self._thread is None:
-            self._halt.clear()
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-
-    def _stop_worker(self, drain_s: float) -> None:
-        deadline = time.monotonic() + drain_s
-        while self._thread is not None and not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=drain_s + 1)
-            self._thread = None
-        left = 0
-        while True:  # whatever could not go out in time is dropped, and counted as such
-            try:
-                self._queue.get_nowait()
-                left += 1
-            except queue.Empty:
-                break
-        if left:
-            self._count("dropped", left)
-
-    def _run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            try:
-                self._handle(item)
-            except Exception:
-                self._count("dropped")
-                log.exception("%s: an event could not be sent", self._name)
-
-
-class MqttPublisher(_QueueWorker):
+class MqttPublisher(QueueWorker):
     """Publishes lookups and state to an MQTT broker and announces the device to Home Assistant.
 
     Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained:
@@ -200,12 +78,12 @@ class MqttPublisher(_QueueWorker):
 
     def stop(self) -> None:
         """Send what is queued (≤ 2 s), mark the device offline and disconnect. Idempotent; never raises."""
-        self._stop_worker(_DRAIN_S)
+        self._stop_worker(DRAIN_S)
         self._stopping = True
         try:
             if self._connected.is_set():
                 info = self._client.publish(self.topics["availability"], "offline", qos=self.config.qos, retain=True)
-                info.wait_for_publish(timeout=_DRAIN_S)
+                info.wait_for_publish(timeout=DRAIN_S)
             self._client.disconnect()
             self._client.loop_stop()
         except (OSError, RuntimeError, ValueError) as e:
@@ -285,7 +163,7 @@ class MqttPublisher(_QueueWorker):
 
     def _handle(self, item: tuple[str, str, bool]) -> None:
         # Waiting here while the broker is away is what makes the queue fill up and, past its size, drop.
-        while not self._connected.wait(_POLL_S):
+        while not self._connected.wait(POLL_S):
             if self._halt.is_set():
                 self._count("dropped")
                 return
@@ -356,66 +234,3 @@ class MqttPublisher(_QueueWorker):
                 callback()
             except Exception:
                 log.exception("mqtt: the lookup command callback failed")
-
-
-class WebhookNotifier(_QueueWorker):
-    """POSTs the lookup event (``lookup_event``) as JSON to a URL, by default for accepted matches only, with a
-    timeout and retries with backoff, from its own thread."""
-
-    def __init__(self, config: WebhookConfig, device_id: str | None = None):
-        super().__init__("webhook", config.queue_size)
-        self.config = config
-        self.device_id = device_id or default_device_id()
-
-    def start(self) -> WebhookNotifier:
-        """Start the sending thread."""
-        self._start_worker()
-        return self
-
-    def stop(self) -> None:
-        """Send what is queued (≤ one timeout), then stop. Idempotent; never raises."""
-        self._stop_worker(min(self.config.timeout_s, _DRAIN_S))
-
-    def publish_lookup(self, result: LookupResult) -> None:
-        """Queue the event of an accepted match (or of every lookup with matches_only false); never blocks."""
-        if self.config.matches_only and result.match is None:
-            return
-        try:
-            self._offer(json.dumps(lookup_event(result, self.device_id)).encode())
-        except Exception:
-            log.exception("webhook: could not queue a lookup event")
-
-    def publish_health(self, health: Health) -> None:
-        """Health is not sent over the webhook (MQTT's state topic carries it)."""
-
-    def stats(self) -> dict:
-        """sent, failed (gave up after the retries), dropped (queue full), queued."""
-        n = self._counted()
-        return {"sent": n["sent"], "failed": n["failed"], "dropped": n["dropped"], "queued": self._queue.qsize()}
-
-    def register_metrics(self, metrics) -> None:
-        """Expose the notifier's counters on the appliance's /metrics (a ``edge_retrieval.outputs.metrics.Metrics``)."""
-        metrics.read_at_scrape("appliance_webhook_posts", "Webhook posts by result", "counter",
-                               lambda: {k: self.stats()[k] for k in ("sent", "failed", "dropped")}, label="result")
-
-    def _handle(self, body: bytes) -> None:
-        c = self.config
-        for attempt in range(c.retries + 1):
-            if attempt and self._halt.wait(c.retry_backoff_s * 2 ** (attempt - 1)):
-                break
-            req = urllib.request.Request(c.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "User-Agent": "edge-retrieval"})
-            try:
-                with urllib.request.urlopen(req, timeout=c.timeout_s) as resp:
-                    resp.read()
-                self._count("sent")
-                return
-            except urllib.error.HTTPError as e:
-                why = f"HTTP {e.code}"
-                if e.code < 500 and e.code not in (408, 429):  # the receiver refuses this event: retrying won't help
-                    break
-            except (urllib.error.URLError, OSError) as e:
-                why = str(getattr(e, "reason", e))
-            log.warning("webhook: POST %s failed (%s), attempt %d of %d", c.url, why, attempt + 1, c.retries + 1)
-        self._count("failed")

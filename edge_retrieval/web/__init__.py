@@ -8,7 +8,8 @@ tests/test_web.py drives the routes with a fake that does too (and tests/test_se
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
 ``{"error": "..."}``: InputError → 400 (or its 409/413/415), BusyError → 503 + Retry-After, DiskFullError →
-507, other ApplianceError → 503, anything else → 500 (logged). A request whose ``Host`` is not one of the
+507, other ApplianceError → 503, anything else → 500 (logged); what the parsers refuse is never a 500 (a number
+in a URL past what the store holds → 404, JSON nested too deeply → 400). A request whose ``Host`` is not one of the
 device's names (``web.allowed_hosts``: DNS rebinding) gets 421 before any route runs; every answer carries
 nosniff / CSP / frame-deny headers, and a POST or DELETE from another site's page (its ``Origin``) gets 403.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 import logging
 
 import flask
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from edge_retrieval.core.config import WebConfig
 from edge_retrieval.core.errors import ApplianceError, BusyError, DiskFullError, InputError
@@ -42,6 +45,26 @@ _SECURITY_HEADERS = {
                                 "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
     "Referrer-Policy": "no-referrer",
 }
+
+
+class _StoredInteger(IntegerConverter):
+    """Every ``<int:...>`` in a route: a number past what SQLite stores (a signed 64-bit integer) names nothing,
+    so it is 404 like any other unknown number, not an OverflowError (500) in the store."""
+
+    def __init__(self, url_map, fixed_digits: int = 0, min: int | None = None,
+                 max: int = 2**63 - 1, signed: bool = False) -> None:
+        super().__init__(url_map, fixed_digits, min, max, signed)
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, with a body nested too deep for the parser (RecursionError) refused like any other broken
+    JSON: ``get_json`` answers 400 (or None with ``silent=True``), never 500."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def _register_errors(app: flask.Flask, config: WebConfig) -> None:
@@ -111,6 +134,8 @@ def _same_origin() -> flask.Response | None:
 def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
     """The Flask app of the appliance: the page, the MJPEG live view and the JSON API."""
     app = flask.Flask(__name__)
+    app.json = _JSONProvider(app)
+    app.url_map.converters["int"] = _StoredInteger  # before the blueprints add their rules
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     app.config["MAX_STREAMS"] = config.threads - THREADS_KEPT_FOR_API
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES

@@ -415,6 +415,27 @@ def test_unexpected_exception_is_500_json_and_app_keeps_working(client, services
     assert client.get("/api/health").status_code == 200
 
 
+def test_a_history_number_too_large_for_the_store_is_404_not_500(services, tmp_path):
+    from edge_retrieval.core.config import HistoryConfig
+    from edge_retrieval.outputs.history import History
+
+    services.history = History(HistoryConfig(dir=tmp_path / "history"))
+    try:
+        client = make_client(services)
+        assert client.get("/api/history/1/image.jpg").status_code == 404
+        response = client.get("/api/history/99999999999999999999999999/image.jpg")
+        assert response.status_code == 404 and "error" in response.get_json()
+    finally:
+        services.history.close()
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000, "{\"label\": " * 100_000, "{\"label\": \"x\"", "\xff"])
+def test_json_too_deep_or_broken_is_400_not_500(client, body):
+    response = client.post("/api/catalog/camera", data=body.encode("utf-8", "surrogateescape"),
+                           content_type="application/json", headers={"Authorization": "Bearer s3cret-token"})
+    assert response.status_code == 400 and "error" in response.get_json()
+
+
 # --- waitress -----------------------------------------------------------------------------------
 
 def test_served_by_waitress_over_real_http(services, waitress_server):

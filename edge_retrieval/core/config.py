@@ -40,6 +40,10 @@ def resolve_bundle(value: Path, base: Path) -> Path:
     return local
 
 
+# A key whose value is a secret: its Field's json_schema_extra; a config error names the key, never the value.
+SECRET = {"secret": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -234,7 +238,7 @@ class WebConfig(_Section):
     threads: int = Field(6, ge=4, le=64)
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_parallel_uploads: int = Field(2, ge=1, le=64)
-    api_token: Optional[str] = Field(None, min_length=8)
+    api_token: Optional[str] = Field(None, min_length=8, json_schema_extra=SECRET)
     stream_fps: float = Field(5.0, gt=0, le=60)
     stream_quality: int = Field(75, ge=10, le=100, description="JPEG quality of the live view's frames")
     # A slow client holding a half-sent request must not lock others out: waitress refuses new connections
@@ -384,6 +388,19 @@ def _model_in(annotation) -> type[BaseModel]:
     raise TypeError(f"no section model in {annotation!r}")
 
 
+def _is_secret(loc: list) -> bool:
+    """Whether the key at ``loc`` is marked ``SECRET`` (its value is never echoed in an error)."""
+    model: type[BaseModel] = Config
+    try:
+        for part in loc[:-1]:
+            model = _model_in(model.model_fields[str(part)].annotation)
+        field = model.model_fields.get(str(loc[-1])) if loc else None
+    except (KeyError, TypeError):
+        return False
+    extra = field.json_schema_extra if field is not None else None
+    return isinstance(extra, dict) and extra.get("secret") is True
+
+
 def _describe(e: ValidationError, path: Path) -> str:
     lines = []
     for err in e.errors():
@@ -397,7 +414,8 @@ def _describe(e: ValidationError, path: Path) -> str:
             allowed = ", ".join(k for k in model.model_fields if k != "source_file")
             lines.append(f"{path}: unknown key '{key}' (allowed here: {allowed})")
         else:
-            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
+            got = "value not shown" if _is_secret(loc) else f"got {err.get('input')!r}"
+            lines.append(f"{path}: {key}: {err['msg']} ({got})")
     return "\n".join(lines)
 
 

@@ -168,17 +168,24 @@ def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
 # waitress keeps reading a connection while its request runs, so it sees a page that closed its event stream
 # (environ["waitress.client_disconnected"]) and the stream's thread is freed within a second, not at its next write.
 WAITRESS_LOOKAHEAD = {"channel_request_lookahead": 1}
+# waitress refuses a body past max_request_body_size (413) before reading it; left at its 1 GB default it would
+# spool a huge body to disk before any route runs. Set just above web.max_upload_mb, so that Flask, which counts
+# the whole body (multipart headers included), answers its JSON 413 for anything in between.
+BODY_MARGIN_BYTES = 1024 * 1024
 
 
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
     interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
     for the API, and idle
-    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open)."""
+    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open), and a body
+    past ``max_upload_mb`` (+ ``BODY_MARGIN_BYTES``) is refused unread."""
     import waitress
 
     log.info("web: listening on %s:%d (%d threads, up to %d live views and event streams)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
-                   cleanup_interval=config.cleanup_interval_s, **WAITRESS_LOOKAHEAD)
+                   cleanup_interval=config.cleanup_interval_s,
+                   max_request_body_size=int(config.max_upload_mb * 1024 * 1024) + BODY_MARGIN_BYTES,
+                   **WAITRESS_LOOKAHEAD)

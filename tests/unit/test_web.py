@@ -476,5 +476,20 @@ def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     app = create_app(config, services)
     serve(app, config)
     assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4, "connection_limit": 500,
-                     "channel_timeout": 20.0, "cleanup_interval": 5.0, "channel_request_lookahead": 1}
+                     "channel_timeout": 20.0, "cleanup_interval": 5.0, "channel_request_lookahead": 1,
+                     "max_request_body_size": 11 * 1024 * 1024}
     assert app.config["MAX_STREAMS"] == 2
+
+
+@pytest.mark.parametrize("max_upload_mb", [0.5, 10.0, 1024.0])
+def test_serve_refuses_a_body_past_the_upload_limit_before_spooling_it(services, monkeypatch, max_upload_mb):
+    import waitress
+
+    calls = {}
+    monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls.update(kw))
+    config = WebConfig(max_upload_mb=max_upload_mb)
+    app = create_app(config, services)
+    serve(app, config)
+    # waitress refuses (413) past this without writing the body to disk; up to it Flask answers its JSON 413
+    assert calls["max_request_body_size"] == int(max_upload_mb * 1024 * 1024) + 1024 * 1024
+    assert calls["max_request_body_size"] > app.config["MAX_CONTENT_LENGTH"]

@@ -90,7 +90,7 @@ def bench_build(n_images: int, skip_ray: bool) -> dict:
     """Items/s of the item pass for each runner, on the same folder."""
     from edge_retrieval.catalog.build import ItemMaker, build_index
     from edge_retrieval.catalog.build_workers import ProcessRunner
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.model.encoder import load_encoder
     cfg = load_config(ROOT / "config.yaml")
     rc = cfg.recognition.model_copy(update={"adapt_max_items": 16})
@@ -170,7 +170,7 @@ def driver_peak(n_images: int) -> dict:
     from benchmarks.speed import rss_now_mb
     from edge_retrieval.catalog.build import ItemMaker, build_index
     from edge_retrieval.catalog.build_workers import ProcessRunner
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.model.encoder import load_encoder
     cfg = load_config(ROOT / "config.yaml")
     rc = cfg.recognition.model_copy(update={"adapt_max_items": 16})  # the items, not the fixed adaptation cost
@@ -188,7 +188,7 @@ def driver_peak(n_images: int) -> dict:
 
 def index_settings(over: dict) -> dict:
     """enrol_views, adapt_dim, n_trees, search_k of the big index: config.yaml's, with ``over`` replacing some."""
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     cfg = load_config(ROOT / "config.yaml")
     return {"enrol_views": cfg.recognition.enrol_views, "adapt_dim": cfg.recognition.adapt_dim,
             "n_trees": cfg.index.n_trees, "search_k": cfg.index.search_k, **over}
@@ -197,7 +197,7 @@ def index_settings(over: dict) -> dict:
 def build_big(n: int, settings: dict, tag: str) -> dict:
     """The N-item index (cached by size and settings), written by write_index."""
     from benchmarks.annoy_recall import perturbation_sigma
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.imaging.shipped_photos import photo_crops, shipped_photos
     from edge_retrieval.index.reader import CatalogItem
     from edge_retrieval.index.writer import write_index
@@ -265,7 +265,8 @@ def worker_rss(path: str, queries: int, search_k: int) -> dict:
     """A device process: the default bundle + the index at ``path``, ``queries`` lookups of real JPEG views."""
     from benchmarks.speed import rss_now_mb
     stages = {"start": rss_now_mb()}
-    from edge_retrieval.core.config import RecognitionConfig, load_config
+    from edge_retrieval.core.config import RecognitionConfig
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.index.reader import CatalogIndex
     from edge_retrieval.model.encoder import load_encoder
     from edge_retrieval.search.lookup import Lookup

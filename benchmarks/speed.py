@@ -88,7 +88,7 @@ def global_only():
 
 
 def device_settings() -> dict:
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     cfg = load_config(CONFIG)
     return {"num_threads": cfg.encoder.num_threads, "n_trees": cfg.index.n_trees,
             "search_k": cfg.index.search_k, "top_k": cfg.index.top_k}
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     from edge_retrieval.app import wiring
-    from edge_retrieval.core.config import BuildConfig, load_config
+    from edge_retrieval.core.config import BuildConfig
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.imaging.codec import decode_image
     from edge_retrieval.index.reader import CatalogIndex
     from edge_retrieval.model.encoder import Encoder

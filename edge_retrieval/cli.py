@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from edge_retrieval.app import wiring
-from edge_retrieval.core.config import Config, load_config
+from edge_retrieval.core.config import Config
+from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
 
 log = logging.getLogger("edge_retrieval")

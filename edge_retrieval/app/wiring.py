@@ -22,7 +22,8 @@ from edge_retrieval.catalog.build import BuildReport, ItemMaker, build_index
 from edge_retrieval.catalog.build_workers import runner_for
 from edge_retrieval.catalog.ids import load_labels
 from edge_retrieval.catalog.service import CatalogService
-from edge_retrieval.core.config import Config, resolve_bundle
+from edge_retrieval.core.config import Config
+from edge_retrieval.core.config_file import resolve_bundle
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.reader import CatalogIndex, index_exists

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from pathlib import Path
 
 import cv2
@@ -207,7 +208,7 @@ def open_source(
     the spec and what was tried when it cannot be opened.
     """
     if fps is not None and not fps > 0:
-        raise CameraError(f"camera {spec!r}: fps must be > 0, got {fps}")
+        raise CameraError(f"camera {redact(spec)!r}: fps must be > 0, got {fps}")
     spec = spec.strip()
     if re.fullmatch(r"\d+", spec) or re.fullmatch(r"/dev/video\d+", spec):
         return _open_v4l2(spec, fps, width, height)
@@ -221,7 +222,7 @@ def open_source(
     if path.is_file():
         return _VideoFileSource(str(path), fps, loop)
     raise CameraError(
-        f"cannot open camera source {spec!r}: it is not a camera index, /dev/videoN, csi://N, "
+        f"cannot open camera source {redact(spec)!r}: it is not a camera index, /dev/videoN, csi://N, "
         f"rtsp:// or http(s):// URL, and no file or folder of that name exists"
     )
 
@@ -317,9 +318,29 @@ def _open_network(spec: str) -> FrameSource:
     return _CaptureSource(cap, f"stream {redact(spec)}")
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_SECRET_PARAM = re.compile(r"pass|pwd|token|key|secret|auth", re.IGNORECASE)
+_PARAM = re.compile(r"(?<=[?&;])([^=&;#?]*)=([^&;#]*)")
+
+
 def redact(url: str) -> str:
-    """Hide a password in rtsp://user:password@host URLs, which end up in logs and /api/health."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """``url`` with its credentials hidden (a camera spec ends up in logs, /api/health, /api/status and events).
+
+    Everything between ``scheme://`` and the last ``@`` is the userinfo — passwords may hold ``@``, ``/`` or
+    ``:`` unescaped — and becomes ``user:***`` (``***`` without a ``:``, which may be a token); a query
+    parameter named like a secret (pass, pwd, token, key, secret, auth, any case) keeps its name, not its value.
+    An ``@`` further on (in a query) hides more than the userinfo, never less. Not a URL: unchanged."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return url
+    head, rest = url[:scheme.end()], url[scheme.end():]
+    userinfo, at, rest = rest.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        keep_user = colon and not re.search(r"[/?#&;=]", user)
+        head += f"{user}:***@" if keep_user else "***@"
+    return head + _PARAM.sub(
+        lambda m: f"{m[1]}=***" if _SECRET_PARAM.search(urllib.parse.unquote(m[1])) else m[0], rest)
 
 
 class VideoWriter:

@@ -12,7 +12,7 @@ from edge_retrieval.core.errors import CatalogIndexError, InputError
 MAX_ID_CHARS = 200
 MAX_ID_PART_BYTES = 120  # a part becomes a file name under enrolled_dir: ext4 allows 255 bytes
 MAX_LABEL_CHARS = 200
-_ID_PART_RE = re.compile(r"^\w[\w.\- ]*$")
+_ID_PART_RE = re.compile(r"\w[\w.\- ]*")  # fullmatch: "$" also matches before a final newline
 ID_RULE = (f"an id is up to {MAX_ID_CHARS} characters in parts separated by '/'; each part starts with a letter, "
            f"digit or '_', then letters, digits, '_', '-', '.' or spaces, at most {MAX_ID_PART_BYTES} bytes in UTF-8 "
            "(no empty parts, no leading '.', no '..')")
@@ -23,7 +23,7 @@ def validate_id(item_id: str) -> str:
     ``enrolled_dir``, so it must stay inside it and be a legal, visible file name. Raises InputError (400)."""
     parts = item_id.split("/") if isinstance(item_id, str) else [""]
     if (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS or item_id != item_id.strip()
-            or any(not _ID_PART_RE.match(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
+            or any(not _ID_PART_RE.fullmatch(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
         raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
     return item_id
 

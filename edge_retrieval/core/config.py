@@ -1,18 +1,15 @@
 """The one typed config, loaded once from config.yaml. Every default is written here and nowhere else;
 components take their section as it is (``Trigger(config.trigger)``, ``Lookup(..., config.recognition)``).
-Unknown keys and bad values are refused with the file, the key and the allowed values. Relative paths are
-resolved against the config file's folder."""
+Reading the file (unknown keys and bad values refused with the file, the key and the allowed values; relative
+paths resolved against the config file's folder) is edge_retrieval/core/config_file.py."""
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union, get_args
+from typing import Annotated, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
-
-from edge_retrieval.core.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +22,10 @@ DEFAULT_BUNDLE = BUNDLES / "sscd-distilled"
 # The fully open bundle (EfficientNet-Lite0 int8 TFLite, Apache-2.0 weights, built by our converter): the
 # fallback when that package is not installed, and what a tflite-runtime-only device runs.
 OPEN_BUNDLE = BUNDLES / "efficientnet-lite0"
-CAMERA_KEYWORDS = ("demo", "none")  # camera.source keywords, never paths (a file of that name: ./demo)
 
 
-def resolve_bundle(value: Path, base: Path) -> Path:
-    """A bundle setting as a folder: a bare name of a shipped bundle (``sscd-distilled``) is that bundle unless a
-    folder of that name exists beside the config; anything else is a path, relative to ``base`` (the config's folder)."""
-    if value.is_absolute():
-        return value
-    local = base / value
-    if len(value.parts) == 1 and not local.exists() and (BUNDLES / value.name / "manifest.json").is_file():
-        return BUNDLES / value.name
-    return local
+# A key whose value is a secret: its Field's json_schema_extra; a config error names the key, never the value.
+SECRET = {"secret": True}
 
 
 class _Section(BaseModel):
@@ -233,7 +222,7 @@ class WebConfig(_Section):
     threads: int = Field(6, ge=4, le=64)
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_parallel_uploads: int = Field(2, ge=1, le=64)
-    api_token: Optional[str] = Field(None, min_length=8)
+    api_token: Optional[str] = Field(None, min_length=8, json_schema_extra=SECRET)
     stream_fps: float = Field(5.0, gt=0, le=60)
     stream_quality: int = Field(75, ge=10, le=100, description="JPEG quality of the live view's frames")
     # A slow client holding a half-sent request must not lock others out: waitress refuses new connections
@@ -345,106 +334,3 @@ class Config(_Section):
     @classmethod
     def _abs(cls, v):
         return v.resolve() if v else v
-
-
-def _resolve(cfg: Config, base: Path) -> Config:
-    def fix(p: Optional[Path]) -> Optional[Path]:
-        return p if p is None or p.is_absolute() else (base / p)
-
-    cam = cfg.camera
-    src = cam.source
-    if src not in CAMERA_KEYWORDS and "://" not in src and not src.isdigit() and not src.startswith("/"):
-        src = str(base / src)
-    return cfg.model_copy(update={
-        "camera": cam.model_copy(update={"source": src}),
-        "encoder": cfg.encoder.model_copy(update={
-            "bundle": resolve_bundle(cfg.encoder.bundle, base),
-            "fallback_bundle": cfg.encoder.fallback_bundle and resolve_bundle(cfg.encoder.fallback_bundle, base)}),
-        "index": cfg.index.model_copy(update={"path": fix(cfg.index.path)}),
-        "catalog": cfg.catalog.model_copy(update={"build_from": fix(cfg.catalog.build_from),
-                                                  "labels": fix(cfg.catalog.labels),
-                                                  "enrolled_dir": fix(cfg.catalog.enrolled_dir),
-                                                  "store": fix(cfg.catalog.store)}),
-        "history": cfg.history.model_copy(update={"dir": fix(cfg.history.dir)}),
-        "mqtt": cfg.mqtt.model_copy(update={k: fix(getattr(cfg.mqtt, k))
-                                            for k in ("ca_file", "cert_file", "key_file", "password_file")}),
-    })
-
-
-def _model_in(annotation) -> type[BaseModel]:
-    """The section model an annotation holds (itself, or the model inside an Optional / tagged union)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        try:
-            return _model_in(arg)
-        except TypeError:
-            continue
-    raise TypeError(f"no section model in {annotation!r}")
-
-
-def _describe(e: ValidationError, path: Path) -> str:
-    lines = []
-    for err in e.errors():
-        loc = [p for p in err["loc"] if not str(p).startswith("=")]  # union tags (see Decision)
-        key = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            section = loc[:-1]
-            model = Config
-            for part in section:
-                model = _model_in(model.model_fields[str(part)].annotation)
-            allowed = ", ".join(k for k in model.model_fields if k != "source_file")
-            lines.append(f"{path}: unknown key '{key}' (allowed here: {allowed})")
-        else:
-            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-# Keys that moved between sections: an older config.yaml keeps working (with a warning) unless it sets both.
-_MOVED = {("web", "max_pixels"): ("images", "max_pixels")}
-
-
-def _moved_keys(raw: dict, path: Path) -> dict:
-    raw = dict(raw)
-    for (old_section, key), (new_section, new_key) in _MOVED.items():
-        old = raw.get(old_section)
-        if not isinstance(old, dict) or key not in old:
-            continue
-        new = raw.get(new_section) or {}
-        if not isinstance(new, dict):
-            continue  # validation names the bad section
-        if new_key in new:
-            raise ConfigError(f"{path}: {old_section}.{key} moved to {new_section}.{new_key}; set only the latter")
-        log.warning("%s: %s.%s is now %s.%s; please move it", path, old_section, key, new_section, new_key)
-        raw[old_section] = {k: v for k, v in old.items() if k != key}
-        raw[new_section] = {**new, new_key: old[key]}
-    return raw
-
-
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate config.yaml (None = all defaults, paths relative to the current folder)."""
-    if path is None:
-        return _resolve(Config(), Path.cwd())
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (camera:, encoder:, …)")
-    if "source_file" in raw:
-        raise ConfigError(f"{path}: unknown key 'source_file'")
-    raw = _moved_keys(raw, path)
-    try:
-        cfg = Config.model_validate({**raw, "source_file": path})
-    except ValidationError as e:
-        raise ConfigError(_describe(e, path)) from None
-    return _resolve(cfg, path.resolve().parent)

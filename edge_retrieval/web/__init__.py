@@ -8,7 +8,8 @@ tests/test_web.py drives the routes with a fake that does too (and tests/test_se
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
 ``{"error": "..."}``: InputError → 400 (or its 409/413/415), BusyError → 503 + Retry-After, DiskFullError →
-507, other ApplianceError → 503, anything else → 500 (logged). A request whose ``Host`` is not one of the
+507, other ApplianceError → 503, anything else → 500 (logged); what the parsers refuse is never a 500 (a number
+in a URL past what the store holds → 404, JSON nested too deeply → 400). A request whose ``Host`` is not one of the
 device's names (``web.allowed_hosts``: DNS rebinding) gets 421 before any route runs; every answer carries
 nosniff / CSP / frame-deny headers, and a POST or DELETE from another site's page (its ``Origin``) gets 403.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 import logging
 
 import flask
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from edge_retrieval.core.config import WebConfig
 from edge_retrieval.core.errors import ApplianceError, BusyError, DiskFullError, InputError
@@ -42,6 +45,26 @@ _SECURITY_HEADERS = {
                                 "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
     "Referrer-Policy": "no-referrer",
 }
+
+
+class _StoredInteger(IntegerConverter):
+    """Every ``<int:...>`` in a route: a number past what SQLite stores (a signed 64-bit integer) names nothing,
+    so it is 404 like any other unknown number, not an OverflowError (500) in the store."""
+
+    def __init__(self, url_map, fixed_digits: int = 0, min: int | None = None,
+                 max: int = 2**63 - 1, signed: bool = False) -> None:
+        super().__init__(url_map, fixed_digits, min, max, signed)
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, with a body nested too deep for the parser (RecursionError) refused like any other broken
+    JSON: ``get_json`` answers 400 (or None with ``silent=True``), never 500."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def _register_errors(app: flask.Flask, config: WebConfig) -> None:
@@ -111,6 +134,8 @@ def _same_origin() -> flask.Response | None:
 def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
     """The Flask app of the appliance: the page, the MJPEG live view and the JSON API."""
     app = flask.Flask(__name__)
+    app.json = _JSONProvider(app)
+    app.url_map.converters["int"] = _StoredInteger  # before the blueprints add their rules
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     app.config["MAX_STREAMS"] = config.threads - THREADS_KEPT_FOR_API
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
@@ -143,17 +168,24 @@ def create_app(config: WebConfig, appliance: Services) -> flask.Flask:
 # waitress keeps reading a connection while its request runs, so it sees a page that closed its event stream
 # (environ["waitress.client_disconnected"]) and the stream's thread is freed within a second, not at its next write.
 WAITRESS_LOOKAHEAD = {"channel_request_lookahead": 1}
+# waitress refuses a body past max_request_body_size (413) before reading it; left at its 1 GB default it would
+# spool a huge body to disk before any route runs. Set just above web.max_upload_mb, so that Flask, which counts
+# the whole body (multipart headers included), answers its JSON 413 for anything in between.
+BODY_MARGIN_BYTES = 1024 * 1024
 
 
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
     interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
     for the API, and idle
-    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open)."""
+    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open), and a body
+    past ``max_upload_mb`` (+ ``BODY_MARGIN_BYTES``) is refused unread."""
     import waitress
 
     log.info("web: listening on %s:%d (%d threads, up to %d live views and event streams)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
-                   cleanup_interval=config.cleanup_interval_s, **WAITRESS_LOOKAHEAD)
+                   cleanup_interval=config.cleanup_interval_s,
+                   max_request_body_size=int(config.max_upload_mb * 1024 * 1024) + BODY_MARGIN_BYTES,
+                   **WAITRESS_LOOKAHEAD)

@@ -15,7 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import tests.support.mosquitto as broker_mod
-from edge_retrieval.core.config import MqttConfig, WebhookConfig, load_config
+from edge_retrieval.core.config import MqttConfig, WebhookConfig
+from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.core.results import Candidate, LookupResult
 from edge_retrieval.core.status import CameraStatus, Health, IndexHealth

@@ -10,7 +10,8 @@ import logging
 import pytest
 
 import tests.support.mosquitto as broker_mod
-from edge_retrieval.core.config import MqttConfig, load_config
+from edge_retrieval.core.config import MqttConfig
+from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.imaging.codec import encode_jpeg
 from edge_retrieval.outputs.mqtt import MqttPublisher

@@ -16,7 +16,7 @@ from PIL import Image
 from skimage import data
 
 from edge_retrieval.capture.camera import Camera, Frame
-from edge_retrieval.capture.sources import FrameSource, open_source
+from edge_retrieval.capture.sources import FrameSource, open_source, redact
 from edge_retrieval.core.config import CameraConfig
 from edge_retrieval.core.errors import CameraError, ImageError
 from edge_retrieval.imaging.codec import decode_image, encode_jpeg, make_thumbnail, read_image
@@ -348,3 +348,34 @@ def test_jpeg_decoded_at_reduced_scale_keeps_both_sides_above_the_minimum():
     assert small.shape == (384, 512, 3)  # 1/2 scale: 1/4 would make the short side 192 < 224
     ref = cv2.resize(big, (512, 384), interpolation=cv2.INTER_AREA).astype(np.float32)
     assert np.abs(small.astype(np.float32) - ref).mean() < 6
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://admin:p@ssX@cam.local:554/live", "rtsp://admin:***@cam.local:554/live"),  # "@" in the password
+    ("rtsp://admin:pa/X@cam.local/live", "rtsp://admin:***@cam.local/live"),  # "/" in the password
+    ("rtsp://:X@cam.local", "rtsp://:***@cam.local"),  # no user name
+    ("RTSP://admin:X@10.0.0.5/s", "RTSP://admin:***@10.0.0.5/s"),
+    ("rtsp://X@cam.local/s", "rtsp://***@cam.local/s"),  # a lone userinfo may be a token
+    ("rtsp://cam.local/cam/realmonitor?channel=1&user=admin&password=X",
+     "rtsp://cam.local/cam/realmonitor?channel=1&user=admin&password=***"),
+    ("http://cam/snap?PWD=X&Passwd=X&pass=X&api_key=X&token=X&secret=X&Auth=X&size=2",
+     "http://cam/snap?PWD=***&Passwd=***&pass=***&api_key=***&token=***&secret=***&Auth=***&size=2"),
+    ("rtsp://u:X@cam/s?e=a@b&pwd=X", "rtsp://u:***@b&pwd=***"),  # "@" after the host: hide more, never less
+    ("rtsp://cam/s?pwd=se:X@y", "rtsp://***@y"),  # ...and never keeps a "user name" that is a query
+    ("rtsp://cam.local:554/live", "rtsp://cam.local:554/live"),
+    ("/dev/video0", "/dev/video0"),
+    ("0", "0"),
+])
+def test_redact_hides_every_password_form(url, shown):
+    assert redact(url) == shown
+    assert "X" not in redact(url).replace("RTSP", "")
+
+
+def test_an_unopenable_source_names_its_spec_without_the_password(tmp_path):
+    for spec in ("rtps://admin:p@ssX@cam/live",):  # a typo in the scheme: not a stream, not a file
+        with pytest.raises(CameraError) as info:
+            open_source(spec)
+        assert "p@ssX" not in str(info.value) and "ssX" not in str(info.value)
+    with pytest.raises(CameraError) as info:
+        open_source("rtsp://admin:p@ssX@cam/live", fps=0)
+    assert "ssX" not in str(info.value)

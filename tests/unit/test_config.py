@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_retrieval.core.config import BUNDLES, load_config
+from edge_retrieval.core.config import BUNDLES
+from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -115,3 +116,12 @@ def test_the_demo_names_the_extra_it_needs_when_scikit_image_is_missing(monkeypa
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     with pytest.raises(ConfigError, match=r"edge-retrieval\[demo\]"):
         shipped_photos()
+
+
+@pytest.mark.parametrize("token", ["short", "'1234567'", "[hunter2x]", "{a: hunter2x}"])
+def test_a_bad_api_token_is_named_but_never_echoed(tmp_path, token):
+    with pytest.raises(ConfigError, match=r"web\.api_token") as e:
+        load_config(write(tmp_path, f"web:\n  api_token: {token}\n"))
+    for secret in ("short", "1234567", "hunter2x"):
+        assert secret not in str(e.value)
+    assert "not shown" in str(e.value)

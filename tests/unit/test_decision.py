@@ -12,8 +12,8 @@ from edge_retrieval.core.config import (
     OPEN_BUNDLE,
     UNCALIBRATED_ACCEPT_INLIERS,
     RecognitionConfig,
-    load_config,
 )
+from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.core.results import Candidate
 from edge_retrieval.model.bundle import load_manifest

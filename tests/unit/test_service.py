@@ -170,7 +170,7 @@ def test_start_rebuilds_an_index_of_another_bundle_and_keeps_enrolled_items(enco
     its label) and keeps removals out."""
     from edge_retrieval.app.wiring import catalog_service, prepare_catalog
     from edge_retrieval.catalog.store import CatalogStore
-    from edge_retrieval.core.config import load_config
+    from edge_retrieval.core.config_file import load_config
     from edge_retrieval.index.reader import CatalogIndex, CatalogItem
     from edge_retrieval.index.writer import write_index
     from tests.conftest import OPEN_BUNDLE

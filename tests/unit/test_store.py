@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from edge_retrieval.catalog.build import ItemMaker, build_index
+from edge_retrieval.catalog.build import ItemMaker, build_index, validate_id
 from edge_retrieval.catalog.service import CatalogService, migrate_enrolled_dir
 from edge_retrieval.catalog.store import CatalogStore, hold_serve_lock
 from edge_retrieval.core.config import CatalogConfig, IndexConfig, RecognitionConfig, WebConfig
-from edge_retrieval.core.errors import DiskFullError, StoreError
+from edge_retrieval.core.errors import DiskFullError, InputError, StoreError
 from edge_retrieval.imaging.codec import encode_jpeg
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.writer import recover_index, write_index
@@ -253,3 +253,10 @@ def test_enrolments_beyond_the_queue_get_503_and_a_full_disk_507(appliance, phot
     assert appliance.catalog.store.get("b") is None and not appliance.catalog.store.get("a").removed
     assert _post(client, "/api/query", encode_jpeg(photos["coffee"])).status_code == 200
     assert json.loads(client.get("/api/health", headers=AUTH).data)["enrolled"]["pending"] == 0
+
+
+@pytest.mark.parametrize("bad", ["ok\n/x", "ok/x\n", "ok\n", "ok\r\n/x", "ok/\n"])
+def test_an_id_with_a_line_break_is_refused_even_at_the_end_of_a_part(bad):
+    assert validate_id("ok/x") == "ok/x"
+    with pytest.raises(InputError, match="invalid catalog id"):
+        validate_id(bad)

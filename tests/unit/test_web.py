@@ -415,6 +415,27 @@ def test_unexpected_exception_is_500_json_and_app_keeps_working(client, services
     assert client.get("/api/health").status_code == 200
 
 
+def test_a_history_number_too_large_for_the_store_is_404_not_500(services, tmp_path):
+    from edge_retrieval.core.config import HistoryConfig
+    from edge_retrieval.outputs.history import History
+
+    services.history = History(HistoryConfig(dir=tmp_path / "history"))
+    try:
+        client = make_client(services)
+        assert client.get("/api/history/1/image.jpg").status_code == 404
+        response = client.get("/api/history/99999999999999999999999999/image.jpg")
+        assert response.status_code == 404 and "error" in response.get_json()
+    finally:
+        services.history.close()
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000, "{\"label\": " * 100_000, "{\"label\": \"x\"", "\xff"])
+def test_json_too_deep_or_broken_is_400_not_500(client, body):
+    response = client.post("/api/catalog/camera", data=body.encode("utf-8", "surrogateescape"),
+                           content_type="application/json", headers={"Authorization": "Bearer s3cret-token"})
+    assert response.status_code == 400 and "error" in response.get_json()
+
+
 # --- waitress -----------------------------------------------------------------------------------
 
 def test_served_by_waitress_over_real_http(services, waitress_server):
@@ -455,5 +476,20 @@ def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     app = create_app(config, services)
     serve(app, config)
     assert calls == {"host": "127.0.0.1", "port": 9, "threads": 4, "connection_limit": 500,
-                     "channel_timeout": 20.0, "cleanup_interval": 5.0, "channel_request_lookahead": 1}
+                     "channel_timeout": 20.0, "cleanup_interval": 5.0, "channel_request_lookahead": 1,
+                     "max_request_body_size": 11 * 1024 * 1024}
     assert app.config["MAX_STREAMS"] == 2
+
+
+@pytest.mark.parametrize("max_upload_mb", [0.5, 10.0, 1024.0])
+def test_serve_refuses_a_body_past_the_upload_limit_before_spooling_it(services, monkeypatch, max_upload_mb):
+    import waitress
+
+    calls = {}
+    monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls.update(kw))
+    config = WebConfig(max_upload_mb=max_upload_mb)
+    app = create_app(config, services)
+    serve(app, config)
+    # waitress refuses (413) past this without writing the body to disk; up to it Flask answers its JSON 413
+    assert calls["max_request_body_size"] == int(max_upload_mb * 1024 * 1024) + 1024 * 1024
+    assert calls["max_request_body_size"] > app.config["MAX_CONTENT_LENGTH"]

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_positive_int, default=None, help="listen port (overrides web.port)")
     idx = sub.add_parser("index", help="catalog index commands").add_subparsers(dest="index_cmd", required=True)
     b = idx.add_parser("build", parents=[common],
-                       help="index a folder of images (id = relative path without extension)")
+                       help="index a folder of photos (one per item; the id comes from the file's path, the label from its "
+                            "name); exit code 1 when some files were skipped, 2 when nothing was built")
     b.add_argument("--catalog", type=Path, required=True, help="folder of catalog images")
     b.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
     b.add_argument("--out", type=Path, default=None, help="index folder (default: index.path)")
@@ -90,9 +91,9 @@ def cmd_index_build(cfg: Config, args) -> int:
     out = args.out or cfg.index.path
     encoder = wiring.load(cfg, args.bundle)
     previous = _describe_index(out)
-    rep = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
-                               ray=args.ray, progress=sys.stderr.isatty())
-    print(f"indexed {rep.indexed} images from {args.catalog} into {out}: {report_text(rep)}", file=sys.stderr)
+    built = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
+                                 ray=args.ray, progress=sys.stderr.isatty())
+    print(f"indexed {built.indexed} images from {args.catalog} into {out}: {report_text(built)}", file=sys.stderr)
     if Path(out).resolve() == Path(cfg.index.path).resolve():  # this device's index: the store's changes on top
         catalog = wiring.catalog_service(cfg, encoder)
         rep = catalog.apply()
@@ -100,6 +101,10 @@ def cmd_index_build(cfg: Config, args) -> int:
         print(f"catalog store: {len(rep.enrolled)} enrolled, {len(rep.removed)} removed on top (change {rep.seq})", file=sys.stderr)
     if previous:  # the index may be the one a running `serve` has loaded: it switches to it, never undoes it
         print(f"replaced {previous} in {out}; a running `serve` switches to it within a few seconds", file=sys.stderr)
+    if built.skipped or built.ignored:  # built, but not everything in the folder became an item: say so in the code
+        print(f"{len(built.skipped)} image files skipped and {len(built.ignored)} other files ignored (listed above); "
+              "exit code 1", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from edge_retrieval.catalog.ids import validate_id
+from edge_retrieval.catalog.ids import MAX_LABEL_CHARS, id_from_path, validate_id
 from edge_retrieval.core.config import ImagesConfig, RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
 from edge_retrieval.imaging.codec import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
@@ -91,7 +91,9 @@ class BuildReport:
     ``adapt_max_items`` items) and theirs, what was skipped and why."""
 
     indexed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # image files that gave no item, and why
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # other files in the folder, and why
+    hidden: int = 0  # files under a name starting with '.', passed over
     generation: str = ""
     seconds: float = 0.0
     adapted: dict | None = None  # the fitted projection (Projection.describe()), None without adaptation
@@ -154,10 +156,26 @@ def make_entries(maker: ItemMaker, tasks: Iterable[BuildTask]) -> Iterator[ItemR
 
 def scan_folder(folder: Path) -> list[Path]:
     """Image files under ``folder``, sorted (recursively)."""
+    return scan_catalog_folder(folder)[0]
+
+
+def scan_catalog_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]], int]:
+    """What a catalog folder holds: its image files (sorted, recursively), the other files with why they are not
+    items (relative path, reason), and how many hidden files (a part starting with '.') were passed over."""
     if not folder.is_dir():
         raise CatalogIndexError(f"{folder}: catalog folder does not exist")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p.name)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    images, others, hidden = [], [], 0
+    for p in folder.rglob("*"):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            hidden += 1
+        elif is_image_file(p.name):
+            images.append(p)
+        else:
+            others.append((rel.as_posix(), f"not an image file (looked for {' '.join(sorted(IMAGE_SUFFIXES))})"))
+    return sorted(images), sorted(others), hidden
 
 
 def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
@@ -177,14 +195,13 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     labels = labels or {}
     rep = BuildReport()
     run = runner.map if runner is not None else (lambda tasks: make_entries(maker, tasks))
-    paths = scan_folder(folder)
+    paths, rep.ignored, rep.hidden = scan_catalog_folder(folder)
     if not paths and not allow_empty:
         # a wrong --catalog path or a folder of HEIC/RAW files: say what was looked for
-        others = sum(1 for p in folder.rglob("*") if p.is_file())
         raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
-                                f"{others} other files ignored); the index was not changed")
-    tasks = [BuildTask(row, str(p), p.relative_to(folder).as_posix(), (rid := p.relative_to(folder).with_suffix(
-        "").as_posix()), labels.get(rid), images.max_pixels) for row, p in enumerate(paths)]
+                                f"{len(rep.ignored) + rep.hidden} other files ignored); the index was not changed")
+    tasks = [_task(row, p.relative_to(folder).as_posix(), str(p), labels, images.max_pixels)
+             for row, p in enumerate(paths)]
     del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
     try:
         return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)
@@ -192,6 +209,18 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
         if runner is not None:
             rep.workers = runner.describe()  # after the work: a Ray runner knows its actors only then
             runner.close()
+
+
+def _task(row: int, rel: str, path: str, labels: dict[str, str], max_pixels: int) -> BuildTask:
+    """The BuildTask of one image: its id derived from the file's name (``id_from_path``), its label from the
+    labels file (by id or by the file's own relative name) or else the file's own name, as the user wrote it."""
+    stem = rel.rsplit(".", 1)[0]
+    try:
+        item_id = id_from_path(rel)
+    except InputError:  # no name maps to nothing the rule takes, but the task must still be listed as skipped
+        item_id = stem
+    label = labels.get(item_id) or labels.get(stem) or stem.rsplit("/", 1)[-1]
+    return BuildTask(row, path, rel, item_id, label[:MAX_LABEL_CHARS].strip() or None, max_pixels)
 
 
 def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],

@@ -59,7 +59,7 @@ def runner_for(config: BuildConfig, maker: ItemMaker, *, workers: int | None = N
 def report_text(rep: BuildReport) -> str:
     """What a build did, for the command line: generation, item pass with its img/s and who ran it, the
     adaptation views on their own line, the projection, the skipped files."""
-    lines = [f"{rep.generation} in {rep.seconds:.1f} s; skipped {len(rep.skipped)}",
+    lines = [f"{rep.generation} in {rep.seconds:.1f} s; skipped {len(rep.skipped)}, ignored {len(rep.ignored)}",
              f"  items: {rep.indexed + len(rep.skipped)} images in {rep.items_seconds:.1f} s = "
              f"{rep.items_per_s:.1f} img/s ({rep.workers})"]
     if rep.adapt_items:
@@ -69,6 +69,9 @@ def report_text(rep: BuildReport) -> str:
         lines.append(f"catalog-adapted projection: {rep.adapted['in_dim']} → {rep.adapted['dim']} dims, fitted on "
                      f"{rep.adapted['fit_items']} items × {rep.adapted['views_per_item']} views")
     lines += [f"  skipped {rel}: {why}" for rel, why in rep.skipped]
+    lines += [f"  ignored {rel}: {why}" for rel, why in rep.ignored]
+    if rep.hidden:
+        lines.append(f"  {rep.hidden} hidden files (names starting with '.') passed over")
     return "\n".join(lines)
 
 

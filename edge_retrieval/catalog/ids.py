@@ -3,8 +3,10 @@ An id is also a relative path under the store's folders, so the rule keeps it a 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 from edge_retrieval.core.errors import CatalogIndexError, InputError
@@ -26,6 +28,31 @@ def validate_id(item_id: str) -> str:
             or any(not _ID_PART_RE.fullmatch(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
         raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
     return item_id
+
+
+_NOT_IN_RULE = re.compile(r"[^\w.\- ]+")
+
+
+def id_from_path(rel_path: str) -> str:
+    """The item id of a catalog file from the name a user gave it: its path relative to the catalog folder without
+    the extension, each part made to fit the id rule — Unicode NFC (an accent typed two ways is one id), each run
+    of characters the rule does not allow (brackets, commas, quotes, '#', …) one '_', a part that does not start
+    with a letter, digit or '_' prefixed with '_', spaces around parts trimmed, an over-long part cut with a short
+    hash of the whole so two long names stay two ids. A name that already fits the rule is its id unchanged."""
+    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    parts = []
+    for raw in unicodedata.normalize("NFC", stem).split("/"):
+        part = _NOT_IN_RULE.sub("_", raw).strip() or "_"
+        if not re.match(r"\w", part):
+            part = "_" + part
+        if len(part.encode("utf-8")) > MAX_ID_PART_BYTES:
+            digest = hashlib.sha1(raw.encode("utf-8")).hexdigest()[:8]
+            part = part.encode("utf-8")[:MAX_ID_PART_BYTES - 9].decode("utf-8", "ignore").rstrip() + "-" + digest
+        parts.append(part)
+    item_id = "/".join(parts)
+    if len(item_id) > MAX_ID_CHARS:
+        item_id = item_id[:MAX_ID_CHARS - 9].rstrip(" /") + "-" + hashlib.sha1(stem.encode("utf-8")).hexdigest()[:8]
+    return validate_id(item_id)
 
 
 def validate_label(label: str) -> str:

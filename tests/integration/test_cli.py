@@ -14,6 +14,7 @@ import pytest
 
 from edge_retrieval.cli import main
 from edge_retrieval.imaging.codec import encode_jpeg
+from edge_retrieval.index.reader import CatalogIndex
 from tests.conftest import CATALOG, OPEN_BUNDLE, ROOT, view
 
 # View kinds a single global descriptor handles (the harder table/occlusion views are issue 7's business
@@ -41,10 +42,34 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_index_build_skips_and_reports_unreadable_files(built, capsys):
     work, folder, cfg = built
-    assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 0
+    # built, but not everything became an item: exit code 1, and each file that did not is named with its reason
+    assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 1
     err = capsys.readouterr().err
     assert f"indexed {len(CATALOG)} images" in err
-    assert "skipped 1" in err and "broken.jpg" in err  # .txt is not an image type: never considered
+    assert "skipped 1, ignored 1" in err and "skipped broken.jpg:" in err
+    assert "ignored notes.txt: not an image file (looked for" in err and "exit code 1" in err
+
+
+def test_any_file_name_makes_an_item_and_nothing_is_skipped_silently(tmp_path, photos, capsys):
+    folder = tmp_path / "photos"
+    (folder / "Küche").mkdir(parents=True)
+    names = {"Chelsea (1) é.png": "chelsea", "Küche/Rocket [2].JPG": "rocket", "Moon, full!.jpeg": "moon",
+             "dup (1).jpg": "coins", "dup [1].jpg": "brick"}
+    for name, photo in names.items():
+        (folder / name).write_bytes(encode_jpeg(photos[photo], 92))
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("encoder:\n  bundle: efficientnet-lite0\nindex:\n  path: index\nrecognition:\n  adapt: false\n")
+    assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 1
+    err = capsys.readouterr().err
+    # 'dup (1)' and 'dup [1]' give one id: the first keeps it, the second is named with the reason
+    assert "indexed 4 images" in err and "skipped dup [1].jpg: duplicate id 'dup _1_' (also dup (1).jpg)" in err
+    assert "1 hidden files" in err
+    with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=None) as idx:
+        items = {it.id: it.label for it in idx.items}
+    # ids fit the id rule; each label is the name as the user wrote it
+    assert items == {"Chelsea _1_ é": "Chelsea (1) é", "Küche/Rocket _2_": "Rocket [2]", "Moon_ full_": "Moon, full!",
+                     "dup _1_": "dup (1)"}
 
 
 def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):

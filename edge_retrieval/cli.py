@@ -4,6 +4,7 @@
   edge-retrieval query PHOTO... [--json]       which catalog item is in each photo
   edge-retrieval serve                         the appliance: camera, lookups, the web page, MQTT
   edge-retrieval catalog add|remove|list       change the catalog of a stopped or running appliance
+  edge-retrieval catalog export|import FILE    back up, restore or move a whole catalog (one archive file)
 
 Settings come from --config FILE, else ./config.yaml if present, else the defaults (no camera, the index in
 ./var/catalog, the SSCD bundle when its package is installed, the open bundle otherwise). Docs: docs/ in the
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
     q.add_argument("--top-k", type=_positive_int, default=None, help="results per query, ≥ 1 (default: index.top_k)")
     q.add_argument("--json", action="store_true", help="one JSON line per query")
-    c = sub.add_parser("catalog", help="enrol or remove items").add_subparsers(dest="catalog_cmd", required=True)
+    c = sub.add_parser("catalog", help="enrol, remove, list, export or import items").add_subparsers(dest="catalog_cmd", required=True)
     a = c.add_parser("add", parents=[common], help="enrol images (replaces an item with the same id)")
     a.add_argument("images", nargs="+", type=Path)
     a.add_argument("--label", default=None, help="label (default: the file name)")
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     r = c.add_parser("remove", parents=[common], help="remove items by id")
     r.add_argument("ids", nargs="+")
     c.add_parser("list", parents=[common], help="list items")
+    e = c.add_parser("export", parents=[common], help="write the whole catalog (ids, labels, original photos) to one "
+                                                      "archive file: a backup, or a catalog to move to another device")
+    e.add_argument("archive", type=Path)
+    i = c.add_parser("import", parents=[common], help="add the items of an archive made by `catalog export` (checked "
+                                                      "whole first: all of it or nothing)")
+    i.add_argument("archive", type=Path)
+    i.add_argument("--replace", action="store_true", help="overwrite items whose ids the catalog already has")
     return p
 
 
@@ -151,6 +159,7 @@ def cmd_query(cfg: Config, args) -> int:
 
 
 def cmd_catalog(cfg: Config, args) -> int:
+    from edge_retrieval.catalog.ids import id_from_path
     from edge_retrieval.imaging.codec import read_image
     catalog = wiring.catalog_service(cfg, wiring.load(cfg))
     holder = catalog.holder
@@ -158,6 +167,20 @@ def cmd_catalog(cfg: Config, args) -> int:
         if args.catalog_cmd == "list":
             for it in holder.current().items:
                 print(f"{it.id}\t{it.label}")
+            return 0
+        if args.catalog_cmd == "export":
+            from edge_retrieval.catalog.archive import export_catalog
+            rep = export_catalog(catalog.store, holder.current().items, args.archive)
+            print(f"exported {rep.items} items ({rep.bytes / 2**20:.1f} MB of photos, store change {rep.store_seq}) "
+                  f"to {args.archive}", file=sys.stderr)
+            return 0
+        if args.catalog_cmd == "import":  # committed to the store in one transaction, then indexed
+            from edge_retrieval.catalog.archive import import_catalog
+            rep = import_catalog(catalog.store, args.archive, {it.id for it in holder.current().items},
+                                 replace=args.replace, images=cfg.images)
+            catalog.apply()
+            print(f"imported {rep.items} items from {args.archive}" + (f" ({len(rep.replaced)} replaced)" if rep.replaced
+                  else "") + f"; index now has {holder.current().size} items", file=sys.stderr)
             return 0
         if args.catalog_cmd == "remove":  # the same path as DELETE /api/catalog: committed, then indexed
             missing = [i for i in args.ids if catalog.remove(i) is None]
@@ -171,9 +194,8 @@ def cmd_catalog(cfg: Config, args) -> int:
             raise CatalogIndexError("--id names one item: give one image with it")
         ids = []
         for p in args.images:  # the same path as an HTTP enrolment: validated, committed, then indexed
-            item_id = args.item_id or p.stem
-            ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id,
-                                     args.label or item_id.rsplit("/", 1)[-1])["id"])
+            item_id = args.item_id or id_from_path(p.name)  # any file name, as `index build` derives it
+            ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id, args.label or p.stem)["id"])
         catalog.apply()
         print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
         return 0

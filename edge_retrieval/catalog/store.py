@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +131,17 @@ class CatalogStore:
             db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 1, NULL, NULL, ?)", (item_id, seq, _now()))
         return seq
 
-    def import_rows(self, rows: list[tuple[str, bool, str | None, bytes | None]], marker: str) -> int:
+    def import_rows(self, rows: Iterable[tuple[str, bool, str | None, bytes | None]], marker: str) -> int:
         """Write many changes ``(id, removed, label, image)`` and the meta key ``marker`` in ONE transaction
         (a migration: all of it or nothing); returns the number of rows."""
+        n = 0
         with self._write() as db:
             for item_id, removed, label, image in rows:
                 db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
                            (item_id, self._next_seq(db), int(removed), label, image, _now()))
+                n += 1
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (marker, _now()))
-        return len(rows)
+        return n
 
     def changes_since(self, seq: int) -> tuple[list[StoredItem], int]:
         """(the rows whose latest change is newer than ``seq``, in seq order; the store's seq) — one snapshot."""
@@ -155,6 +157,11 @@ class CatalogStore:
             except sqlite3.Error as e:
                 raise StoreError(f"catalog store {self.path}: {e}") from None
         return [StoredItem(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows], top
+
+    def summary(self) -> list[tuple[str, int, bool, str | None]]:
+        """(id, seq, removed, label) of every row, without the originals (an export reads them one by one)."""
+        return [(r[0], r[1], bool(r[2]), r[3]) for r in
+                self._query("SELECT id, seq, removed, label FROM items ORDER BY seq", ())]
 
     def get(self, item_id: str) -> StoredItem | None:
         """The latest change of ``item_id`` (None: the store never heard of it)."""

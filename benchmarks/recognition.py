@@ -131,10 +131,10 @@ def run_mode(mode: str, catalog: Path, paths: list[str], bundle: Path = DEFAULT_
     (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {bundle.resolve()}\n")
     cfg = ["--config", str(work / "config.yaml")]
     t0 = time.perf_counter()
-    run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
+    run_module(["edge_retrieval", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
                log=work / "index_build.log")
     build_s = round(time.perf_counter() - t0, 1)
-    out = run_module(["device", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
+    out = run_module(["edge_retrieval", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
                       "--json", *cfg])
     answers = {}
     for line in out.splitlines():

@@ -225,7 +225,7 @@ def build_bundle(out: Path, converter_args: list[str], *, force: bool = False) -
     if (out / "manifest.json").is_file() and not force:
         return out
     print(f"  building {out.name}: python -m edge_retrieval.convert build {' '.join(converter_args)}", flush=True)
-    run_module(["converter", "build", *converter_args, "--out", str(out)], log=out.parent / f"{out.name}.log")
+    run_module(["edge_retrieval.convert", "build", *converter_args, "--out", str(out)], log=out.parent / f"{out.name}.log")
     return out
 
 

@@ -35,6 +35,7 @@ from typing_extensions import NotRequired, TypedDict
 from edge_retrieval.core.errors import CatalogIndexError
 from edge_retrieval.core.jsonfile import read_json_model
 from edge_retrieval.index.feature_store import FeatureStore, FeatureWriter
+from edge_retrieval.index.file_checks import check_ann_file, check_finite
 from edge_retrieval.index.item_table import ItemTable
 from edge_retrieval.model.adaptation import Projection
 from edge_retrieval.model.local_features import Features
@@ -342,6 +343,7 @@ def open_generation(gen_dir: str | os.PathLike, *, expected_bundle_sha256: str |
     if n and vectors.shape[1] != dim:
         raise CatalogIndexError(f"{npy} holds vectors of dim {vectors.shape[1]} but "
                                 f"{gen_dir / META_FILE} says dim {dim}; {REBUILD_HINT}")
+    check_finite(vectors, npy, REBUILD_HINT)
 
     ann_path = gen_dir / ANN_FILE
     _require(ann_path)
@@ -356,6 +358,7 @@ def open_generation(gen_dir: str | os.PathLike, *, expected_bundle_sha256: str |
             raise CatalogIndexError(f"{gen_dir / PROJECTION_FILE} maps {projection.in_dim} → {projection.dim} "
                                     f"dims but {gen_dir / META_FILE} says {dim} → {meta.projection}; {REBUILD_HINT}")
     ann_dim = projection.dim if projection is not None else dim
+    check_ann_file(ann_path, ann_dim, m, REBUILD_HINT)  # a child index out of range would SIGSEGV a query
     ann = AnnoyIndex(max(ann_dim, 1), METRIC)
     try:
         ann.load(str(ann_path))  # mmap

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
+import logging
 import os
 import socket
 import sqlite3
@@ -63,9 +65,24 @@ class CatalogStore:
     """The SQLite catalog store at ``path`` (created on first use). Thread-safe; several processes may use it
     at once (the CLI while ``serve`` runs): writers are serialised by SQLite (``BEGIN IMMEDIATE``)."""
 
-    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0):
+    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0,
+                 derived_from: tuple[str, int] | None = None):
+        """Open (or create) the store. ``derived_from`` is (store id, seq) of the live index generation: the store
+        and the index must agree on where the catalog stands. A store missing or empty (0 bytes) while the index
+        was made from a store's changes is StoreError (the truth is lost: restore it, nothing is created); a
+        store whose seq is below the index's (an older backup restored, a WAL lost) takes a new id, so that the
+        whole store is replayed onto the index and every later change is numbered past it (``went_back``)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.went_back: dict | None = None
+        if derived_from is not None and derived_from[1] > 0 and (not self.path.is_file()
+                                                                   or self.path.stat().st_size == 0):
+            raise StoreError(
+                f"catalog store {self.path} is {'empty (0 bytes)' if self.path.is_file() else 'missing'}, but the "
+                f"index was made from store {derived_from[0][:8]}… up to its change {derived_from[1]}: the catalog's "
+                "originals and removals would be lost. Restore catalog.store from a backup (an older one is fine: "
+                "the index is re-derived from it); or, to give them up and start with an empty catalog, move the "
+                "store file and the index folder (index.path) away")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
@@ -91,6 +108,26 @@ class CatalogStore:
         if mode.lower() != "wal":
             raise StoreError(f"catalog store {self.path}: the file system refused the WAL journal ({mode})")
         self.id = self.meta("store_id")
+        if derived_from is not None and derived_from[0] == self.id and derived_from[1] > self.seq():
+            self._went_back(derived_from[1])
+
+    def _went_back(self, index_seq: int) -> None:
+        """The store is behind the index that was derived from it: a new store id makes every row newer than
+        anything the index holds, so the next replay re-derives the index from the store (and a change is never
+        acknowledged with a seq the index already claims). Logged, kept in the meta table, shown in health."""
+        old, seq = self.id, self.seq()
+        self.went_back = {"store_seq": seq, "index_seq": index_seq, "time": _now(), "previous_id": old,
+                          "why": f"the store is at change {seq} but the index holds change {index_seq} of it (an "
+                                 "older catalog.sqlite restored, or its WAL lost): the index is re-derived from the "
+                                 "store; items enrolled after that point stay until removed or the next index build"}
+        try:
+            with self._write() as db:  # only if no other process re-based it meanwhile
+                db.execute("UPDATE meta SET value = ? WHERE key = 'store_id' AND value = ?", (uuid.uuid4().hex, old))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('went_back', ?)", (json.dumps(self.went_back),))
+        except DiskFullError:
+            self.went_back["why"] += "; the disk is full, so this is retried at the next start"
+        self.id = self.meta("store_id")
+        logging.getLogger(__name__).error("catalog store %s: %s", self.path, self.went_back["why"])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -95,6 +95,7 @@ class CatalogHealth(_Doc):
     skipped: list[dict[str, str]] = []
     migrated: Optional[dict[str, Any]] = None
     set_aside: list[dict[str, Any]] = []
+    store_went_back: Optional[dict[str, Any]] = None  # the store was behind the index at start (store.py)
 
 
 class TriggerStatus(_Doc):

@@ -274,7 +274,8 @@ class CatalogService:
             reconciled_at_start=None if first is None else len(first.enrolled),
             removals_applied_at_start=None if first is None else len(first.removed),
             skipped=[] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
-            migrated=self.migrated, set_aside=self.set_aside, store_went_back=self.store.went_back)
+            migrated=self.migrated, set_aside=self.set_aside, store_went_back=self.store.went_back,
+            store_read_only=self.store.read_only)
 
 
 def _device(path: Path) -> int:

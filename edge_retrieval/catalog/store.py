@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 """
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_BYTES = 1 << 20  # less free than this at start: the disk is full (SQLite cannot make its WAL index)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,11 @@ class CatalogStore:
                 "originals and removals would be lost. Restore catalog.store from a backup (an older one is fine: "
                 "the index is re-derived from it); or, to give them up and start with an empty catalog, move the "
                 "store file and the index folder (index.path) away")
+        self._timeout_s = busy_timeout_s
+        self.read_only: str | None = None  # why the store is open read-only: a full disk at start
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = self._connect()
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
             # Written only when new: a start on a full disk must still read the catalog.
@@ -100,9 +103,13 @@ class CatalogStore:
         except DiskFullError:
             raise
         except (sqlite3.Error, OSError, ValueError) as e:
-            raise StoreError(f"catalog store {self.path} cannot be opened ({e}); it is the catalog's source of "
-                             "truth: restore it from a backup, or move it away to start with an empty catalog "
-                             "(catalog.store)") from None
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            if not self._open_read_only():
+                raise StoreError(f"catalog store {self.path} cannot be opened ({e}); it is the catalog's source of "
+                                 "truth: restore it from a backup, or move it away to start with an empty catalog "
+                                 "(catalog.store)") from None
+            mode, schema = "wal", int(self.meta("schema") or 0)
         if schema != SCHEMA_VERSION:
             raise StoreError(f"catalog store {self.path} has schema {schema}; this device reads {SCHEMA_VERSION}")
         if mode.lower() != "wal":
@@ -127,12 +134,53 @@ class CatalogStore:
         except DiskFullError:
             self.went_back["why"] += "; the disk is full, so this is retried at the next start"
         self.id = self.meta("store_id")
-        logging.getLogger(__name__).error("catalog store %s: %s", self.path, self.went_back["why"])
+        log.error("catalog store %s: %s", self.path, self.went_back["why"])
+
+    def _connect(self, uri: str | None = None) -> sqlite3.Connection:
+        return sqlite3.connect(uri or self.path, timeout=self._timeout_s, isolation_level=None,
+                               check_same_thread=False, uri=uri is not None)
+
+    def _open_read_only(self) -> bool:
+        """A start on a full disk serves what it has: SQLite cannot create the WAL index of a cleanly closed
+        store there ("disk I/O error"), so the store is read without one — ``immutable`` when no WAL holds
+        changes (a clean stop), else plain read-only. Writes reopen it once space is back (``_write``)."""
+        st = os.statvfs(self.path.parent)
+        if st.f_bavail * st.f_frsize >= _FULL_BYTES or not self.path.is_file():
+            return False
+        wal = Path(f"{self.path}-wal")
+        clean = not wal.exists() or wal.stat().st_size == 0
+        for flags in (("immutable=1",) if clean else ()) + ("mode=ro",):
+            try:
+                db = self._connect(f"{self.path.resolve().as_uri()}?{flags}")
+                db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            except sqlite3.Error:
+                continue
+            self._db, self.read_only = db, (f"the disk of {self.path} is full: the catalog store is read, and "
+                                            "changes are refused until space is freed")
+            log.error("catalog store: %s", self.read_only)
+            return True
+        return False
+
+    def _writable(self) -> None:
+        """Reopen a store opened read-only (a full disk at start) for writing once that works again."""
+        try:
+            db = self._connect()
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            with contextlib.suppress(UnboundLocalError, sqlite3.Error):
+                db.close()
+            raise DiskFullError(f"{self.read_only}; nothing was changed") from None
+        self._db, old, self.read_only = db, self._db, None
+        old.close()
+        log.info("catalog store %s: writable again", self.path)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (committed durably on leaving); a full disk is DiskFullError."""
         with self._lock:
+            if self.read_only is not None:
+                self._writable()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -242,8 +290,9 @@ def hold_serve_lock(store_path: str | os.PathLike) -> int:
         os.close(fd)
         raise StoreError(f"another `serve` already runs on this state ({holder}; lock {path}): stop it first, "
                          "or give this one its own catalog.store and index.path") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it is a courtesy: a full disk must not stop the start
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
     return fd
 
 

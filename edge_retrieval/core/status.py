@@ -96,6 +96,7 @@ class CatalogHealth(_Doc):
     migrated: Optional[dict[str, Any]] = None
     set_aside: list[dict[str, Any]] = []
     store_went_back: Optional[dict[str, Any]] = None  # the store was behind the index at start (store.py)
+    store_read_only: Optional[str] = None  # why the store only reads (a full disk at start) until space is back
 
 
 class TriggerStatus(_Doc):

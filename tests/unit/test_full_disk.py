@@ -73,3 +73,67 @@ def test_a_disk_filling_during_a_rebuild_is_an_error_never_a_sigbus(tmpfs, mode)
     assert ("DiskFullError" if mode == "in_memory" else "signal 7") in done.stdout, done.stdout
     assert os.readlink(root / "current") == live
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")], "something half-written was left"
+
+
+def _fill(disk: Path) -> Path:
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize))
+    return filler
+
+
+def _config(disk: Path):
+    from edge_retrieval.core.config_file import load_config
+    (disk.parent / "config.yaml").write_text(f"catalog:\n  store: {disk / 'catalog.sqlite'}\n"
+                                             f"history:\n  dir: {disk / 'history'}\n")
+    return load_config(disk.parent / "config.yaml")
+
+
+def test_a_start_on_a_full_disk_reads_the_store_and_writes_again_when_space_is_back(tmpfs):
+    from edge_retrieval.catalog.store import CatalogStore
+    from edge_retrieval.core.errors import DiskFullError
+    path = _config(tmpfs).catalog.store
+    store = CatalogStore(path)
+    store.put("a", "A", b"jpeg" * 100)
+    store.close()  # a clean stop: no WAL left, and SQLite must create one to open the store normally
+    filler = _fill(tmpfs)
+    store = CatalogStore(path)  # was: StoreError "disk I/O error", exit 2
+    assert store.read_only and "full" in store.read_only and store.seq() == 1 and store.get("a").label == "A"
+    with pytest.raises(DiskFullError):
+        store.put("b", "B", b"jpeg")
+    filler.unlink()
+    assert store.put("b", "B", b"jpeg") == 2 and store.read_only is None
+    store.close()
+    assert CatalogStore(path).seq() == 2
+
+
+@pytest.mark.parametrize("stop", ["clean", "kill9"])
+def test_history_numbering_goes_on_after_a_start_on_a_full_disk(tmpfs, stop):
+    config = _config(tmpfs).history
+    script = textwrap.dedent(f"""
+        import os
+        import numpy as np
+        from edge_retrieval.core.config_file import load_config
+        from edge_retrieval.core.results import LookupResult
+        from edge_retrieval.outputs.history import History
+        history = History(load_config({str(tmpfs.parent / 'config.yaml')!r}).history)
+        for _ in range(3):
+            history.record(LookupResult(results=[], timings_ms={{"total": 1.0}}, source="upload"),
+                           np.full((64, 64, 3), 120, np.uint8))
+        if {stop!r} == "kill9":
+            os._exit(9)  # the WAL holds the entries
+        history.close()
+    """)
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   timeout=120, check=False)
+    _fill(tmpfs)
+    from edge_retrieval.core.results import LookupResult
+    from edge_retrieval.outputs.history import History
+    history = History(config)
+    assert sorted(e.n for e in history.entries()) == [1, 2, 3]  # still listed
+    assert history.image(3) is not None  # the kept snapshots are still served
+    entry = history.record(LookupResult(results=[], timings_ms={"total": 1.0}, source="upload"))
+    assert entry.n == 4  # never back to 1: old image links keep pointing at their own photos
+    assert not list(config.dir.glob("*.unreadable-*")), "an intact history.sqlite was moved aside"
+    history.close()

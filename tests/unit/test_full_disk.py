@@ -137,3 +137,29 @@ def test_history_numbering_goes_on_after_a_start_on_a_full_disk(tmpfs, stop):
     assert entry.n == 4  # never back to 1: old image links keep pointing at their own photos
     assert not list(config.dir.glob("*.unreadable-*")), "an intact history.sqlite was moved aside"
     history.close()
+
+
+def test_a_serve_stopped_cleanly_starts_on_a_full_disk_and_serves_what_it_has(tmp_path, tmpfs, small_catalog, photos):
+    """The round-three failure: SIGTERM, the disk fills, a start → exit 2 "disk I/O error". Now it serves."""
+    from edge_retrieval.imaging.codec import encode_jpeg
+    from tests.support.serve import AUTH, Serve
+    serve = Serve(tmp_path, small_catalog, "recognition:\n  adapt: false\n", state=tmpfs,
+                  catalog_extra="  min_free_mb: 1\n  retry_s: 0.5\n")
+    try:
+        serve.start()
+        assert serve.upload("/api/catalog", encode_jpeg(photos["coffee"]), label="Mug", id="mug")[0] == 202
+        for _ in range(600):  # until the rebuild made it live (each request waits on the server)
+            if "mug" in serve.catalog():
+                break
+        serve.stop()
+        filler = _fill(tmpfs)
+        serve.start()
+        status, health = serve.request("GET", "/api/health", headers=AUTH)
+        assert status in (200, 503) and "full" in (health["enrolled"]["store_read_only"] or ""), health
+        assert {"mug", "moon", "rocket", "brick"} <= set(serve.catalog())
+        assert serve.upload("/api/query", encode_jpeg(photos["coffee"]))[0] == 200
+        assert serve.upload("/api/catalog", encode_jpeg(photos["chelsea"]), label="Cat", id="cat")[0] == 507
+        filler.unlink()
+        assert serve.upload("/api/catalog", encode_jpeg(photos["chelsea"]), label="Cat", id="cat")[0] == 202
+    finally:
+        serve.stop()

@@ -62,7 +62,7 @@ class CatalogService:
         self.holder = holder
         self.maker = maker
         self.images = images
-        self.store = CatalogStore(config.store)
+        self.store = CatalogStore(config.store, derived_from=holder.current().store_seq)
         self.migrated = migrate_enrolled_dir(self.store, config.enrolled_dir)
         self.set_aside = list(set_aside or []) + holder.set_aside
         self.first: ApplyReport | None = None
@@ -274,7 +274,8 @@ class CatalogService:
             reconciled_at_start=None if first is None else len(first.enrolled),
             removals_applied_at_start=None if first is None else len(first.removed),
             skipped=[] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
-            migrated=self.migrated, set_aside=self.set_aside)
+            migrated=self.migrated, set_aside=self.set_aside, store_went_back=self.store.went_back,
+            store_read_only=self.store.read_only)
 
 
 def _device(path: Path) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
+import logging
 import os
 import socket
 import sqlite3
@@ -39,6 +41,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 """
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_BYTES = 1 << 20  # less free than this at start: the disk is full (SQLite cannot make its WAL index)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,29 @@ class CatalogStore:
     """The SQLite catalog store at ``path`` (created on first use). Thread-safe; several processes may use it
     at once (the CLI while ``serve`` runs): writers are serialised by SQLite (``BEGIN IMMEDIATE``)."""
 
-    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0):
+    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0,
+                 derived_from: tuple[str, int] | None = None):
+        """Open (or create) the store. ``derived_from`` is (store id, seq) of the live index generation: the store
+        and the index must agree on where the catalog stands. A store missing or empty (0 bytes) while the index
+        was made from a store's changes is StoreError (the truth is lost: restore it, nothing is created); a
+        store whose seq is below the index's (an older backup restored, a WAL lost) takes a new id, so that the
+        whole store is replayed onto the index and every later change is numbered past it (``went_back``)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.went_back: dict | None = None
+        if derived_from is not None and derived_from[1] > 0 and (not self.path.is_file()
+                                                                   or self.path.stat().st_size == 0):
+            raise StoreError(
+                f"catalog store {self.path} is {'empty (0 bytes)' if self.path.is_file() else 'missing'}, but the "
+                f"index was made from store {derived_from[0][:8]}… up to its change {derived_from[1]}: the catalog's "
+                "originals and removals would be lost. Restore catalog.store from a backup (an older one is fine: "
+                "the index is re-derived from it); or, to give them up and start with an empty catalog, move the "
+                "store file and the index folder (index.path) away")
+        self._timeout_s = busy_timeout_s
+        self.read_only: str | None = None  # why the store is open read-only: a full disk at start
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = self._connect()
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
             # Written only when new: a start on a full disk must still read the catalog.
@@ -83,19 +103,84 @@ class CatalogStore:
         except DiskFullError:
             raise
         except (sqlite3.Error, OSError, ValueError) as e:
-            raise StoreError(f"catalog store {self.path} cannot be opened ({e}); it is the catalog's source of "
-                             "truth: restore it from a backup, or move it away to start with an empty catalog "
-                             "(catalog.store)") from None
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            if not self._open_read_only():
+                raise StoreError(f"catalog store {self.path} cannot be opened ({e}); it is the catalog's source of "
+                                 "truth: restore it from a backup, or move it away to start with an empty catalog "
+                                 "(catalog.store)") from None
+            mode, schema = "wal", int(self.meta("schema") or 0)
         if schema != SCHEMA_VERSION:
             raise StoreError(f"catalog store {self.path} has schema {schema}; this device reads {SCHEMA_VERSION}")
         if mode.lower() != "wal":
             raise StoreError(f"catalog store {self.path}: the file system refused the WAL journal ({mode})")
         self.id = self.meta("store_id")
+        if derived_from is not None and derived_from[0] == self.id and derived_from[1] > self.seq():
+            self._went_back(derived_from[1])
+
+    def _went_back(self, index_seq: int) -> None:
+        """The store is behind the index that was derived from it: a new store id makes every row newer than
+        anything the index holds, so the next replay re-derives the index from the store (and a change is never
+        acknowledged with a seq the index already claims). Logged, kept in the meta table, shown in health."""
+        old, seq = self.id, self.seq()
+        self.went_back = {"store_seq": seq, "index_seq": index_seq, "time": _now(), "previous_id": old,
+                          "why": f"the store is at change {seq} but the index holds change {index_seq} of it (an "
+                                 "older catalog.sqlite restored, or its WAL lost): the index is re-derived from the "
+                                 "store; items enrolled after that point stay until removed or the next index build"}
+        try:
+            with self._write() as db:  # only if no other process re-based it meanwhile
+                db.execute("UPDATE meta SET value = ? WHERE key = 'store_id' AND value = ?", (uuid.uuid4().hex, old))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('went_back', ?)", (json.dumps(self.went_back),))
+        except DiskFullError:
+            self.went_back["why"] += "; the disk is full, so this is retried at the next start"
+        self.id = self.meta("store_id")
+        log.error("catalog store %s: %s", self.path, self.went_back["why"])
+
+    def _connect(self, uri: str | None = None) -> sqlite3.Connection:
+        return sqlite3.connect(uri or self.path, timeout=self._timeout_s, isolation_level=None,
+                               check_same_thread=False, uri=uri is not None)
+
+    def _open_read_only(self) -> bool:
+        """A start on a full disk serves what it has: SQLite cannot create the WAL index of a cleanly closed
+        store there ("disk I/O error"), so the store is read without one — ``immutable`` when no WAL holds
+        changes (a clean stop), else plain read-only. Writes reopen it once space is back (``_write``)."""
+        st = os.statvfs(self.path.parent)
+        if st.f_bavail * st.f_frsize >= _FULL_BYTES or not self.path.is_file():
+            return False
+        wal = Path(f"{self.path}-wal")
+        clean = not wal.exists() or wal.stat().st_size == 0
+        for flags in (("immutable=1",) if clean else ()) + ("mode=ro",):
+            try:
+                db = self._connect(f"{self.path.resolve().as_uri()}?{flags}")
+                db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            except sqlite3.Error:
+                continue
+            self._db, self.read_only = db, (f"the disk of {self.path} is full: the catalog store is read, and "
+                                            "changes are refused until space is freed")
+            log.error("catalog store: %s", self.read_only)
+            return True
+        return False
+
+    def _writable(self) -> None:
+        """Reopen a store opened read-only (a full disk at start) for writing once that works again."""
+        try:
+            db = self._connect()
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            with contextlib.suppress(UnboundLocalError, sqlite3.Error):
+                db.close()
+            raise DiskFullError(f"{self.read_only}; nothing was changed") from None
+        self._db, old, self.read_only = db, self._db, None
+        old.close()
+        log.info("catalog store %s: writable again", self.path)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (committed durably on leaving); a full disk is DiskFullError."""
         with self._lock:
+            if self.read_only is not None:
+                self._writable()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -212,8 +297,9 @@ def hold_serve_lock(store_path: str | os.PathLike) -> int:
         os.close(fd)
         raise StoreError(f"another `serve` already runs on this state ({holder}; lock {path}): stop it first, "
                          "or give this one its own catalog.store and index.path") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it is a courtesy: a full disk must not stop the start
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
     return fd
 
 

@@ -95,6 +95,8 @@ class CatalogHealth(_Doc):
     skipped: list[dict[str, str]] = []
     migrated: Optional[dict[str, Any]] = None
     set_aside: list[dict[str, Any]] = []
+    store_went_back: Optional[dict[str, Any]] = None  # the store was behind the index at start (store.py)
+    store_read_only: Optional[str] = None  # why the store only reads (a full disk at start) until space is back
 
 
 class TriggerStatus(_Doc):

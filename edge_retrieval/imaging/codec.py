@@ -41,6 +41,18 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 UPLOAD_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF") + (
     ("AVIF",) if features.check("avif") else ())
 FILE_FORMATS: tuple[str, ...] = UPLOAD_FORMATS + ("BMP", "TIFF")  # the device's own folders (catalog, camera)
+# What a decode may allocate, per pixel of ``max_pixels`` (80 MB at 16 MP): a full-size RGBA image of the limit
+# fits, and so does a progressive JPEG's coefficient buffer up to ~26 MP. A file whose decode would take more is
+# refused from its header (413), whatever its pixel count: see ``_decode_bytes``.
+DECODE_BYTES_PER_PIXEL = 5
+# Bytes per pixel of a Pillow image of each mode (RGB is stored as 4 bytes a pixel).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# What Pillow's WebP and AVIF decoders allocate a pixel of their canvas besides the image, measured: libwebp's
+# animation decoder keeps two RGBA canvases and hands over a copy of the frame (16 MP: +245 MB); libavif holds the
+# YUV planes (up to 12-bit 4:4:4, 6 bytes) and an RGB copy (16 MP 8-bit 4:2:0: +144 MB).
+_CODEC_BYTES = {"WEBP": 12, "AVIF": 10}
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC excluded)
+_JPEG_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # No header may claim more than this, whatever the caller's limit (a JPEG decoded at 1/8 scale included); Pillow's
 # own bomb check (it errors over twice MAX_IMAGE_PIXELS) is set to the same ceiling as a backstop.
 MAX_HEADER_PIXELS = 16 * DEFAULT_MAX_PIXELS
@@ -135,6 +147,58 @@ def _webp_size(prefix: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _jpeg_coefficient_bytes(fp: BinaryIO) -> int:
+    """What libjpeg's whole-image coefficient buffer will take: a progressive JPEG, or a baseline one whose first
+    scan holds fewer components than the frame, keeps every DCT coefficient of the full-size image (2 bytes each)
+    until the last scan — at any decoding scale. 0 for a single-scan JPEG (decoded a band of rows at a time).
+    Reads the markers up to the first scan from ``fp`` (then rewinds it); nothing is decoded."""
+    frame, progressive = None, False
+    try:
+        fp.seek(2)  # after SOI
+        for _ in range(10_000):  # a file of empty segments must not spin
+            head = fp.read(2)
+            while len(head) == 2 and head[0] == 0xFF and head[1] == 0xFF:  # fill bytes
+                head = head[1:] + fp.read(1)
+            if len(head) < 2 or head[0] != 0xFF:
+                return 0  # not where a marker should be: the decoder will refuse the file
+            marker = head[1]
+            if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                continue
+            length = int.from_bytes(fp.read(2), "big")
+            if length < 2:
+                return 0
+            body = fp.read(length - 2) if marker in _JPEG_SOF or marker == 0xDA else None
+            if body is None:
+                fp.seek(length - 2, os.SEEK_CUR)
+            elif marker in _JPEG_SOF and frame is None:
+                frame, progressive = body, marker in _JPEG_PROGRESSIVE
+            elif marker == 0xDA:
+                if frame is None or len(frame) < 6 or not body:
+                    return 0
+                height, width = struct.unpack(">HH", frame[1:5])
+                comps = [(frame[i + 1] >> 4, frame[i + 1] & 15) for i in range(6, min(len(frame), 6 + 3 * frame[5]), 3)]
+                if not comps or not (progressive or body[0] < len(comps)):
+                    return 0
+                hmax, vmax = max(1, max(c[0] for c in comps)), max(1, max(c[1] for c in comps))
+                blocks = 0
+                for h, v in ((max(h, 1), max(v, 1)) for h, v in comps):  # libjpeg's jdiv_round_up, jround_up
+                    bw, bh = -(-width * h // (hmax * 8)), -(-height * v // (vmax * 8))
+                    blocks += -(-bw // h) * h * (-(-bh // v) * v)
+                return blocks * 64 * 2
+        return 0
+    finally:
+        fp.seek(0)
+
+
+def _decode_bytes(img: Image.Image, fp: BinaryIO, full_size: tuple[int, int]) -> int:
+    """What decoding ``img`` (opened, drafted) will allocate: the image at its decoded size, plus a progressive or
+    multi-scan JPEG's coefficient buffer, plus the WebP/AVIF decoders' own canvases — known before any pixel."""
+    out = img.size[0] * img.size[1] * _MODE_BYTES.get(img.mode, 4)
+    if img.format in ("JPEG", "MPO"):
+        return out + _jpeg_coefficient_bytes(fp)
+    return out + full_size[0] * full_size[1] * _CODEC_BYTES.get(img.format or "", 0)
+
+
 def _open(fp: BinaryIO, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """``Image.open`` with only the decoders of ``formats``, after a header check where the decoder allocates
     in ``open`` (WebP). Everything a decoder raises becomes ``ImageError`` (400; 415 for another format)."""
@@ -175,10 +239,17 @@ def _decode(fp: BinaryIO, max_pixels: int, min_side_px: int | None = None, *,
                 img.draft(img.mode, (min_side_px, min_side_px))
                 if img.size[0] * img.size[1] > max_pixels:
                     raise _over_limit(width, height, max_pixels, f" (decoded at {img.size[0]}x{img.size[1]})")
+            need = _decode_bytes(img, fp, (width, height))
+            if need > max_pixels * DECODE_BYTES_PER_PIXEL:
+                raise ImageError(
+                    f"image is {width}x{height} {img.format}{' (progressive)' if img.info.get('progressive') else ''}"
+                    f": decoding it would take {need / 2**20:.0f} MB, over the {max_pixels * DECODE_BYTES_PER_PIXEL / 2**20:.0f}"
+                    f" MB a decode may use ({DECODE_BYTES_PER_PIXEL} bytes × images.max_pixels)", http_status=413)
             img.load()
             if min_side_px:
                 img = _reduce(img, min_side_px)
-            img = ImageOps.exif_transpose(img)
+            if img.getexif().get(0x0112, 1) != 1:  # Orientation; exif_transpose copies even an upright image
+                img = ImageOps.exif_transpose(img)
             return _to_rgb_array(img)
         except ImageError:
             raise

@@ -34,13 +34,14 @@ from typing_extensions import NotRequired, TypedDict
 
 from edge_retrieval.core.errors import CatalogIndexError
 from edge_retrieval.core.jsonfile import read_json_model
+from edge_retrieval.index.ann_build import METRIC, build_ann
 from edge_retrieval.index.feature_store import FeatureStore, FeatureWriter
+from edge_retrieval.index.file_checks import check_ann_file, check_finite
 from edge_retrieval.index.item_table import ItemTable
 from edge_retrieval.model.adaptation import Projection
 from edge_retrieval.model.local_features import Features
 
 FORMAT_VERSION = 2  # 2: the item table in items.bin, float16 vectors.npy; 1 (items in meta.json) is still read
-METRIC = "angular"
 META_FILE = "meta.json"
 ANN_FILE = "vectors.ann"
 NPY_FILE = "vectors.npy"
@@ -51,7 +52,6 @@ ITEMS_FILE = "items.bin"
 PROJECTION_FILE = "projection.npz"
 BUILD_HINT = "run `python -m edge_retrieval index build --catalog DIR`"
 REBUILD_HINT = "rebuild it with `python -m edge_retrieval index build`"
-_CHUNK = 65536  # vectors projected at a time into the Annoy build
 
 
 class _MetaItem(TypedDict):  # format 1 only; plain dicts, not a model object per item
@@ -249,22 +249,9 @@ class GenerationWriter:
         ItemTable.build(self._ids, self._labels, self._sources, self._spans).write(self.folder / ITEMS_FILE)
         if projection is not None:
             save_projection(projection, self.folder / PROJECTION_FILE)
-        ann_path = self.folder / ANN_FILE
-        ann = AnnoyIndex(max(projection.dim if projection is not None else dim, 1), METRIC)
-        ann.set_seed(0)  # same catalog, same trees: builds are reproducible
-        # built in its file, not in memory: a 1M-item catalog's trees would be GBs of anonymous memory; the file's
-        # pages are page cache the kernel can write back and drop
-        ann.on_disk_build(str(ann_path))
-        vectors = np.load(self.folder / NPY_FILE, mmap_mode="r", allow_pickle=False)
-        for start in range(0, len(vectors), _CHUNK):  # in chunks: a 1M-item catalog's float32 copy would be GBs
-            chunk = np.asarray(vectors[start:start + _CHUNK], np.float32)
-            for i, v in enumerate(projection.apply(chunk) if projection is not None else chunk, start):
-                ann.add_item(i, v)
-        del vectors
-        ann.build(int(n_trees))
-        ann.unload()
-        with open(ann_path, "rb") as f:
-            os.fsync(f.fileno())
+        ann_path = self.folder / ANN_FILE  # never through a writable mapping: a full disk is an error, not SIGBUS
+        build_ann(ann_path, self.folder / NPY_FILE, projection, projection.dim if projection is not None else dim,
+                  n_trees)
         meta = IndexMeta(
             format_version=FORMAT_VERSION, dim=dim, metric=METRIC, bundle_sha256=bundle_sha256, n_trees=int(n_trees),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -342,6 +329,7 @@ def open_generation(gen_dir: str | os.PathLike, *, expected_bundle_sha256: str |
     if n and vectors.shape[1] != dim:
         raise CatalogIndexError(f"{npy} holds vectors of dim {vectors.shape[1]} but "
                                 f"{gen_dir / META_FILE} says dim {dim}; {REBUILD_HINT}")
+    check_finite(vectors, npy, REBUILD_HINT)
 
     ann_path = gen_dir / ANN_FILE
     _require(ann_path)
@@ -356,6 +344,7 @@ def open_generation(gen_dir: str | os.PathLike, *, expected_bundle_sha256: str |
             raise CatalogIndexError(f"{gen_dir / PROJECTION_FILE} maps {projection.in_dim} → {projection.dim} "
                                     f"dims but {gen_dir / META_FILE} says {dim} → {meta.projection}; {REBUILD_HINT}")
     ann_dim = projection.dim if projection is not None else dim
+    check_ann_file(ann_path, ann_dim, m, REBUILD_HINT)  # a child index out of range would SIGSEGV a query
     ann = AnnoyIndex(max(ann_dim, 1), METRIC)
     try:
         ann.load(str(ann_path))  # mmap

@@ -16,6 +16,7 @@ Layout (little endian, every section 8-byte aligned)::
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import struct
@@ -50,6 +51,22 @@ def _offsets(texts: Sequence[bytes]) -> np.ndarray:
     off = np.zeros(len(texts) + 1, np.int64)
     np.cumsum([len(t) for t in texts], out=off[1:])
     return off
+
+
+def _text_damage(text: np.ndarray, offsets: tuple[np.ndarray, ...]) -> str | None:
+    """Why the text section cannot be read as the ids, labels and sources (bad UTF-8, an offset inside a
+    character), else None — checked once at open, in chunks, so that no later read of a row can fail."""
+    decoder, chunk = codecs.getincrementaldecoder("utf-8")(), 1 << 20
+    try:
+        for start in range(0, len(text), chunk):
+            decoder.decode(bytes(text[start:start + chunk]), final=start + chunk >= len(text))
+    except UnicodeDecodeError as e:
+        return f"the text is not UTF-8 ({e.reason} near byte {start + e.start})"
+    for off in offsets:
+        inside = off[off < len(text)]
+        if len(inside) and ((text[inside] & 0xC0) == 0x80).any():
+            return "a text offset falls inside a UTF-8 character"
+    return None
 
 
 class ItemTable:
@@ -131,6 +148,8 @@ class ItemTable:
             raise bad(f"a thumbnail span points outside thumbs.bin ({thumbs_size} bytes)")
         if n and ((order < 0).any() or (order >= n).any()):
             raise bad("the id search order has rows out of range")
+        if (why := _text_damage(text, offs)) is not None:
+            raise bad(why)
         return cls((id_off, label_off, source_off), thumbs, hashes, order, text)
 
     def __len__(self) -> int:

@@ -59,11 +59,14 @@ def index_exists(path: str | os.PathLike) -> bool:
 
 
 def read_current_name(root: Path) -> str | None:
-    """The generation directory name ``current`` points to, or None when there is none."""
+    """The generation directory name ``current`` points to, or None when there is none — also when the link names
+    anything but a folder beside it (``../history``, an absolute path, ``..``): nothing outside the index folder is
+    ever loaded, renamed or removed through ``current``."""
     try:
-        return os.readlink(root / CURRENT)
+        name = os.readlink(root / CURRENT)
     except OSError:
         return None
+    return name if name and "/" not in name and "\0" not in name and not name.startswith(".") else None
 
 
 class CatalogIndex:

@@ -84,6 +84,8 @@ class History:
                 old.unlink()
             try:
                 return _connect(self.path)
+            except sqlite3.OperationalError:  # a full or failing disk, not a bad file: never moved aside
+                raise
             except sqlite3.DatabaseError as e:
                 aside = self.path.with_name(f"{STORE_NAME}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
                 log.warning("history: %s cannot be read (%s); moved to %s, starting an empty history",
@@ -96,7 +98,24 @@ class History:
         except (OSError, sqlite3.Error) as e:
             log.warning("history: cannot keep lookups in %s (%s); keeping them in memory until the next start",
                         self.config.dir, getattr(e, "strerror", None) or e)
-            return _connect(":memory:")
+            return self._memory_copy()
+
+    def _memory_copy(self) -> sqlite3.Connection:
+        """An in-memory history that starts as a copy of the store on disk, read without writing (a full disk):
+        its entries stay listed and numbering goes on after them (AUTOINCREMENT's counter is copied too)."""
+        memory = _connect(":memory:")
+        wal = Path(f"{self.path}-wal")
+        flags = "mode=ro" if wal.exists() and wal.stat().st_size else "immutable=1"
+        try:
+            disk = sqlite3.connect(f"{self.path.resolve().as_uri()}?{flags}", uri=True)
+            try:
+                if disk.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                    disk.backup(memory)
+            finally:
+                disk.close()
+        except (OSError, sqlite3.Error) as e:
+            log.warning("history: %s cannot be read either (%s); numbering starts afresh in memory", self.path, e)
+        return memory
 
     def _load(self) -> None:
         """Read the kept entries (oldest first); a row that does not parse is logged and deleted."""
@@ -238,9 +257,10 @@ def _connect(path: Path | str) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"schema version {version}, this device reads {SCHEMA_VERSION}")
-        with db:
-            db.execute(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version == 0 or not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lookups'").fetchone():
+            with db:  # written only when new: a start on a full disk must still read the history
+                db.execute(_SCHEMA)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("SELECT count(*) FROM lookups").fetchone()
         return db
     except sqlite3.DatabaseError:

@@ -4,6 +4,7 @@ headers claiming huge canvases), valid small files of every format Pillow writes
 from a seeded RNG. Shared by tests/test_decoders.py and ``python -m benchmarks reliability``."""
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import time
@@ -45,6 +46,23 @@ def _save(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def allocation_bombs() -> dict[str, bytes]:
+    """Valid files whose pixel count passes ``images.max_pixels`` (16 MP) but whose decode allocates far more:
+    a progressive JPEG keeps every DCT coefficient of the full image at any decoding scale (CMYK: 8 bytes a pixel),
+    libwebp's decoders keep two full RGBA canvases, libavif the YUV planes and an RGB copy. Flat colour: tiny."""
+    rgb = Image.new("RGB", (4000, 4000), (120, 30, 200))
+    out = {"jpeg_progressive_cmyk_11mp": _save(Image.new("CMYK", (3400, 3400), (10, 20, 30, 40)), "JPEG",
+                                               progressive=True),
+           "jpeg_progressive_444_16mp": _save(rgb, "JPEG", progressive=True, subsampling=0),
+           "webp_lossless_16mp": _save(rgb, "WEBP", lossless=True),
+           "webp_animated_6mp": _save(rgb.crop((0, 0, 2400, 2400)), "WEBP", save_all=True,
+                                      append_images=[Image.new("RGB", (2400, 2400), (0, 30, 200))])}
+    if features.check("avif"):
+        out["avif_16mp"] = _save(rgb, "AVIF", quality=30, speed=10)
+    return out
+
+
+@functools.cache
 def bombs() -> dict[str, tuple[bytes, tuple[int, ...]]]:
     """name → (bytes, the statuses that are a right answer): every one must be refused."""
     jp2 = _save(Image.new("RGB", (4000, 4000)), "JPEG2000")  # 16 MP in a few hundred bytes
@@ -62,6 +80,7 @@ def bombs() -> dict[str, tuple[bytes, tuple[int, ...]]]:
         "tiff": (_save(Image.new("RGB", (64, 64)), "TIFF"), (415,)),
         "bmp": (_save(Image.new("RGB", (64, 64)), "BMP"), (415,)),
         "psd_like": (b"8BPS\0\1" + b"\0" * 6 + struct.pack(">HIIHH", 3, 30000, 30000, 8, 3), (415, 400)),
+        **{name: (data, (413,)) for name, data in allocation_bombs().items()},
     }
 
 

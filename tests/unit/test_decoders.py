@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from edge_retrieval.core.errors import ImageError
-from edge_retrieval.imaging.codec import UPLOAD_FORMATS, decode_image, read_image
+from edge_retrieval.imaging.codec import UPLOAD_FORMATS, _jpeg_coefficient_bytes, decode_image, read_image
 from tests.conftest import web_client
-from tests.support.corpus import bombs, ico_bomb, mutations, valid_files
+from tests.support.corpus import allocation_bombs, bombs, ico_bomb, mutations, valid_files
 from tests.support.serve import AUTH
 
 FUZZ_FILES = 5000
@@ -54,6 +55,53 @@ def test_the_ico_bomb_costs_no_memory():
         decode_image(bomb)
     assert e.value.http_status == 415 and "ICO" in str(e.value)
     assert (_hwm_kb() - before) / 1024 < 20
+
+
+def _growth_mb(data: bytes, **kw) -> tuple[float, int]:
+    """Peak RSS growth (VmHWM reset first) of decoding ``data``, and the outcome."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _hwm_kb()
+    status = _outcome(data, **kw)
+    return (_hwm_kb() - before) / 1024, status
+
+
+@pytest.mark.parametrize("name", sorted(allocation_bombs()))
+def test_decodes_that_would_allocate_hundreds_of_mb_are_refused_before_any_pixel(name):
+    data = allocation_bombs()[name]
+    for side in (224, None):
+        growth, status = _growth_mb(data, min_side_px=side)
+        assert status == 413 and growth < 10, (name, side, status, growth)
+    with pytest.raises(ImageError, match="decoding it would take .* MB"):
+        decode_image(data, min_side_px=224)
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_the_largest_files_a_decode_budget_allows_stay_under_100_mb():
+    """Just under the budget (5 bytes × images.max_pixels): each decodes, none grows the process by 100 MB."""
+    files = {"jpeg_progressive_420_25mp": _save(Image.new("RGB", (5000, 5000), (9, 99, 199)), "JPEG", progressive=True),
+             "jpeg_progressive_cmyk_9mp": _save(Image.new("CMYK", (3000, 3000), (1, 2, 3, 4)), "JPEG", progressive=True),
+             "webp_lossless_4.8mp": _save(Image.new("RGB", (2200, 2200), (9, 99, 199)), "WEBP", lossless=True)}
+    if "AVIF" in UPLOAD_FORMATS:
+        files["avif_5.3mp"] = _save(Image.new("RGB", (2300, 2300), (9, 99, 199)), "AVIF", quality=30, speed=10)
+    for name, data in files.items():
+        growth, status = _growth_mb(data, min_side_px=224)
+        assert status == 200 and growth < 100, (name, status, growth)
+
+
+def test_a_multi_scan_baseline_jpeg_counts_its_coefficient_buffer():
+    """A baseline JPEG whose first scan holds one component of three buffers every coefficient like a progressive
+    one: its SOS is rewritten to name one component, and the estimate counts the whole image's coefficients."""
+    data = _save(Image.new("RGB", (4000, 4000), (9, 99, 199)), "JPEG", subsampling=0)
+    assert _jpeg_coefficient_bytes(io.BytesIO(data)) == 0  # interleaved: decoded a band at a time
+    sos = data.index(b"\xff\xda")
+    one_scan = bytearray(data)
+    one_scan[sos + 4] = 1  # Ns: one component in this scan
+    assert _jpeg_coefficient_bytes(io.BytesIO(bytes(one_scan))) == 4000 * 4000 * 3 * 2
 
 
 def test_allowed_formats_decode_and_multi_frame_files_give_their_first_frame():

@@ -15,7 +15,7 @@ import pytest
 
 from edge_retrieval.core.config import IndexConfig
 from edge_retrieval.core.errors import CatalogIndexError
-from edge_retrieval.index import generation as generation_mod
+from edge_retrieval.index import ann_build as ann_build_mod
 from edge_retrieval.index import writer as index_mod
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.item_table import IndexedItem
@@ -411,11 +411,11 @@ def test_failed_swap_leaves_old_generation(built, vecs, monkeypatch):
 
 
 def test_failed_ann_build_leaves_old_generation(built, vecs, monkeypatch):
-    class BrokenAnnoy(generation_mod.AnnoyIndex):
-        def build(self, *args, **kwargs):  # the trees are written into vectors.ann as they are built
+    class BrokenAnnoy(ann_build_mod.AnnoyIndex):
+        def build(self, *args, **kwargs):
             raise OSError("I/O error (simulated)")
 
-    monkeypatch.setattr(generation_mod, "AnnoyIndex", BrokenAnnoy)
+    monkeypatch.setattr(ann_build_mod, "AnnoyIndex", BrokenAnnoy)
     with pytest.raises(CatalogIndexError, match="I/O error"):
         write_index(built, _items(vecs[:5]), bundle_sha256=SHA, n_trees=TREES)
     monkeypatch.undo()
@@ -427,7 +427,7 @@ def test_hard_crash_mid_build_then_next_build_cleans_up(built, vecs):
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np
-        from edge_retrieval.index import generation as g
+        from edge_retrieval.index import ann_build as g
         from edge_retrieval.index import writer as m
         from edge_retrieval.index.reader import CatalogItem
         class Dying(g.AnnoyIndex):

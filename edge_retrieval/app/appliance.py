@@ -91,7 +91,12 @@ class Appliance:
         return self
 
     def _tick(self) -> None:
-        self.recorder.tick(self.health)
+        self.recorder.tick(self.health, changed=self._health_key)
+
+    def _health_key(self) -> tuple:
+        """What, when it changes, goes to MQTT at once: the camera's state and the index generation (cheap)."""
+        loop = self.camera_loop
+        return (loop.camera.state if loop is not None else "absent", self.catalog.holder.current().generation)
 
     def _tick_until_stopped(self) -> None:
         while not self._stop.wait(TICK_S):

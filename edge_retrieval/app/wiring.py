@@ -84,12 +84,14 @@ def build_catalog(cfg: Config, encoder: Encoder, folder: Path, out: Path | None 
 
 
 def event_sinks(cfg: Config) -> list:
-    """The MQTT publisher and the webhook notifier that the config enables, started."""
+    """The MQTT publisher and the webhook notifier that the config enables, started. Home Assistant's device
+    links to the page at this machine's LAN address (``mqtt.page_url`` overrides it)."""
+    from edge_retrieval.app.systemd import page_urls
     from edge_retrieval.outputs.mqtt import MqttPublisher
     from edge_retrieval.outputs.webhook import WebhookNotifier  # paho is imported only when MQTT is used
     sinks: list = []
     if cfg.mqtt.enabled:
-        sinks.append(MqttPublisher(cfg.mqtt).start())
+        sinks.append(MqttPublisher(cfg.mqtt, page_url=page_urls(cfg.web.host, cfg.web.port)[-1]).start())
     if cfg.webhook.enabled:
         sinks.append(WebhookNotifier(cfg.webhook, cfg.mqtt.device_id).start())
     return sinks

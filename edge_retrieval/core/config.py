@@ -276,6 +276,8 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("edge-retrieval", pattern=_TOPIC_WORD)
     device_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="null = the host name")
     device_name: Optional[str] = Field(None, description="shown in Home Assistant (null = the device id)")
+    page_url: Optional[str] = Field(None, pattern=r"^https?://",
+                                    description="the page Home Assistant links to; null = this machine's LAN address")
     discovery: bool = True
     discovery_prefix: str = Field("homeassistant", pattern=_TOPIC_WORD)
     qos: int = Field(1, ge=0, le=2)

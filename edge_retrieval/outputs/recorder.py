@@ -48,6 +48,7 @@ class Recorder:
         self._summary = {"lookups": 0, "matches": 0, "errors": 0}
         self._summary_at = time.monotonic()
         self._sink_health_at = 0.0
+        self._sink_key: object = None  # what changed() said when the health last went to the sinks
 
     def started(self, source: str, timestamp: float) -> None:
         """A lookup began (the page shows it at once: ``lookup_started``)."""
@@ -95,12 +96,15 @@ class Recorder:
                 self._recent_s.popleft()
         return len(self._recent_s)
 
-    def tick(self, health: Callable[[], Health]) -> None:
+    def tick(self, health: Callable[[], Health], changed: Callable[[], object] = lambda: None) -> None:
         """Called every turn of the camera loop: the health to the sinks every ``mqtt.state_interval_s`` (a dead
-        camera is reported too) and the summary line every ``history.summary_interval_s``."""
+        camera is reported too), and at once when ``changed()`` (something cheap: the camera's state, the index
+        generation) differs from the last time it went out — so Home Assistant sees the camera stream the moment
+        it does, not one interval later; and the summary line every ``history.summary_interval_s``."""
         now = time.monotonic()
-        if self.sinks and now - self._sink_health_at >= self.sink_interval_s:
-            self._sink_health_at = now
+        key = changed() if self.sinks else None
+        if self.sinks and (now - self._sink_health_at >= self.sink_interval_s or key != self._sink_key):
+            self._sink_health_at, self._sink_key = now, key
             current = health()
             for sink in self.sinks:
                 sink.publish_health(current)

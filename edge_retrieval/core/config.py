@@ -49,6 +49,7 @@ class CameraConfig(_Section):
     width: Optional[int] = Field(None, ge=16, le=8192)
     height: Optional[int] = Field(None, ge=16, le=8192)
     loop: bool = True
+    hold_s: float = Field(2.0, ge=0, le=3600, description="a folder's images: seconds each stays in view")
     stall_timeout_s: float = Field(5.0, gt=0, le=600)
     backoff_initial_s: float = Field(0.5, gt=0, le=600)
     backoff_max_s: float = Field(30.0, gt=0, le=3600)

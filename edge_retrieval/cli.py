@@ -1,5 +1,6 @@
 """edge-retrieval: recognise which catalog items a camera sees, offline.
 
+  edge-retrieval init FOLDER                   a place for your own catalog: FOLDER/config.yaml + FOLDER/catalog/
   edge-retrieval index build --catalog DIR     index a folder of photos (one photo per item; the file name is its id)
   edge-retrieval query PHOTO... [--json]       which catalog item is in each photo
   edge-retrieval serve                         the appliance: camera, lookups, the web page, MQTT
@@ -22,6 +23,7 @@ from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
+from edge_retrieval.core.results import confidence
 
 log = logging.getLogger("edge_retrieval")
 DEFAULT_CONFIG = "config.yaml"
@@ -46,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="start a catalog of your own in FOLDER, apart from the demo",
+                       description="Write FOLDER/config.yaml (your camera, a random API token for the page's catalog "
+                                   "manager) and make FOLDER/catalog/ for your photos, one per item. Everything the "
+                                   "appliance keeps (index, catalog store, history) then lives in FOLDER/var/.")
+    i.add_argument("folder", type=Path, help="where your appliance lives, e.g. ~/shop")
+    i.add_argument("--camera", default="/dev/video0",
+                   help="the camera: /dev/videoN or N, csi://0, rtsp://…, a video file, a folder of images, or none "
+                        "(uploads only); default /dev/video0")
     s = sub.add_parser("serve", parents=[common], help="run the appliance: camera, trigger, lookups, web page")
     s.add_argument("--host", default=None, help="listen address (overrides web.host; 127.0.0.1 = this machine only)")
     s.add_argument("--port", type=_positive_int, default=None, help="listen port (overrides web.port)")
@@ -88,6 +98,7 @@ def _config(args) -> Config:
 def cmd_index_build(cfg: Config, args) -> int:
     from edge_retrieval.catalog.build_workers import report_text
     out = args.out or cfg.index.path
+    _refuse_the_demos_index(cfg, out)
     encoder = wiring.load(cfg, args.bundle)
     previous = _describe_index(out)
     rep = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
@@ -101,6 +112,20 @@ def cmd_index_build(cfg: Config, args) -> int:
     if previous:  # the index may be the one a running `serve` has loaded: it switches to it, never undoes it
         print(f"replaced {previous} in {out}; a running `serve` switches to it within a few seconds", file=sys.stderr)
     return 0
+
+
+def _refuse_the_demos_index(cfg: Config, out: Path) -> None:
+    """A config that runs the demo keeps the demo's index at index.path: building one's own photos into it would
+    replace the demo's catalog for good. Say how to start a catalog of one's own instead."""
+    if not cfg.catalog.demo or Path(out).resolve() != Path(cfg.index.path).resolve():
+        return
+    raise ConfigError(
+        f"{cfg.source_file or 'the default config'} runs the demo (catalog.demo: true): `index build` into its index "
+        f"({cfg.index.path}) would replace the demo's catalog. Give your catalog a config of its own, which keeps its "
+        "index, catalog store and history beside it — e.g. ~/shop/config.yaml with `camera: {source: /dev/video0}` "
+        "(README.md, \"Use your own catalog\") — then: edge-retrieval index build --config ~/shop/config.yaml "
+        "--catalog ~/shop/catalog. (To build into it anyway, set catalog.demo: false; `make clean` resets the "
+        "demo.)")
 
 
 def _describe_index(path: Path) -> str | None:
@@ -137,12 +162,18 @@ def cmd_query(cfg: Config, args) -> int:
                               "timings_ms": out["timings_ms"]}), flush=True)
         else:
             m = result.match
-            verdict = (f"match {m.id}" + (f" · verified, {m.inliers} matching points" if m.inliers else "")
-                       if m else "no match")
+            verdict = (f"match {_named(m)} · {confidence(m, m)} confidence" + (
+                f" · {m.inliers} matching points" if m.inliers else "") if m else "no match")
             print(f"{path}  {verdict}  ({result.timings_ms['total']:.1f} ms)")
-            for rank, c in enumerate(result.results, 1):
-                print(f"  {rank}. {c.score:.3f}  {c.id}  {c.label}")
+            for rank, c in enumerate(result.results, 1):  # the same word as the page, the numbers behind it
+                points = f", {c.inliers} points" if c.inliers is not None else ""
+                print(f"  {rank}. {_named(c)}  {confidence(c, m)} (cosine {c.score:.3f}{points})")
     return 1 if failures else 0
+
+
+def _named(c) -> str:
+    """An item as a person reads it: its id, and its label when that says something more."""
+    return c.id if c.label in (c.id, c.id.rsplit("/", 1)[-1]) else f"{c.id} ({c.label})"
 
 
 def cmd_catalog(cfg: Config, args) -> int:
@@ -195,6 +226,12 @@ def cmd_serve(cfg: Config) -> int:
              appliance.catalog.holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
+    if appliance.catalog.holder.current().size == 0:
+        where = f"--config {cfg.source_file} " if cfg.source_file else ""
+        log.warning("the catalog is empty: nothing can be recognised yet. Add items on the page (Catalog → Enrol "
+                    "photo, or what the camera sees; needs web.api_token), or here: `edge-retrieval catalog add "
+                    "%sPHOTO... --label LABEL`, or index a folder of photos, one per item: `edge-retrieval index "
+                    "build %s--catalog FOLDER` (a running serve picks either up within seconds)", where, where)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
     try:
@@ -203,6 +240,16 @@ def cmd_serve(cfg: Config) -> int:
         pass
     finally:
         appliance.stop()  # MQTT says "offline" on a clean stop
+    return 0
+
+
+def cmd_init(args) -> int:
+    from edge_retrieval.app.first_run import write_starter
+    config = write_starter(args.folder, args.camera)
+    folder = config.parent
+    print(f"wrote {config} (camera {args.camera}; the page's API token is in it) and {folder / 'catalog'}/\n"
+          f"next: put one photo per item in {folder / 'catalog'}/ (the file name is its id and label), then\n"
+          f"  edge-retrieval serve --config {config}")
     return 0
 
 
@@ -243,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: the only place errors become exit codes (2 = bad config/bundle/index, 1 = a query failed)."""
     args = _parser().parse_args(argv)
     try:
+        if args.cmd == "init":
+            return cmd_init(args)
         cfg = _config(args)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.cmd == "serve":

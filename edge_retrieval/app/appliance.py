@@ -122,7 +122,7 @@ class Appliance:
     def _upload_slot(self):
         """One of ``web.max_parallel_uploads`` slots, or BusyError at once (the web layer: 503 + Retry-After)."""
         if not self._uploads.acquire(blocking=False):
-            self.recorder.count_error("BusyError")
+            self.recorder.count_error("BusyError", device=False)  # a visitor's request, answered 503
             raise BusyError(f"{self._max_uploads} uploads are being processed (web.max_parallel_uploads); "
                             "try again in a second")
         try:

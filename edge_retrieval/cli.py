@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from edge_retrieval import __version__
 from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import load_config
@@ -43,48 +44,67 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"your settings (default: ./{DEFAULT_CONFIG} if there is one, else the defaults)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # --config is accepted after the subcommand too (`python -m edge_retrieval serve --config config.yaml`)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("init", help="start a catalog of your own in FOLDER, apart from the demo",
-                       description="Write FOLDER/config.yaml (your camera, a random API token for the page's catalog "
-                                   "manager) and make FOLDER/catalog/ for your photos, one per item. Everything the "
-                                   "appliance keeps (index, catalog store, history) then lives in FOLDER/var/.")
-    i.add_argument("folder", type=Path, help="where your appliance lives, e.g. ~/shop")
-    i.add_argument("--camera", default="/dev/video0",
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"your settings (default: ./{DEFAULT_CONFIG} if there is one)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, text: str, more: str = "", **kw):
+        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + "." + more, **kw)
+
+    bundle = "the model: a shipped bundle's name (sscd-distilled, efficientnet-lite0, …) or a bundle folder " \
+             "(default: encoder.bundle)"
+    i = command(sub, "init", "start a catalog of your own in FOLDER, apart from the demo",
+                " It writes FOLDER/config.yaml (your camera, a random API token for the page's catalog manager) and "
+                "makes FOLDER/catalog/ for your photos, one per item; `serve --config FOLDER/config.yaml` indexes "
+                "them at its first start. Everything the appliance keeps (index, catalog store, history) lives in "
+                "FOLDER/var/.")
+    i.add_argument("folder", type=Path, metavar="FOLDER", help="where your appliance lives, e.g. ~/shop")
+    i.add_argument("--camera", default="/dev/video0", metavar="SOURCE",
                    help="the camera: /dev/videoN or N, csi://0, rtsp://…, a video file, a folder of images, or none "
                         "(uploads only); default /dev/video0")
-    s = sub.add_parser("serve", parents=[common], help="run the appliance: camera, trigger, lookups, web page")
+    s = command(sub, "serve", "run the appliance: camera, lookups, the web page, MQTT and webhooks", parents=[common],
+                more=" Stop it with Ctrl-C (or SIGTERM); the log says where the page is.")
     s.add_argument("--host", default=None, help="listen address (overrides web.host; 127.0.0.1 = this machine only)")
     s.add_argument("--port", type=_positive_int, default=None, help="listen port (overrides web.port)")
-    idx = sub.add_parser("index", help="catalog index commands").add_subparsers(dest="index_cmd", required=True)
-    b = idx.add_parser("build", parents=[common],
-                       help="index a folder of images (id = relative path without extension)")
-    b.add_argument("--catalog", type=Path, required=True, help="folder of catalog images")
-    b.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
-    b.add_argument("--out", type=Path, default=None, help="index folder (default: index.path)")
-    b.add_argument("--labels", type=Path, default=None, help="CSV/TSV/JSON of id → label")
-    b.add_argument("--workers", type=_positive_int, default=None,
-                   help="local worker processes (default: build.workers; 1 = in process)")
+    idx = command(sub, "index", "build the catalog's index from a folder of photos")
+    b = command(idx.add_subparsers(dest="index_cmd", required=True, metavar="COMMAND"), "build",
+                "index a folder of photos, one per item", parents=[common],
+                more=" An item's id is the photo's path in the folder without its extension (shelf/red-mug.jpg → "
+                     "shelf/red-mug), its label the file name. Items enrolled later (page, `catalog add`) stay. A "
+                     "running `serve` switches to the new index within seconds.")
+    b.add_argument("--catalog", type=Path, required=True, metavar="FOLDER", help="the folder of photos")
+    b.add_argument("--bundle", type=Path, default=None, metavar="BUNDLE", help=bundle)
+    b.add_argument("--out", type=Path, default=None, metavar="FOLDER", help="where the index goes (default: index.path)")
+    b.add_argument("--labels", type=Path, default=None, metavar="FILE",
+                   help="labels other than the file names: CSV/TSV of id,label or JSON {id: label}")
+    b.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="processes working in parallel (default: build.workers, one per core; 1 = no extra process)")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the per-item work on Ray: a local Ray without ADDRESS, else a cluster (auto, "
-                        "HOST:6379, ray://HOST:10001); default: build.ray / build.ray_address")
-    q = sub.add_parser("query", parents=[common], help="look up image files")
-    q.add_argument("images", nargs="+", type=Path)
-    q.add_argument("--index", type=Path, default=None, help="index folder (default: index.path)")
-    q.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
-    q.add_argument("--top-k", type=_positive_int, default=None, help="results per query, ≥ 1 (default: index.top_k)")
-    q.add_argument("--json", action="store_true", help="one JSON line per query")
-    c = sub.add_parser("catalog", help="enrol or remove items").add_subparsers(dest="catalog_cmd", required=True)
-    a = c.add_parser("add", parents=[common], help="enrol images (replaces an item with the same id)")
-    a.add_argument("images", nargs="+", type=Path)
-    a.add_argument("--label", default=None, help="label (default: the file name)")
-    a.add_argument("--id", dest="item_id", default=None, help="id (one image only; default: file stem)")
-    r = c.add_parser("remove", parents=[common], help="remove items by id")
-    r.add_argument("ids", nargs="+")
-    c.add_parser("list", parents=[common], help="list items")
+                   help="work on Ray instead (pip install '.[scale]'): a local Ray without ADDRESS, else a cluster "
+                        "(auto, HOST:6379, ray://HOST:10001); default: build.ray / build.ray_address")
+    q = command(sub, "query", "say which catalog item is in each photo", parents=[common],
+                more=" One line per photo: match or no match, with a confidence word (high, medium, low), then the "
+                     "nearest items with their cosine and matching points. Exit 1 when a photo cannot be read.")
+    q.add_argument("images", nargs="+", type=Path, metavar="PHOTO", help="photo files (JPEG, PNG, WebP, …)")
+    q.add_argument("--index", type=Path, default=None, metavar="FOLDER", help="the index (default: index.path)")
+    q.add_argument("--bundle", type=Path, default=None, metavar="BUNDLE", help=bundle)
+    q.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="nearest items shown per photo, ≥ 1 (default: index.top_k)")
+    q.add_argument("--json", action="store_true", help="one JSON line per photo, for scripts")
+    c = command(sub, "catalog", "add, remove or list items (while `serve` runs, too)")
+    cs = c.add_subparsers(dest="catalog_cmd", required=True, metavar="COMMAND")
+    a = command(cs, "add", "enrol photos as items (a photo replaces the item with the same id)", parents=[common])
+    a.add_argument("images", nargs="+", type=Path, metavar="PHOTO", help="one photo per item")
+    a.add_argument("--label", default=None, help="the name shown (default: the file name)")
+    a.add_argument("--id", dest="item_id", default=None, help="the item's id (one photo only; default: the file name)")
+    r = command(cs, "remove", "remove items", parents=[common])
+    r.add_argument("ids", nargs="+", metavar="ID", help="item ids, as `catalog list` shows them")
+    command(cs, "list", "list the items: id, then label", parents=[common])
     return p
 
 

@@ -286,3 +286,22 @@ def test_a_catalog_of_ones_own_in_three_commands_never_touches_the_demo(tmp_path
     refused = run_cli("index", "build", "--config", str(demo), "--catalog", str(shop / "catalog"))
     assert refused.returncode == 2 and "runs the demo" in refused.stderr and "Use your own catalog" in refused.stderr
     assert not (tmp_path / "var").exists()  # the demo's index untouched
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["serve"], ["index"], ["index", "build"], ["query"], ["catalog"],
+                                     ["catalog", "add"], ["catalog", "remove"], ["catalog", "list"]])
+def test_every_help_text_speaks_to_users(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    assert ".py" not in text and "wiring" not in text  # about what it does for you, not about the code
+    if command:  # every command says what it does, in a sentence, above its options
+        assert text.split("\n\n")[1].strip().endswith(".")
+
+
+def test_version(capsys):
+    import edge_retrieval
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"edge-retrieval {edge_retrieval.__version__}"

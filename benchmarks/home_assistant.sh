@@ -37,8 +37,10 @@ command -v mmdebstrap >/dev/null || apt-get install -y -qq mmdebstrap
 command -v mosquitto >/dev/null || apt-get install -y -qq mosquitto
 if [ ! -x "$ROOT/usr/bin/python3" ]; then
   echo "== the Debian trixie root (a few minutes)" >&2
-  MIRROR=$(grep -h -m1 -oE 'https?://[^ ]+/debian/?' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null \
-           | head -1 || true)
+  if findmnt -rno TARGET | grep -q "^$ROOT/"; then echo "$ROOT has mounts left: unmount them first" >&2; exit 1; fi
+  rm -rf "$ROOT"  # what a failed mmdebstrap left (it wants an empty target)
+  MIRROR=$(grep -hE '^\s*(URIs:|deb )' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null \
+           | grep -oE 'https?://[^ ]+/debian/?' | head -1 || true)  # the mirror apt uses here
   mmdebstrap --variant=minbase --include=python3,python3-venv,python3-dev,build-essential,ca-certificates \
     trixie "$ROOT" "${MIRROR:-http://deb.debian.org/debian}"
 fi

@@ -29,8 +29,8 @@ bind() {  # bind HOST_PATH [ROOT_PATH]: mounted read-only unless it is one of th
   mkdir -p "$target"
   mountpoint -q "$target" || { mount --bind "$1" "$target" && MOUNTS+=("$target"); }
 }
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/ha/bin:/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
-  TZ=UTC "$@"; }
+in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/ha/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  LANG=C.UTF-8 TZ=UTC "$@"; }
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 command -v mmdebstrap >/dev/null || apt-get install -y -qq mmdebstrap
@@ -55,8 +55,9 @@ in_root update-ca-certificates >/dev/null 2>&1 || true
   done
   [ -n "${PIP_INDEX_URL:-}" ] && echo "index-url = $PIP_INDEX_URL"
   [ -n "${PIP_FIND_LINKS:-}" ] && echo "find-links = $PIP_FIND_LINKS"
-} > "$ROOT/etc/pip.conf"
-for d in $(grep -ohE 'file://[^ ]+|/opt/[^ ]+' "$ROOT/etc/pip.conf" | sed 's#^file://##' | sort -u); do
+} | awk -F' *= *' '!seen[$1]++' > "$ROOT/etc/pip.conf"  # pip refuses a key twice: the first one wins
+for d in $(grep -ohE 'file://[^ ]+|/opt/[^ ]+' "$ROOT/etc/pip.conf" | sed -E 's#^file://##; s#^(/[^/]+/[^/]+).*#\1#' \
+           | sort -u); do  # a local index's files lie beside its simple/ folder
   [ -d "$d" ] && bind "$d"
 done
 for d in /proc /dev /sys; do bind "$d"; done

@@ -100,7 +100,7 @@ function card(c) {
   if (c.thumbnail_url) { thumb.src = c.thumbnail_url; } else { thumb.remove(); }
   thumb.alt = str(c.label);
   li.querySelector(".label").textContent = str(c.label);
-  li.querySelector(".id").textContent = str(c.id);
+  li.querySelector(".id").textContent = str(c.id) === str(c.label) ? "" : str(c.id);  // not "rocket" twice
   return li;
 }
 

@@ -29,8 +29,10 @@ bind() {  # bind HOST_PATH [ROOT_PATH]: mounted read-only unless it is one of th
   mkdir -p "$target"
   mountpoint -q "$target" || { mount --bind "$1" "$target" && MOUNTS+=("$target"); }
 }
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/ha/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  LANG=C.UTF-8 TZ=UTC "$@"; }
+# uv (which Home Assistant installs an integration's requirements with) trusts this machine's CAs only natively
+IN_ROOT=(chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/ha/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+         LANG=C.UTF-8 TZ=UTC SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_NATIVE_TLS=1)
+in_root() { "${IN_ROOT[@]}" "$@"; }
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 command -v mmdebstrap >/dev/null || apt-get install -y -qq mmdebstrap
@@ -92,7 +94,7 @@ logger:
     homeassistant.components.mqtt: debug
 EOF
 start_ha() {
-  in_root /opt/ha/bin/hass -c /config --log-file /config/home-assistant.log >>"$WORK/hass.out" 2>&1 &
+  "${IN_ROOT[@]}" /opt/ha/bin/hass -c /config --log-file /config/home-assistant.log >>"$WORK/hass.out" 2>&1 &
   HA_PID=$!
   PIDS+=("$HA_PID")
 }

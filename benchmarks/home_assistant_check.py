@@ -177,6 +177,7 @@ async def restarted(args, state: dict) -> None:
             await asyncio.sleep(1)
     state["after_restart"] = {"state": found and found["state"],
                               "attributes": sorted(found["attributes"]) if found else None}
+    state.pop("token")  # the report keeps no credential
 
 
 def main() -> None:

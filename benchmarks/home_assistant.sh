@@ -7,7 +7,7 @@
 # unknown photo, the trigger on, MQTT on) on this machine. benchmarks/home_assistant_check.py then reads what Home
 # Assistant made of the device: its entities, how soon the camera is "on" after a start, state changes per lookup,
 # "no match", the "Look up now" button, and the attributes after a Home Assistant restart.
-# Writes WORKDIR/report.json and prints it. KEEP_ROOT=1 (default): reuse the root and its venv on a second run.
+# Writes WORKDIR/report.json and prints it. A second run reuses the root and its Home Assistant (~1.5 min).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(realpath -m "${1:-$REPO/var/home-assistant}")

@@ -192,6 +192,36 @@ def test_the_page_passes_an_automated_accessibility_check(server, driver):
     driver.execute_script("document.getElementById('catalog').open = false")  # as the next test expects it
 
 
+def test_an_empty_catalog_says_how_to_add_the_first_item_and_the_page_adds_it(server, driver, photos, tmp_path):
+    empty = tmp_path / "catalog"
+    empty.mkdir()
+    s = Serve(tmp_path, empty, camera="none")
+    s.start()
+    try:
+        driver.get(_url(s))
+        banner = driver.find_element(By.ID, "empty-catalog")
+        _wait(driver, lambda d: banner.is_displayed(), "the empty-catalog note")
+        assert "index build" in banner.text and "Catalog" in banner.text
+        assert "the catalog is empty" in _text(driver, "status-panel")  # not "built without local features"
+        banner.find_element(By.TAG_NAME, "a").click()  # opens the catalog manager
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+        photo = tmp_path / "rocket.jpg"
+        photo.write_bytes(encode_jpeg(photos["rocket"], 90))
+        driver.find_element(By.ID, "enrol-label").send_keys("rocket")
+        driver.find_element(By.ID, "enrol-file").send_keys(str(photo))
+        driver.find_element(By.CSS_SELECTOR, "#enrol-form button[type=submit]").click()
+        _wait(driver, lambda d: not banner.is_displayed() and "enrolled " in _text(d, "catalog-note"),
+              "the note to go once the first item is in")
+        # (a device without a camera answers the live view with 503: the page shows uploads only)
+        assert [e for e in _severe(driver) if "stream.mjpg" not in e["message"]
+                and "frame.jpg" not in e["message"]] == []
+    finally:
+        s.stop()
+        driver.get(_url(server))  # the page of the other tests' device again
+        _wait(driver, lambda d: _history_size(d) >= 1, "the device's page")
+
+
 def test_enrol_and_delete_from_the_catalog_manager_change_the_catalog(server, driver, photos, tmp_path):
     _, before = server.request("GET", "/api/catalog?limit=1")
     driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()

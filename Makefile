@@ -41,6 +41,9 @@ test-deps:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium/chromium-driver are not installed (apt-get install chromium chromium-driver): the browser tests will be skipped"
+	@[ -f $(VENV)/axe/node_modules/axe-core/axe.min.js ] || { command -v npm >/dev/null && \
+	  npm install --silent --no-save --no-package-lock --no-audit --no-fund --prefix $(VENV)/axe axe-core@4.14.1 ; } || \
+	  echo "npm is not installed (or axe-core could not be fetched): the page's accessibility check will be skipped"
 
 # ruff first (seconds), then the whole suite: tests/unit (fast) and tests/integration (real broker, browser, processes,
 # Ray, the wheel in a fresh venv). The quick loop while coding: .venv/bin/python -m pytest tests/unit -m 'not slow'

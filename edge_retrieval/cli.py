@@ -1,5 +1,6 @@
 """edge-retrieval: recognise which catalog items a camera sees, offline.
 
+  edge-retrieval init FOLDER                   a place for your own catalog: FOLDER/config.yaml + FOLDER/catalog/
   edge-retrieval index build --catalog DIR     index a folder of photos (one photo per item; the file name is its id)
   edge-retrieval query PHOTO... [--json]       which catalog item is in each photo
   edge-retrieval serve                         the appliance: camera, lookups, the web page, MQTT
@@ -19,10 +20,12 @@ import signal
 import sys
 from pathlib import Path
 
+from edge_retrieval import __version__
 from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
+from edge_retrieval.core.results import confidence
 
 log = logging.getLogger("edge_retrieval")
 DEFAULT_CONFIG = "config.yaml"
@@ -42,48 +45,76 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"your settings (default: ./{DEFAULT_CONFIG} if there is one, else the defaults)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # --config is accepted after the subcommand too (`python -m edge_retrieval serve --config config.yaml`)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", parents=[common], help="run the appliance: camera, trigger, lookups, web page")
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"your settings (default: ./{DEFAULT_CONFIG} if there is one)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, text: str, more: str = "", **kw):
+        return parent.add_parser(name, help=text, description=text[0].upper() + text[1:] + "." + more, **kw)
+
+    bundle = "the model: a shipped bundle's name (sscd-distilled, efficientnet-lite0, …) or a bundle folder " \
+             "(default: encoder.bundle)"
+    i = command(sub, "init", "start a catalog of your own in FOLDER, apart from the demo",
+                " It writes FOLDER/config.yaml (your camera, a random API token for the page's catalog manager) and "
+                "makes FOLDER/catalog/ for your photos, one per item; `serve --config FOLDER/config.yaml` indexes "
+                "them at its first start. Everything the appliance keeps (index, catalog store, history) lives in "
+                "FOLDER/var/.")
+    i.add_argument("folder", type=Path, metavar="FOLDER", help="where your appliance lives, e.g. ~/shop")
+    i.add_argument("--camera", default="/dev/video0", metavar="SOURCE",
+                   help="the camera: /dev/videoN or N, csi://0, rtsp://…, a video file, a folder of images, or none "
+                        "(uploads only); default /dev/video0")
+    s = command(sub, "serve", "run the appliance: camera, lookups, the web page, MQTT and webhooks", parents=[common],
+                more=" Stop it with Ctrl-C (or SIGTERM); the log says where the page is.")
     s.add_argument("--host", default=None, help="listen address (overrides web.host; 127.0.0.1 = this machine only)")
     s.add_argument("--port", type=_positive_int, default=None, help="listen port (overrides web.port)")
-    idx = sub.add_parser("index", help="catalog index commands").add_subparsers(dest="index_cmd", required=True)
-    b = idx.add_parser("build", parents=[common],
-                       help="index a folder of photos (one per item; the id comes from the file's path, the label from its "
-                            "name); exit code 1 when some files were skipped, 2 when nothing was built")
-    b.add_argument("--catalog", type=Path, required=True, help="folder of catalog images")
-    b.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
-    b.add_argument("--out", type=Path, default=None, help="index folder (default: index.path)")
-    b.add_argument("--labels", type=Path, default=None, help="CSV/TSV/JSON of id → label")
-    b.add_argument("--workers", type=_positive_int, default=None,
-                   help="local worker processes (default: build.workers; 1 = in process)")
+    idx = command(sub, "index", "build the catalog's index from a folder of photos")
+    b = command(idx.add_subparsers(dest="index_cmd", required=True, metavar="COMMAND"), "build",
+                "index a folder of photos, one per item", parents=[common],
+                more=" Any file name: an item's id is the photo's path in the folder without its extension "
+                     "(shelf/red-mug.jpg → shelf/red-mug; brackets, commas and such become _), its label the file name "
+                     "as written. Items enrolled later (page, `catalog add`) stay. A running `serve` switches to the new "
+                     "index within seconds. Exit code 1 when some files were left out (each is listed with the "
+                     "reason), 2 when nothing was built.")
+    b.add_argument("--catalog", type=Path, required=True, metavar="FOLDER", help="the folder of photos")
+    b.add_argument("--bundle", type=Path, default=None, metavar="BUNDLE", help=bundle)
+    b.add_argument("--out", type=Path, default=None, metavar="FOLDER", help="where the index goes (default: index.path)")
+    b.add_argument("--labels", type=Path, default=None, metavar="FILE",
+                   help="labels other than the file names: CSV/TSV of id,label or JSON {id: label}")
+    b.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="processes working in parallel (default: build.workers, one per core; 1 = no extra process)")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the per-item work on Ray: a local Ray without ADDRESS, else a cluster (auto, "
-                        "HOST:6379, ray://HOST:10001); default: build.ray / build.ray_address")
-    q = sub.add_parser("query", parents=[common], help="look up image files")
-    q.add_argument("images", nargs="+", type=Path)
-    q.add_argument("--index", type=Path, default=None, help="index folder (default: index.path)")
-    q.add_argument("--bundle", type=Path, default=None, help="a shipped bundle's name or a bundle folder (default: encoder.bundle)")
-    q.add_argument("--top-k", type=_positive_int, default=None, help="results per query, ≥ 1 (default: index.top_k)")
-    q.add_argument("--json", action="store_true", help="one JSON line per query")
-    c = sub.add_parser("catalog", help="enrol, remove, list, export or import items").add_subparsers(dest="catalog_cmd", required=True)
-    a = c.add_parser("add", parents=[common], help="enrol images (replaces an item with the same id)")
-    a.add_argument("images", nargs="+", type=Path)
-    a.add_argument("--label", default=None, help="label (default: the file name)")
-    a.add_argument("--id", dest="item_id", default=None, help="id (one image only; default: file stem)")
-    r = c.add_parser("remove", parents=[common], help="remove items by id")
-    r.add_argument("ids", nargs="+")
-    c.add_parser("list", parents=[common], help="list items")
-    e = c.add_parser("export", parents=[common], help="write the whole catalog (ids, labels, original photos) to one "
-                                                      "archive file: a backup, or a catalog to move to another device")
-    e.add_argument("archive", type=Path)
-    i = c.add_parser("import", parents=[common], help="add the items of an archive made by `catalog export` (checked "
-                                                      "whole first: all of it or nothing)")
-    i.add_argument("archive", type=Path)
-    i.add_argument("--replace", action="store_true", help="overwrite items whose ids the catalog already has")
+                   help="work on Ray instead (pip install '.[scale]'): a local Ray without ADDRESS, else a cluster "
+                        "(auto, HOST:6379, ray://HOST:10001); default: build.ray / build.ray_address")
+    q = command(sub, "query", "say which catalog item is in each photo", parents=[common],
+                more=" One line per photo: match or no match, with a confidence word (high, medium, low), then the "
+                     "nearest items with their cosine and matching points. Exit 1 when a photo cannot be read.")
+    q.add_argument("images", nargs="+", type=Path, metavar="PHOTO", help="photo files (JPEG, PNG, WebP, …)")
+    q.add_argument("--index", type=Path, default=None, metavar="FOLDER", help="the index (default: index.path)")
+    q.add_argument("--bundle", type=Path, default=None, metavar="BUNDLE", help=bundle)
+    q.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="nearest items shown per photo, ≥ 1 (default: index.top_k)")
+    q.add_argument("--json", action="store_true", help="one JSON line per photo, for scripts")
+    c = command(sub, "catalog", "add, remove, list, export or import items (while `serve` runs, too)")
+    cs = c.add_subparsers(dest="catalog_cmd", required=True, metavar="COMMAND")
+    a = command(cs, "add", "enrol photos as items (a photo replaces the item with the same id)", parents=[common])
+    a.add_argument("images", nargs="+", type=Path, metavar="PHOTO", help="one photo per item")
+    a.add_argument("--label", default=None, help="the name shown (default: the file name)")
+    a.add_argument("--id", dest="item_id", default=None, help="the item's id (one photo only; default: from the file name)")
+    r = command(cs, "remove", "remove items", parents=[common])
+    r.add_argument("ids", nargs="+", metavar="ID", help="item ids, as `catalog list` shows them")
+    command(cs, "list", "list the items: id, then label", parents=[common])
+    e = command(cs, "export", "write the whole catalog (ids, labels, original photos) to one archive file",
+                parents=[common], more=" A backup, or a catalog to move to another device (`catalog import`).")
+    e.add_argument("archive", type=Path, metavar="FILE")
+    im = command(cs, "import", "add the items of an archive made by `catalog export`", parents=[common],
+                 more=" The archive is checked whole first, then committed at once: all of it or nothing.")
+    im.add_argument("archive", type=Path, metavar="FILE")
+    im.add_argument("--replace", action="store_true", help="overwrite items whose ids the catalog already has")
     return p
 
 
@@ -97,6 +128,7 @@ def _config(args) -> Config:
 def cmd_index_build(cfg: Config, args) -> int:
     from edge_retrieval.catalog.build_workers import report_text
     out = args.out or cfg.index.path
+    _refuse_the_demos_index(cfg, out)
     encoder = wiring.load(cfg, args.bundle)
     previous = _describe_index(out)
     built = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
@@ -114,6 +146,20 @@ def cmd_index_build(cfg: Config, args) -> int:
               "exit code 1", file=sys.stderr)
         return 1
     return 0
+
+
+def _refuse_the_demos_index(cfg: Config, out: Path) -> None:
+    """A config that runs the demo keeps the demo's index at index.path: building one's own photos into it would
+    replace the demo's catalog for good. Say how to start a catalog of one's own instead."""
+    if not cfg.catalog.demo or Path(out).resolve() != Path(cfg.index.path).resolve():
+        return
+    raise ConfigError(
+        f"{cfg.source_file or 'the default config'} runs the demo (catalog.demo: true): `index build` into its index "
+        f"({cfg.index.path}) would replace the demo's catalog. Give your catalog a config of its own, which keeps its "
+        "index, catalog store and history beside it — e.g. ~/shop/config.yaml with `camera: {source: /dev/video0}` "
+        "(README.md, \"Use your own catalog\") — then: edge-retrieval index build --config ~/shop/config.yaml "
+        "--catalog ~/shop/catalog. (To build into it anyway, set catalog.demo: false; `make clean` resets the "
+        "demo.)")
 
 
 def _describe_index(path: Path) -> str | None:
@@ -150,12 +196,18 @@ def cmd_query(cfg: Config, args) -> int:
                               "timings_ms": out["timings_ms"]}), flush=True)
         else:
             m = result.match
-            verdict = (f"match {m.id}" + (f" · verified, {m.inliers} matching points" if m.inliers else "")
-                       if m else "no match")
+            verdict = (f"match {_named(m)} · {confidence(m, m)} confidence" + (
+                f" · {m.inliers} matching points" if m.inliers else "") if m else "no match")
             print(f"{path}  {verdict}  ({result.timings_ms['total']:.1f} ms)")
-            for rank, c in enumerate(result.results, 1):
-                print(f"  {rank}. {c.score:.3f}  {c.id}  {c.label}")
+            for rank, c in enumerate(result.results, 1):  # the same word as the page, the numbers behind it
+                points = f", {c.inliers} points" if c.inliers is not None else ""
+                print(f"  {rank}. {_named(c)}  {confidence(c, m)} (cosine {c.score:.3f}{points})")
     return 1 if failures else 0
+
+
+def _named(c) -> str:
+    """An item as a person reads it: its id, and its label when that says something more."""
+    return c.id if c.label in (c.id, c.id.rsplit("/", 1)[-1]) else f"{c.id} ({c.label})"
 
 
 def cmd_catalog(cfg: Config, args) -> int:
@@ -222,6 +274,12 @@ def cmd_serve(cfg: Config) -> int:
              appliance.catalog.holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
+    if appliance.catalog.holder.current().size == 0:
+        where = f"--config {cfg.source_file} " if cfg.source_file else ""
+        log.warning("the catalog is empty: nothing can be recognised yet. Add items on the page (Catalog → Enrol "
+                    "photo, or what the camera sees; needs web.api_token), or here: `edge-retrieval catalog add "
+                    "%sPHOTO... --label LABEL`, or index a folder of photos, one per item: `edge-retrieval index "
+                    "build %s--catalog FOLDER` (a running serve picks either up within seconds)", where, where)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     notify_systemd(lambda: watchdog_check(appliance, http_probe(w.host, w.port)))
     try:
@@ -230,6 +288,16 @@ def cmd_serve(cfg: Config) -> int:
         pass
     finally:
         appliance.stop()  # MQTT says "offline" on a clean stop
+    return 0
+
+
+def cmd_init(args) -> int:
+    from edge_retrieval.app.first_run import write_starter
+    config = write_starter(args.folder, args.camera)
+    folder = config.parent
+    print(f"wrote {config} (camera {args.camera}; the page's API token is in it) and {folder / 'catalog'}/\n"
+          f"next: put one photo per item in {folder / 'catalog'}/ (the file name is its id and label), then\n"
+          f"  edge-retrieval serve --config {config}")
     return 0
 
 
@@ -270,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: the only place errors become exit codes (2 = bad config/bundle/index, 1 = a query failed)."""
     args = _parser().parse_args(argv)
     try:
+        if args.cmd == "init":
+            return cmd_init(args)
         cfg = _config(args)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.cmd == "serve":

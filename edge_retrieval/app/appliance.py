@@ -91,7 +91,12 @@ class Appliance:
         return self
 
     def _tick(self) -> None:
-        self.recorder.tick(self.health)
+        self.recorder.tick(self.health, changed=self._health_key)
+
+    def _health_key(self) -> tuple:
+        """What, when it changes, goes to MQTT at once: the camera's state and the index generation (cheap)."""
+        loop = self.camera_loop
+        return (loop.camera.state if loop is not None else "absent", self.catalog.holder.current().generation)
 
     def _tick_until_stopped(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -117,7 +122,7 @@ class Appliance:
     def _upload_slot(self):
         """One of ``web.max_parallel_uploads`` slots, or BusyError at once (the web layer: 503 + Retry-After)."""
         if not self._uploads.acquire(blocking=False):
-            self.recorder.count_error("BusyError")
+            self.recorder.count_error("BusyError", device=False)  # a visitor's request, answered 503
             raise BusyError(f"{self._max_uploads} uploads are being processed (web.max_parallel_uploads); "
                             "try again in a second")
         try:

@@ -84,12 +84,14 @@ def build_catalog(cfg: Config, encoder: Encoder, folder: Path, out: Path | None 
 
 
 def event_sinks(cfg: Config) -> list:
-    """The MQTT publisher and the webhook notifier that the config enables, started."""
+    """The MQTT publisher and the webhook notifier that the config enables, started. Home Assistant's device
+    links to the page at this machine's LAN address (``mqtt.page_url`` overrides it)."""
+    from edge_retrieval.app.systemd import page_urls
     from edge_retrieval.outputs.mqtt import MqttPublisher
     from edge_retrieval.outputs.webhook import WebhookNotifier  # paho is imported only when MQTT is used
     sinks: list = []
     if cfg.mqtt.enabled:
-        sinks.append(MqttPublisher(cfg.mqtt).start())
+        sinks.append(MqttPublisher(cfg.mqtt, page_url=page_urls(cfg.web.host, cfg.web.port)[-1]).start())
     if cfg.webhook.enabled:
         sinks.append(WebhookNotifier(cfg.webhook, cfg.mqtt.device_id).start())
     return sinks
@@ -145,13 +147,16 @@ def prepare_catalog(cfg: Config, encoder: Encoder) -> Config:
 
 
 def needs_build(path: Path, encoder: Encoder) -> bool:
-    """No index yet, or one made with another bundle / unreadable: rebuild it from the catalog folder."""
+    """No index yet, an empty one, or one made with another bundle / unreadable: (re)build it from the catalog
+    folder (items enrolled or removed since are replayed from the store on top)."""
     if not index_exists(path):
         return True
     try:
         with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
             if idx.bundle_sha256 == encoder.sha256:
-                return False
+                if idx.size == 0:  # e.g. the first start found catalog.build_from empty: photos may be there now
+                    log.info("index %s is empty: building it from catalog.build_from", path)
+                return idx.size == 0
             log.warning("index %s was built with another bundle (%s…): rebuilding it", path, idx.bundle_sha256[:12])
     except CatalogIndexError as e:
         log.warning("index %s is unusable (%s): rebuilding it", path, e)

@@ -60,7 +60,7 @@ class Camera:
     ``backoff_max_s``, when opening fails, when the source ends (``read()`` returns None) or when no
     frame arrives for ``stall_timeout_s``. It never gives up: the appliance keeps running and the
     state stays "reconnecting" until the camera is back. ``opener`` is called as
-    ``opener(spec, fps=, loop=, width=, height=, max_pixels=)`` and returns a ``FrameSource``; ``images`` bounds
+    ``opener(spec, fps=, loop=, width=, height=, max_pixels=, hold_s=)`` and returns a ``FrameSource``; ``images`` bounds
     what an image-folder source decodes.
     """
 
@@ -236,7 +236,7 @@ class Camera:
         try:
             cfg = self.config
             source = self._opener(self.spec, fps=cfg.fps, loop=cfg.loop, width=cfg.width, height=cfg.height,
-                                  max_pixels=self.images.max_pixels)
+                                  max_pixels=self.images.max_pixels, hold_s=cfg.hold_s)
             reader.opened = True  # a stall from now on is a stalled stream, not a slow open
             reader.progress_s = time.monotonic()
             while not reader.abandoned.is_set():

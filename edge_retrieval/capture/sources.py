@@ -23,7 +23,8 @@ from edge_retrieval.imaging.codec import DEFAULT_MAX_PIXELS, check_rgb, is_image
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_FOLDER_FPS = 2.0
+_DEFAULT_FOLDER_FPS = 2.0  # images/s of a folder whose images are not held (camera.hold_s: 0)
+_DEFAULT_HELD_FOLDER_FPS = 5.0  # frames/s of a folder whose images are held in view
 _DEFAULT_CSI_SIZE_PX = (1280, 720)
 _DEFAULT_CSI_FPS = 30
 _NETWORK_TIMEOUT_MS = 5000
@@ -134,13 +135,20 @@ class _VideoFileSource(_CaptureSource):
 
 
 class _ImageFolderSource(FrameSource):
-    """The images of a directory in name order, shown at ``fps``; unreadable files are skipped."""
+    """The images of a directory in name order, each held in view for ``hold_s`` (repeated at ``fps`` frames/s,
+    as a camera would see a print laid down and left there, so the trigger sees a still view); ``hold_s`` 0 =
+    each image is one frame, ``fps`` images/s. Unreadable files are skipped."""
 
-    def __init__(self, path: str, fps: float | None, loop: bool, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, path: str, fps: float | None, loop: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 hold_s: float = 0.0):
         self._dir = Path(path)
         self._loop = loop
         self._max_pixels = max_pixels
-        self._pacer = _Pacer(fps or _DEFAULT_FOLDER_FPS)
+        fps = fps or (_DEFAULT_HELD_FOLDER_FPS if hold_s > 0 else _DEFAULT_FOLDER_FPS)
+        self._pacer = _Pacer(fps)
+        self._frames_per_image = max(1, round(hold_s * fps))
+        self._held: np.ndarray | None = None
+        self._repeats_left = 0
         self._bad: set[Path] = set()
         self.description = f"image folder {path}"
         self._files = self._list()
@@ -155,7 +163,17 @@ class _ImageFolderSource(FrameSource):
         return sorted(p for p in self._dir.iterdir() if is_image_file(p.name) and p.is_file())
 
     def read(self) -> np.ndarray | None:
-        """Return the next readable image as RGB (paced), looping if asked; None when none is left."""
+        """Return the next frame as RGB (paced): the image held in view, else the next readable one, looping if
+        asked; None when none is left."""
+        if self._held is not None and self._repeats_left > 0 and not self._closed:
+            self._repeats_left -= 1
+            self._pacer.wait()
+            return self._held
+        rgb = self._next_image()
+        self._held, self._repeats_left = rgb, self._frames_per_image - 1
+        return rgb
+
+    def _next_image(self) -> np.ndarray | None:
         tried = 0
         while not self._closed and tried <= len(self._files):
             if self._pos >= len(self._files):
@@ -193,6 +211,7 @@ def open_source(
     width: int | None = None,
     height: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    hold_s: float = 0.0,
 ) -> FrameSource:
     """Open a frame source from a spec string.
 
@@ -201,7 +220,8 @@ def open_source(
       on a Pi ``csi://<libcamera camera name>`` picks a camera other than the first);
     * ``"rtsp://..."``, ``"http(s)://..."``: a network stream (FFmpeg);
     * a video file: played in real time at ``fps`` (default: the file's rate), restarting if ``loop``;
-    * a directory: its images in name order at ``fps`` (default 2), looping if ``loop``.
+    * a directory: its images in name order, each held in view for ``hold_s`` seconds at ``fps`` frames/s
+      (default 5; with ``hold_s`` 0 each image is one frame, at ``fps`` images/s, default 2), looping if ``loop``.
 
     ``width``/``height`` (pixels) and ``fps`` are requested from cameras; a folder's images decode to at most
     ``max_pixels`` (``images.max_pixels``; a larger one is skipped like an unreadable one). Raises ``CameraError`` naming
@@ -218,7 +238,7 @@ def open_source(
         return _open_network(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _ImageFolderSource(str(path), fps, loop, max_pixels)
+        return _ImageFolderSource(str(path), fps, loop, max_pixels, hold_s)
     if path.is_file():
         return _VideoFileSource(str(path), fps, loop)
     raise CameraError(

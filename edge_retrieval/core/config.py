@@ -49,6 +49,7 @@ class CameraConfig(_Section):
     width: Optional[int] = Field(None, ge=16, le=8192)
     height: Optional[int] = Field(None, ge=16, le=8192)
     loop: bool = True
+    hold_s: float = Field(2.0, ge=0, le=3600, description="a folder's images: seconds each stays in view")
     stall_timeout_s: float = Field(5.0, gt=0, le=600)
     backoff_initial_s: float = Field(0.5, gt=0, le=600)
     backoff_max_s: float = Field(30.0, gt=0, le=3600)
@@ -276,6 +277,8 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("edge-retrieval", pattern=_TOPIC_WORD)
     device_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="null = the host name")
     device_name: Optional[str] = Field(None, description="shown in Home Assistant (null = the device id)")
+    page_url: Optional[str] = Field(None, pattern=r"^https?://",
+                                    description="the page Home Assistant links to; null = this machine's LAN address")
     discovery: bool = True
     discovery_prefix: str = Field("homeassistant", pattern=_TOPIC_WORD)
     qos: int = Field(1, ge=0, le=2)

@@ -40,6 +40,20 @@ class Candidate:
                    tuple(tuple(corner) for corner in quad) if quad is not None else None)
 
 
+# A match verified by at least this many matching points (RANSAC inliers of one homography) is as sure as the
+# device gets; the decision accepts from 8 (the bundles' calibration), where a wrong item is rare but possible.
+SURE_POINTS = 20
+
+
+def confidence(candidate: Candidate, match: Candidate | None) -> str:
+    """The one word for how sure a lookup is of an item, the same on the page, in the CLI and the JSON: "high"
+    (the match, verified by ≥ ``SURE_POINTS`` matching points), "medium" (the match, on less evidence: fewer
+    points, or the cosine alone), "low" (not the match). The numbers behind it (cosine, points) stay beside it."""
+    if match is None or candidate.id != match.id:
+        return "low"
+    return "high" if (candidate.inliers or 0) >= SURE_POINTS else "medium"
+
+
 @dataclass
 class LookupResult:
     """Ranked candidates of one query, the decision (``match``: the accepted item, or None = "no match"),
@@ -57,9 +71,13 @@ class LookupResult:
         return "match" if self.match is not None else "no_match"
 
     def to_json(self) -> dict:
+        """The JSON shape; each candidate (and the match) with its ``confidence`` word."""
+        def rated(c: Candidate) -> dict:
+            return {**c.to_json(), "confidence": confidence(c, self.match)}
+
         return {
-            "match": self.match.to_json() if self.match is not None else None,
-            "results": [c.to_json() for c in self.results],
+            "match": rated(self.match) if self.match is not None else None,
+            "results": [rated(c) for c in self.results],
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "source": self.source,
             "timestamp": self.timestamp,

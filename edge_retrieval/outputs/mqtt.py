@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 from edge_retrieval.core.config import MqttConfig
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.core.status import Health
+from edge_retrieval.outputs.home_assistant import discovery_messages, match_state
 from edge_retrieval.outputs.mqtt_auth import password, tls_context
 from edge_retrieval.outputs.sinks import DRAIN_S, POLL_S, QueueWorker, default_device_id, lookup_event
 
@@ -22,15 +23,18 @@ log = logging.getLogger(__name__)
 class MqttPublisher(QueueWorker):
     """Publishes lookups and state to an MQTT broker and announces the device to Home Assistant.
 
-    Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained:
-    the matched item id or "none"), ``state`` (retained JSON: camera and index health), ``availability``
-    (retained "online"; the broker publishes the last will "offline" when the device vanishes) and
-    ``command/lookup`` (the Home Assistant button; see ``on_lookup_command``)."""
+    Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained
+    JSON: the latest lookup's event and the items in view, what Home Assistant's sensors read:
+    edge_retrieval/outputs/home_assistant.py), ``state`` (retained JSON: camera and index health),
+    ``availability`` (retained "online"; the broker publishes the last will "offline" when the device vanishes)
+    and ``command/lookup`` (the Home Assistant button; see ``on_lookup_command``)."""
 
-    def __init__(self, config: MqttConfig):
+    def __init__(self, config: MqttConfig, page_url: str | None = None):
+        """``page_url``: the device's page, which Home Assistant links to (``mqtt.page_url`` wins over it)."""
         super().__init__("mqtt-publisher", config.queue_size)
         self.config = config
         self.device_id = config.device_id or default_device_id()
+        self.page_url = config.page_url or page_url
         base = f"{config.topic_prefix}/{self.device_id}"
         self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "state", "availability")}
         self.topics["command"] = f"{base}/command/lookup"
@@ -104,8 +108,9 @@ class MqttPublisher(QueueWorker):
     def publish_lookup(self, result: LookupResult) -> None:
         """Queue the lookup event and the new retained match state; never blocks, never raises."""
         try:
-            self._offer((self.topics["lookup"], json.dumps(lookup_event(result, self.device_id)), False))
-            self._set_state("match", result.match.id if result.match is not None else "none")
+            event = lookup_event(result, self.device_id)
+            self._offer((self.topics["lookup"], json.dumps(event), False))
+            self._set_state("match", json.dumps(match_state(event, result)))
         except Exception:
             log.exception("mqtt: could not queue a lookup event")
 
@@ -135,24 +140,9 @@ class MqttPublisher(QueueWorker):
                                lambda: self.stats()["reconnects"])
 
     def discovery_messages(self) -> dict[str, dict]:
-        """Home Assistant MQTT discovery: one device with a sensor (current match), a binary sensor (camera OK)
-        and a button (look up now), keyed by their retained config topics."""
-        oid, p = self.device_id, self.config.discovery_prefix
-        common = {"availability_topic": self.topics["availability"], "payload_available": "online",
-                  "payload_not_available": "offline",
-                  "device": {"identifiers": [f"edge_retrieval_{oid}"], "name": self.config.device_name or oid,
-                             "manufacturer": "edge-retrieval", "model": "Edge image-retrieval appliance"}}
-        return {
-            f"{p}/sensor/{oid}/match/config": {
-                **common, "name": "Current match", "unique_id": f"{oid}_match", "icon": "mdi:image-search",
-                "state_topic": self.topics["match"], "json_attributes_topic": self.topics["lookup"]},
-            f"{p}/binary_sensor/{oid}/camera/config": {
-                **common, "name": "Camera", "unique_id": f"{oid}_camera", "device_class": "connectivity",
-                "state_topic": self.topics["state"], "value_template": "{{ 'ON' if value_json.camera_ok else 'OFF' }}"},
-            f"{p}/button/{oid}/lookup/config": {
-                **common, "name": "Look up now", "unique_id": f"{oid}_lookup_now", "icon": "mdi:camera-iris",
-                "command_topic": self.topics["command"], "payload_press": "PRESS"},
-        }
+        """Home Assistant MQTT discovery (edge_retrieval/outputs/home_assistant.py), keyed by the retained
+        config topics."""
+        return discovery_messages(self.config, self.device_id, self.topics, self.page_url)
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _set_state(self, key: str, payload: str) -> None:

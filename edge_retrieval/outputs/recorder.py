@@ -48,6 +48,7 @@ class Recorder:
         self._summary = {"lookups": 0, "matches": 0, "errors": 0}
         self._summary_at = time.monotonic()
         self._sink_health_at = 0.0
+        self._sink_key: object = None  # what changed() said when the health last went to the sinks
 
     def started(self, source: str, timestamp: float) -> None:
         """A lookup began (the page shows it at once: ``lookup_started``)."""
@@ -56,13 +57,14 @@ class Recorder:
     def run(self, source: str, look_up: Callable[[], tuple[LookupResult, np.ndarray]], *,
             started_at: float | None = None) -> LookupResult:
         """One lookup from start to record, for the camera loop and uploads alike: the page hears it started,
-        ``look_up()`` gives (result, photo), a refused one (ApplianceError) is counted as the last error and
-        raised again, a finished one is recorded."""
+        ``look_up()`` gives (result, photo), a refused one (ApplianceError) is counted and raised again — as the
+        device's last error only when the device's own lookup failed: a visitor's bad upload is told to that
+        visitor (the HTTP answer), not shown as the device's trouble — a finished one is recorded."""
         self.started(source, time.time() if started_at is None else started_at)
         try:
             result, rgb = look_up()
         except ApplianceError as e:
-            self.count_error(type(e).__name__, str(e))
+            self.count_error(type(e).__name__, str(e), device=source != "upload")
             raise
         self.record(result, rgb)
         return result
@@ -81,11 +83,13 @@ class Recorder:
         for sink in self.sinks:  # sinks only queue the event: they never block or raise
             sink.publish_lookup(result)
 
-    def count_error(self, kind: str, message: str | None = None) -> None:
-        """A failed lookup or a refused request: counted by kind, and shown as the last error."""
+    def count_error(self, kind: str, message: str | None = None, *, device: bool = True) -> None:
+        """A failed lookup or a refused request: counted by kind; shown as the device's last error when it is the
+        device's (``device``), not a visitor's (a bad or refused upload)."""
         self.metrics.errors.labels(kind).inc()
         self._summary["errors"] += 1
-        self.last_error = ErrorInfo(kind=kind, message=message or kind, timestamp=time.time())
+        if device:
+            self.last_error = ErrorInfo(kind=kind, message=message or kind, timestamp=time.time())
 
     def lookups_per_min(self) -> int:
         """Lookups recorded in the last 60 s."""
@@ -95,12 +99,15 @@ class Recorder:
                 self._recent_s.popleft()
         return len(self._recent_s)
 
-    def tick(self, health: Callable[[], Health]) -> None:
+    def tick(self, health: Callable[[], Health], changed: Callable[[], object] = lambda: None) -> None:
         """Called every turn of the camera loop: the health to the sinks every ``mqtt.state_interval_s`` (a dead
-        camera is reported too) and the summary line every ``history.summary_interval_s``."""
+        camera is reported too), and at once when ``changed()`` (something cheap: the camera's state, the index
+        generation) differs from the last time it went out — so Home Assistant sees the camera stream the moment
+        it does, not one interval later; and the summary line every ``history.summary_interval_s``."""
         now = time.monotonic()
-        if self.sinks and now - self._sink_health_at >= self.sink_interval_s:
-            self._sink_health_at = now
+        key = changed() if self.sinks else None
+        if self.sinks and (now - self._sink_health_at >= self.sink_interval_s or key != self._sink_key):
+            self._sink_health_at, self._sink_key = now, key
             current = health()
             for sink in self.sinks:
                 sink.publish_health(current)

@@ -35,6 +35,9 @@ pytestmark = pytest.mark.skipif(
            "(apt-get install chromium chromium-driver; `make test` installs them when root)")
 
 WAIT_S = 60  # a generous bound for a busy 2-core machine
+# axe-core (npm, MPL-2.0; a test tool, never shipped): `make test` installs it under .venv/axe when npm is there
+AXE_JS = Path(os.environ.get("AXE_CORE_JS") or
+              Path(__file__).resolve().parents[2] / ".venv/axe/node_modules/axe-core/axe.min.js")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +107,10 @@ def test_page_loads_clean_and_a_triggered_result_appears_without_reload(server, 
     score = driver.find_element(By.CSS_SELECTOR, "#candidates .score")
     assert "ranked by" in score.get_attribute("title") and "cosine" in score.get_attribute("title")
     assert "pts" not in score.text
+    # one score a person reads — the same word as the CLI — with the cosine and the points in its tooltip
+    assert score.text in {"high confidence", "medium confidence", "low confidence"}
+    if _text(driver, "match-line").startswith("match: "):
+        assert "confidence" in _text(driver, "match-line") and "(" not in _text(driver, "match-line")  # no "x (x)"
     # the status panel is fed by /api/status
     _wait(driver, lambda d: "streaming" in _text(d, "status-panel") and "MB RSS" in _text(d, "status-panel"),
           "the status panel")
@@ -136,6 +143,83 @@ def test_an_upload_shows_the_users_photo_and_its_result_and_the_history_grows(se
     assert not driver.find_element(By.ID, "pinned-note").get_attribute("hidden")
     _screenshot(driver, "page-desktop.jpg")
     assert _severe(driver) == []
+
+
+def test_a_later_camera_lookup_replaces_the_note_about_the_visitors_photo(server, driver, photos, tmp_path):
+    photo = tmp_path / "not a photo.jpg"
+    photo.write_bytes(b"this is not a photo")
+    driver.find_element(By.ID, "upload-file").send_keys(str(photo))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    _wait(driver, lambda d: _text(d, "action-status").startswith("Failed:"), "the visitor's error, told to them")
+    # ...and not the device's: its status panel does not show it as its last error
+    _wait(driver, lambda d: "last error" in _text(d, "status-panel"), "the status panel")
+    assert "not an image" not in _text(driver, "status-panel")
+    good = tmp_path / "mine.jpg"
+    good.write_bytes(encode_jpeg(photos["astronaut"], 90))
+    driver.find_element(By.ID, "upload-file").send_keys(str(good))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    _wait(driver, lambda d: _text(d, "action-status") == "Showing your photo's result.", "the upload's result")
+    driver.find_element(By.ID, "follow-live").click()  # (else the camera's lookups come after 15 s)
+    driver.find_element(By.ID, "lookup-now").click()
+    _wait(driver, lambda d: "requested" in _text(d, "result-meta"), "a camera lookup after the upload")
+    assert "your photo" not in _text(driver, "action-status")
+    # the browser logs the refused upload's 400 itself, and nothing else
+    assert all("/api/query" in e["message"] and "400" in e["message"] for e in _severe(driver))
+
+
+def test_the_page_passes_an_automated_accessibility_check(server, driver):
+    """axe-core's WCAG 2 A/AA rules (contrast, alt texts, labels, …) on the page with a result, the history and
+    the catalog open."""
+    if not AXE_JS.is_file():
+        pytest.skip(f"axe-core is not installed at {AXE_JS} (npm install --prefix .venv/axe axe-core; `make test` "
+                    "does it when npm is there), or set AXE_CORE_JS")
+    driver.get(_url(server))
+    _wait(driver, lambda d: _history_size(d) >= 1 and d.find_elements(By.CSS_SELECTOR, "#candidates .card"),
+          "a lookup on the page")
+    driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .card"), "catalog thumbnails")
+    driver.execute_script(AXE_JS.read_text())
+    driver.set_script_timeout(WAIT_S)
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})"
+        ".then((r) => done(r.violations.map((v) => ({id: v.id, help: v.help,"
+        " nodes: v.nodes.slice(0, 3).map((n) => n.html)}))), (e) => done([{id: 'error', help: String(e)}]));")
+    assert found == [], found
+    alts = driver.execute_script("return [...document.querySelectorAll('img')].filter((i) => i.isConnected)"
+                                 ".map((i) => i.getAttribute('alt'))")
+    assert all(alts), alts  # every picture says what it is
+    driver.execute_script("document.getElementById('catalog').open = false")  # as the next test expects it
+
+
+def test_an_empty_catalog_says_how_to_add_the_first_item_and_the_page_adds_it(server, driver, photos, tmp_path):
+    empty = tmp_path / "catalog"
+    empty.mkdir()
+    s = Serve(tmp_path, empty, camera="none")
+    s.start()
+    try:
+        driver.get(_url(s))
+        banner = driver.find_element(By.ID, "empty-catalog")
+        _wait(driver, lambda d: banner.is_displayed(), "the empty-catalog note")
+        assert "index build" in banner.text and "Catalog" in banner.text
+        assert "the catalog is empty" in _text(driver, "status-panel")  # not "built without local features"
+        banner.find_element(By.TAG_NAME, "a").click()  # opens the catalog manager
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+        photo = tmp_path / "rocket.jpg"
+        photo.write_bytes(encode_jpeg(photos["rocket"], 90))
+        driver.find_element(By.ID, "enrol-label").send_keys("rocket")
+        driver.find_element(By.ID, "enrol-file").send_keys(str(photo))
+        driver.find_element(By.CSS_SELECTOR, "#enrol-form button[type=submit]").click()
+        _wait(driver, lambda d: not banner.is_displayed() and "enrolled " in _text(d, "catalog-note"),
+              "the note to go once the first item is in")
+        # (a device without a camera answers the live view with 503: the page shows uploads only)
+        assert [e for e in _severe(driver) if "stream.mjpg" not in e["message"]
+                and "frame.jpg" not in e["message"]] == []
+    finally:
+        s.stop()
+        driver.get(_url(server))  # the page of the other tests' device again
+        _wait(driver, lambda d: _history_size(d) >= 1, "the device's page")
 
 
 def test_enrol_and_delete_from_the_catalog_manager_change_the_catalog(server, driver, photos, tmp_path):

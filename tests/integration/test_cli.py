@@ -90,7 +90,8 @@ def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):
     assert hits >= len(CATALOG) - 1, list(zip(truth, top1))  # ≥ 13/14 views of easy kinds
     first = lines[0]["results"][0]
     # inliers: verified; rank_score: what the results are ranked by; quad: where a verified match lies
-    assert {"id", "label", "score", "rank_score"} <= set(first) <= {"id", "label", "score", "rank_score", "inliers", "quad"}
+    assert {"id", "label", "score", "rank_score", "confidence"} <= set(first) <= {
+        "id", "label", "score", "rank_score", "confidence", "inliers", "quad"}
     assert 0 < first["score"] <= 1.0001
     scores = [r["score"] for r in lines[0]["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
@@ -261,3 +262,71 @@ def test_serve_on_a_port_in_use_exits_2_at_once_naming_web_port(tmp_path):
     assert f"web.port {port}" in proc.stderr and "set another web.port" in proc.stderr
     assert "Traceback" not in proc.stderr and elapsed_s < 20
     assert not (tmp_path / "index").exists()  # refused before any index work
+
+
+def test_a_catalog_of_ones_own_in_three_commands_never_touches_the_demo(tmp_path, photos):
+    """README "Use your own catalog": init → photos into its catalog/ → serve. Everything lands beside the new
+    config; an empty catalog says how to add items; `index build` with the demo's config is refused."""
+    from edge_retrieval.core.config_file import load_config
+    from tests.support.serve import free_port
+    shop = tmp_path / "shop"
+    proc = run_cli("init", str(shop), "--camera", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert f"serve --config {shop / 'config.yaml'}" in proc.stdout
+    cfg = load_config(shop / "config.yaml")
+    assert cfg.index.path == shop / "var/catalog" and cfg.catalog.store == shop / "var/catalog.sqlite"
+    assert cfg.history.dir == shop / "var/history" and cfg.catalog.build_from == shop / "catalog"
+    assert cfg.camera.source == "none" and len(cfg.web.api_token) >= 20 and not cfg.catalog.demo
+    again = run_cli("init", str(shop))
+    assert again.returncode == 2 and "exists already" in again.stderr  # never overwritten
+
+    def serve_until(marker: str) -> str:
+        port = free_port()
+        p = subprocess.Popen([sys.executable, "-m", "edge_retrieval", "serve", "--config", str(shop / "config.yaml"),
+                              "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True)
+        lines = []
+        try:
+            for line in p.stderr:  # bounded: the process is killed below whatever happens
+                lines.append(line)
+                if marker in line or "Serving on" in line:
+                    break
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+        return "".join(lines)
+
+    (shop / "config.yaml").write_text((shop / "config.yaml").read_text() +
+                                      f"encoder:\n  bundle: {OPEN_BUNDLE}\n")
+    empty = serve_until("the catalog is empty")
+    assert "the catalog is empty" in empty and f"index build --config {shop / 'config.yaml'}" in empty
+    for name in ("rocket", "moon"):
+        (shop / "catalog" / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 90))
+    full = serve_until("index 2 items")  # the empty index is built again from catalog/ now that it has photos
+    assert "index 2 items" in full and "the catalog is empty" not in full
+    assert sorted(p.name for p in shop.iterdir()) == ["catalog", "config.yaml", "var"]
+
+    demo = tmp_path / "demo.yaml"  # a config that runs the demo, as the checkout's config.yaml does
+    demo.write_text(f"catalog:\n  demo: true\nindex:\n  path: {tmp_path / 'var/catalog'}\n")
+    refused = run_cli("index", "build", "--config", str(demo), "--catalog", str(shop / "catalog"))
+    assert refused.returncode == 2 and "runs the demo" in refused.stderr and "Use your own catalog" in refused.stderr
+    assert not (tmp_path / "var").exists()  # the demo's index untouched
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["serve"], ["index"], ["index", "build"], ["query"], ["catalog"],
+                                     ["catalog", "add"], ["catalog", "remove"], ["catalog", "list"]])
+def test_every_help_text_speaks_to_users(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    assert ".py" not in text and "wiring" not in text  # about what it does for you, not about the code
+    if command:  # every command says what it does, in a sentence, above its options
+        assert text.split("\n\n")[1].strip().endswith(".")
+
+
+def test_version(capsys):
+    import edge_retrieval
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"edge-retrieval {edge_retrieval.__version__}"

@@ -13,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import paho.mqtt.client as mqtt
 import pytest
+from jinja2 import Environment
 
+import edge_retrieval
 import tests.support.mosquitto as broker_mod
 from edge_retrieval.core.config import MqttConfig, WebhookConfig
 from edge_retrieval.core.config_file import load_config
@@ -113,14 +115,16 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
         assert first["score"] == 0.91 and first["inliers"] == 37 and first["source"] == "camera"
         assert first["timings_ms"]["total"] == 4.6 and first["time"].endswith("+00:00") and first["device"] == "shelf"
         assert second["decision"] == "no_match" and second["id"] is None and second["source"] == "upload"
-        wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["published"] >= 9, 5, "everything published")
+        wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["published"] >= 14, 5, "everything published")
 
         # a subscriber arriving later gets the retained state and discovery
         late = Subscriber(broker.port, "edge-retrieval/shelf/#", "homeassistant/#")
         try:
-            wait_until(lambda: len({t for t, _, r in late.messages if r}) >= 6, 5, "retained messages")
+            wait_until(lambda: len({t for t, _, r in late.messages if r}) >= 11, 5, "retained messages")
             retained = {t: p for t, p, r in late.messages if r}
-            assert retained["edge-retrieval/shelf/match"] == "none"  # the latest lookup had no match
+            match_state = json.loads(retained["edge-retrieval/shelf/match"])  # the latest lookup had no match
+            assert match_state["decision"] == "no_match" and match_state["id"] is None
+            assert match_state["items_in_view"] == 0 and match_state["source"] == "upload"
             assert retained["edge-retrieval/shelf/availability"] == "online"
             state = json.loads(retained["edge-retrieval/shelf/state"])
             assert state["camera_ok"] is True and state["index_items"] == 14 and state["fps"] == 9.8
@@ -134,7 +138,8 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
             # one Home Assistant device, shared availability
             assert {json.dumps(x["device"], sort_keys=True) for x in (sensor, camera, button)} == {
                 json.dumps({"identifiers": ["edge_retrieval_shelf"], "name": "Shelf camera",
-                            "manufacturer": "edge-retrieval", "model": "Edge image-retrieval appliance"}, sort_keys=True)}
+                            "manufacturer": "edge-retrieval", "model": "Edge image-retrieval appliance",
+                            "sw_version": edge_retrieval.__version__}, sort_keys=True)}
             assert all(x["availability_topic"] == "edge-retrieval/shelf/availability" for x in (sensor, camera, button))
         finally:
             late.close()
@@ -142,6 +147,60 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
         pub.stop()
         live.close()
     assert pub.stats()["dropped"] == 0
+
+
+def _render(template: str, payload: str) -> str:
+    """A discovery value_template rendered as Home Assistant does (Jinja, the JSON payload as ``value_json``)."""
+    return Environment().from_string(template).render(value_json=json.loads(payload), value=payload)
+
+
+def test_home_assistant_reads_every_sensor_from_one_retained_message_per_lookup(broker):
+    """What a Home Assistant (re)starting reads from the broker: the device (version, link to the page, origin),
+    entities at mqtt.qos, diagnostic ones marked so, and each sensor's state and the match's attributes out of the
+    one retained message of the latest lookup; "no match" is an empty state, not a word."""
+    cfg = publisher_config(broker.port, qos=2, page_url="http://shelf-cam.example.lan:8080/")
+    pub = connected(MqttPublisher(cfg, page_url="http://10.1.2.3:8080/").start())
+    try:
+        pub.publish_lookup(result("rocket"))
+        wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["published"] >= 11, 5, "everything published")
+        ha = Subscriber(broker.port, "homeassistant/#", "edge-retrieval/shelf/#")
+        try:
+            wait_until(lambda: len({t for t, _, r in ha.messages if r}) >= 10, 5, "the retained messages")
+            retained = {t: p for t, p, r in ha.messages if r}
+            configs = {t.split("/")[-2]: json.loads(p) for t, p in retained.items() if t.startswith("homeassistant/")}
+            assert set(configs) == {"match", "label", "score", "items_in_view", "last_lookup", "camera",
+                                    "catalog_items", "lookup"}
+            for c in configs.values():
+                assert c["qos"] == 2 and c["origin"]["name"] == "edge-retrieval"
+                assert c["device"]["sw_version"] == edge_retrieval.__version__ == c["origin"]["sw_version"]
+                assert c["device"]["configuration_url"] == "http://shelf-cam.example.lan:8080/"  # mqtt.page_url wins
+            assert {k for k, c in configs.items() if c.get("entity_category") == "diagnostic"} == {"camera",
+                                                                                                  "catalog_items"}
+            assert configs["last_lookup"]["device_class"] == "timestamp"
+            # state and attributes come in one message: one state change per lookup, both back after a restart
+            sensors = {k: c for k, c in configs.items() if c.get("state_topic") == "edge-retrieval/shelf/match"}
+            assert set(sensors) == {"match", "label", "score", "items_in_view", "last_lookup"}
+            assert configs["match"]["json_attributes_topic"] == configs["match"]["state_topic"]
+            match = retained["edge-retrieval/shelf/match"]
+            seen = {k: _render(c["value_template"], match) for k, c in sensors.items()}
+            assert seen == {"match": "rocket", "label": "Rocket", "score": "0.91", "items_in_view": "1",
+                            "last_lookup": json.loads(match)["time"]}
+            assert json.loads(match)["candidates"][1]["id"] == "moon"  # the attributes: the whole lookup event
+        finally:
+            ha.close()
+
+        pub.publish_lookup(result(None))
+        ha = Subscriber(broker.port, "edge-retrieval/shelf/match")
+        try:
+            nothing = wait_until(lambda: [m for m in ha.on("edge-retrieval/shelf/match")
+                                          if json.loads(m)["decision"] == "no_match"], 5, "the no-match state")[-1]
+            seen = {k: _render(c["value_template"], nothing) for k, c in sensors.items() if k != "last_lookup"}
+            # Home Assistant keeps "" as a text sensor's state and reads "None" as unknown for a numeric one
+            assert seen == {"match": "", "label": "", "score": "None", "items_in_view": "0"}
+        finally:
+            ha.close()
+    finally:
+        pub.stop()
 
 
 def test_the_home_assistant_button_requests_a_lookup(broker):
@@ -210,7 +269,8 @@ def test_a_broker_restart_is_survived_and_what_could_not_wait_is_counted(broker)
             pub.publish_lookup(result("coins"))
             wait_until(lambda: any(json.loads(e)["id"] == "coins" for e in live.on("edge-retrieval/shelf/lookup")),
                        10, "an event after the restart")
-            wait_until(lambda: "coins" in live.on("edge-retrieval/shelf/match"), 5, "the match state after the restart")
+            wait_until(lambda: any(json.loads(m)["id"] == "coins" for m in live.on("edge-retrieval/shelf/match")), 5,
+                       "the match state after the restart")
             assert "online" in live.on("edge-retrieval/shelf/availability")
         finally:
             live.close()
@@ -275,7 +335,7 @@ index: {{path: {tmp_path / 'index'}}}
 catalog: {{build_from: {catalog}, enrolled_dir: {tmp_path / 'enrolled'}}}
 web: {{host: 127.0.0.1, port: {broker_mod.free_port()}}}
 mqtt: {{enabled: true, host: 127.0.0.1, port: {broker_port}, device_id: door, keepalive_s: 5,
-        reconnect_min_s: 0.2, state_interval_s: 1}}
+        reconnect_min_s: 0.2, state_interval_s: 3600}}
 """)
     return cfg
 
@@ -293,8 +353,10 @@ def test_serve_wires_the_button_and_the_broker_sends_the_last_will_when_killed(b
             proc.kill()
             raise
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        state = json.loads(wait_until(lambda: sub.on("edge-retrieval/door/state"), 15, "the camera state")[-1])
-        assert state["index_items"] == 3
+        # state_interval_s is an hour: the camera's "streaming" goes out the moment it streams, by itself
+        states = wait_until(lambda: [s for s in map(json.loads, sub.on("edge-retrieval/door/state")) if s["camera_ok"]],
+                            30, "the camera's streaming state")
+        assert states[0]["camera"] == "streaming" and states[0]["index_items"] == 3
         sub.client.publish("edge-retrieval/door/command/lookup", "PRESS", qos=1)
         event = json.loads(wait_until(lambda: sub.on("edge-retrieval/door/lookup"), 30, "the button's lookup")[0])
         assert event["source"] == "requested" and event["candidates"][0]["id"] == "rocket"  # a button, not the trigger

@@ -302,7 +302,8 @@ def test_camera_reconnects_after_stall_or_end(then, unblock, caplog):
               for r in caplog.records if r.getMessage().startswith(prefix)]
     assert states[:4] == ["starting", "streaming", "reconnecting", "streaming"]
     assert cam.state == "stopped"
-    assert opener.kwargs == {"fps": None, "loop": True, "width": None, "height": None, "max_pixels": 16_000_000}
+    assert opener.kwargs == {"fps": None, "loop": True, "width": None, "height": None, "max_pixels": 16_000_000,
+                             "hold_s": 2.0}
     if then == "none":
         assert all(s.closed for s in opener.sources)
 

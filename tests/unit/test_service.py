@@ -122,6 +122,8 @@ def test_bad_uploads_get_a_clear_4xx_and_lose_nothing(encoder, built, photos, tm
     ok = client.post("/api/query", data={"image": (io.BytesIO(encode_jpeg(photos["moon"])), "m.jpg")})
     assert ok.status_code == 200 and ok.get_json()["results"][0]["id"] == "moon"
     assert app.metrics.value("appliance_errors_total", kind="ImageError") == 1
+    # the visitor was told; the device's status panel does not show a visitor's bad photo as its own last error
+    assert client.get("/api/status").get_json()["last_error"] is None
 
 
 def test_huge_image_is_refused_before_decoding(encoder, built, tmp_path):

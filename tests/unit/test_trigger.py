@@ -111,3 +111,43 @@ def test_frame_size_change_and_config_validation():
         TriggerConfig(still_time_s=-1)
     with pytest.raises(ValueError):
         trigger.update(np.zeros((10, 10), np.uint8), 9.0)
+
+
+def test_a_folder_camera_holds_each_image_long_enough_to_be_looked_up_once(tmp_path, photos, encoder):
+    """A folder as the camera (config as a user writes it): each image stays in view for camera.hold_s, so the
+    real trigger sees a still view and the appliance looks each print up once, in the folder's order. (With
+    hold_s: 0, each image one frame, the trigger never fires: nothing is looked up.)"""
+    import time
+
+    from edge_retrieval.app.wiring import build_appliance, prepare_catalog
+    from edge_retrieval.core.config_file import load_config
+    from edge_retrieval.imaging.codec import encode_jpeg
+    from tests.conftest import view
+
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "frames").mkdir()
+    names = ("rocket", "moon", "brick")
+    for i, name in enumerate(names, 1):
+        (tmp_path / "catalog" / f"{name}.jpg").write_bytes(encode_jpeg(photos[name], 92))
+        (tmp_path / "frames" / f"{i}_{name}.jpg").write_bytes(encode_jpeg(view(photos, name, "closeup", seed=i), 92))
+    (tmp_path / "config.yaml").write_text("""
+camera: {source: frames, fps: 10, hold_s: 1.5}
+trigger: {enabled: true}
+encoder: {bundle: efficientnet-lite0, num_threads: 1}
+index: {path: var/catalog}
+catalog: {build_from: catalog, store: var/catalog.sqlite}
+history: {dir: var/history}
+build: {workers: 1}
+recognition: {adapt: false, accept_inliers: 16, accept_score: 0.74, decision: null}
+""")
+    cfg = prepare_catalog(load_config(tmp_path / "config.yaml"), encoder)
+    app = build_appliance(cfg, encoder).start()
+    try:
+        deadline = time.monotonic() + 60  # a bounded wait, not a timing: three images take ~4.5 s
+        while time.monotonic() < deadline and len(app.history.entries()) < 3:
+            time.sleep(0.1)
+        seen = [e.result for e in reversed(app.history.entries())][:3]
+    finally:
+        app.stop()
+    assert [r.source for r in seen] == ["camera"] * 3  # the trigger fired: no button, no upload
+    assert [r.match.id if r.match else None for r in seen] == list(names)

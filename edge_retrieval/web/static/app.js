@@ -75,16 +75,23 @@ function showRegion(quad) {
 }
 
 // --- one lookup on screen: query image beside its candidates ------------------------------------
+// One word a person reads (the device's: high = the match, verified by many points; medium = the match on less
+// evidence; low = not the match); the numbers behind it in the tooltip.
 function scoreText(c) {
-  const rank = Number(c.rank_score ?? c.score);
-  return rank.toFixed(3);
+  return c.confidence ? str(c.confidence) + " confidence" : "cosine " + Number(c.score).toFixed(3);
 }
 
 function scoreTitle(c) {
-  const parts = ["ranked by " + Number(c.rank_score ?? c.score).toFixed(3),
-    "cosine similarity " + Number(c.score).toFixed(3)];
+  const parts = ["cosine similarity " + Number(c.score).toFixed(3) + " (1 = identical)"];
   parts.push(Number.isInteger(c.inliers) ? c.inliers + " verified matching points" : "not verified");
+  parts.push("ranked by " + Number(c.rank_score ?? c.score).toFixed(3) + " (cosine + a share for the points)");
   return parts.join(" · ");
+}
+
+// An item as a person reads it: its label, and its id only when that says something more.
+function named(c) {
+  const id = str(c.id), label = str(c.label);
+  return label && (label === id || id.split("/").pop() === label) ? label : label + " (" + id + ")";
 }
 
 function card(c) {
@@ -93,7 +100,7 @@ function card(c) {
   if (c.thumbnail_url) { thumb.src = c.thumbnail_url; } else { thumb.remove(); }
   thumb.alt = str(c.label);
   li.querySelector(".label").textContent = str(c.label);
-  li.querySelector(".id").textContent = str(c.id);
+  li.querySelector(".id").textContent = str(c.id) === str(c.label) ? "" : str(c.id);  // not "rocket" twice
   return li;
 }
 
@@ -117,9 +124,10 @@ function renderResult(data) {
   line.hidden = !hasMatch;
   line.classList.toggle("no-match", match === null);
   if (hasMatch) {
-    const verified = match && Number.isInteger(match.inliers) ? " · " + match.inliers + " verified points" : "";
-    line.textContent = match === null ? "no match (nearest candidates shown greyed out)"
-      : "match: " + str(match.label) + " (" + str(match.id) + ")" + verified;
+    const verified = match && Number.isInteger(match.inliers) ? " · " + match.inliers + " matching points" : "";
+    line.textContent = match === null ? "no match (the nearest catalog items are shown greyed)"
+      : "match: " + named(match) + (match.confidence ? " · " + str(match.confidence) + " confidence" : "") + verified;
+    line.title = match ? scoreTitle(match) : "";
   }
 
   const figure = $("query-figure");
@@ -162,12 +170,13 @@ function renderHistory() {
     const snap = li.querySelector(".snap");
     if (e.image_url) { snap.src = e.image_url; } else { snap.remove(); }
     const m = e.match;
-    li.querySelector(".decision").textContent = m
-      ? str(m.label) + (Number.isInteger(m.inliers) ? " · " + m.inliers + " pts" : "") : "no match";
+    snap.alt = "what lookup " + e.n + " saw";
+    li.querySelector(".decision").textContent = m ? str(m.label) : "no match";
     b.classList.add(m ? "is-match" : "is-none");
     li.querySelector(".when").textContent = (SOURCES[e.source] || str(e.source)).split(" ")[0] + " "
       + new Date(e.timestamp * 1000).toLocaleTimeString();
-    b.title = "lookup #" + e.n;
+    b.title = "lookup #" + e.n + (m ? ": " + named(m) + " · " + str(m.confidence || "") + " confidence"
+      + (Number.isInteger(m.inliers) ? " · " + m.inliers + " matching points" : "") : ": no match");
     b.addEventListener("click", () => show(e, Infinity));
     b.classList.toggle("selected", e.n === shownN);
     strip.appendChild(li);
@@ -194,6 +203,7 @@ function lookupFinished(entry) {
 function showNewest() {
   const newest = historyEntries[0];
   if (newest && Date.now() > pinnedUntil && newest.n !== shownN) {
+    if (shownN !== undefined) setStatus("");  // "Showing your photo's result." and the like are over
     show(newest, 0);
     // a newer lookup without a verified region (no match, another item, an upload) ends the outline at once
     if (newest.match && newest.match.quad && newest.source !== "upload") showRegion(newest.match.quad);
@@ -219,6 +229,7 @@ function renderStatus(s) {
   const lost = !["streaming", "absent"].includes(state);
   statusRow("camera", state + (cam.fps ? " · " + Number(cam.fps).toFixed(1) + " fps" : ""), lost);
   const t = s.trigger || {};
+  if (t.enabled && t.armed) hideRegion();  // the view changed since the last lookup: the item moved or left
   statusRow("trigger", !t.enabled ? "off (button and uploads only)"
     : (t.armed ? "armed: waiting for a still view" : "waiting for a change")
       + (t.sharpness != null ? " · sharpness " + Number(t.sharpness).toFixed(0) : ""));
@@ -231,9 +242,11 @@ function renderStatus(s) {
     + (p.rss_mb != null ? Number(p.rss_mb).toFixed(0) + " MB RSS" : "RSS ?"));
   const idx = s.index || {};
   statusRow("index", str(idx.size) + " items · " + str(idx.generation));
+  const empty = idx.size === 0;
+  $("empty-catalog").hidden = !empty;
   const v = s.verification || {};
   statusRow("verification", v.enabled ? "on (top " + str(v.top_k) + ", ≥ " + str(v.accept_inliers) + " points)"
-    : "off: " + str(v.why));
+    : "off: " + (empty ? "the catalog is empty" : str(v.why)));
 
   const banner = $("camera-banner");
   banner.hidden = !lost;
@@ -314,7 +327,9 @@ function startPush() {
     }
   });
   events.addEventListener("status", data(renderStatus));
-  events.addEventListener("lookup_started", data((d) => { if (d.source !== "upload") cue(true); }));
+  events.addEventListener("lookup_started", data((d) => {
+    if (d.source !== "upload") { cue(true); hideRegion(); }  // a new view is being looked up: the old outline is over
+  }));
   events.addEventListener("lookup_finished", data(lookupFinished));
   events.addEventListener("catalog_changed", () => { if ($("catalog").open) loadCatalog(true); });
 }
@@ -470,6 +485,7 @@ async function removeItem(id, button) {
 
 function startCatalog() {
   $("catalog").addEventListener("toggle", (e) => { if (e.target.open) loadCatalog(); });
+  document.querySelector("#empty-catalog a").addEventListener("click", () => { $("catalog").open = true; });
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const value = $("token").value.trim();

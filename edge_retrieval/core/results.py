@@ -43,13 +43,19 @@ class Candidate:
 @dataclass
 class LookupResult:
     """Ranked candidates of one query, the decision (``match``: the accepted item, or None = "no match"),
-    and where the time went (milliseconds per stage)."""
+    and where the time went (milliseconds per stage). ``matches``: every item accepted in the frame, best first
+    (``match`` is the first; empty = "no match"); left empty by a caller that names one item, it is ``[match]``."""
 
     results: list[Candidate]
     timings_ms: dict[str, float]
     source: str = "cli"  # "camera" (trigger) | "requested" ("Look up now") | "upload" | "cli"
     timestamp: float = field(default_factory=time.time)
     match: Candidate | None = None
+    matches: list[Candidate] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.matches and self.match is not None:
+            self.matches = [self.match]
 
     @property
     def decision(self) -> str:
@@ -59,6 +65,7 @@ class LookupResult:
     def to_json(self) -> dict:
         return {
             "match": self.match.to_json() if self.match is not None else None,
+            "matches": [c.to_json() for c in self.matches],
             "results": [c.to_json() for c in self.results],
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "source": self.source,
@@ -71,4 +78,5 @@ class LookupResult:
         match = d.get("match")
         return cls([Candidate.from_json(c) for c in d.get("results", [])],
                    {str(k): float(v) for k, v in (d.get("timings_ms") or {}).items()}, str(d.get("source", "cli")),
-                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None)
+                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None,
+                   [Candidate.from_json(c) for c in d.get("matches") or []])  # older entries: [match]

@@ -23,7 +23,7 @@ class MqttPublisher(QueueWorker):
     """Publishes lookups and state to an MQTT broker and announces the device to Home Assistant.
 
     Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained:
-    the matched item id or "none"), ``state`` (retained JSON: camera and index health), ``availability``
+    the matched item id or "none"), ``items`` (retained: how many catalog items the last lookup saw), ``state`` (retained JSON: camera and index health), ``availability``
     (retained "online"; the broker publishes the last will "offline" when the device vanishes) and
     ``command/lookup`` (the Home Assistant button; see ``on_lookup_command``)."""
 
@@ -32,7 +32,7 @@ class MqttPublisher(QueueWorker):
         self.config = config
         self.device_id = config.device_id or default_device_id()
         base = f"{config.topic_prefix}/{self.device_id}"
-        self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "state", "availability")}
+        self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "items", "state", "availability")}
         self.topics["command"] = f"{base}/command/lookup"
         self._callbacks: list[Callable[[], None]] = []
         self._connected = threading.Event()
@@ -106,6 +106,7 @@ class MqttPublisher(QueueWorker):
         try:
             self._offer((self.topics["lookup"], json.dumps(lookup_event(result, self.device_id)), False))
             self._set_state("match", result.match.id if result.match is not None else "none")
+            self._set_state("items", str(len(result.matches)))  # catalog items in view, for Home Assistant
         except Exception:
             log.exception("mqtt: could not queue a lookup event")
 

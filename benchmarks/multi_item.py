@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.views import CACHE, RESULTS, camera_view_set, write_json
+from benchmarks.views import CACHE, REPO, camera_view_set, write_json
 from edge_retrieval.core.config import DEFAULT_BUNDLE
 
 VERSION = 1
@@ -185,5 +185,5 @@ def main(argv: list[str] | None = None) -> int:
         report["modes"][name] = rate(answers, frames)
         for key, row in report["modes"][name].items():
             print(f"{name:6s} {key:12s} {json.dumps(row)}", flush=True)
-    write_json(RESULTS / f"multi_item_{enc.manifest.name}.json", report)
+    write_json(REPO / "benchmarks" / "results" / f"multi_item_{enc.manifest.name}.json", report)
     return 0

@@ -110,9 +110,13 @@ class Lookup:
             # the merged list (whole frame + crops) ranks a small print better even where no item is accepted
             ranked, match = attempt([centre_crop(rgb, f) for f in rc.retry_crops])
         matches = [match] if match is not None else []
-        if match is not None and match.quad is not None and rc.multi_item and rc.max_items > 1 and query[0] is not None:
+        if rc.multi_item and rc.max_items > 1 and rc.verify and idx.has_features and ranked:
+            t0 = time.perf_counter()
+            query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
+            timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
             more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, self._accept_more)
             matches = more.find(rgb, query[0], match, ranked, timings)
+            match = matches[0] if matches else None
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match, matches=matches)
 

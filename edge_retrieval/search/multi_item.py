@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_retrieval.core.config import RecognitionConfig
 from edge_retrieval.core.results import Candidate
-from edge_retrieval.model.local_features import Features, match_homography, region
+from edge_retrieval.model.local_features import Features, extract, match_homography, region
 
 # Region proposals: (x0, y0, x1, y1) fractions of the frame — the four quadrants, overlapping a little so a print
 # on a quadrant's edge lies whole in one of them.
@@ -35,6 +35,7 @@ CROPS = ((0.0, 0.0, 0.58, 0.58), (0.42, 0.0, 1.0, 0.58), (0.0, 0.42, 0.58, 1.0),
 MIN_QUAD_AREA = 0.004  # of the frame: a smaller outline is a degenerate homography, not a print
 MAX_QUAD_OVERLAP = 0.3  # of the smaller outline: an item lying on one already found is the same print
 PER_CROP = 5  # candidates taken from each proposal's nearest items
+MAX_COVERED = 0.6  # a proposal this much covered by items found already is not looked at
 
 
 def quad_area(quad) -> float:
@@ -91,6 +92,37 @@ def crop(rgb: np.ndarray, box) -> np.ndarray:
     return np.ascontiguousarray(rgb[int(box[1] * h):max(int(box[3] * h), 1), int(box[0] * w):max(int(box[2] * w), 1)])
 
 
+def crop_features(rgb: np.ndarray, box, query: Features, rc: RecognitionConfig) -> Features:
+    """ORB keypoints of the part ``box`` of the frame, looked at closer: the part is enlarged to the size the
+    whole frame's keypoints were taken at (``features_max_side_px``), so a print a third of the frame across
+    gets as many keypoints as a whole frame would. Coordinates are those of ``query`` (the whole frame's
+    features), so outlines and masks need no conversion."""
+    h, w = rgb.shape[:2]
+    part = crop(rgb, box)
+    ph, pw = part.shape[:2]
+    grow = rc.features_max_side_px / max(ph, pw)
+    if grow > 1.0:
+        part = cv2.resize(part, (round(pw * grow), round(ph * grow)), interpolation=cv2.INTER_LINEAR)
+    f = extract(part, rc, query=True)
+    if len(f) == 0:
+        return Features.empty(query.size_wh)
+    fx, fy = pw / f.size_wh[0], ph / f.size_wh[1]
+    qx, qy = query.size_wh[0] / w, query.size_wh[1] / h
+    xy = (f.xy * (fx, fy) + (int(box[0] * w), int(box[1] * h))) * (qx, qy)
+    return Features(xy.astype(np.float32), f.desc, query.size_wh)
+
+
+def covered(box, quads: list) -> float:
+    """The share of ``box`` (x0, y0, x1, y1 fractions) that ``quads`` cover (their union, on a coarse grid)."""
+    if not quads:
+        return 0.0
+    grid = np.zeros((48, 64), np.uint8)
+    for q in quads:
+        cv2.fillPoly(grid, [np.round(np.asarray(q) * (64, 48)).astype(np.int32)], 1)
+    part = grid[int(box[1] * 48):max(int(box[3] * 48), 1), int(box[0] * 64):max(int(box[2] * 64), 1)]
+    return float(part.mean()) if part.size else 1.0
+
+
 class MoreItems:
     """The search for the other items of one frame (one instance per lookup): the index, the encoder's batch
     embedding and the decision rule are handed in by ``Lookup``."""
@@ -102,48 +134,64 @@ class MoreItems:
         self.rc, self.idx, self.embed_batch, self.accept = rc, idx, embed_batch, accept
         self.accept_inliers = accept_inliers
 
-    def find(self, rgb: np.ndarray, query: Features, first: Candidate, ranked: list[Candidate],
+    def find(self, rgb: np.ndarray, query: Features, first: Candidate | None, ranked: list[Candidate],
              timings: dict[str, float]) -> list[Candidate]:
-        """Every item of the frame, ``first`` (the lookup's accepted, outlined match) first, then the others in
-        the order they were found (most inliers first), at most ``max_items``."""
+        """Every item of the frame: ``first`` (the lookup's accepted match, None when it accepted none) first,
+        then the others in the order they were found (most verified points first), at most ``max_items``."""
         rc = self.rc
         t0 = time.perf_counter()
-        items = [first]
-        residual = without(query, [first.quad])
+        items = [first] if first is not None else []
+        quads = [i.quad for i in items if i.quad is not None]
+        named = {i.id for i in items}
+        residual = without(query, quads)
         need = 2 * self.accept_inliers  # keypoints a region needs before an item could verify in it
-        pool: dict[str, Candidate] = {c.id: c for c in ranked if c.id != first.id and c.score >= rc.multi_min_score}
-        boxes = [b for b in CROPS if _keypoints_in(residual, b) >= need] if len(residual) >= need else []
-        if boxes and rc.max_items > 1:
+        # the lookup's own candidates; those it verified on the whole frame without success stay rejected
+        pool: dict[str, tuple[Candidate, tuple | None]] = {
+            c.id: (c, None) for c in ranked
+            if c.id not in named and c.score >= rc.multi_min_score and (c.inliers is None or c.inliers >= self.accept_inliers)}
+        boxes = [b for b in CROPS if covered(b, quads) < MAX_COVERED and _keypoints_in(residual, b) >= need]
+        if boxes:
             t1 = time.perf_counter()
             vectors = self.embed_batch([crop(rgb, b) for b in boxes])
             timings["multi_encode"] = (time.perf_counter() - t1) * 1e3
-            for v in vectors:
+            for b, v in zip(boxes, vectors):
                 for c in self.idx.query(v, PER_CROP):
-                    if c.id != first.id and c.score >= rc.multi_min_score and (
-                            c.id not in pool or c.score > pool[c.id].score):
-                        pool[c.id] = c
-        order = sorted(pool.values(), key=lambda c: -c.score)
-        tried: dict[str, tuple[int, np.ndarray | None]] = {}
+                    if c.id not in named and c.score >= rc.multi_min_score and (
+                            c.id not in pool or pool[c.id][1] is None or c.score > pool[c.id][0].score):
+                        pool[c.id] = (replace(c, inliers=None), b)
+        box_features: dict[tuple, Features] = {}
+
+        def features_of(box) -> Features:
+            if box is None:
+                return without(query, quads)
+            if box not in box_features:
+                box_features[box] = crop_features(rgb, box, query, rc)
+            return without(box_features[box], quads)
+
+        order = sorted(pool.values(), key=lambda cb: -cb[0].score)
+        tried: dict[str, tuple[int, np.ndarray | None, Features]] = {}
         budget = rc.multi_verify_max
-        while len(items) < rc.max_items and len(residual) >= self.accept_inliers:
-            for c in order:
+        while len(items) < rc.max_items:
+            for c, box in order:
                 if budget <= 0:
                     break
                 if c.id not in tried:
-                    feats = self.idx.features(c.id)
-                    tried[c.id] = match_homography(residual, feats, rc) if feats is not None else (0, None)
+                    feats, where = self.idx.features(c.id), features_of(box)
+                    n, h = match_homography(where, feats, rc) if feats is not None else (0, None)
+                    tried[c.id] = (n, h, where)
                     budget -= 1
-            verified = [c.with_inliers(tried[c.id][0]) for c in order if c.id in tried]
+            verified = [c.with_inliers(tried[c.id][0]) for c, _ in order if c.id in tried]
             ok = sorted((c for c in verified if c.inliers >= self.accept_inliers), key=lambda c: -c.inliers)
             if not ok:
                 break
             best = ok[0]
-            quad = region(residual, self.idx.features(best.id), tried[best.id][1])
-            order = [c for c in order if c.id != best.id]
-            if not sane(quad, [i.quad for i in items]) or not self.accept(best, verified):
+            n, h, where = tried[best.id]
+            quad = region(where, self.idx.features(best.id), h)
+            order = [(c, b) for c, b in order if c.id != best.id]
+            if not sane(quad, quads) or not self.accept(best, verified):
                 continue
             items.append(replace(best, quad=quad))
-            residual = without(residual, [quad])
+            quads.append(quad)
             for c in ok[1:]:  # they verified on what is now removed, perhaps: verify them again on the rest
                 tried.pop(c.id, None)
         # "multi": the search's own work besides the crops' encode (so the timings still add up to "total")

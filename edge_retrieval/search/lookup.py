@@ -114,7 +114,8 @@ class Lookup:
             t0 = time.perf_counter()
             query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
             timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
-            more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, self._accept_more)
+            by_score = self.accept_score if self.decision is None and rc.multi_by_score else None
+            more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, by_score, self._accept_more)
             matches = more.find(rgb, query[0], match, ranked, timings)
             match = matches[0] if matches else None
         timings["total"] = sum(v for k, v in timings.items() if k != "total")

@@ -36,6 +36,8 @@ MIN_QUAD_AREA = 0.004  # of the frame: a smaller outline is a degenerate homogra
 MAX_QUAD_OVERLAP = 0.3  # of the smaller outline: an item lying on one already found is the same print
 PER_CROP = 5  # candidates taken from each proposal's nearest items
 MAX_COVERED = 0.6  # a proposal this much covered by items found already is not looked at
+PLAIN_KEYPOINTS = 100  # a catalog item with fewer stored keypoints (of n_features = 500) is too plain to verify
+MAX_COVERED_BY_SCORE = 0.25  # … and names nothing by its cosine alone (the cosine would be of the item found)
 
 
 def quad_area(quad) -> float:
@@ -128,11 +130,35 @@ class MoreItems:
     embedding and the decision rule are handed in by ``Lookup``."""
 
     def __init__(self, rc: RecognitionConfig, idx, embed_batch: Callable[[list[np.ndarray]], list[np.ndarray]],
-                 accept_inliers: int, accept: Callable[[Candidate, list[Candidate]], bool]):
-        """``accept_inliers``: the lookup's (the bundle's) verified-points threshold; ``accept(item, verified)``:
-        the lookup's decision for one more item given every candidate verified on the same remaining keypoints."""
+                 accept_inliers: int, accept_score: float | None,
+                 accept: Callable[[Candidate, list[Candidate]], bool]):
+        """``accept_inliers``: the lookup's (the bundle's) verified-points threshold; ``accept_score``: its cosine
+        threshold (None: no item by its cosine alone); ``accept(item, verified)``: the lookup's decision for one
+        more item given every candidate verified on the same remaining keypoints."""
         self.rc, self.idx, self.embed_batch, self.accept = rc, idx, embed_batch, accept
-        self.accept_inliers = accept_inliers
+        self.accept_inliers, self.accept_score = accept_inliers, accept_score
+
+    def _plain(self, item_id: str) -> bool:
+        """Whether ORB cannot verify the item (fewer than ``PLAIN_KEYPOINTS`` stored keypoints): only then may its
+        cosine alone name it; a textured item that did not verify is not there."""
+        feats = self.idx.features(item_id)
+        return feats is None or len(feats) < PLAIN_KEYPOINTS
+
+    def _by_score(self, tops: dict[tuple, list[Candidate]], items: list[Candidate], quads: list) -> list[Candidate]:
+        """Items too plain for ORB (a smooth photo has a few dozen keypoints, rarely 8 verified points): a proposal
+        that items found so far hardly cover names its nearest item when its cosine passes the bundle's
+        ``accept_score`` (the rule a whole frame is held to without verification). Such an item has no outline
+        (``quad`` null) and no inliers. Off where a learned decision is configured (it needs verified points)."""
+        if self.accept_score is None:
+            return []
+        named, more = {i.id for i in items}, []
+        for box, top in tops.items():
+            if len(items) + len(more) >= self.rc.max_items or not top or covered(box, quads) >= MAX_COVERED_BY_SCORE:
+                continue
+            if top[0].id not in named and top[0].score >= self.accept_score and self._plain(top[0].id):
+                more.append(replace(top[0], inliers=None, quad=None))
+                named.add(top[0].id)
+        return more
 
     def find(self, rgb: np.ndarray, query: Features, first: Candidate | None, ranked: list[Candidate],
              timings: dict[str, float]) -> list[Candidate]:
@@ -150,12 +176,14 @@ class MoreItems:
             c.id: (c, None) for c in ranked
             if c.id not in named and c.score >= rc.multi_min_score and (c.inliers is None or c.inliers >= self.accept_inliers)}
         boxes = [b for b in CROPS if covered(b, quads) < MAX_COVERED and _keypoints_in(residual, b) >= need]
+        tops: dict[tuple, list[Candidate]] = {}  # each proposal's nearest items
         if boxes:
             t1 = time.perf_counter()
             vectors = self.embed_batch([crop(rgb, b) for b in boxes])
             timings["multi_encode"] = (time.perf_counter() - t1) * 1e3
             for b, v in zip(boxes, vectors):
-                for c in self.idx.query(v, PER_CROP):
+                tops[b] = self.idx.query(v, PER_CROP)
+                for c in tops[b]:
                     if c.id not in named and c.score >= rc.multi_min_score and (
                             c.id not in pool or pool[c.id][1] is None or c.score > pool[c.id][0].score):
                         pool[c.id] = (replace(c, inliers=None), b)
@@ -194,6 +222,7 @@ class MoreItems:
             quads.append(quad)
             for c in ok[1:]:  # they verified on what is now removed, perhaps: verify them again on the rest
                 tried.pop(c.id, None)
+        items += self._by_score(tops, items, quads)
         # "multi": the search's own work besides the crops' encode (so the timings still add up to "total")
         timings["multi"] = (time.perf_counter() - t0) * 1e3 - timings.get("multi_encode", 0.0)
         return items

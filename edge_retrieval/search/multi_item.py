@@ -34,6 +34,7 @@ from edge_retrieval.model.local_features import Features, extract, match_homogra
 CROPS = ((0.0, 0.0, 0.58, 0.58), (0.42, 0.0, 1.0, 0.58), (0.0, 0.42, 0.58, 1.0), (0.42, 0.42, 1.0, 1.0))
 MIN_QUAD_AREA = 0.004  # of the frame: a smaller outline is a degenerate homography, not a print
 MAX_QUAD_OVERLAP = 0.3  # of the smaller outline: an item lying on one already found is the same print
+BLANK_STD = 4.0  # grey levels: a proposal this flat (a black frame, a bare wall) is not looked at
 PER_CROP = 5  # candidates taken from each proposal's nearest items
 MAX_COVERED = 0.6  # a proposal this much covered by items found already is not looked at
 PLAIN_KEYPOINTS = 100  # a catalog item with fewer stored keypoints (of n_features = 500) is too plain to verify
@@ -82,10 +83,10 @@ def without(query: Features, quads: list) -> Features:
     return Features(query.xy[keep], query.desc[keep], query.size_wh)
 
 
-def _keypoints_in(query: Features, box) -> int:
-    w, h = query.size_wh
-    x, y = query.xy[:, 0] / max(w, 1), query.xy[:, 1] / max(h, 1)
-    return int(((x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])).sum())
+def blank(rgb: np.ndarray, box) -> bool:
+    """Whether the part ``box`` of the frame is flat (no print can be recognised there)."""
+    part = crop(rgb, box)[::4, ::4]
+    return float(part.std()) < BLANK_STD
 
 
 def crop(rgb: np.ndarray, box) -> np.ndarray:
@@ -169,13 +170,12 @@ class MoreItems:
         items = [first] if first is not None else []
         quads = [i.quad for i in items if i.quad is not None]
         named = {i.id for i in items}
-        residual = without(query, quads)
-        need = 2 * self.accept_inliers  # keypoints a region needs before an item could verify in it
         # the lookup's own candidates; those it verified on the whole frame without success stay rejected
         pool: dict[str, tuple[Candidate, tuple | None]] = {
             c.id: (c, None) for c in ranked
             if c.id not in named and c.score >= rc.multi_min_score and (c.inliers is None or c.inliers >= self.accept_inliers)}
-        boxes = [b for b in CROPS if covered(b, quads) < MAX_COVERED and _keypoints_in(residual, b) >= need]
+        # not the whole frame's keypoints: they crowd onto its most textured parts, a smooth print may have none
+        boxes = [b for b in CROPS if covered(b, quads) < MAX_COVERED and not blank(rgb, b)]
         tops: dict[tuple, list[Candidate]] = {}  # each proposal's nearest items
         if boxes:
             t1 = time.perf_counter()

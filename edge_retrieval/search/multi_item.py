@@ -38,6 +38,9 @@ BLANK_STD = 4.0  # grey levels: a proposal this flat (a black frame, a bare wall
 PER_CROP = 5  # candidates taken from each proposal's nearest items
 MAX_COVERED = 0.6  # a proposal this much covered by items found already is not looked at
 PLAIN_KEYPOINTS = 100  # a catalog item with fewer stored keypoints (of n_features = 500) is too plain to verify
+# chosen on the scikit-image frames of `python -m benchmarks multi_item` (docs/benchmarks.md): it removed the 4
+# wrong items named by cosine there and kept 29 of 36 right ones
+MIN_SCORE_LEAD = 0.1
 MAX_COVERED_BY_SCORE = 0.25  # … and names nothing by its cosine alone (the cosine would be of the item found)
 
 
@@ -148,7 +151,8 @@ class MoreItems:
     def _by_score(self, tops: dict[tuple, list[Candidate]], items: list[Candidate], quads: list) -> list[Candidate]:
         """Items too plain for ORB (a smooth photo has a few dozen keypoints, rarely 8 verified points): a proposal
         that items found so far hardly cover names its nearest item when its cosine passes the bundle's
-        ``accept_score`` (the rule a whole frame is held to without verification). Such an item has no outline
+        ``accept_score`` (the rule a whole frame is held to without verification) and it leads the proposal's next
+        item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed). Such an item has no outline
         (``quad`` null) and no inliers. Off where a learned decision is configured (it needs verified points)."""
         if self.accept_score is None:
             return []
@@ -156,7 +160,9 @@ class MoreItems:
         for box, top in tops.items():
             if len(items) + len(more) >= self.rc.max_items or not top or covered(box, quads) >= MAX_COVERED_BY_SCORE:
                 continue
-            if top[0].id not in named and top[0].score >= self.accept_score and self._plain(top[0].id):
+            lead = top[0].score - (top[1].score if len(top) > 1 else 0.0)
+            if (top[0].id not in named and top[0].score >= self.accept_score and lead >= MIN_SCORE_LEAD
+                    and self._plain(top[0].id)):
                 more.append(replace(top[0], inliers=None, quad=None))
                 named.add(top[0].id)
         return more

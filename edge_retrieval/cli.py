@@ -133,13 +133,15 @@ def cmd_query(cfg: Config, args) -> int:
             continue
         if args.json:
             out = result.to_json()
-            print(json.dumps({"query": str(path), "match": out["match"], "results": out["results"],
-                              "timings_ms": out["timings_ms"]}), flush=True)
+            print(json.dumps({"query": str(path), "match": out["match"], "matches": out["matches"],
+                              "results": out["results"], "timings_ms": out["timings_ms"]}), flush=True)
         else:
             m = result.match
             verdict = (f"match {m.id}" + (f" · verified, {m.inliers} matching points" if m.inliers else "")
                        if m else "no match")
             print(f"{path}  {verdict}  ({result.timings_ms['total']:.1f} ms)")
+            for m in result.matches[1:]:  # the other items in the frame, best first
+                print(f"  also {m.id}" + (f" · verified, {m.inliers} matching points" if m.inliers else ""))
             for rank, c in enumerate(result.results, 1):
                 print(f"  {rank}. {c.score:.3f}  {c.id}  {c.label}")
     return 1 if failures else 0

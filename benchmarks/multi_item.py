@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--single", action="store_true", help="also rate the lookup with multi_item: false")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                    help="a recognition setting for this run, e.g. --set multi_crop_px=112 (repeatable)")
     args = ap.parse_args(argv)
     from edge_retrieval.app import wiring
     from edge_retrieval.core.config import BuildConfig, Config, IndexConfig, RecognitionConfig
@@ -163,17 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     from edge_retrieval.model.encoder import Encoder
     from edge_retrieval.search.lookup import Lookup
     root, frames, catalog = make_frames(args.frames)
-    rc = RecognitionConfig()
+    import yaml
+    index_rc = RecognitionConfig()
+    rc = RecognitionConfig(**{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     enc = Encoder.from_bundle(args.bundle, num_threads=2)
     path = CACHE / "multi_item_index" / enc.manifest.name
     if not (path / "current").exists():
-        wiring.build_catalog(Config(recognition=rc, build=BuildConfig(workers=1)), enc, catalog, path)
+        wiring.build_catalog(Config(recognition=index_rc, build=BuildConfig(workers=1)), enc, catalog, path)
     idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=IndexConfig().search_k,
                             require_features=True)
     modes = {"multi": rc}
     if args.single:
         modes = {"single": rc.model_copy(update={"multi_item": False}), **modes}
-    report = {"bundle": enc.manifest.name, "catalog_items": idx.size, "frames": len(frames), "modes": {}}
+    report = {"bundle": enc.manifest.name, "catalog_items": idx.size, "frames": len(frames), "settings": args.set,
+              "modes": {}}
     for name, mode_rc in modes.items():
         lookup = Lookup(enc, idx, mode_rc, top_k=5)
         answers = []
@@ -185,5 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         report["modes"][name] = rate(answers, frames)
         for key, row in report["modes"][name].items():
             print(f"{name:6s} {key:12s} {json.dumps(row)}", flush=True)
-    write_json(REPO / "benchmarks" / "results" / f"multi_item_{enc.manifest.name}.json", report)
+    tag = "".join(f"_{kv.replace('=', '')}" for kv in args.set)
+    write_json(REPO / "benchmarks" / "results" / f"multi_item_{enc.manifest.name}{tag}.json", report)
     return 0

@@ -202,6 +202,8 @@ class RecognitionConfig(_Section):
                                   description="verifications a frame may spend on the search for more items")
     multi_min_score: float = Field(0.15, ge=-1, le=1.01,
                                    description="cosine a candidate needs before the search for more verifies it")
+    multi_crop_px: Optional[int] = Field(None, ge=32, le=4096, description="short side (px) the regions of the "
+                                         "frame are encoded at; null = the bundle's input size")
     multi_by_score: bool = Field(True, description="the search for more may name a plain item (too few keypoints "
                                  "to verify) by its cosine in a region of the frame, without an outline")
 

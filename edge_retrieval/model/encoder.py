@@ -208,7 +208,9 @@ class Encoder:
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 → the input tensor [1, H, W, 3] in the model's dtype."""
-        spec = self.manifest.input
+        return self._prepare(rgb, self.manifest.input)
+
+    def _prepare(self, rgb: np.ndarray, spec) -> np.ndarray:
         if self._model.raw_uint8:
             return resize_for_input(rgb, spec)[None]
         return self._model.quantize(prepare_pixels(rgb, spec))
@@ -231,11 +233,16 @@ class Encoder:
         """RGB uint8 HxWx3 → L2-normalised float32 descriptor of ``manifest.output_dim`` values."""
         return self.postprocess(self.invoke(self.preprocess(rgb)))
 
-    def embed_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def embed_batch(self, images: list[np.ndarray], *, short_side_px: int | None = None) -> list[np.ndarray]:
         """Several RGB frames (crops of one frame) → their descriptors, as :meth:`embed` gives them. Where the
         runtime takes a batch and the prepared tensors share one size, they run in ONE call (one lock, one
-        dispatch); otherwise one call each."""
-        tensors = [self.preprocess(rgb) for rgb in images]
+        dispatch); otherwise one call each. ``short_side_px``: a model that takes any input size (``resize:
+        short_side``) sees each image at this short side instead of the manifest's (a quarter of the frame at
+        half the side keeps the frame's pixel density at a quarter of the cost); ignored by fixed-size models."""
+        spec = self.manifest.input
+        if short_side_px is not None and spec.resize == "short_side" and short_side_px < spec.short_side:
+            spec = spec.model_copy(update={"short_side": int(short_side_px)})
+        tensors = [self._prepare(rgb, spec) for rgb in images]
         if len(tensors) > 1 and self._model.batches and len({t.shape for t in tensors}) == 1:
             with self._lock:
                 out = self._model.run(np.concatenate(tensors, axis=0))

@@ -133,7 +133,7 @@ class MoreItems:
     """The search for the other items of one frame (one instance per lookup): the index, the encoder's batch
     embedding and the decision rule are handed in by ``Lookup``."""
 
-    def __init__(self, rc: RecognitionConfig, idx, embed_batch: Callable[[list[np.ndarray]], list[np.ndarray]],
+    def __init__(self, rc: RecognitionConfig, idx, embed_batch: Callable[..., list[np.ndarray]],
                  accept_inliers: int, accept_score: float | None,
                  accept: Callable[[Candidate, list[Candidate]], bool]):
         """``accept_inliers``: the lookup's (the bundle's) verified-points threshold; ``accept_score``: its cosine
@@ -185,7 +185,7 @@ class MoreItems:
         tops: dict[tuple, list[Candidate]] = {}  # each proposal's nearest items
         if boxes:
             t1 = time.perf_counter()
-            vectors = self.embed_batch([crop(rgb, b) for b in boxes])
+            vectors = self.embed_batch([crop(rgb, b) for b in boxes], short_side_px=rc.multi_crop_px)
             timings["multi_encode"] = (time.perf_counter() - t1) * 1e3
             for b, v in zip(boxes, vectors):
                 tops[b] = self.idx.query(v, PER_CROP)

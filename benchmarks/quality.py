@@ -53,10 +53,10 @@ def run_camera_views(bundle: Path, name: str, *, views_per_item: int = 4, seed: 
     config = work / "config.yaml"
     config.write_text(NEAR_EXACT_CONFIG)
     index = work / "index"
-    run_module(["device", "index", "build", "--catalog", str(data.catalog), "--bundle", str(bundle),
+    run_module(["edge_retrieval", "index", "build", "--catalog", str(data.catalog), "--bundle", str(bundle),
                 "--out", str(index), "--config", str(config)], log=work / "index_build.log")
     paths = [str(data.root / q["path"]) for q in data.queries]
-    out = run_module(["device", "query", *paths, "--index", str(index), "--bundle", str(bundle),
+    out = run_module(["edge_retrieval", "query", *paths, "--index", str(index), "--bundle", str(bundle),
                       "--top-k", str(TOP_K), "--json", "--config", str(config)])
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     by_path = {line["query"]: line for line in lines}

@@ -41,7 +41,10 @@ MODES = {
 }
 # Catalog adaptation (learned whitening fitted at index build, edge_retrieval/model/adaptation.py), global only and verified.
 MODES["adapted"] = MODES["multiview"].replace("adapt: false", "adapt: true")
-MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: true")
+MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: true") + "  multi_item: false\n"
+# Issue 27: the default since, the search for more items in the frame (one print a view here: what it changes on
+# single items, and what it costs them)
+MODES["adapted_verified_multi"] = MODES["adapted_verified"].replace("multi_item: false", "multi_item: true")
 # Options measured beside the default (python -m benchmarks calibrate --modes verified_crop verified_top5).
 MODES["verified_crop"] = MODES["verified"] + "  query_crops: [0.7]\n"
 MODES["verified_top5"] = MODES["verified"] + "  verify_top_k: 5\n"
@@ -131,10 +134,10 @@ def run_mode(mode: str, catalog: Path, paths: list[str], bundle: Path = DEFAULT_
     (work / "config.yaml").write_text(MODES[mode] + f"encoder:\n  bundle: {bundle.resolve()}\n")
     cfg = ["--config", str(work / "config.yaml")]
     t0 = time.perf_counter()
-    run_module(["device", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
+    run_module(["edge_retrieval", "index", "build", "--catalog", str(catalog), "--out", str(work / "index"), *cfg],
                log=work / "index_build.log")
     build_s = round(time.perf_counter() - t0, 1)
-    out = run_module(["device", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
+    out = run_module(["edge_retrieval", "query", *paths, "--index", str(work / "index"), "--top-k", str(TOP_K),
                       "--json", *cfg])
     answers = {}
     for line in out.splitlines():

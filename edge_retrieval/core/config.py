@@ -204,6 +204,8 @@ class RecognitionConfig(_Section):
                                    description="cosine a candidate needs before the search for more verifies it")
     multi_crop_px: Optional[int] = Field(None, ge=32, le=4096, description="short side (px) the regions of the "
                                          "frame are encoded at; null = the bundle's input size")
+    multi_shapes: bool = Field(True, description="also look at the outlines of flat rectangular things found from "
+                               "the frame's edges (a print, a card), rectified")
     multi_by_score: bool = Field(True, description="the search for more may name a plain item (too few keypoints "
                                  "to verify) by its cosine in a region of the frame, without an outline")
 

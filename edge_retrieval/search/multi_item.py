@@ -1,20 +1,21 @@
-"""More than one item in a frame: after the lookup has accepted its best item, look for the others.
+"""More than one item in a frame: after the lookup has decided on its best item, look for the others.
 
 How (docs/benchmarks.md "Several items in a frame" has what each step buys and costs):
 1. The query's ORB keypoints inside an accepted item's outline (its quad) are removed: what is left is the rest
    of the frame. A hard negative (another crop of the same photo) cannot verify on the print already named.
-2. Candidates: the lookup's own ranked list (whole frame), then region proposals — the four quadrants of the
-   frame (``CROPS``, the second scale after the whole frame), encoded in one batch where the runtime allows —
-   but only the quadrants that still hold enough unexplained keypoints for an item to verify there (a frame
-   with one print and a bare table around it costs no encode).
-3. Each candidate (cosine ≥ ``multi_min_score``) is verified against the remaining keypoints; the best one with
-   ``accept_inliers`` or more whose outline is a sane quadrilateral not lying on an item already found is
-   accepted, its keypoints removed, and the candidates that also verified are verified again on what is left.
-4. Bounded: at most ``max_items`` items and ``multi_verify_max`` verifications a frame, whatever the frame holds
-   (dozens of tiny items, a chessboard, a black frame).
-
-An extra item is accepted only when it verifies (the bundle's ``accept_inliers``, or its learned decision over
-the item's verified candidates): a crop's cosine alone is not evidence, and an item needs an outline.
+2. Region proposals at two scales besides the whole frame: the four quadrants (``CROPS``; not those the items
+   found cover, nor flat ones), encoded in one batch where the runtime allows, and the outlines of flat
+   rectangular things found from the frame's edges (edge_retrieval/search/proposals.py), encoded rectified.
+3. Candidates: the lookup's own ranked list, then each proposal's nearest items, verified (every proposal's best
+   first, within ``multi_verify_max``) against the keypoints of their proposal, taken closer (enlarged to ORB's
+   working size). The one with the most verified points (≥ the bundle's ``accept_inliers``, or its learned
+   decision) whose outline is a convex quadrilateral not lying on an item found is accepted and its keypoints
+   removed; a candidate whose outline reached onto it is verified again on what is left.
+4. An item too plain for ORB (under ``PLAIN_KEYPOINTS`` keypoints in the catalog) can never verify: a proposal
+   names it by its cosine (the bundle's ``accept_score``, and a lead of ``MIN_SCORE_LEAD`` over the proposal's
+   next item), with the proposal's outline when the proposal is a found shape (``multi_by_score``).
+5. Bounded: at most ``max_items`` items, ``multi_verify_max`` verifications, four crops and ``MAX_SHAPES``
+   outlines a frame, whatever it holds (dozens of tiny items, a chessboard, a black frame).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from edge_retrieval.core.config import RecognitionConfig
 from edge_retrieval.core.results import Candidate
 from edge_retrieval.model.local_features import Features, extract, match_homography, region
+from edge_retrieval.search.proposals import bounding_box, print_quads, rectify
 
 # Region proposals: (x0, y0, x1, y1) fractions of the frame — the four quadrants, overlapping a little so a print
 # on a quadrant's edge lies whole in one of them.
@@ -148,7 +150,8 @@ class MoreItems:
         feats = self.idx.features(item_id)
         return feats is None or len(feats) < PLAIN_KEYPOINTS
 
-    def _by_score(self, tops: dict[tuple, list[Candidate]], items: list[Candidate], quads: list) -> list[Candidate]:
+    def _by_score(self, tops: dict[tuple, list[Candidate]], shapes: dict[tuple, np.ndarray], items: list[Candidate],
+                  quads: list) -> list[Candidate]:
         """Items too plain for ORB (a smooth photo has a few dozen keypoints, rarely 8 verified points): a proposal
         that items found so far hardly cover names its nearest item when its cosine passes the bundle's
         ``accept_score`` (the rule a whole frame is held to without verification) and it leads the proposal's next
@@ -156,15 +159,24 @@ class MoreItems:
         (``quad`` null) and no inliers. Off where a learned decision is configured (it needs verified points)."""
         if self.accept_score is None:
             return []
-        named, more = {i.id for i in items}, []
-        for box, top in tops.items():
-            if len(items) + len(more) >= self.rc.max_items or not top or covered(box, quads) >= MAX_COVERED_BY_SCORE:
+        named, more, quads = {i.id for i in items}, [], list(quads)
+        # the outlined proposals first: a print seen whole and flat, and the item named there has an outline
+        for box, top in sorted(tops.items(), key=lambda bt: bt[0] not in shapes):
+            outline = shapes.get(box)
+            if outline is not None:
+                clear = all(overlap(outline, f) < MAX_QUAD_OVERLAP for f in quads)
+            else:
+                clear = covered(box, quads) < MAX_COVERED_BY_SCORE
+            if len(items) + len(more) >= self.rc.max_items or not top or not clear:
                 continue
             lead = top[0].score - (top[1].score if len(top) > 1 else 0.0)
             if (top[0].id not in named and top[0].score >= self.accept_score and lead >= MIN_SCORE_LEAD
                     and self._plain(top[0].id)):
-                more.append(replace(top[0], inliers=None, quad=None))
+                quad = None if outline is None else tuple((round(float(x), 4), round(float(y), 4)) for x, y in outline)
+                more.append(replace(top[0], inliers=None, quad=quad))
                 named.add(top[0].id)
+                if quad is not None:
+                    quads.append(quad)
         return more
 
     def find(self, rgb: np.ndarray, query: Features, first: Candidate | None, ranked: list[Candidate],
@@ -180,19 +192,25 @@ class MoreItems:
         pool: dict[str, tuple[Candidate, tuple | None]] = {
             c.id: (c, None) for c in ranked
             if c.id not in named and c.score >= rc.multi_min_score and (c.inliers is None or c.inliers >= self.accept_inliers)}
+        rank = {c.id: r for r, c in enumerate(ranked)}  # where each candidate stands in its own list
         # not the whole frame's keypoints: they crowd onto its most textured parts, a smooth print may have none
         boxes = [b for b in CROPS if covered(b, quads) < MAX_COVERED and not blank(rgb, b)]
+        # outlines of prints found from their edges: looked at rectified, their box is where they are verified
+        shapes = {bounding_box(q): q for q in (print_quads(rgb) if rc.multi_shapes else [])
+                  if all(overlap(q, f) < MAX_QUAD_OVERLAP for f in quads)}
         tops: dict[tuple, list[Candidate]] = {}  # each proposal's nearest items
-        if boxes:
+        if boxes or shapes:
             t1 = time.perf_counter()
             vectors = self.embed_batch([crop(rgb, b) for b in boxes], short_side_px=rc.multi_crop_px)
+            vectors += self.embed_batch([rectify(rgb, q) for q in shapes.values()])
             timings["multi_encode"] = (time.perf_counter() - t1) * 1e3
-            for b, v in zip(boxes, vectors):
+            for b, v in zip(boxes + list(shapes), vectors):
                 tops[b] = self.idx.query(v, PER_CROP)
-                for c in tops[b]:
+                for r, c in enumerate(tops[b]):
                     if c.id not in named and c.score >= rc.multi_min_score and (
                             c.id not in pool or pool[c.id][1] is None or c.score > pool[c.id][0].score):
                         pool[c.id] = (replace(c, inliers=None), b)
+                        rank[c.id] = min(r, rank.get(c.id, r))
         box_features: dict[tuple, Features] = {}
 
         def features_of(box) -> Features:
@@ -202,7 +220,9 @@ class MoreItems:
                 box_features[box] = crop_features(rgb, box, query, rc)
             return without(box_features[box], quads)
 
-        order = sorted(pool.values(), key=lambda cb: -cb[0].score)
+        # every proposal's best candidate first, then the second ones…: each print gets its likeliest item verified
+        # before the budget goes to the runners-up of one crowded region
+        order = sorted(pool.values(), key=lambda cb: (rank[cb[0].id], -cb[0].score))
         tried: dict[str, tuple[int, np.ndarray | None, Features]] = {}
         budget = rc.multi_verify_max
         while len(items) < rc.max_items:
@@ -226,9 +246,12 @@ class MoreItems:
                 continue
             items.append(replace(best, quad=quad))
             quads.append(quad)
-            for c in ok[1:]:  # they verified on what is now removed, perhaps: verify them again on the rest
-                tried.pop(c.id, None)
-        items += self._by_score(tops, items, quads)
+            for c in ok[1:]:  # those whose outline reaches onto the new item verified on it, perhaps: again on the rest
+                n_c, h_c, where_c = tried[c.id]
+                outline = region(where_c, self.idx.features(c.id), h_c)
+                if outline is None or not _convex(outline) or overlap(outline, quad) > 0.0:
+                    tried.pop(c.id, None)
+        items += self._by_score(tops, shapes, items, quads)
         # "multi": the search's own work besides the crops' encode (so the timings still add up to "total")
         timings["multi"] = (time.perf_counter() - t0) * 1e3 - timings.get("multi_encode", 0.0)
         return items

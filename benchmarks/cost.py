@@ -4,7 +4,9 @@
 On the camera-view benchmark's catalog (286 items, built with the default recognition settings), each round
 times, on the same camera view: bare ``invoke()`` of the prepared tensor, the camera path (an RGB frame → global
 lookup: preprocess → invoke → Annoy, no verification), an upload (JPEG bytes → decode → global lookup) and the
-default verified lookup of the frame (multi-view index, adaptation, ORB verification, decision). Medians and
+default verified lookup of the frame (multi-view index, adaptation, ORB verification, decision, the search for
+more items), the same with ``multi_item: false`` (one item named), and both on a frame with four catalog prints
+(``python -m benchmarks multi_item``'s frames; the catalog is the same). Medians and
 their ratios to the bare invoke of the same rounds; the process's peak RSS while looking up (reset after the build). Writes benchmarks/results/cost_NAME.json.
 """
 from __future__ import annotations
@@ -25,6 +27,14 @@ def _memory_mb() -> dict:
     kb = {k: int(st[k].split()[0]) for k in ("VmHWM", "VmRSS", "RssAnon")}
     return {"peak_rss_mb": round(kb["VmHWM"] / 1024, 1), "rss_mb": round(kb["VmRSS"] / 1024, 1),
             "anon_mb": round(kb["RssAnon"] / 1024, 1)}
+
+
+def four_item_frames() -> list:
+    """The frames of ``python -m benchmarks multi_item`` with four catalog prints of this catalog (decoded)."""
+    from benchmarks.multi_item import make_frames
+    from edge_retrieval.imaging.codec import read_image
+    root, frames, _ = make_frames(150)
+    return [read_image(root / f["path"], 16_000_000) for f in frames if f["prints"] == 4 and not f["unknown"]][:20]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     idx = CatalogIndex.load(path, expected_bundle_sha256=enc.sha256, search_k=IndexConfig().search_k,
                             require_features=True)
     verified = Lookup(enc, idx, rc, top_k=5)
+    single = Lookup(enc, idx, rc.model_copy(update={"multi_item": False}), top_k=5)
     camera = Lookup(enc, idx, rc.model_copy(update={"verify": False}), top_k=5)
     blobs = [(data.root / q["path"]).read_bytes() for q in data.queries]
-    times: dict[str, list[float]] = {"invoke": [], "camera": [], "upload": [], "verified": []}
+    fours = four_item_frames()
+    times: dict[str, list[float]] = {"invoke": [], "camera": [], "upload": [], "verified": [], "verified_single": [],
+                                     "four_items": [], "four_items_single": []}
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM): what follows is a serving device
     for i in range(args.pairs + 5):
@@ -59,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         frame = decode_image(blob)
         x = enc.preprocess(frame)
         # each lambda runs in this iteration (timed below), so binding the loop variables late is intended
+        four = fours[i % len(fours)]
         for name, run in (("invoke", lambda: enc.invoke(x)), ("camera", lambda: camera.lookup_rgb(frame)),  # noqa: B023
-                          ("upload", lambda: camera.lookup_bytes(blob)), ("verified", lambda: verified.lookup_rgb(frame))):  # noqa: B023
+                          ("upload", lambda: camera.lookup_bytes(blob)), ("verified", lambda: verified.lookup_rgb(frame)),  # noqa: B023
+                          ("verified_single", lambda: single.lookup_rgb(frame)),  # noqa: B023
+                          ("four_items", lambda: verified.lookup_rgb(four)),  # noqa: B023
+                          ("four_items_single", lambda: single.lookup_rgb(four))):  # noqa: B023
             t = time.perf_counter()
             run()
             if i >= 5:

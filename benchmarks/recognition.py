@@ -41,7 +41,10 @@ MODES = {
 }
 # Catalog adaptation (learned whitening fitted at index build, edge_retrieval/model/adaptation.py), global only and verified.
 MODES["adapted"] = MODES["multiview"].replace("adapt: false", "adapt: true")
-MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: true")
+MODES["adapted_verified"] = MODES["verified"].replace("adapt: false", "adapt: true") + "  multi_item: false\n"
+# Issue 27: the default since, the search for more items in the frame (one print a view here: what it changes on
+# single items, and what it costs them)
+MODES["adapted_verified_multi"] = MODES["adapted_verified"].replace("multi_item: false", "multi_item: true")
 # Options measured beside the default (python -m benchmarks calibrate --modes verified_crop verified_top5).
 MODES["verified_crop"] = MODES["verified"] + "  query_crops: [0.7]\n"
 MODES["verified_top5"] = MODES["verified"] + "  verify_top_k: 5\n"

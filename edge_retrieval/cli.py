@@ -192,16 +192,20 @@ def cmd_query(cfg: Config, args) -> int:
             continue
         if args.json:
             out = result.to_json()
-            print(json.dumps({"query": str(path), "match": out["match"], "results": out["results"],
-                              "timings_ms": out["timings_ms"]}), flush=True)
+            print(json.dumps({"query": str(path), "match": out["match"], "matches": out["matches"],
+                              "results": out["results"], "timings_ms": out["timings_ms"]}), flush=True)
         else:
             m = result.match
             verdict = (f"match {_named(m)} · {confidence(m, m)} confidence" + (
                 f" · {m.inliers} matching points" if m.inliers else "") if m else "no match")
             print(f"{path}  {verdict}  ({result.timings_ms['total']:.1f} ms)")
+            for other in result.matches[1:]:  # the other items in the frame, best first
+                print(f"  also {_named(other)} · {confidence(other, other)} confidence"
+                      + (f" · {other.inliers} matching points" if other.inliers else ""))
+            found = {x.id: x for x in result.matches or ([m] if m else [])}
             for rank, c in enumerate(result.results, 1):  # the same word as the page, the numbers behind it
                 points = f", {c.inliers} points" if c.inliers is not None else ""
-                print(f"  {rank}. {_named(c)}  {confidence(c, m)} (cosine {c.score:.3f}{points})")
+                print(f"  {rank}. {_named(c)}  {confidence(c, found.get(c.id))} (cosine {c.score:.3f}{points})")
     return 1 if failures else 0
 
 

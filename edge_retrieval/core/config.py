@@ -197,6 +197,18 @@ class RecognitionConfig(_Section):
     adapt_shrinkage: float = Field(0.3, ge=0, le=1, description="shrink the view-difference covariance")
     decision: Decision = Field(
         "bundle", description="bundle = the learned decision in the bundle's calibration; null = the two thresholds")
+    multi_item: bool = Field(True, description="after the best item, look for more catalog items in the frame")
+    max_items: int = Field(8, ge=1, le=64, description="items a lookup names at most (1 = the best one only)")
+    multi_verify_max: int = Field(24, ge=1, le=500,
+                                  description="verifications a frame may spend on the search for more items")
+    multi_min_score: float = Field(0.15, ge=-1, le=1.01,
+                                   description="cosine a candidate needs before the search for more verifies it")
+    multi_crop_px: Optional[int] = Field(None, ge=32, le=4096, description="short side (px) the regions of the "
+                                         "frame are encoded at; null = the bundle's input size")
+    multi_shapes: bool = Field(True, description="also look at the outlines of flat rectangular things found from "
+                               "the frame's edges (a print, a card), rectified")
+    multi_by_score: bool = Field(True, description="the search for more may name a plain item (too few keypoints "
+                                 "to verify) by its cosine in a region of the frame, without an outline")
 
     @field_validator("enrol_views", "query_crops", "retry_crops")
     @classmethod

@@ -57,13 +57,19 @@ def confidence(candidate: Candidate, match: Candidate | None) -> str:
 @dataclass
 class LookupResult:
     """Ranked candidates of one query, the decision (``match``: the accepted item, or None = "no match"),
-    and where the time went (milliseconds per stage)."""
+    and where the time went (milliseconds per stage). ``matches``: every item accepted in the frame, best first
+    (``match`` is the first; empty = "no match"); left empty by a caller that names one item, it is ``[match]``."""
 
     results: list[Candidate]
     timings_ms: dict[str, float]
     source: str = "cli"  # "camera" (trigger) | "requested" ("Look up now") | "upload" | "cli"
     timestamp: float = field(default_factory=time.time)
     match: Candidate | None = None
+    matches: list[Candidate] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.matches and self.match is not None:
+            self.matches = [self.match]
 
     @property
     def decision(self) -> str:
@@ -72,11 +78,14 @@ class LookupResult:
 
     def to_json(self) -> dict:
         """The JSON shape; each candidate (and the match) with its ``confidence`` word."""
-        def rated(c: Candidate) -> dict:
-            return {**c.to_json(), "confidence": confidence(c, self.match)}
+        accepted = {m.id: m for m in self.matches or ([self.match] if self.match is not None else [])}
+
+        def rated(c: Candidate) -> dict:  # every item found in the frame is "the match" for its own word
+            return {**c.to_json(), "confidence": confidence(c, accepted.get(c.id))}
 
         return {
             "match": rated(self.match) if self.match is not None else None,
+            "matches": [rated(c) for c in self.matches],
             "results": [rated(c) for c in self.results],
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "source": self.source,
@@ -89,4 +98,5 @@ class LookupResult:
         match = d.get("match")
         return cls([Candidate.from_json(c) for c in d.get("results", [])],
                    {str(k): float(v) for k, v in (d.get("timings_ms") or {}).items()}, str(d.get("source", "cli")),
-                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None)
+                   float(d["timestamp"]), Candidate.from_json(match) if match is not None else None,
+                   [Candidate.from_json(c) for c in d.get("matches") or []])  # older entries: [match]

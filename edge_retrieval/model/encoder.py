@@ -51,6 +51,8 @@ def _interpreter_class():
 class _TFLiteModel:
     """A TFLite interpreter: one fixed input size; quantized inputs/outputs converted here."""
 
+    batches = False  # the input tensor is [1, H, W, 3]: crops run one call each
+
     def __init__(self, path: Path, manifest: Manifest, num_threads: int, where: Path):
         Interpreter, self.runtime = _interpreter_class()
         try:
@@ -118,6 +120,7 @@ class _OnnxModel:
     """An ONNX Runtime session (CPU). Inputs of any size are allowed where the model's axes are dynamic."""
 
     runtime = "onnxruntime"
+    batches = True  # where the batch axis is dynamic (set from the model): several crops run in one call
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int, where: Path):
         try:
@@ -147,6 +150,7 @@ class _OnnxModel:
         if len(shape) != 4 or (isinstance(shape[3], int) and shape[3] != spec.channels):  # named axes are dynamic
             raise BundleError(f"{where}: field 'input.channels' says [batch, H, W, {spec.channels}] but the model "
                               f"input is {shape}")
+        self.batches = not isinstance(shape[0], int)  # a named batch axis is dynamic
         fixed = [d if isinstance(d, int) else None for d in shape[1:3]]
         if spec.resize == "short_side" and any(fixed):
             raise BundleError(f"{where}: field 'input.resize' is 'short_side' but the model input has a fixed size "
@@ -204,7 +208,9 @@ class Encoder:
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 → the input tensor [1, H, W, 3] in the model's dtype."""
-        spec = self.manifest.input
+        return self._prepare(rgb, self.manifest.input)
+
+    def _prepare(self, rgb: np.ndarray, spec) -> np.ndarray:
         if self._model.raw_uint8:
             return resize_for_input(rgb, spec)[None]
         return self._model.quantize(prepare_pixels(rgb, spec))
@@ -226,6 +232,23 @@ class Encoder:
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 → L2-normalised float32 descriptor of ``manifest.output_dim`` values."""
         return self.postprocess(self.invoke(self.preprocess(rgb)))
+
+    def embed_batch(self, images: list[np.ndarray], *, short_side_px: int | None = None) -> list[np.ndarray]:
+        """Several RGB frames (crops of one frame) → their descriptors, as :meth:`embed` gives them. Where the
+        runtime takes a batch and the prepared tensors share one size, they run in ONE call (one lock, one
+        dispatch); otherwise one call each. ``short_side_px``: a model that takes any input size (``resize:
+        short_side``) sees each image at this short side instead of the manifest's (a quarter of the frame at
+        half the side keeps the frame's pixel density at a quarter of the cost); ignored by fixed-size models."""
+        spec = self.manifest.input
+        if short_side_px is not None and spec.resize == "short_side" and short_side_px < spec.short_side:
+            spec = spec.model_copy(update={"short_side": int(short_side_px)})
+        tensors = [self._prepare(rgb, spec) for rgb in images]
+        if len(tensors) > 1 and self._model.batches and len({t.shape for t in tensors}) == 1:
+            with self._lock:
+                out = self._model.run(np.concatenate(tensors, axis=0))
+            rows = np.asarray(out, dtype=np.float32).reshape(len(tensors), -1)
+            return [self.postprocess(row) for row in rows]
+        return [self.postprocess(self.invoke(t)) for t in tensors]
 
     @property
     def dim(self) -> int:

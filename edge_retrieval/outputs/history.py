@@ -38,7 +38,7 @@ STORE_NAME = "history.sqlite"
 SCHEMA_VERSION = 1
 _OLD_SNAPSHOT_GLOB = "lookup-*.jpg"  # the in-memory history of earlier versions kept its snapshots as files
 CSV_COLUMNS = ("n", "time_utc", "source", "decision", "match_id", "match_label", "inliers", "rank_score", "score",
-               "candidates", "total_ms")
+               "candidates", "total_ms", "items")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS lookups (
     n INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after the oldest rows are deleted
     result TEXT NOT NULL,                 -- LookupResult.to_json()
@@ -229,7 +229,7 @@ class History:
 
     def to_csv(self) -> str:
         """The kept lookups as CSV (newest first), one row each; ``candidates`` is ``id:rank_score`` joined by
-        spaces."""
+        spaces, ``items`` the ids of every item named in the frame (best first) joined by spaces."""
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(CSV_COLUMNS)
@@ -242,7 +242,7 @@ class History:
                 "" if top is None or top.inliers is None else top.inliers,
                 "" if top is None else top.to_json()["rank_score"], "" if top is None else round(top.score, 4),
                 _cell(" ".join(f"{c.id}:{c.to_json()['rank_score']}" for c in r.results)),
-                round(r.timings_ms.get("total", 0.0), 1)])
+                round(r.timings_ms.get("total", 0.0), 1), _cell(" ".join(c.id for c in r.matches))])
         return out.getvalue()
 
 

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 from edge_retrieval.core.config import MqttConfig
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.core.status import Health
-from edge_retrieval.outputs.home_assistant import discovery_messages, match_state
+from edge_retrieval.outputs.home_assistant import discovery_messages, items_in_view, match_state
 from edge_retrieval.outputs.mqtt_auth import password, tls_context
 from edge_retrieval.outputs.sinks import DRAIN_S, POLL_S, QueueWorker, default_device_id, lookup_event
 
@@ -25,7 +25,8 @@ class MqttPublisher(QueueWorker):
 
     Topics under ``<topic_prefix>/<device_id>/``: ``lookup`` (one JSON event per lookup), ``match`` (retained
     JSON: the latest lookup's event and the items in view, what Home Assistant's sensors read:
-    edge_retrieval/outputs/home_assistant.py), ``state`` (retained JSON: camera and index health),
+    edge_retrieval/outputs/home_assistant.py), ``items`` (retained: how many catalog items the
+    latest lookup saw), ``state`` (retained JSON: camera and index health),
     ``availability`` (retained "online"; the broker publishes the last will "offline" when the device vanishes)
     and ``command/lookup`` (the Home Assistant button; see ``on_lookup_command``)."""
 
@@ -36,7 +37,7 @@ class MqttPublisher(QueueWorker):
         self.device_id = config.device_id or default_device_id()
         self.page_url = config.page_url or page_url
         base = f"{config.topic_prefix}/{self.device_id}"
-        self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "state", "availability")}
+        self.topics = {k: f"{base}/{k}" for k in ("lookup", "match", "items", "state", "availability")}
         self.topics["command"] = f"{base}/command/lookup"
         self._callbacks: list[Callable[[], None]] = []
         self._connected = threading.Event()
@@ -111,6 +112,7 @@ class MqttPublisher(QueueWorker):
             event = lookup_event(result, self.device_id)
             self._offer((self.topics["lookup"], json.dumps(event), False))
             self._set_state("match", json.dumps(match_state(event, result)))
+            self._set_state("items", str(items_in_view(result)))  # catalog items in view, as a plain number
         except Exception:
             log.exception("mqtt: could not queue a lookup event")
 

@@ -22,6 +22,7 @@ from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.reader import CatalogIndex
 from edge_retrieval.model.local_features import extract, region, verify_candidates
 from edge_retrieval.search.decision import accepts
+from edge_retrieval.search.multi_item import MoreItems
 
 
 class IndexSource(Protocol):
@@ -108,8 +109,17 @@ class Lookup:
         if match is None and rc.retry_crops:
             # the merged list (whole frame + crops) ranks a small print better even where no item is accepted
             ranked, match = attempt([centre_crop(rgb, f) for f in rc.retry_crops])
+        matches = [match] if match is not None else []
+        if rc.multi_item and rc.max_items > 1 and rc.verify and idx.has_features and ranked:
+            t0 = time.perf_counter()
+            query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
+            timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
+            by_score = self.accept_score if self.decision is None and rc.multi_by_score else None
+            more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, by_score, self._accept_more)
+            matches = more.find(rgb, query[0], match, ranked, timings)
+            match = matches[0] if matches else None
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match)
+        return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match, matches=matches)
 
     def _search(self, images: list[np.ndarray], idx: CatalogIndex, want: int, best: dict[str, Candidate],
                 timings: dict[str, float]) -> list[Candidate]:
@@ -162,6 +172,14 @@ class Lookup:
         if top.score >= self.accept_score:
             return top
         return None
+
+    def _accept_more(self, item: Candidate, verified: list[Candidate]) -> bool:
+        """The decision for one more item of a frame (it has ``accept_inliers`` already): the learned model, when
+        one is configured, over the item and the others verified on the same remaining keypoints."""
+        if self.decision is None:
+            return True
+        return accepts(self.decision, [item] + sorted((c for c in verified if c.id != item.id),
+                                                      key=lambda c: -c.score))
 
     def decode_side_px(self) -> int:
         """How large an image must stay when decoded: the model input, or ORB's working size when verifying

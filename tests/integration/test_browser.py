@@ -369,3 +369,25 @@ def test_when_the_event_stream_is_refused_the_page_updates_by_polling(server, re
         for s in held:
             s.close()
     driver.get_log("browser")  # the refused stream and live view were logged as failed loads: expected here
+
+
+def test_every_item_of_an_uploaded_photo_is_outlined_with_its_label(server, driver, photos, tmp_path):
+    """Three catalog photos on a table: the uploaded photo shows three outlines, each with its item's label."""
+    from tests.unit.test_multi_item import table_frame
+    names = ["rocket", "astronaut", "immunohistochemistry"]
+    frame, _ = table_frame(photos, names, seed=9)
+    photo = tmp_path / "table.jpg"
+    photo.write_bytes(encode_jpeg(frame, 92))
+    driver.get(_url(server))
+    driver.find_element(By.ID, "upload-file").send_keys(str(photo))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#query-items polygon")) == 3,
+          "three outlines over the uploaded photo")
+    labels = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#query-items-labels span")]
+    status, body = server.request("GET", "/api/history?limit=20")
+    entry = next(e for e in body["entries"] if e["source"] == "upload")  # the camera goes on looking up meanwhile
+    assert status == 200 and {m["id"] for m in entry["matches"]} == set(names)
+    assert sorted(labels) == sorted(m["label"] for m in entry["matches"])
+    assert "3 items" in _text(driver, "match-line")
+    _screenshot(driver, "page-several-items.jpg")
+    assert _severe(driver) == []

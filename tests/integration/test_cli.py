@@ -96,6 +96,8 @@ def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):
     scores = [r["score"] for r in lines[0]["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
     assert {"decode", "encode", "search", "total"} <= set(lines[0]["timings_ms"])
+    # "matches": every item named in the frame, best first; "match" is the first (one print here: one item)
+    assert all(d["matches"] == ([d["match"]] if d["match"] else []) for d in lines), [d["matches"] for d in lines]
 
 
 def test_query_of_a_bad_file_reports_an_error_line_and_keeps_going(built, tmp_path, photos):

@@ -443,3 +443,34 @@ def test_the_webhook_posts_accepted_matches_and_retries_a_failing_receiver():
         assert [metrics.value("appliance_webhook_posts_total", result=r) for r in ("sent", "failed", "dropped")] == [0, 1, 0]
     finally:
         dead.stop()
+
+
+def test_the_lookup_event_lists_every_item_in_view_and_the_count_is_retained(broker):
+    """A frame with three items: the event lists them best first with their outlines; ``items`` (retained) says
+    how many are in view, for Home Assistant; a later lookup with none sets it to 0."""
+    quad = ((0.1, 0.1), (0.4, 0.1), (0.4, 0.4), (0.1, 0.4))
+    items = [Candidate("rocket", "Rocket", 0.9, 40, quad=quad), Candidate("moon", "Moon", 0.7, 22, quad=quad),
+             Candidate("coins", "Coins", 0.6, None)]
+    three = LookupResult(items, {"total": 9.0}, "camera", match=items[0], matches=items)
+    live = Subscriber(broker.port, "edge-retrieval/shelf/lookup", "edge-retrieval/shelf/items")
+    pub = connected(MqttPublisher(publisher_config(broker.port)).start())
+    try:
+        wait_until(lambda: live.client.is_connected(), 5, "the subscriber")
+        time.sleep(0.2)
+        pub.publish_lookup(three)
+        event = json.loads(wait_until(lambda: live.on("edge-retrieval/shelf/lookup"), 5, "the lookup event")[0])
+        assert event["id"] == "rocket" and event["items"] == 3
+        assert [m["id"] for m in event["matches"]] == ["rocket", "moon", "coins"]
+        assert event["matches"][0]["quad"] == [list(c) for c in quad] and event["matches"][1]["inliers"] == 22
+        assert "quad" not in event["matches"][2]  # named by its cosine: no outline
+        assert wait_until(lambda: live.on("edge-retrieval/shelf/items"), 5, "the items count") == ["3"]
+        pub.publish_lookup(result(None))
+        wait_until(lambda: live.on("edge-retrieval/shelf/items") == ["3", "0"], 5, "the count back to 0")
+    finally:
+        pub.stop()
+        live.close()
+    late = Subscriber(broker.port, "edge-retrieval/shelf/items")
+    try:
+        assert wait_until(lambda: late.on("edge-retrieval/shelf/items"), 5, "the retained count") == ["0"]
+    finally:
+        late.close()

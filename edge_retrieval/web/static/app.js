@@ -74,6 +74,54 @@ function showRegion(quad) {
   regionTimer = setTimeout(() => { $("region").hidden = true; }, REGION_SHOW_MS);
 }
 
+// --- every item of a frame: outline + label over the live view and over the query image ---------
+const SVG_NS = "http://www.w3.org/2000/svg";
+let itemsTimer = null;
+
+function isQuad(q) {
+  return Array.isArray(q) && q.length === 4 && q.every((p) => Array.isArray(p) && p.length === 2);
+}
+
+// Draws one polygon per item with a quad into ``svg`` and its label (text, never HTML) into ``labels``.
+function drawItems(svg, labels, matches) {
+  svg.replaceChildren();
+  labels.replaceChildren();
+  const shown = (Array.isArray(matches) ? matches : []).filter((m) => m && isQuad(m.quad));
+  for (const m of shown) {
+    const poly = document.createElementNS(SVG_NS, "polygon");
+    poly.setAttribute("points", m.quad.map((p) => Number(p[0]) + "," + Number(p[1])).join(" "));
+    poly.classList.add("item");
+    svg.appendChild(poly);
+    const span = document.createElement("span");
+    span.textContent = str(m.label);
+    span.title = str(m.id) + (Number.isInteger(m.inliers) ? " · " + m.inliers + " verified points" : "");
+    const cx = m.quad.reduce((a, p) => a + Number(p[0]), 0) / 4;
+    const cy = m.quad.reduce((a, p) => a + Number(p[1]), 0) / 4;
+    span.style.left = (Math.min(Math.max(cx, 0), 1) * 100).toFixed(2) + "%";
+    span.style.top = (Math.min(Math.max(cy, 0), 1) * 100).toFixed(2) + "%";
+    labels.appendChild(span);
+  }
+  return shown.length;
+}
+
+// The live view: every item of the newest camera lookup, for as long as the match's outline shows.
+function showItems(matches) {
+  clearTimeout(itemsTimer);
+  const n = drawItems($("items"), $("items-labels"), matches);
+  $("items").hidden = $("items-labels").hidden = n === 0;
+  if (n) itemsTimer = setTimeout(() => { $("items").hidden = $("items-labels").hidden = true; }, REGION_SHOW_MS);
+}
+
+// The query image of the lookup on screen (an uploaded photo or a camera frame): its items outlined.
+function showQueryItems(data) {
+  drawItems($("query-items"), $("query-items-labels"), data.image_url ? data.matches : []);
+}
+
+function itemsText(matches) {
+  const n = Array.isArray(matches) ? matches.length : 0;
+  return n > 1 ? " · " + n + " items: " + matches.map((m) => str(m.label)).join(", ") : "";
+}
+
 // --- one lookup on screen: query image beside its candidates ------------------------------------
 // One word a person reads (the device's: high = the match, verified by many points; medium = the match on less
 // evidence; low = not the match); the numbers behind it in the tooltip.
@@ -126,9 +174,10 @@ function renderResult(data) {
   if (hasMatch) {
     const verified = match && Number.isInteger(match.inliers) ? " · " + match.inliers + " matching points" : "";
     line.textContent = match === null ? "no match (the nearest catalog items are shown greyed)"
-      : "match: " + named(match) + (match.confidence ? " · " + str(match.confidence) + " confidence" : "") + verified;
+      : "match: " + named(match) + (match.confidence ? " · " + str(match.confidence) + " confidence" : "") + verified + itemsText(data.matches);
     line.title = match ? scoreTitle(match) : "";
   }
+  showQueryItems(data);
 
   const figure = $("query-figure");
   figure.hidden = !data.image_url;
@@ -171,7 +220,9 @@ function renderHistory() {
     if (e.image_url) { snap.src = e.image_url; } else { snap.remove(); }
     const m = e.match;
     snap.alt = "what lookup " + e.n + " saw";
-    li.querySelector(".decision").textContent = m ? str(m.label) : "no match";
+    li.querySelector(".decision").textContent = m
+      ? str(m.label) + (Array.isArray(e.matches) && e.matches.length > 1 ? " +" + (e.matches.length - 1) : "")
+      : "no match";
     b.classList.add(m ? "is-match" : "is-none");
     li.querySelector(".when").textContent = (SOURCES[e.source] || str(e.source)).split(" ")[0] + " "
       + new Date(e.timestamp * 1000).toLocaleTimeString();
@@ -208,6 +259,7 @@ function showNewest() {
     // a newer lookup without a verified region (no match, another item, an upload) ends the outline at once
     if (newest.match && newest.match.quad && newest.source !== "upload") showRegion(newest.match.quad);
     else hideRegion();
+    showItems(newest.source !== "upload" ? newest.matches : []);
   }
   renderHistory();
 }

@@ -156,7 +156,7 @@ def cmd_catalog(cfg: Config, args) -> int:
             return 0
         if args.catalog_cmd == "remove":  # the same path as DELETE /api/catalog: committed, then indexed
             missing = [i for i in args.ids if catalog.remove(i) is None]
-            catalog.apply()
+            _apply(catalog)
             print(f"removed {len(args.ids) - len(missing)}; index now has {holder.current().size} items",
                   file=sys.stderr)
             if missing:
@@ -169,11 +169,20 @@ def cmd_catalog(cfg: Config, args) -> int:
             item_id = args.item_id or p.stem
             ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id,
                                      args.label or item_id.rsplit("/", 1)[-1])["id"])
-        catalog.apply()
+        _apply(catalog)
         print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
         return 0
     finally:
         catalog.stop()
+
+
+def _apply(catalog) -> None:
+    """The changes into the index's delta (a running `serve` sees them in about a second), and the merge into a new
+    generation when the delta has grown to ``index.merge_after_items`` — what `serve` does, in the foreground."""
+    catalog.apply()
+    if catalog.merge_due():
+        catalog.merge()
+        print(f"merged the changes into {catalog.holder.current().generation}", file=sys.stderr)
 
 
 def cmd_serve(cfg: Config) -> int:

@@ -61,20 +61,31 @@ class ErrorInfo(_Doc):
 
 
 class IndexHealth(_Doc):
-    """The live catalog index: items, generation (None before the first), folder, Annoy trees and search_k."""
+    """The live catalog index: items, generation (None before the first), folder, Annoy trees and search_k; the base
+    generation's items, the delta beside it (items enrolled and removed since; edge_retrieval/index/delta.py), the
+    size that starts a merge, whether one runs, the last one and why the last one failed."""
 
     size: int
     generation: Optional[str] = None
     path: str
     n_trees: int
     search_k: int
+    base_size: Optional[int] = None
+    delta_items: int = 0
+    delta_removed: int = 0
+    merge_after_items: Optional[int] = None
+    merging: bool = False
+    last_merge: Optional[dict[str, Any]] = None
+    merge_error: Optional[str] = None
 
 
 class IndexSummary(_Doc):
-    """Items and generation of the live index (the status panel; a change is a ``catalog_changed`` event)."""
+    """Items and generation of the live index and the catalog change it holds (the status panel; a change is a
+    ``catalog_changed`` event)."""
 
     size: int
     generation: Optional[str] = None
+    seq: Optional[int] = None
 
 
 class CatalogHealth(_Doc):

@@ -44,6 +44,7 @@ from edge_retrieval.index.reader import CatalogIndex, CatalogItem
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often the worker looks for another process's changes (a CLI enrolment, a new generation)
 ORIGINAL_JPEG_QUALITY = 95  # the enrolled original kept in the store (the item is re-encoded from it)
+UNSTAMPED = "delta_over_generation"  # store meta: a base not made from this store that the delta goes over as it is
 
 
 @dataclass
@@ -156,9 +157,11 @@ class CatalogService:
         with self._apply_lock:
             report = ApplyReport()
             self.holder.refresh()
-            if self.applied_seq(self.holder.base()) == 0:
-                self.merge(report)
-            elif self.store.seq() > self.applied_seq():
+            base = self.holder.base()
+            if self.applied_seq(base) == 0 and base.generation != self.store.meta(UNSTAMPED) \
+                    and not self.merge(report):  # nothing to replay onto it: the delta starts over it as it is
+                self.store.set_meta(UNSTAMPED, base.generation)
+            if self.store.seq() > self.applied_seq():
                 view = self.holder.current()
                 rows, top = self.store.changes_since(self.applied_seq(view), images=False)
                 changes = [self._change(row, report) for row in rows]
@@ -189,8 +192,13 @@ class CatalogService:
         if item is not None:
             report.enrolled.append(row.id)
             return item, True
+        image = row.image
+        if image is None:
+            latest = self.store.get(row.id)
+            if latest is None or latest.seq != row.seq:  # changed again since (during a merge): the newer change
+                return None                             # is in the delta, which hides this id in the new base
+            image = latest.image
         try:
-            image = row.image if row.image is not None else getattr(self.store.get(row.id), "image", None)
             item = self.maker.make(decode_image(image or b"", self.images.max_pixels), row.id, row.label)
         except (InputError, ApplianceError) as e:
             log.warning("catalog: %s (change %d) cannot be indexed: %s", row.id, row.seq, e)

@@ -216,6 +216,13 @@ class CatalogStore:
         by = dict(self._query("SELECT removed, COUNT(*) FROM items GROUP BY removed", ()))
         return {"enrolled": by.get(0, 0), "removed": by.get(1, 0)}
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the store's meta table (not ``seq`` or ``store_id``, which the store keeps itself)."""
+        if key in ("seq", "store_id", "schema"):
+            raise StoreError(f"catalog store {self.path}: meta key {key!r} is the store's own")
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     def meta(self, key: str) -> str | None:
         """A value of the store's meta table (``store_id``, ``seq``, a migration marker)."""
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))

@@ -80,12 +80,11 @@ class IndexHealth(_Doc):
 
 
 class IndexSummary(_Doc):
-    """Items and generation of the live index and the catalog change it holds (the status panel; a change is a
-    ``catalog_changed`` event)."""
+    """Items and generation of the live index (the status panel; a change is a ``catalog_changed`` event); the
+    generation reads ``gen-000007+3`` when 3 catalog changes are in the delta beside the base ``gen-000007``."""
 
     size: int
     generation: Optional[str] = None
-    seq: Optional[int] = None
 
 
 class CatalogHealth(_Doc):

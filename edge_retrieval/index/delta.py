@@ -118,6 +118,11 @@ class LiveIndex:
         """Ids the delta names (what a merge folds into the next base)."""
         return len(self._entries)
 
+    @property
+    def changes(self) -> int:
+        """Catalog-store changes this index holds beyond its base (every enrolment and removal counts one)."""
+        return self.seq - self._base_seq()
+
     def delta_entries(self) -> list[DeltaEntry]:
         """The delta's entries in change order."""
         return sorted(self._entries.values(), key=lambda e: e.seq)

@@ -40,8 +40,8 @@ class PushEvent:
 def status_digest(status: Status | None) -> tuple[Hashable, Hashable]:
     """(what the page shows, the catalog) of an ``/api/status`` document, coarse enough that a steady device
     sends nothing: camera state and whole fps, trigger armed, lookups in the last minute, whether one runs, the
-    last error, CPU to 10 % and RSS to 10 MB, verification, the latest lookup; the catalog is the index's size,
-    generation and the catalog change it holds."""
+    last error, CPU to 10 % and RSS to 10 MB, verification, the latest lookup; the catalog is the index's size
+    and generation."""
     if status is None:
         return None, None
 
@@ -54,7 +54,7 @@ def status_digest(status: Status | None) -> tuple[Hashable, Hashable]:
                         status.last_error.model_dump() if status.last_error else None,
                         coarse(proc.cpu_percent, 10), coarse(proc.rss_mb, 10), status.verification,
                         status.latest.model_dump()], sort_keys=True, default=str)
-    return shown, (status.index.size, status.index.generation, status.index.seq)
+    return shown, (status.index.size, status.index.generation)
 
 
 class Stream:

@@ -118,7 +118,20 @@ def _describe_index(path: Path) -> str | None:
 
 def cmd_query(cfg: Config, args) -> int:
     encoder = wiring.load(cfg, args.bundle)
-    lookup = wiring.build_lookup(cfg, encoder, wiring.open_index(cfg, encoder, args.index), top_k=args.top_k)
+    catalog = None
+    if (args.index is None or Path(args.index).resolve() == Path(cfg.index.path).resolve()) \
+            and Path(cfg.catalog.store).is_file():  # this device's index: the changes in its delta count too
+        catalog = wiring.catalog_service(cfg, encoder)
+        catalog.apply()
+    index = catalog.holder if catalog is not None else wiring.open_index(cfg, encoder, args.index)
+    try:
+        return _query(wiring.build_lookup(cfg, encoder, index, top_k=args.top_k), args)
+    finally:
+        if catalog is not None:
+            catalog.stop()
+
+
+def _query(lookup, args) -> int:
     failures = 0
     for path in args.images:
         try:

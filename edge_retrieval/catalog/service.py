@@ -158,7 +158,7 @@ class CatalogService:
             report = ApplyReport()
             self.holder.refresh()
             base = self.holder.base()
-            if self.applied_seq(base) == 0 and base.generation != self.store.meta(UNSTAMPED) \
+            if self._foreign(base) and base.generation != self.store.meta(UNSTAMPED) \
                     and not self.merge(report):  # nothing to replay onto it: the delta starts over it as it is
                 self.store.set_meta(UNSTAMPED, base.generation)
             if self.store.seq() > self.applied_seq():
@@ -170,6 +170,10 @@ class CatalogService:
             report.seq = self.applied_seq()
             self._done(report)
             return report
+
+    def _foreign(self, base: CatalogIndex) -> bool:
+        """Whether ``base`` was made without this store (a folder build, a shipped generation, an older version)."""
+        return base.store_seq is None or base.store_seq[0] != self.store.id
 
     def _change(self, row: StoredItem, report: ApplyReport) -> DeltaChange:
         if row.removed:

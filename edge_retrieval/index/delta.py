@@ -30,6 +30,14 @@ from edge_retrieval.model.local_features import Features
 Loader = Callable[[str, int], "CatalogItem | None"]
 
 
+def single_threaded_blas() -> None:
+    """One BLAS thread in this process. The delta's matrix-vector product is memory-bound: OpenBLAS's threads gain
+    nothing on it and, on a busy 2-core device, made it ~10× slower (0.6 → 7 ms for 3,000 rows, measured); the
+    encoder runs its own threads. Called once by the wiring of ``serve`` (and the benchmarks)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1, user_api="blas")
+
+
 @dataclass(frozen=True)
 class DeltaEntry:
     """The latest store change of one id newer than the base: an item (its rows in the delta's vectors) or, with

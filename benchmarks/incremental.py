@@ -36,13 +36,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _io(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
@@ -155,9 +148,10 @@ def bench_query(state: Path, syn: Synthetic, enc, cfg, deltas: list[int], rounds
     """The live index with deltas of ``deltas`` items: query and lookup medians (alternating), memory per 1k."""
     from edge_retrieval.imaging.shipped_photos import shipped_photos
     from edge_retrieval.imaging.synthetic_views import camera_view
-    from edge_retrieval.index.delta import DeltaChange, LiveIndex
+    from edge_retrieval.index.delta import DeltaChange, LiveIndex, single_threaded_blas
     from edge_retrieval.index.reader import CatalogIndex
     from edge_retrieval.search.lookup import Lookup
+    single_threaded_blas()  # as serve does
     base = CatalogIndex.load(state / "index", expected_bundle_sha256=enc.sha256, search_k=cfg.index.search_k)
     photos = shipped_photos()
     frames = [camera_view(photos[p], "closeup", np.random.default_rng(s)) for s in range(3) for p in PHOTOS
@@ -166,17 +160,20 @@ def bench_query(state: Path, syn: Synthetic, enc, cfg, deltas: list[int], rounds
     empty = LiveIndex(base, seq=base.store_seq[1], store_id=base.store_seq[0])
     lives = {0: empty}
     mem = {}
+    import tracemalloc
+    tracemalloc.start()
     for d in deltas:
         if not d:
             continue
         gc.collect()
-        a0 = _anon_mb()
+        t0 = tracemalloc.get_traced_memory()[0]
         changes = [DeltaChange(it.id, k + 1, it) for k, it in enumerate(syn.items(d, f"delta{d}"))]
         live = empty.with_changes(changes, d)
         del changes
         gc.collect()
-        mem[d] = _anon_mb() - a0
+        mem[d] = (tracemalloc.get_traced_memory()[0] - t0) / 1e6  # what the delta keeps (numpy reports to tracemalloc)
         lives[d] = live
+    tracemalloc.stop()
     rc = cfg.recognition.model_copy(update={"verify": False})  # the global path: the search is the largest share
     holder = {"idx": empty}
 
@@ -197,7 +194,8 @@ def bench_query(state: Path, syn: Synthetic, enc, cfg, deltas: list[int], rounds
             t = time.perf_counter()
             lookup.lookup_rgb(frames[r % len(frames)])
             l_ms[d].append((time.perf_counter() - t) * 1e3)
-    out = {"rounds": rounds, "delta_anon_mb": {str(d): round(m, 1) for d, m in mem.items()}}
+    out = {"rounds": rounds, "delta_mb": {str(d): round(m, 2) for d, m in mem.items()},
+           "delta_mb_per_1k": {str(d): round(m / d * 1000, 2) for d, m in mem.items()}}
     for d in lives:
         out[f"delta_{d}"] = {"query_ms": round(statistics.median(q_ms[d]), 3),
                              "lookup_ms": round(statistics.median(l_ms[d]), 2),
@@ -250,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.deltas:
             r = q[f"delta_{d}"]
             log(f"   delta {d:>6,}: query {r['query_ms']} ms (× {r['query_ratio']}), lookup {r['lookup_ms']} ms "
-                f"(× {r['lookup_ratio']})" + (f", +{q['delta_anon_mb'][str(d)]} MB anonymous" if d else ""))
+                f"(× {r['lookup_ratio']})" + (f", the delta holds {q['delta_mb'][str(d)]} MB ({q['delta_mb_per_1k'][str(d)]} MB per 1k items)"
+                   if d else ""))
         results[f"base_{n}"] = entry
         shutil.rmtree(state, ignore_errors=True)
     RESULTS.write_text(json.dumps(results, indent=1))

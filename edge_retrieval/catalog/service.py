@@ -44,6 +44,7 @@ from edge_retrieval.index.reader import CatalogIndex, CatalogItem
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often the worker looks for another process's changes (a CLI enrolment, a new generation)
 ORIGINAL_JPEG_QUALITY = 95  # the enrolled original kept in the store (the item is re-encoded from it)
+APPLY_BATCH = 256  # store changes encoded or read back at a time when the delta is rebuilt from the store
 UNSTAMPED = "delta_over_generation"  # store meta: a base not made from this store that the delta goes over as it is
 
 
@@ -164,9 +165,13 @@ class CatalogService:
             if self.store.seq() > self.applied_seq():
                 view = self.holder.current()
                 rows, top = self.store.changes_since(self.applied_seq(view), images=False)
-                changes = [self._change(row, report) for row in rows]
                 report.removed = [r.id for r in rows if r.removed and view.has(r.id)]
-                self.holder.apply_delta(changes, top)
+                for start in range(0, len(rows), APPLY_BATCH):  # a start's whole delta: a batch in memory at a time
+                    batch = rows[start:start + APPLY_BATCH]
+                    last = start + APPLY_BATCH >= len(rows)
+                    self.holder.apply_delta([self._change(row, report) for row in batch], top if last else batch[-1].seq)
+                if not rows:
+                    self.holder.apply_delta([], top)
             report.seq = self.applied_seq()
             self._done(report)
             return report

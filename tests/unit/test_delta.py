@@ -157,7 +157,9 @@ def test_changes_go_to_the_delta_and_come_back_after_a_restart_without_the_model
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran")
 
+    import edge_retrieval.catalog.service as service_mod
     monkeypatch.setattr(ItemMaker, "make", no_model)
+    monkeypatch.setattr(service_mod, "APPLY_BATCH", 1)  # the delta comes back a batch at a time
     service = _service(cfg, encoder, maker)  # a restart (its memory lost, as after kill -9)
     service.apply()
     assert _top(service, encoder, photos, "coffee") == "mug" and not service.holder.current().has("moon")

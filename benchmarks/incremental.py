@@ -36,7 +36,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _io(pid: int) -> dict[str, int]:
+def _io(pid: int | str) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         k, v = line.split(":")
@@ -204,6 +204,39 @@ def bench_query(state: Path, syn: Synthetic, enc, cfg, deltas: list[int], rounds
     return out
 
 
+def bench_merge(state: Path, syn: Synthetic, enc, cfg, n_delta: int) -> dict:
+    """``n_delta`` enrolments kept in the store as serve keeps them (their encodings), the delta rebuilt from them (a
+    start after kill -9), then one merge into a new base: its time and the bytes this process wrote."""
+    from edge_retrieval.catalog.build import ItemMaker
+    from edge_retrieval.catalog.service import CatalogService
+    from edge_retrieval.catalog.store import CatalogStore
+    from edge_retrieval.index.encoded_item import encode_item
+    from edge_retrieval.index.holder import IndexHolder
+    store = CatalogStore(state / "catalog.sqlite")
+    items = list(syn.items(n_delta, "merge"))
+    store.import_rows([(it.id, False, it.label, b"") for it in items], "bench_merge")  # the set-up: one transaction
+    for it in items:
+        store.put_encoded(it.id, store.get(it.id).seq, encode_item(it, enc.sha256))
+    del items
+    store.close()
+    index = cfg.index.model_copy(update={"path": state / "index", "merge_after_items": 10**7})
+    catalog = cfg.catalog.model_copy(update={"store": state / "catalog.sqlite", "enrolled_dir": state / "enrolled"})
+    t0 = time.perf_counter()
+    service = CatalogService(catalog, IndexHolder(index, expected_bundle_sha256=enc.sha256, dim=enc.dim),
+                             ItemMaker(enc, cfg.recognition, cfg.index.thumbnail_px))
+    service.apply()
+    load_s = time.perf_counter() - t0
+    delta = service.holder.current().delta_size
+    io0, t0 = _io("self"), time.perf_counter()
+    service.merge()
+    merge_s, io1 = time.perf_counter() - t0, _io("self")
+    health = service.index_health()
+    service.stop()
+    return {"delta_ids": delta, "delta_from_store_s": round(load_s, 2), "merge_s": round(merge_s, 1),
+            "merge_write_mb": round((io1["write_bytes"] - io0["write_bytes"]) / 1e6, 1),
+            "base_after": health.base_size, "delta_after": health.delta_items + health.delta_removed}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks incremental", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enrolments", type=int, default=10, help="HTTP enrolments per size (≤ 16 distinct photos)")
     p.add_argument("--deltas", type=int, nargs="*", default=[0, 1000, 10000], help="delta sizes for the query bench")
     p.add_argument("--rounds", type=int, default=200, help="queries per delta size")
-    p.add_argument("--skip-serve", action="store_true", help="only the in-process query and memory bench")
+    p.add_argument("--merge-delta", type=int, default=1000, help="delta (enrolments in the store) merged at the end")
+    p.add_argument("--skip-serve", action="store_true", help="leave out the real serve")
+    p.add_argument("--skip-query", action="store_true", help="leave out the query and memory bench")
     args = p.parse_args(argv)
     import shutil
 
@@ -243,14 +278,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{entry['serve']['remove_to_gone_s']['median']} s; written per enrolment "
                 f"{entry['serve']['write_mb_per_enrolment']} MB (handed to write(): "
                 f"{entry['serve']['wchar_mb_per_enrolment']} MB)")
-        q = bench_query(state, syn, enc, cfg, args.deltas, args.rounds)
-        entry["query"] = q
-        for d in args.deltas:
-            r = q[f"delta_{d}"]
-            log(f"   delta {d:>6,}: query {r['query_ms']} ms (× {r['query_ratio']}), lookup {r['lookup_ms']} ms "
-                f"(× {r['lookup_ratio']})" + (f", the delta holds {q['delta_mb'][str(d)]} MB ({q['delta_mb_per_1k'][str(d)]} MB per 1k items)"
-                   if d else ""))
-        results[f"base_{n}"] = entry
+        if not args.skip_query:
+            q = bench_query(state, syn, enc, cfg, args.deltas, args.rounds)
+            entry["query"] = q
+            for d in args.deltas:
+                r = q[f"delta_{d}"]
+                log(f"   delta {d:>6,}: query {r['query_ms']} ms (× {r['query_ratio']}), lookup {r['lookup_ms']} ms "
+                    f"(× {r['lookup_ratio']})" + (f", the delta holds {q['delta_mb'][str(d)]} MB "
+                                                 f"({q['delta_mb_per_1k'][str(d)]} MB per 1k items)" if d else ""))
+        if args.merge_delta:
+            m = entry["merge"] = bench_merge(state, syn, enc, cfg, args.merge_delta)
+            log(f"   delta of {m['delta_ids']:,} ids rebuilt from the store in {m['delta_from_store_s']} s; merged into "
+                f"a base of {m['base_after']:,} in {m['merge_s']} s, {m['merge_write_mb']} MB written")
+        results.setdefault(f"base_{n}", {}).update(entry)
         shutil.rmtree(state, ignore_errors=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     enc.close()

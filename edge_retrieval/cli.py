@@ -164,6 +164,7 @@ def cmd_catalog(cfg: Config, args) -> int:
     holder = catalog.holder
     try:
         if args.catalog_cmd == "list":
+            catalog.apply()  # the changes in the delta beside the generation are in the catalog too
             for it in holder.current().items:
                 print(f"{it.id}\t{it.label}")
             return 0

@@ -77,6 +77,7 @@ class CatalogService:
         self.merge_error: str | None = None
         self.last_merge: dict | None = None
         self.merging = False
+        self.damaged_copies: list[dict] = []  # the last encoded copies found damaged (their originals were used)
         self._cache: dict[str, tuple[int, CatalogItem]] = {}  # acknowledged, encoded, not yet in the index
         self._cond = threading.Condition()
         self._apply_lock = threading.Lock()
@@ -234,6 +235,7 @@ class CatalogService:
         except (StoreError, CatalogIndexError) as e:
             log.warning("catalog: the encoded copy of %s (change %d) is not usable (%s); using the original", item_id,
                         seq, e)
+            self.damaged_copies = [*self.damaged_copies[-9:], {"id": item_id, "seq": seq, "why": str(e)}]
             return None
 
     def _sha(self) -> str:
@@ -394,4 +396,4 @@ class CatalogService:
             reconciled_at_start=None if first is None else len(first.enrolled),
             removals_applied_at_start=None if first is None else len(first.removed),
             skipped=[] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
-            migrated=self.migrated, set_aside=self.set_aside)
+            migrated=self.migrated, set_aside=self.set_aside, damaged_encodings=self.damaged_copies)

@@ -91,7 +91,8 @@ class CatalogHealth(_Doc):
     """The catalog store and its replay onto the index (edge_retrieval/catalog/service.py): the store file, its newest
     change and the one the live index holds, acknowledged enrolments not indexed yet, enrolled items and
     tombstones kept, the last rebuild error, what the first replay of this start did and skipped, the migration
-    of an older ``enrolled_dir``, and damaged generations set aside."""
+    of an older ``enrolled_dir``, damaged generations set aside, and the last encoded copies of enrolments found
+    damaged (encoded again from their originals)."""
 
     store: str
     seq: int
@@ -105,6 +106,7 @@ class CatalogHealth(_Doc):
     skipped: list[dict[str, str]] = []
     migrated: Optional[dict[str, Any]] = None
     set_aside: list[dict[str, Any]] = []
+    damaged_encodings: list[dict[str, Any]] = []
 
 
 class TriggerStatus(_Doc):

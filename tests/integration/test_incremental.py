@@ -46,6 +46,10 @@ def test_enrolments_from_http_and_the_cli_write_no_generation(tmp_path, small_ca
         assert out.returncode == 0, out.stderr
         _wait(lambda: serve.catalog().get("cat") == "Cat", 30, "the CLI enrolment to reach the server")
         assert _top(serve, photos, "chelsea") == "cat"
+        listed = serve.cli("catalog", "list")
+        assert listed.returncode == 0, listed.stderr
+        ids = {line.split("\t")[0] for line in listed.stdout.splitlines()}
+        assert {"mug", "cat", "rocket"} <= ids and "moon" not in ids  # the CLI lists the delta too
         assert _generations(index) == gens  # nothing rewritten: the changes are in the delta
         health = _index_health(serve)
         assert (health["delta_items"], health["delta_removed"], health["base_size"]) == (2, 1, 3)

@@ -173,6 +173,7 @@ def test_changes_go_to_the_delta_and_come_back_after_a_restart_without_the_model
     service.apply()
     assert _top(service, encoder, photos, "coffee") == "mug" and service.holder.current().item("mug").label == "Mug"
     assert decode_item(service.store.encoded("mug", service.store.get("mug").seq), encoder.sha256).id == "mug"
+    assert [(d["id"], "checksum" in d["why"]) for d in service.health().damaged_encodings] == [("mug", True)]
     service.stop()
 
 

@@ -167,7 +167,9 @@ def test_changes_go_to_the_delta_and_come_back_after_a_restart_without_the_model
     service.stop()
 
     with sqlite3.connect(cfg.catalog.store) as db:  # a damaged encoded copy: encoded again from the original
-        db.execute("UPDATE encoded SET data = substr(data, 1, 100) || zeroblob(50) WHERE id = 'mug'")
+        data = bytearray(db.execute("SELECT data FROM encoded WHERE id = 'mug'").fetchone()[0])
+        data[len(data) // 2] ^= 0xFF
+        db.execute("UPDATE encoded SET data = ? WHERE id = 'mug'", (bytes(data),))
     monkeypatch.undo()
     service = _service(cfg, encoder, maker)
     service.apply()

@@ -144,6 +144,69 @@ def bench_serve(state: Path, n_enrol: int) -> dict:
     return out
 
 
+def bench_burst(state: Path, n: int, merge_after: int, clients: int = 4) -> dict:
+    """``n`` enrolments sent back to back by ``clients`` threads to a real serve that merges every ``merge_after``
+    changes (so merges run under the burst): 202s and 503s, then every acknowledged id listed, after ``kill -9`` and
+    a restart too."""
+    import threading
+
+    from edge_retrieval.imaging.codec import encode_jpeg
+    from edge_retrieval.imaging.shipped_photos import photo_crops, shipped_photos
+    from tests.support.serve import Serve
+    crops = [encode_jpeg(img, 90) for _n, img in sorted(photo_crops(shipped_photos(), 8, seed=9).items())]
+    cat_dir = state / "unused-catalog"
+    cat_dir.mkdir(exist_ok=True)
+    (cat_dir / "x.jpg").write_bytes(crops[0])
+    serve = Serve(state, cat_dir, build_from=False, index_extra=f"  merge_after_items: {merge_after}\n")
+    acked: list[str] = []
+    busy = [0]
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(c, n, clients):
+            item_id = f"burst/{k}"
+            while True:
+                status, _ = serve.upload("/api/catalog", crops[k % len(crops)], label=item_id, id=item_id)
+                if status == 202:
+                    with lock:
+                        acked.append(item_id)
+                    break
+                assert status == 503, status
+                with lock:
+                    busy[0] += 1
+                time.sleep(0.2)
+
+    def listed() -> set[str]:
+        ids: set[str] = set()
+        while True:  # pages of at most 1000
+            status, body = serve.request("GET", f"/api/catalog?q=burst/&limit=1000&offset={len(ids)}")
+            assert status == 200, body
+            ids |= {it["id"] for it in body["items"]}
+            if not body["items"] or len(ids) >= body["total"]:
+                return ids
+
+    try:
+        serve.start(timeout_s=600)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        burst_s = time.perf_counter() - t0
+        time.sleep(1.0)
+        missing_live = len(set(acked) - listed())
+        status, health = serve.request("GET", "/api/health", headers={"Authorization": "Bearer s3cret-token"})
+        serve.kill9()
+        serve.start(timeout_s=600)
+        missing_after = len(set(acked) - listed())
+    finally:
+        serve.stop()
+    return {"enrolments": n, "acknowledged": len(acked), "busy_503": busy[0], "burst_s": round(burst_s, 1),
+            "per_s": round(len(acked) / burst_s, 1), "missing_while_serving": missing_live,
+            "missing_after_kill9": missing_after, "last_merge": health["index"]["last_merge"]}
+
+
 def bench_query(state: Path, syn: Synthetic, enc, cfg, deltas: list[int], rounds: int) -> dict:
     """The live index with deltas of ``deltas`` items: query and lookup medians (alternating), memory per 1k."""
     from edge_retrieval.imaging.shipped_photos import shipped_photos
@@ -245,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deltas", type=int, nargs="*", default=[0, 1000, 10000], help="delta sizes for the query bench")
     p.add_argument("--rounds", type=int, default=200, help="queries per delta size")
     p.add_argument("--merge-delta", type=int, default=1000, help="delta (enrolments in the store) merged at the end")
+    p.add_argument("--burst", type=int, default=0, help="enrolments sent back to back (with merges under way)")
+    p.add_argument("--burst-merge-after", type=int, default=250, help="index.merge_after_items during the burst")
     p.add_argument("--skip-serve", action="store_true", help="leave out the real serve")
     p.add_argument("--skip-query", action="store_true", help="leave out the query and memory bench")
     args = p.parse_args(argv)
@@ -286,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"   delta {d:>6,}: query {r['query_ms']} ms (× {r['query_ratio']}), lookup {r['lookup_ms']} ms "
                     f"(× {r['lookup_ratio']})" + (f", the delta holds {q['delta_mb'][str(d)]} MB "
                                                  f"({q['delta_mb_per_1k'][str(d)]} MB per 1k items)" if d else ""))
+        if args.burst:
+            b = entry["burst"] = bench_burst(state, args.burst, args.burst_merge_after)
+            log(f"   burst of {b['enrolments']:,} enrolments (4 clients): {b['acknowledged']:,} acknowledged in "
+                f"{b['burst_s']} s ({b['per_s']}/s), {b['busy_503']} answers 503 (retried); acknowledged but not listed: "
+                f"{b['missing_while_serving']} while serving, {b['missing_after_kill9']} after kill -9 and a restart")
+            shutil.rmtree(state, ignore_errors=True)
+            state.mkdir(parents=True)
+            write_base(state, n, syn, enc, cfg.index.n_trees)
         if args.merge_delta:
             m = entry["merge"] = bench_merge(state, syn, enc, cfg, args.merge_delta)
             log(f"   delta of {m['delta_ids']:,} ids rebuilt from the store in {m['delta_from_store_s']} s; merged into "

@@ -177,7 +177,20 @@ def _describe_index(path: Path) -> str | None:
 
 def cmd_query(cfg: Config, args) -> int:
     encoder = wiring.load(cfg, args.bundle)
-    lookup = wiring.build_lookup(cfg, encoder, wiring.open_index(cfg, encoder, args.index), top_k=args.top_k)
+    catalog = None
+    if (args.index is None or Path(args.index).resolve() == Path(cfg.index.path).resolve()) \
+            and Path(cfg.catalog.store).is_file():  # this device's index: the changes in its delta count too
+        catalog = wiring.catalog_service(cfg, encoder)
+        catalog.apply()
+    index = catalog.holder if catalog is not None else wiring.open_index(cfg, encoder, args.index)
+    try:
+        return _query(wiring.build_lookup(cfg, encoder, index, top_k=args.top_k), args)
+    finally:
+        if catalog is not None:
+            catalog.stop()
+
+
+def _query(lookup, args) -> int:
     failures = 0
     for path in args.images:
         try:
@@ -221,26 +234,29 @@ def cmd_catalog(cfg: Config, args) -> int:
     holder = catalog.holder
     try:
         if args.catalog_cmd == "list":
+            catalog.apply()  # the changes in the delta beside the generation are in the catalog too
             for it in holder.current().items:
                 print(f"{it.id}\t{it.label}")
             return 0
         if args.catalog_cmd == "export":
             from edge_retrieval.catalog.archive import export_catalog
+            catalog.apply()  # the delta's items too
             rep = export_catalog(catalog.store, holder.current().items, args.archive)
             print(f"exported {rep.items} items ({rep.bytes / 2**20:.1f} MB of photos, store change {rep.store_seq}) "
                   f"to {args.archive}", file=sys.stderr)
             return 0
         if args.catalog_cmd == "import":  # committed to the store in one transaction, then indexed
             from edge_retrieval.catalog.archive import import_catalog
+            catalog.apply()
             rep = import_catalog(catalog.store, args.archive, {it.id for it in holder.current().items},
                                  replace=args.replace, images=cfg.images)
-            catalog.apply()
+            _apply(catalog)
             print(f"imported {rep.items} items from {args.archive}" + (f" ({len(rep.replaced)} replaced)" if rep.replaced
                   else "") + f"; index now has {holder.current().size} items", file=sys.stderr)
             return 0
         if args.catalog_cmd == "remove":  # the same path as DELETE /api/catalog: committed, then indexed
             missing = [i for i in args.ids if catalog.remove(i) is None]
-            catalog.apply()
+            _apply(catalog)
             print(f"removed {len(args.ids) - len(missing)}; index now has {holder.current().size} items",
                   file=sys.stderr)
             if missing:
@@ -252,11 +268,20 @@ def cmd_catalog(cfg: Config, args) -> int:
         for p in args.images:  # the same path as an HTTP enrolment: validated, committed, then indexed
             item_id = args.item_id or id_from_path(p.name)  # any file name, as `index build` derives it
             ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id, args.label or p.stem)["id"])
-        catalog.apply()
+        _apply(catalog)
         print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
         return 0
     finally:
         catalog.stop()
+
+
+def _apply(catalog) -> None:
+    """The changes into the index's delta (a running `serve` sees them in about a second), and the merge into a new
+    generation when the delta has grown to ``index.merge_after_items`` — what `serve` does, in the foreground."""
+    catalog.apply()
+    if catalog.merge_due():
+        catalog.merge()
+        print(f"merged the changes into {catalog.holder.current().generation}", file=sys.stderr)
 
 
 def cmd_serve(cfg: Config) -> int:

@@ -186,7 +186,7 @@ class Appliance:
             looking_up=self.camera_loop is not None and self.camera_loop.looking_up,
             lookups_per_min=self.recorder.lookups_per_min(), last_error=error,
             process=ProcessStatus(cpu_percent=self._cpu.percent(), rss_mb=rss_mb()),
-            index=IndexSummary(size=idx.size, generation=idx.generation),
+            index=IndexSummary(size=idx.size, generation=idx.generation + (f"+{idx.changes}" if idx.changes else "")),
             verification=self.lookup.verification_status(),
             latest=LatestLookup(timestamp=latest.timestamp if latest else None, n=entries[0].n if entries else None),
             uptime_s=round(time.time() - self.started, 1))

@@ -25,6 +25,7 @@ from edge_retrieval.catalog.service import CatalogService
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import resolve_bundle
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError
+from edge_retrieval.index.delta import single_threaded_blas
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.reader import CatalogIndex, index_exists
 from edge_retrieval.model.encoder import Encoder, load_encoder
@@ -102,6 +103,7 @@ def build_appliance(cfg: Config, encoder: Encoder, *, set_aside: list[dict] | No
     the recorder (history, metrics, the enabled MQTT/webhook sinks, the page's event hub) and, unless
     ``camera.source`` is ``none``, the camera loop with its trigger; the Home Assistant "look up now" button
     asks the camera loop for a lookup. ``Appliance.stop()`` stops them all."""
+    single_threaded_blas()
     catalog = catalog_service(cfg, encoder, set_aside=set_aside)
     lookup = build_lookup(cfg, encoder, catalog.holder)
     sinks = event_sinks(cfg)

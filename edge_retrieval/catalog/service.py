@@ -1,44 +1,51 @@
 """The catalog service: enrol, remove and keep the live index in step with the catalog store — the one path that
 HTTP (edge_retrieval/app/appliance.py → edge_retrieval/web/) and the CLI (``catalog add|remove``, ``index build``) both take.
 
-- An enrolment is validated and encoded first, then committed to the store (edge_retrieval/catalog/store.py), and only then
-  acknowledged; a removal is a committed tombstone. The encoded item waits in memory for the rebuild (at most
-  ``catalog.max_pending_enrolments``; more get BusyError → 503 + Retry-After).
-- A rebuild (``apply``) replays, under the index build lock, every store change newer than the generation that
-  ``current`` names *at that moment* (whoever made it: this server, the CLI, a shipped generation), and records
-  the store seq it reached in the new generation. So no order of rebuilds, crashes and restarts can revert a
-  re-enrolment or bring back a removed item, and a CLI build is never overwritten — it is built upon.
-- One background worker does it: woken by each change, every ``WATCH_S`` (a generation made live by another
-  process) and every ``catalog.retry_s`` while a rebuild fails (a full disk): it recovers by itself.
+- An enrolment is validated and encoded first, then committed to the store (edge_retrieval/catalog/store.py) with its
+  encoded copy in the same transaction, and only then acknowledged; a removal is a committed tombstone.
+- ``apply`` puts every store change newer than the live index into its delta (edge_retrieval/index/delta.py): searchable
+  at once, no generation written — an enrolment writes its original and its encoding, not the catalog. After a
+  restart the delta comes back from the store (the encoded copies; an original is re-encoded only when its copy is
+  missing or damaged).
+- A merge writes a new base generation: under the index build lock it replays every store change newer than the
+  generation ``current`` names *at that moment* (whoever made it: a merge, the CLI, a shipped generation) and records
+  the store seq it reached; the delta then keeps only what came after. It runs in the background when the delta
+  names ``index.merge_after_items`` ids, queries and enrolments going on; at once (in ``apply``) when the base was not
+  made from this store (a folder build, a shipped generation). So no order of merges, crashes and restarts can revert
+  a re-enrolment or bring back a removed item, and a CLI build is built upon, never overwritten.
+- One worker applies changes (woken by each change, and every ``WATCH_S`` for another process's changes), another
+  merges; a failed merge (a full disk) is retried every ``catalog.retry_s`` while base + delta keep serving.
 - Free space is checked before anything is acknowledged (DiskFullError → 507).
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from edge_retrieval.catalog.build import ItemMaker, scan_folder
-from edge_retrieval.catalog.ids import load_labels, validate_id, validate_label
+from edge_retrieval.catalog.build import ItemMaker
+from edge_retrieval.catalog.ids import validate_id, validate_label
+from edge_retrieval.catalog.migration import migrate_enrolled_dir
 from edge_retrieval.catalog.store import CatalogStore, StoredItem, ensure_free
 from edge_retrieval.core.config import CatalogConfig, ImagesConfig
-from edge_retrieval.core.errors import ApplianceError, BusyError, InputError
+from edge_retrieval.core.errors import ApplianceError, BusyError, CatalogIndexError, InputError, StoreError
 from edge_retrieval.core.status import CatalogHealth, IndexHealth
 from edge_retrieval.imaging.codec import decode_image, encode_jpeg
+from edge_retrieval.index.delta import DeltaChange
+from edge_retrieval.index.encoded_item import decode_item, encode_item
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.reader import CatalogIndex, CatalogItem
 
 log = logging.getLogger(__name__)
-WATCH_S = 5.0  # how often the worker looks whether another process made another generation live
+WATCH_S = 1.0  # how often the worker looks for another process's changes (a CLI enrolment, a new generation)
 ORIGINAL_JPEG_QUALITY = 95  # the enrolled original kept in the store (the item is re-encoded from it)
-MIGRATED = "migrated_enrolled_dir"
+APPLY_BATCH = 256  # store changes encoded or read back at a time when the delta is rebuilt from the store
+UNSTAMPED = "delta_over_generation"  # store meta: a base not made from this store that the delta goes over as it is
 
 
 @dataclass
@@ -52,7 +59,7 @@ class ApplyReport:
 
 
 class CatalogService:
-    """The catalog store + the live index + the item maker, and the worker that keeps them in step."""
+    """The catalog store + the live index + the item maker, and the workers that keep them in step."""
 
     def __init__(self, config: CatalogConfig, holder: IndexHolder, maker: ItemMaker, *,
                  images: ImagesConfig = ImagesConfig(), set_aside: list[dict] | None = None):
@@ -67,30 +74,41 @@ class CatalogService:
         self.set_aside = list(set_aside or []) + holder.set_aside
         self.first: ApplyReport | None = None
         self.last_error: str | None = None
+        self.merge_error: str | None = None
+        self.last_merge: dict | None = None
+        self.merging = False
+        self.damaged_copies: list[dict] = []  # the last encoded copies found damaged (their originals were used)
         self._cache: dict[str, tuple[int, CatalogItem]] = {}  # acknowledged, encoded, not yet in the index
         self._cond = threading.Condition()
+        self._apply_lock = threading.Lock()
+        self._merge_lock = threading.Lock()
         self._wake = threading.Event()
+        self._merge_due = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._rebuild_s = 1.0
         self._gen_bytes: tuple[str, int] = ("", 0)
+        holder.attach(self.store.id, self._stored_item)
 
     # ---- running -------------------------------------------------------------------------------------
     def start(self) -> CatalogService:
-        """Replay what the live generation lacks (as a start must), then run the worker. A replay that fails
-        (a full disk) is logged and retried by the worker: it never stops the start."""
+        """Bring the index up to date with the store (as a start must: the delta comes back from the store), then
+        run the workers. A replay that fails is logged and retried by the worker: it never stops the start."""
         self._apply_logged()
         self.first = self.first or ApplyReport()
-        self._thread = threading.Thread(target=self._run, name="catalog", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="catalog", daemon=True),
+                         threading.Thread(target=self._run_merges, name="catalog-merge", daemon=True)]
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
-        """Stop the worker (after the rebuild it is doing) and close the store (idempotent)."""
+        """Stop the workers (after the merge one is writing) and close the store (idempotent)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        self._merge_due.set()
+        for t in self._threads:
+            t.join(timeout=600)
         self.store.close()
 
     def _run(self) -> None:
@@ -103,68 +121,125 @@ class CatalogService:
                     log.info("index: now %s (%d items), made live by another process", idx.generation, idx.size)
                 self._apply_logged()
 
+    def _run_merges(self) -> None:
+        while not self._stop.is_set():
+            self._merge_due.wait(self.config.retry_s if self.merge_error else None)
+            self._merge_due.clear()
+            if not self._stop.is_set() and self.merge_due():
+                self._logged(self.merge)
+
     def _apply_logged(self) -> None:
+        if self._logged(self.apply) and self.merge_due():
+            self._merge_due.set()
+
+    def _logged(self, work) -> bool:
         try:
-            self.apply()
+            work()
+            return True
         except ApplianceError as e:
             if self.last_error is None:
                 log.error("catalog: the index could not be brought up to date (%s); retrying every %g s", e,
                           self.config.retry_s)
             self.last_error = str(e)
         except Exception as e:
-            log.exception("catalog: rebuild crashed; retrying")
+            log.exception("catalog: updating the index crashed; retrying")
             self.last_error = f"{type(e).__name__}: {e}"
+        return False
 
-    # ---- the replay ------------------------------------------------------------------------------------
+    # ---- the delta -----------------------------------------------------------------------------------
     def applied_seq(self, idx: CatalogIndex | None = None) -> int:
-        """The store seq the live generation holds (0: it was made without this store — a CLI folder build,
-        a shipped generation, an older version's index: everything is replayed onto it)."""
+        """The store seq the live index (or ``idx``) holds (0: it was made without this store — a CLI folder
+        build, a shipped generation, an older version's index: everything is replayed onto it)."""
         mark = (idx or self.holder.current()).store_seq
         return mark[1] if mark is not None and mark[0] == self.store.id else 0
 
     def apply(self) -> ApplyReport:
-        """Bring the live index up to date with the store, in at most one rebuild; returns what it did."""
-        report = ApplyReport()
-        if self.store.seq() <= self.applied_seq() and not self.holder.refresh():
+        """Bring the live index up to date with the store; returns what it did. Changes go into the delta (no
+        generation written); a base not made from this store gets them all in one merge instead."""
+        with self._apply_lock:
+            report = ApplyReport()
+            self.holder.refresh()
+            base = self.holder.base()
+            if self._foreign(base) and base.generation != self.store.meta(UNSTAMPED) \
+                    and not self.merge(report):  # nothing to replay onto it: the delta starts over it as it is
+                self.store.set_meta(UNSTAMPED, base.generation)
+            if self.store.seq() > self.applied_seq():
+                view = self.holder.current()
+                rows, top = self.store.changes_since(self.applied_seq(view), images=False)
+                report.removed = [r.id for r in rows if r.removed and view.has(r.id)]
+                for start in range(0, len(rows), APPLY_BATCH):  # a start's whole delta: a batch in memory at a time
+                    batch = rows[start:start + APPLY_BATCH]
+                    last = start + APPLY_BATCH >= len(rows)
+                    self.holder.apply_delta([self._change(row, report) for row in batch], top if last else batch[-1].seq)
+                if not rows:
+                    self.holder.apply_delta([], top)
             report.seq = self.applied_seq()
             self._done(report)
             return report
-        t0 = time.monotonic()
 
-        def plan(cur: CatalogIndex):
-            rows, top = self.store.changes_since(self.applied_seq(cur))
-            report.seq = max(top, self.applied_seq(cur))
-            if not rows:
-                return None
-            added = [item for row in rows if (item := self._item(row, report)) is not None]
-            report.removed = [r.id for r in rows if r.removed and cur.has(r.id)]
-            kept = cur.stored_items(skip={r.id for r in rows})
-            return itertools.chain(kept, added), (self.store.id, top)
+    def _foreign(self, base: CatalogIndex) -> bool:
+        """Whether ``base`` was made without this store (a folder build, a shipped generation, an older version)."""
+        return base.store_seq is None or base.store_seq[0] != self.store.id
 
-        if self.holder.rebuild_with(plan):
-            self._rebuild_s = time.monotonic() - t0
-            log.info("catalog: %s up to store change %d: %d (re-)enrolled, %d removed, %d skipped",
-                     self.holder.current().generation, report.seq, len(report.enrolled), len(report.removed),
-                     len(report.skipped))
-        self._done(report)
-        return report
-
-    def _item(self, row: StoredItem, report: ApplyReport) -> CatalogItem | None:
+    def _change(self, row: StoredItem, report: ApplyReport) -> DeltaChange:
         if row.removed:
-            return None
+            return DeltaChange(row.id, row.seq, None)
+        found = self._item(row, report)
+        if found is None:  # cannot be indexed: hides the older version all the same, as a rebuild would
+            return DeltaChange(row.id, row.seq, None)
+        return DeltaChange(row.id, row.seq, found[0], keep_item=not found[1])
+
+    def _item(self, row: StoredItem, report: ApplyReport) -> tuple[CatalogItem, bool] | None:
+        """The encoded item of a store row and whether the store keeps its encoding: from memory (just enrolled),
+        the store's encoded copy, or — after another process's enrolment without one, a damaged copy — encoded
+        again from the kept original (and its copy kept). None when it cannot be indexed (in ``report.skipped``)."""
         with self._cond:
             cached = self._cache.get(row.id)
+        if cached is not None and cached[0] == row.seq:
+            report.enrolled.append(row.id)
+            return cached[1], self.store.keeps_encoded
+        item = self._stored_item(row.id, row.seq)
+        if item is not None:
+            report.enrolled.append(row.id)
+            return item, True
+        image = row.image
+        if image is None:
+            latest = self.store.get(row.id)
+            if latest is None or latest.seq != row.seq:  # changed again since (during a merge): the newer change
+                return None                             # is in the delta, which hides this id in the new base
+            image = latest.image
         try:
-            if cached is not None and cached[0] == row.seq:
-                item = cached[1]
-            else:  # after a restart, or another process's enrolment: re-encode the kept original
-                item = self.maker.make(decode_image(row.image or b"", self.images.max_pixels), row.id, row.label)
+            item = self.maker.make(decode_image(image or b"", self.images.max_pixels), row.id, row.label)
         except (InputError, ApplianceError) as e:
             log.warning("catalog: %s (change %d) cannot be indexed: %s", row.id, row.seq, e)
             report.skipped.append((row.id, str(e)))
             return None
+        kept = False
+        try:
+            kept = self.store.put_encoded(row.id, row.seq, encode_item(item, self._sha()))
+        except (ApplianceError, CatalogIndexError) as e:  # a full disk: the delta holds it in memory instead
+            log.warning("catalog: the encoding of %s (change %d) is not kept: %s", row.id, row.seq, e)
         report.enrolled.append(row.id)
-        return item
+        return item, kept
+
+    def _stored_item(self, item_id: str, seq: int) -> CatalogItem | None:
+        """Change ``seq`` of ``item_id`` as encoded when it was enrolled (memory, else the store's copy); None when
+        there is none or it is damaged. The live index reads a delta item's features and thumbnail through this."""
+        with self._cond:
+            cached = self._cache.get(item_id)
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        try:
+            data = self.store.encoded(item_id, seq)
+            return decode_item(data, self._sha()) if data is not None else None
+        except (StoreError, CatalogIndexError) as e:
+            log.warning("catalog: the encoded copy of %s (change %d) is not usable (%s); using the original", item_id,
+                        seq, e)
+            self.damaged_copies = [*self.damaged_copies[-9:], {"id": item_id, "seq": seq, "why": str(e)}]
+            return None
+
+    def _sha(self) -> str:
+        return self.holder.expected_bundle_sha256 or self.holder.base().bundle_sha256
 
     def _done(self, report: ApplyReport) -> None:
         if self.first is None:
@@ -176,7 +251,7 @@ class CatalogService:
             self._cond.notify_all()
 
     def wait_applied(self, seq: int, timeout_s: float) -> bool:
-        """Block until the live generation holds store change ``seq`` (True) or ``timeout_s`` passed."""
+        """Block until the live index holds store change ``seq`` (True) or ``timeout_s`` passed."""
         self._wake.set()
         deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -186,6 +261,54 @@ class CatalogService:
                     return self.applied_seq() >= seq
         return True
 
+    # ---- merges --------------------------------------------------------------------------------------
+    def merge_due(self) -> bool:
+        """Whether the delta names ``index.merge_after_items`` ids or more (time for a new base)."""
+        return self.holder.current().delta_size >= self.holder.config.merge_after_items
+
+    def merge(self, report: ApplyReport | None = None) -> bool:
+        """Write a new base generation: under the build lock, the generation ``current`` names then plus every store
+        change newer than it; swapped in while queries and enrolments go on (the delta keeps what came meanwhile).
+        True when a generation was written. DiskFullError (the space for a whole generation is checked first) and a
+        failed write leave the old base + delta serving; the reason is in health (``index.merge_error``)."""
+        report = report if report is not None else ApplyReport()
+        with self._merge_lock:
+            self.merging = True
+            t0 = time.monotonic()
+            try:
+                self._measure_generation()
+                ensure_free(self.holder.path, self._gen_bytes[1], self.config.min_free_mb)
+                written = self.holder.rebuild_with(lambda cur: self._plan(cur, report))
+            except ApplianceError as e:
+                if self.merge_error is None:
+                    log.error("catalog: merging the delta into a new generation failed (%s); still serving the old "
+                              "one and the delta, retrying every %g s", e, self.config.retry_s)
+                self.merge_error = str(e)
+                raise
+            finally:
+                self.merging = False
+            self.merge_error = None
+            if written:
+                base = self.holder.base()
+                self._rebuild_s = time.monotonic() - t0
+                self.last_merge = {"generation": base.generation, "items": base.size, "seq": self.applied_seq(base),
+                                   "duration_s": round(self._rebuild_s, 2),
+                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                log.info("catalog: %s up to store change %d: %d (re-)enrolled, %d removed, %d skipped, in %.1f s",
+                         base.generation, self.applied_seq(base), len(report.enrolled), len(report.removed),
+                         len(report.skipped), self._rebuild_s)
+                self._logged(lambda: self.store.drop_encoded(self.applied_seq(base)))
+        return written
+
+    def _plan(self, cur: CatalogIndex, report: ApplyReport):
+        rows, top = self.store.changes_since(self.applied_seq(cur), images=False)
+        report.seq = max(top, self.applied_seq(cur))
+        if not rows:
+            return None
+        report.removed = [r.id for r in rows if r.removed and cur.has(r.id)]
+        added = (found[0] for row in rows if not row.removed and (found := self._item(row, report)) is not None)
+        return itertools.chain(cur.stored_items(skip={r.id for r in rows}), added), (self.store.id, top)
+
     # ---- changes ---------------------------------------------------------------------------------------
     @staticmethod
     def validate(item_id: str | None, label: str) -> tuple[str, str]:
@@ -193,9 +316,9 @@ class CatalogService:
         return validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}"), validate_label(label)
 
     def enrol(self, rgb: np.ndarray, item_id: str | None, label: str) -> dict:
-        """Encode ``rgb`` as catalog item ``item_id``, commit its original to the store, and queue the rebuild.
-        When this returns the enrolment is durable. InputError (400) before anything is written, BusyError
-        (503) with too many waiting, DiskFullError (507) without the space for it and a rebuild."""
+        """Encode ``rgb`` as catalog item ``item_id``, commit its original and its encoding to the store, and wake
+        the worker (searchable within milliseconds). When this returns the enrolment is durable. InputError (400)
+        before anything is written, BusyError (503) with too many waiting, DiskFullError (507) without the space."""
         item_id, label = self.validate(item_id, label)
         with self._cond:
             waiting = len(self._cache)
@@ -204,15 +327,16 @@ class CatalogService:
                             "try again shortly", retry_after_s=max(1, round(self._rebuild_s)))
         item = self.maker.make(rgb, item_id, label)
         jpeg = encode_jpeg(rgb, ORIGINAL_JPEG_QUALITY)
-        self._ensure_space(2 * len(jpeg))
-        seq = self.store.put(item_id, label, jpeg)
+        encoded = encode_item(item, self._sha())
+        self._ensure_space(2 * (len(jpeg) + len(encoded)))  # the WAL, then the database
+        seq = self.store.put(item_id, label, jpeg, encoded)
         with self._cond:
             self._cache[item_id] = (seq, item)
         self._wake.set()
         return {"id": item_id, "label": item.label, "status": "queued", "seq": seq}
 
     def remove(self, item_id: str) -> int | None:
-        """Commit the removal of ``item_id`` (a tombstone) and queue the rebuild; returns its store seq, or None
+        """Commit the removal of ``item_id`` (a tombstone) and wake the worker; returns its store seq, or None
         when the id is neither in the index nor waiting in the store (nothing is written then)."""
         row = self.store.get(item_id)
         if not self.holder.current().has(item_id) and (row is None or row.removed):
@@ -230,19 +354,15 @@ class CatalogService:
             return len(self._cache)
 
     def _ensure_space(self, change_bytes: int) -> None:
-        """A change must fit with a whole new generation (a rebuild writes one) and the reserve."""
-        self._measure_generation()
-        same = _device(self.store.path) == _device(self.holder.path)
-        ensure_free(self.store.path, change_bytes + (self._gen_bytes[1] if same else 0), self.config.min_free_mb)
-        if not same:
-            ensure_free(self.holder.path, self._gen_bytes[1], self.config.min_free_mb)
+        """A change must fit with the reserve (a merge checks the space for a whole generation itself)."""
+        ensure_free(self.store.path, change_bytes, self.config.min_free_mb)
 
     def _measure_generation(self) -> None:
-        """The bytes of the live generation (what the next rebuild writes again), measured once per generation.
+        """The bytes of the live base (what the next merge writes again, about), measured once per generation.
         Another process (a CLI `index build`) may have made a newer one live and removed this one from disk before
         the worker noticed: then the holder follows it now; if that is gone too, the last size stands."""
         for _ in range(2):
-            idx = self.holder.current()
+            idx = self.holder.base()
             if self._gen_bytes[0] == idx.generation:
                 return
             try:
@@ -252,10 +372,12 @@ class CatalogService:
                 self.holder.refresh()
 
     def index_health(self) -> IndexHealth:
-        """The live index: items, generation, folder, trees and search_k."""
+        """The live index: items, generation, folder, trees and search_k; the base, the delta and the last merge."""
         idx = self.holder.current()
         return IndexHealth(size=idx.size, generation=idx.generation, path=str(self.holder.path), n_trees=idx.n_trees,
-                           search_k=self.holder.config.search_k)
+                           search_k=self.holder.config.search_k, base_size=idx.base.size, delta_items=idx.delta_items,
+                           delta_removed=idx.delta_removed, merge_after_items=self.holder.config.merge_after_items,
+                           merging=self.merging, last_merge=self.last_merge, merge_error=self.merge_error)
 
     def adaptation(self) -> dict:
         """The live generation's catalog-adapted projection, or why there is none."""
@@ -274,54 +396,5 @@ class CatalogService:
             reconciled_at_start=None if first is None else len(first.enrolled),
             removals_applied_at_start=None if first is None else len(first.removed),
             skipped=[] if first is None else [{"id": i, "why": w} for i, w in first.skipped],
-            migrated=self.migrated, set_aside=self.set_aside, store_went_back=self.store.went_back,
-            store_read_only=self.store.read_only)
-
-
-def _device(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return os.stat(path).st_dev
-
-
-def migrate_enrolled_dir(store: CatalogStore, folder: Path) -> dict | None:
-    """At a store's first start, import what older versions kept in ``folder`` (originals ``<id>.jpg``,
-    ``labels.json``, ``removed.json``) in one transaction. A damaged labels/removal file is skipped and logged
-    (labels fall back to the file name), never fatal. Returns what was imported (None: done before)."""
-    if store.meta(MIGRATED) is not None:
-        return None
-    folder = Path(folder)
-    labels, removed = _legacy_json(folder / "labels.json"), _legacy_json(folder / "removed.json")
-    removed_at = (folder / "removed.json").stat().st_mtime if (folder / "removed.json").is_file() else 0.0
-    rows: list[tuple[str, bool, str | None, bytes | None]] = []
-    skipped: list[str] = []
-    live: set[str] = set()
-    for path in scan_folder(folder) if folder.is_dir() else []:
-        item_id = path.relative_to(folder).with_suffix("").as_posix()
-        try:
-            validate_id(item_id)
-            # saved after its removal was journalled (a re-enrolment), or never removed
-            if item_id in removed and path.stat().st_mtime < removed_at:
-                continue
-            rows.append((item_id, False, labels.get(item_id) or Path(item_id).name, path.read_bytes()))
-            live.add(item_id)
-        except (OSError, InputError) as e:
-            log.warning("migration: %s skipped: %s", path, e)
-            skipped.append(item_id)
-    rows += [(i, True, None, None) for i in sorted(removed) if i not in live]
-    store.import_rows(rows, MIGRATED)
-    report = {"from": folder.name, "enrolled": len(live), "removed": len(rows) - len(live), "skipped": skipped}
-    if rows or skipped:
-        log.info("catalog store %s: migrated %d enrolled items and %d removals from %s (no longer read)",
-                 store.path, report["enrolled"], report["removed"], folder)
-    return report
-
-
-def _legacy_json(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    try:
-        return load_labels(path)
-    except Exception as e:  # noqa: BLE001 - truncated, empty, [], invalid UTF-8: derived state, never fatal
-        log.error("migration: %s is damaged (%s: %s); ignored", path, type(e).__name__, e)
-        return {}
+            migrated=self.migrated, set_aside=self.set_aside, damaged_encodings=self.damaged_copies,
+            store_went_back=self.store.went_back, store_read_only=self.store.read_only)

@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS items (
     changed TEXT NOT NULL             -- UTC time of the change
 );
 """
+# The encoded copy of an enrolment (edge_retrieval/index/encoded_item.py), kept while the change is in the index's delta
+# (not yet merged into a generation): a restart rebuilds the delta from it without the model. Derived, never the truth.
+_ENCODED = """CREATE TABLE IF NOT EXISTS encoded (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)"""
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_BYTES = 1 << 20  # less free than this at start: the disk is full (SQLite cannot make its WAL index)
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ class CatalogStore:
         self.id = self.meta("store_id")
         if derived_from is not None and derived_from[0] == self.id and derived_from[1] > self.seq():
             self._went_back(derived_from[1])
+        self.keeps_encoded = self._ensure_encoded_table()
 
     def _went_back(self, index_seq: int) -> None:
         """The store is behind the index that was derived from it: a new store id makes every row newer than
@@ -175,6 +179,17 @@ class CatalogStore:
         old.close()
         log.info("catalog store %s: writable again", self.path)
 
+    def _ensure_encoded_table(self) -> bool:
+        """The ``encoded`` table, added to a store of an older version at its first open; False when it cannot be
+        (a full disk): enrolments are then re-encoded from their originals when needed."""
+        try:
+            if not self._query("SELECT 1 FROM sqlite_master WHERE name = 'encoded'", ()):
+                with self._write() as db:
+                    db.execute(_ENCODED)
+            return True
+        except (DiskFullError, StoreError):
+            return False
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (committed durably on leaving); a full disk is DiskFullError."""
@@ -200,13 +215,40 @@ class CatalogStore:
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq'")
         return int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
 
-    def put(self, item_id: str, label: str, image: bytes) -> int:
-        """Enrol (or re-enrol) ``item_id`` with ``label`` and its original JPEG ``image``; returns its seq.
-        Committed when this returns."""
+    def put(self, item_id: str, label: str, image: bytes, encoded: bytes | None = None) -> int:
+        """Enrol (or re-enrol) ``item_id`` with ``label`` and its original JPEG ``image`` (and, in the same
+        transaction, its ``encoded`` copy); returns its seq. Committed when this returns."""
         with self._write() as db:
             seq = self._next_seq(db)
             db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 0, ?, ?, ?)", (item_id, seq, label, image, _now()))
+            if self.keeps_encoded:
+                db.execute("DELETE FROM encoded WHERE id = ?", (item_id,))
+                if encoded is not None:
+                    db.execute("INSERT INTO encoded VALUES (?, ?, ?)", (item_id, seq, encoded))
         return seq
+
+    def encoded(self, item_id: str, seq: int) -> bytes | None:
+        """The encoded copy of change ``seq`` of ``item_id`` (None: none kept, or it is of another change)."""
+        if not self.keeps_encoded:
+            return None
+        rows = self._query("SELECT data FROM encoded WHERE id = ? AND seq = ?", (item_id, seq))
+        return bytes(rows[0][0]) if rows else None
+
+    def put_encoded(self, item_id: str, seq: int, encoded: bytes) -> bool:
+        """Keep ``encoded`` for change ``seq`` of ``item_id`` (re-encoded from its original) if that is still the
+        id's latest change; False when it is not kept (not the latest, or the table is missing)."""
+        if not self.keeps_encoded:
+            return False
+        with self._write() as db:
+            cur = db.execute("INSERT OR REPLACE INTO encoded SELECT id, seq, ? FROM items WHERE id = ? AND seq = ? "
+                             "AND removed = 0", (encoded, item_id, seq))
+            return cur.rowcount > 0
+
+    def drop_encoded(self, upto_seq: int) -> None:
+        """Forget the encoded copies of changes up to ``upto_seq`` (a generation holding them is live)."""
+        if self.keeps_encoded:
+            with self._write() as db:
+                db.execute("DELETE FROM encoded WHERE seq <= ?", (upto_seq,))
 
     def remove(self, item_id: str) -> int:
         """Record the removal of ``item_id`` (a tombstone, which keeps a catalog-folder item out of later
@@ -214,6 +256,8 @@ class CatalogStore:
         with self._write() as db:
             seq = self._next_seq(db)
             db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 1, NULL, NULL, ?)", (item_id, seq, _now()))
+            if self.keeps_encoded:
+                db.execute("DELETE FROM encoded WHERE id = ?", (item_id,))
         return seq
 
     def import_rows(self, rows: Iterable[tuple[str, bool, str | None, bytes | None]], marker: str) -> int:
@@ -228,13 +272,15 @@ class CatalogStore:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (marker, _now()))
         return n
 
-    def changes_since(self, seq: int) -> tuple[list[StoredItem], int]:
-        """(the rows whose latest change is newer than ``seq``, in seq order; the store's seq) — one snapshot."""
+    def changes_since(self, seq: int, *, images: bool = True) -> tuple[list[StoredItem], int]:
+        """(the rows whose latest change is newer than ``seq``, in seq order; the store's seq) — one snapshot.
+        ``images`` False leaves the originals out (``image`` None; ``get`` reads one when needed)."""
+        image = "image" if images else "NULL"
         with self._lock:
             try:
                 self._db.execute("BEGIN")
                 try:
-                    rows = self._db.execute("SELECT id, seq, removed, label, image FROM items WHERE seq > ? "
+                    rows = self._db.execute(f"SELECT id, seq, removed, label, {image} FROM items WHERE seq > ? "
                                             "ORDER BY seq", (seq,)).fetchall()
                     top = int(self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
                 finally:
@@ -261,6 +307,13 @@ class CatalogStore:
         """How many enrolled items and tombstones the store holds."""
         by = dict(self._query("SELECT removed, COUNT(*) FROM items GROUP BY removed", ()))
         return {"enrolled": by.get(0, 0), "removed": by.get(1, 0)}
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the store's meta table (not ``seq`` or ``store_id``, which the store keeps itself)."""
+        if key in ("seq", "store_id", "schema"):
+            raise StoreError(f"catalog store {self.path}: meta key {key!r} is the store's own")
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def meta(self, key: str) -> str | None:
         """A value of the store's meta table (``store_id``, ``seq``, a migration marker)."""

@@ -90,6 +90,8 @@ class IndexConfig(_Section):
     search_k: int = Field(5000, ge=-1)
     top_k: int = Field(5, ge=1, le=100)
     thumbnail_px: int = Field(160, ge=32, le=1024)
+    merge_after_items: int = Field(1000, ge=1, le=10_000_000, description="ids changed since the base generation "
+                                   "(the delta, searched exactly beside it) that start a merge into a new one")
 
 
 class CatalogConfig(_Section):

@@ -61,17 +61,27 @@ class ErrorInfo(_Doc):
 
 
 class IndexHealth(_Doc):
-    """The live catalog index: items, generation (None before the first), folder, Annoy trees and search_k."""
+    """The live catalog index: items, generation (None before the first), folder, Annoy trees and search_k; the base
+    generation's items, the delta beside it (items enrolled and removed since; edge_retrieval/index/delta.py), the
+    size that starts a merge, whether one runs, the last one and why the last one failed."""
 
     size: int
     generation: Optional[str] = None
     path: str
     n_trees: int
     search_k: int
+    base_size: Optional[int] = None
+    delta_items: int = 0
+    delta_removed: int = 0
+    merge_after_items: Optional[int] = None
+    merging: bool = False
+    last_merge: Optional[dict[str, Any]] = None
+    merge_error: Optional[str] = None
 
 
 class IndexSummary(_Doc):
-    """Items and generation of the live index (the status panel; a change is a ``catalog_changed`` event)."""
+    """Items and generation of the live index (the status panel; a change is a ``catalog_changed`` event); the
+    generation reads ``gen-000007+3`` when 3 catalog changes are in the delta beside the base ``gen-000007``."""
 
     size: int
     generation: Optional[str] = None
@@ -81,7 +91,8 @@ class CatalogHealth(_Doc):
     """The catalog store and its replay onto the index (edge_retrieval/catalog/service.py): the store file, its newest
     change and the one the live index holds, acknowledged enrolments not indexed yet, enrolled items and
     tombstones kept, the last rebuild error, what the first replay of this start did and skipped, the migration
-    of an older ``enrolled_dir``, and damaged generations set aside."""
+    of an older ``enrolled_dir``, damaged generations set aside, and the last encoded copies of enrolments found
+    damaged (encoded again from their originals)."""
 
     store: str
     seq: int
@@ -97,6 +108,7 @@ class CatalogHealth(_Doc):
     set_aside: list[dict[str, Any]] = []
     store_went_back: Optional[dict[str, Any]] = None  # the store was behind the index at start (store.py)
     store_read_only: Optional[str] = None  # why the store only reads (a full disk at start) until space is back
+    damaged_encodings: list[dict[str, Any]] = []
 
 
 class TriggerStatus(_Doc):

@@ -1,6 +1,8 @@
-"""The live index of a running appliance: ``IndexHolder`` shares the current generation among the server's threads
-and swaps in a new one on enrol / remove (a whole generation rebuilt from the live one, edge_retrieval/index/writer.py),
-on ``refresh`` when another process (a CLI ``index build``) replaced ``current``, while queries go on.
+"""The live index of a running appliance: ``IndexHolder`` shares the live index — the base generation plus the delta
+of newer catalog changes (edge_retrieval/index/delta.py) — among the server's threads. ``apply_delta`` makes changes
+searchable at once (no generation is written); ``rebuild_with`` writes a new base (a merge, or a whole rebuild,
+edge_retrieval/index/writer.py) and keeps the delta's newer entries over it; ``refresh`` follows another process's
+new base (a CLI ``index build``). Queries go on throughout, each on the snapshot it started with.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from edge_retrieval.core.config import IndexConfig
 from edge_retrieval.core.errors import CatalogIndexError
+from edge_retrieval.index.delta import DeltaChange, LiveIndex, Loader
 from edge_retrieval.index.reader import CatalogIndex, CatalogItem, read_current_name
 from edge_retrieval.index.writer import build_lock, recover_index, validate_items, write_index
 
@@ -19,14 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class IndexHolder:
-    """The index shared by the server's threads, with enrol / remove.
+    """The index shared by the server's threads.
 
-    ``holder.current()`` is the live CatalogIndex; queries go to whichever object was live when they
-    started. ``add`` / ``remove`` run one at a time (a lock), rebuild a whole
-    new generation from the live one's vectors + metadata + thumbnails, and then swap the live one; the
-    replaced object is not closed (a query may still be running on it) but left to garbage collection.
-    They block for the rebuild while queries keep being served from the old index; ``rebuild_with`` decides
-    the new items under the build lock (the catalog service replays its store that way).
+    ``holder.current()`` is the live ``LiveIndex`` (base + delta); queries go to whichever snapshot was live when
+    they started. ``apply_delta`` adds store changes to the delta at once. ``add`` / ``remove`` (and the catalog
+    service's merges through ``rebuild_with``, which decides the new items under the build lock) run one at a time,
+    write a whole new base generation, and then swap it in; replaced objects are not closed (a query may still
+    be running on them) but left to garbage collection. Writing a base never blocks ``apply_delta``.
     """
 
     def __init__(self, config: IndexConfig, *, expected_bundle_sha256: str | None, create_empty: bool = False,
@@ -39,17 +41,38 @@ class IndexHolder:
         self.set_aside: list[dict] = recover_index(self.path) if recover else []
         self.expected_bundle_sha256 = expected_bundle_sha256
         self.require_features = require_features
-        self._lock = threading.Lock()  # one mutation at a time
+        self._lock = threading.Lock()  # one new generation at a time
+        self._delta_lock = threading.RLock()  # one new snapshot at a time (never held while a generation is written)
         if create_empty and read_current_name(self.path) is None:
             if not expected_bundle_sha256:
                 raise CatalogIndexError("creating an empty index needs expected_bundle_sha256")
             write_index(self.path, [], bundle_sha256=expected_bundle_sha256, n_trees=config.n_trees, dim=dim)
         self._index: CatalogIndex = self._load()
+        self._view = LiveIndex(self._index, seq=self._base_seq(self._index))
         self._refused: str | None = None  # a generation on disk that refresh() could not load
 
-    def current(self) -> CatalogIndex:
-        """The live generation (swapped atomically on enrol/remove; a query keeps the one it got)."""
+    def current(self) -> LiveIndex:
+        """The live index, base + delta (swapped atomically on every change; a query keeps the one it got)."""
+        return self._view
+
+    def base(self) -> CatalogIndex:
+        """The live base generation."""
         return self._index
+
+    def attach(self, store_id: str, loader: Loader) -> None:
+        """Say which catalog store the delta's changes come from and how a delta item's features and thumbnail
+        are read back (``loader(id, seq)``); the delta starts empty, at what the base holds of that store."""
+        with self._delta_lock:
+            view = LiveIndex(self._index, seq=0, store_id=store_id, loader=loader)
+            view.seq = view._base_seq()
+            self._view = view
+
+    def apply_delta(self, changes: list[DeltaChange], seq: int) -> LiveIndex:
+        """Make store ``changes`` searchable (no generation written) and record that the live index holds the store
+        up to ``seq``; returns the new snapshot. CatalogIndexError for bad vectors (nothing changes then)."""
+        with self._delta_lock:
+            self._view = self._view.with_changes(changes, seq)
+            return self._view
 
     def add(self, items: Sequence[CatalogItem]) -> None:
         """Enrol ``items``; an id already in the index is replaced (re-enrolment: new vector, label,
@@ -69,10 +92,11 @@ class IndexHolder:
         validate_items(items)  # duplicates inside the batch are an error, not "last one wins"
         with self._lock:
             cur = self._live_on_disk()
-            removed = list(dict.fromkeys(i for i in remove if cur.has(i)))
+            view = self._view  # a whole rebuild folds the delta in too
+            removed = list(dict.fromkeys(i for i in remove if view.has(i)))
             if items or removed:
-                kept = cur.stored_items(skip={it.id for it in items} | set(removed))
-                self._rebuild(cur, itertools.chain(kept, items), store=cur.store_seq)
+                kept = view.stored_items(skip={it.id for it in items} | set(removed))
+                self._rebuild(cur, itertools.chain(kept, items), store=view.store_seq)
             return removed
 
     def rebuild_with(self, change: Callable[[CatalogIndex], tuple[Iterable[CatalogItem], tuple[str, int]] | None]) -> bool:
@@ -122,7 +146,7 @@ class IndexHolder:
         if on_disk is not None and on_disk != self._index.generation:
             log.warning("index %s: 'current' is now %s, not the loaded %s (changed by another process): "
                         "reloading it before this change", self.path, on_disk, self._index.generation)
-            self._index = self._load()
+            self._set_base(self._load())
         return self._index
 
     def _rebuild(self, cur: CatalogIndex, items: Iterable[CatalogItem], store: tuple[str, int] | None) -> None:
@@ -131,4 +155,14 @@ class IndexHolder:
                               dim=cur.dim or None, projection=cur.projection, store=store)
         new = CatalogIndex.load_generation(gen_dir, expected_bundle_sha256=self.expected_bundle_sha256,
                                            search_k=self.config.search_k, require_features=self.require_features)
-        self._index = new  # the old object stays usable for queries already holding it
+        self._set_base(new)  # the old objects stay usable for queries already holding them
+
+    def _set_base(self, base: CatalogIndex) -> None:
+        """Swap in a new base; the delta keeps only what is newer than it (what arrived during a merge)."""
+        with self._delta_lock:
+            self._index = base
+            self._view = self._view.rebased(base)
+
+    @staticmethod
+    def _base_seq(idx: CatalogIndex) -> int:
+        return idx.store_seq[1] if idx.store_seq is not None else 0

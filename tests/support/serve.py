@@ -40,12 +40,12 @@ class Serve:
 
     def __init__(self, work: Path, catalog_dir: Path, extra_config: str = "", *, camera: Path | str | None = None,
                  trigger: bool = False, build_from: bool = True, state: Path | None = None, env: dict | None = None,
-                 catalog_extra: str = ""):
+                 catalog_extra: str = "", index_extra: str = ""):
         """``camera``: a video, folder or URL to play (default: the first catalog image, still, at 2 fps);
         ``trigger``: look up when the view changes and settles (default: only when asked); ``build_from``: index
         ``catalog_dir`` at start when there is no index (False: the Pi install, built once by the CLI);
         ``state``: where the index, store and history live (default: ``work``); ``env``: added to the environment;
-        ``catalog_extra``: more ``catalog:`` lines (indented)."""
+        ``catalog_extra`` / ``index_extra``: more ``catalog:`` / ``index:`` lines (indented)."""
         self.port = free_port()
         self.work = work
         if camera is None:
@@ -59,7 +59,7 @@ class Serve:
         self.config.write_text(
             f"camera:\n  source: {camera}\n  fps: {10 if trigger else 2}\n"
             f"trigger:\n  enabled: {str(trigger).lower()}\n"
-            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {self.state / 'index'}\n"
+            f"encoder:\n  bundle: {DEFAULT_BUNDLE}\nindex:\n  path: {self.state / 'index'}\n{index_extra}"
             f"catalog:\n  build_from: {catalog_dir if build_from else 'null'}\n"
             f"  enrolled_dir: {self.state / 'enrolled'}\n  store: {self.state / 'catalog.sqlite'}\n{catalog_extra}"
             f"history:\n  dir: {self.state / 'history'}\n"

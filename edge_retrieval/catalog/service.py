@@ -40,6 +40,7 @@ from edge_retrieval.index.delta import DeltaChange
 from edge_retrieval.index.encoded_item import decode_item, encode_item
 from edge_retrieval.index.holder import IndexHolder
 from edge_retrieval.index.reader import CatalogIndex, CatalogItem
+from edge_retrieval.index.store_mark import newest_claim, read_store_mark, write_store_mark
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often the worker looks for another process's changes (a CLI enrolment, a new generation)
@@ -69,7 +70,9 @@ class CatalogService:
         self.holder = holder
         self.maker = maker
         self.images = images
-        self.store = CatalogStore(config.store, derived_from=holder.current().store_seq)
+        self.store = CatalogStore(config.store, derived_from=newest_claim(
+            holder.current().store_seq, read_store_mark(holder.config.path)))
+        self._marked: tuple[str, int] | None = None
         self.migrated = migrate_enrolled_dir(self.store, config.enrolled_dir)
         self.set_aside = list(set_aside or []) + holder.set_aside
         self.first: ApplyReport | None = None
@@ -174,8 +177,19 @@ class CatalogService:
                 if not rows:
                     self.holder.apply_delta([], top)
             report.seq = self.applied_seq()
+            self._mark(report.seq)
             self._done(report)
             return report
+
+    def _mark(self, seq: int) -> None:
+        """Record in the index folder that the index holds the store up to ``seq`` (index/store_mark.py)."""
+        if seq <= 0 or self._marked == (self.store.id, seq):
+            return
+        try:
+            write_store_mark(self.holder.config.path, self.store.id, seq)
+            self._marked = (self.store.id, seq)
+        except OSError as e:  # a full disk: only this extra check is lost until the next apply
+            log.warning("catalog: cannot record the store's change %d in %s (%s)", seq, self.holder.config.path, e)
 
     def _foreign(self, base: CatalogIndex) -> bool:
         """Whether ``base`` was made without this store (a folder build, a shipped generation, an older version)."""

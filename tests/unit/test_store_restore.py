@@ -68,12 +68,13 @@ def test_an_older_store_restored_from_a_backup_re_derives_the_index_and_indexes_
     service.remove("rocket")
     service.apply()
     assert _ids(service) == {"moon", "mug", "cat", "astro"}
+    assert service.merge()  # a new base generation that claims change 4 (before that, only the delta held it)
     index_seq = service.applied_seq()
     service.stop()
 
     for f in _files(store):
         f.unlink(missing_ok=True)
-    shutil.copy(backup, store)  # the restore: the store is back at change 1, the index holds change 4
+    shutil.copy(backup, store)  # the restore: the store is back at change 1, the index's base holds change 4
 
     service = _service(state, encoder).start()
     went_back = service.health().store_went_back
@@ -109,3 +110,31 @@ def test_a_lost_store_beside_an_index_made_from_it_is_refused_and_nothing_is_cre
         _service(state, encoder)
     assert ("empty (0 bytes)" if how == "zero_bytes" else "missing") in str(e.value)
     assert (store.stat().st_size == 0) if how == "zero_bytes" else not store.exists()  # nothing written over it
+
+
+def test_a_restore_before_the_next_merge_is_noticed_and_gives_the_restored_catalog(state, encoder, photos, tmp_path):
+    """Changes not merged yet live in the delta, derived from the store; the index folder's store mark still says
+    which change the index had taken, so a restored older store is noticed (health) and the index follows it."""
+    store = state[0].store
+    service = _service(state, encoder).start()
+    service.enrol(photos["coffee"], "mug", "Mug")
+    service.apply()
+    service.stop()
+    backup = tmp_path / "backup.sqlite"
+    shutil.copy(store, backup)
+    service = _service(state, encoder).start()
+    service.enrol(photos["chelsea"], "cat", "Cat")
+    service.remove("rocket")
+    service.apply()
+    assert _ids(service) == {"moon", "mug", "cat"}
+    service.stop()
+    for f in _files(store):
+        f.unlink(missing_ok=True)
+    shutil.copy(backup, store)
+    service = _service(state, encoder).start()
+    went_back = service.health().store_went_back
+    assert went_back is not None and went_back["store_seq"] == 1 and went_back["index_seq"] == 3
+    assert _ids(service) == {"moon", "mug", "rocket"}  # the restored catalog, exactly
+    seq = service.enrol(photos["grace_hopper"], "grace", "Grace")["seq"]
+    assert service.wait_applied(seq, 60) and "grace" in _ids(service)
+    service.stop()

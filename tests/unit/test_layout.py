@@ -119,7 +119,10 @@ def test_the_appliance_is_what_the_web_layer_calls():
     assert protocol_mismatches(Services, Appliance) == []
 
 
-def test_the_architecture_page_names_every_room():
+def test_the_architecture_page_names_every_room_and_module():
     text = (ROOT / "docs" / "architecture.md").read_text()
     missing = [room for room in ALLOWED if room not in ("__main__",) and f"`{room}" not in text]
     assert missing == [], f"docs/architecture.md does not describe {missing}"
+    modules = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.glob("*/*.py")
+               if p.name != "__init__.py" and p.parent.name != "convert"]
+    assert [m for m in modules if f"`{m}`" not in text] == [], "docs/architecture.md: a module without its line"

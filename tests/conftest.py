@@ -126,3 +126,21 @@ def tflite_rt_python():
     """The python of a cached virtualenv with only tflite-runtime 2.14 and numpy<2 (tests/support/tflite_runtime.py)."""
     from tests.support.tflite_runtime import tflite_runtime_python
     return tflite_runtime_python()
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A real 20 MB tmpfs to fill (a full disk); skipped, with the reason, where one cannot be mounted."""
+    import os
+    import shutil
+    import subprocess
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("a tmpfs needs root and mount(8)")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a 20 MB tmpfs here: {out.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

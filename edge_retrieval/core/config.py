@@ -245,6 +245,14 @@ class WebConfig(_Section):
     connection_limit: int = Field(500, ge=10, le=10000, description="open connections before new ones wait")
     channel_timeout_s: float = Field(20.0, gt=0, le=3600, description="close a connection idle this long")
     cleanup_interval_s: float = Field(5.0, gt=0, le=600, description="how often idle connections are looked for")
+    # What waitress lacks (edge_retrieval/web/connections.py): a stream whose client stopped reading would hold its
+    # thread and slot for ever, a client trickling its headers is never idle, one host could fill connection_limit.
+    write_timeout_s: float = Field(30.0, gt=0, le=3600, description="close a connection whose output has not "
+                                   "moved this long (a live view or event stream nobody reads)")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="close a connection whose request is still "
+                                     "incomplete this long after its first byte")
+    max_connections_per_client: int = Field(32, ge=2, le=10000, description="connections one address may hold; "
+                                            "past it its oldest one not being answered is closed")
 
 
 _TOPIC_WORD = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"

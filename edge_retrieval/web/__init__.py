@@ -179,13 +179,12 @@ def serve(app: flask.Flask, config: WebConfig) -> None:
     interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
     for the API, and idle
     connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open), and a body
-    past ``max_upload_mb`` (+ ``BODY_MARGIN_BYTES``) is refused unread."""
-    import waitress
+    past ``max_upload_mb`` (+ ``BODY_MARGIN_BYTES``) is refused unread; a client that stops reading, trickles its
+    request or opens too many connections is cut off (edge_retrieval/web/connections.py)."""
+    from edge_retrieval.web.connections import create_server
 
     log.info("web: listening on %s:%d (%d threads, up to %d live views and event streams)",
              config.host, config.port, config.threads, app.config["MAX_STREAMS"])
-    waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                   connection_limit=config.connection_limit, channel_timeout=config.channel_timeout_s,
-                   cleanup_interval=config.cleanup_interval_s,
-                   max_request_body_size=int(config.max_upload_mb * 1024 * 1024) + BODY_MARGIN_BYTES,
-                   **WAITRESS_LOOKAHEAD)
+    server = create_server(app, config, max_request_body_size=int(config.max_upload_mb * 1024 * 1024)
+                           + BODY_MARGIN_BYTES, **WAITRESS_LOOKAHEAD)
+    server.run()

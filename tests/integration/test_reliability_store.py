@@ -6,7 +6,6 @@ log, health and metrics."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge_retrieval.imaging.codec import encode_jpeg
 from tests.conftest import view
@@ -192,20 +190,6 @@ def test_damaged_derived_state_never_stops_a_start(tmp_path, small_catalog, phot
         assert sum(".damaged-" in n for n in names) >= 5, names  # set aside, never deleted
     finally:
         serve.stop()
-
-
-@pytest.fixture()
-def tmpfs(tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("a tmpfs needs root and mount(8)")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a 20 MB tmpfs here: {out.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_full_disk_answers_507_leaves_nothing_half_written_and_recovers(tmp_path, tmpfs, small_catalog, photos):

@@ -467,11 +467,18 @@ def test_waitress_stream_ends_when_viewer_disconnects(services, waitress_server)
         time.sleep(0.05)
 
 
+class _NotServing:
+    """What ``waitress.create_server`` gives ``serve`` in these tests: a server whose run() returns at once."""
+
+    def run(self) -> None:
+        pass
+
+
 def test_serve_uses_waitress_with_the_configured_threads(services, monkeypatch):
     import waitress
 
     calls = {}
-    monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls.update(kw))
+    monkeypatch.setattr(waitress, "create_server", lambda app, **kw: calls.update(kw) or _NotServing())
     config = WebConfig(host="127.0.0.1", port=9, threads=4)
     app = create_app(config, services)
     serve(app, config)
@@ -486,7 +493,7 @@ def test_serve_refuses_a_body_past_the_upload_limit_before_spooling_it(services,
     import waitress
 
     calls = {}
-    monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls.update(kw))
+    monkeypatch.setattr(waitress, "create_server", lambda app, **kw: calls.update(kw) or _NotServing())
     config = WebConfig(max_upload_mb=max_upload_mb)
     app = create_app(config, services)
     serve(app, config)

@@ -173,13 +173,14 @@ class LiveIndex:
 
     @property
     def has_features(self) -> bool:
-        """Whether spatial verification is possible (the base's features decide)."""
-        return self.base.has_features
+        """Whether spatial verification is possible: the base's features decide, unless the base is empty (a new
+        appliance's catalog, all of it enrolled into the delta: each item carries its own features)."""
+        return self.base.has_features or (self.base.size == 0 and bool(self._entries))
 
     @property
     def features_error(self) -> str | None:
-        """Why the base has no features, if it has none."""
-        return self.base.features_error
+        """Why the index has no features, if it has none."""
+        return None if self.has_features else self.base.features_error
 
     @property
     def store_seq(self) -> tuple[str, int] | None:

@@ -83,7 +83,8 @@ def test_an_export_imported_on_another_device_round_trips_exactly(exported, tmp_
     q.write_bytes(encode_jpeg(view(photos, "chelsea", "perspective", seed=3), 90))
     capsys.readouterr()
     assert _cli(b, "query", "--json", str(q)) == 0
-    assert json.loads(capsys.readouterr().out)["match"]["id"] == "Chelsea é"
+    out = json.loads(capsys.readouterr().out)
+    assert out["match"] is not None and out["match"]["id"] == "Chelsea é", out
 
 
 def _store_seq(cfg) -> int:

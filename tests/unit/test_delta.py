@@ -251,3 +251,26 @@ def test_a_merge_without_the_space_for_a_generation_leaves_base_and_delta_servin
     assert service.merge() and service.index_health().merge_error is None
     assert service.holder.current().delta_size == 0 and service.holder.current().base.has("cat")
     service.stop()
+
+
+def test_a_new_appliance_verifies_what_it_enrolled_before_any_merge(tmp_path, encoder, photos):
+    """A fresh appliance's base is empty and every enrolment lives in the delta: spatial verification uses the
+    delta items' own features (it was off until the first merge, so a catalog of < merge_after_items photos was
+    never verified)."""
+    from edge_retrieval.core.config import RecognitionConfig
+    from edge_retrieval.search.lookup import Lookup
+    (tmp_path / "config.yaml").write_text(f"catalog:\n  store: {tmp_path / 'catalog.sqlite'}\n"
+                                          f"index:\n  path: {tmp_path / 'index'}\n  n_trees: 2\n")
+    cfg = load_config(tmp_path / "config.yaml")
+    rc = RecognitionConfig(adapt=False, decision=None)
+    holder = IndexHolder(cfg.index, expected_bundle_sha256=encoder.sha256, create_empty=True, dim=encoder.dim)
+    service = CatalogService(cfg.catalog, holder, ItemMaker(encoder, rc, 96))
+    service.apply()
+    for name in ("chelsea", "rocket"):
+        service.enrol(photos[name], name, name.title())
+    service.apply()
+    live = holder.current()
+    assert live.base.size == 0 and live.delta_size == 2 and live.has_features
+    result = Lookup(encoder, holder, rc, top_k=3).lookup_rgb(view(photos, "chelsea", "perspective", seed=2))
+    assert result.match is not None and result.match.id == "chelsea" and result.match.inliers >= 8
+    service.stop()

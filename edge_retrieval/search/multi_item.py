@@ -103,7 +103,7 @@ def crop(rgb: np.ndarray, box) -> np.ndarray:
 def crop_features(rgb: np.ndarray, box, query: Features, rc: RecognitionConfig) -> Features:
     """ORB keypoints of the part ``box`` of the frame, looked at closer: the part is enlarged to the size the
     whole frame's keypoints were taken at (``features_max_side_px``), so a print a third of the frame across
-    gets as many keypoints as a whole frame would. Coordinates are those of ``query`` (the whole frame's
+    gets as many keypoints as a whole frame would (enlarging at most 2× instead: item recall 0.905 → 0.895). Coordinates are those of ``query`` (the whole frame's
     features), so outlines and masks need no conversion."""
     h, w = rgb.shape[:2]
     part = crop(rgb, box)
@@ -202,7 +202,9 @@ class MoreItems:
         if boxes or shapes:
             t1 = time.perf_counter()
             vectors = self.embed_batch([crop(rgb, b) for b in boxes], short_side_px=rc.multi_crop_px)
-            vectors += self.embed_batch([rectify(rgb, q) for q in shapes.values()])
+            for q in shapes.values():  # at the print's own size in the frame: no pixels it does not have
+                side = min(rgb.shape[0] * float(np.ptp(q[:, 1])), rgb.shape[1] * float(np.ptp(q[:, 0])))
+                vectors += self.embed_batch([rectify(rgb, q)], short_side_px=max(112, int(side)))
             timings["multi_encode"] = (time.perf_counter() - t1) * 1e3
             for b, v in zip(boxes + list(shapes), vectors):
                 tops[b] = self.idx.query(v, PER_CROP)

@@ -29,7 +29,7 @@ import numpy as np
 from edge_retrieval.core.config import RecognitionConfig
 from edge_retrieval.core.results import Candidate
 from edge_retrieval.model.local_features import Features, extract, match_homography, region
-from edge_retrieval.search.proposals import bounding_box, print_quads, rectify
+from edge_retrieval.search.proposals import bounding_box, print_quads, quad_area, rectify
 
 # Region proposals: (x0, y0, x1, y1) fractions of the frame — the four quadrants, overlapping a little so a print
 # on a quadrant's edge lies whole in one of them.
@@ -44,12 +44,6 @@ PLAIN_KEYPOINTS = 100  # a catalog item with fewer stored keypoints (of n_featur
 # wrong items named by cosine there and kept 29 of 36 right ones
 MIN_SCORE_LEAD = 0.1
 MAX_COVERED_BY_SCORE = 0.25  # … and names nothing by its cosine alone (the cosine would be of the item found)
-
-
-def quad_area(quad) -> float:
-    """Area of an outline in frame fractions (shoelace; 0 for a self-crossing or degenerate one)."""
-    q = np.asarray(quad, np.float64)
-    return abs(float(np.dot(q[:, 0], np.roll(q[:, 1], -1)) - np.dot(q[:, 1], np.roll(q[:, 0], -1)))) / 2
 
 
 def _convex(quad) -> bool:
@@ -155,8 +149,9 @@ class MoreItems:
         """Items too plain for ORB (a smooth photo has a few dozen keypoints, rarely 8 verified points): a proposal
         that items found so far hardly cover names its nearest item when its cosine passes the bundle's
         ``accept_score`` (the rule a whole frame is held to without verification) and it leads the proposal's next
-        item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed). Such an item has no outline
-        (``quad`` null) and no inliers. Off where a learned decision is configured (it needs verified points)."""
+        item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed). Such
+        an item has no inliers; its outline is the proposal's when the proposal is a found shape, else none.
+        Off where a learned decision is configured (it needs verified points)."""
         if self.accept_score is None:
             return []
         named, more, quads = {i.id for i in items}, [], list(quads)

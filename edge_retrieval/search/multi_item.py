@@ -152,8 +152,8 @@ class MoreItems:
         item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed). Such
         an item has no inliers; its outline is the proposal's when the proposal is a found shape, else none.
         Off where a learned decision is configured (it needs verified points)."""
-        if self.accept_score is None:
-            return []
+        if self.accept_score is None or any(i.quad is None for i in items):
+            return []  # an item named without an outline could be in any proposal: its look-alikes would be named
         named, more, quads = {i.id for i in items}, [], list(quads)
         # the outlined proposals first: a print seen whole and flat, and the item named there has an outline
         for box, top in sorted(tops.items(), key=lambda bt: bt[0] not in shapes):

@@ -294,7 +294,8 @@ def test_every_item_of_an_uploaded_photo_is_outlined_with_its_label(server, driv
     frame, _ = table_frame(photos, names, seed=9)
     photo = tmp_path / "table.jpg"
     photo.write_bytes(encode_jpeg(frame, 92))
-    driver.get(_url(server))
+    if not driver.find_elements(By.ID, "upload-file"):  # alone: open the page (in the file, it is open)
+        driver.get(_url(server))
     driver.find_element(By.ID, "upload-file").send_keys(str(photo))
     driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
     # read in one script, while the upload is on screen (a busy machine's camera lookups replace it after 15 s)
@@ -309,5 +310,5 @@ def test_every_item_of_an_uploaded_photo_is_outlined_with_its_label(server, driv
     assert sorted(labels) == sorted(m["label"] for m in entry["matches"])
     assert "3 items" in _text(driver, "match-line")
     _screenshot(driver, "page-several-items.jpg")
-    # the reload may find every live-view slot still held by the tests before (503: the page falls back to frames)
-    assert [e for e in _severe(driver) if "stream.mjpg" not in e["message"]] == []
+    # the tests before may leave every stream slot taken (503: the page falls back to frames and polling)
+    assert [e for e in _severe(driver) if "status of 503" not in e["message"]] == []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "var" / "bench"
 
 # Bump when the generator changes, so a stale cache is regenerated rather than silently reused.

@@ -15,7 +15,9 @@ MAX_SHAPES = 6  # proposals per frame, largest first: bounds the encodes a clutt
 RECTIFIED_SIDE_PX = 320  # a proposal is warped flat to this longer side before it is encoded
 
 
-def _quad_area(q: np.ndarray) -> float:
+def quad_area(quad) -> float:
+    """Area of an outline (four x, y corners, in order) by the shoelace formula."""
+    q = np.asarray(quad, np.float64)
     return abs(float(np.dot(q[:, 0], np.roll(q[:, 1], -1)) - np.dot(q[:, 1], np.roll(q[:, 0], -1)))) / 2
 
 
@@ -46,7 +48,7 @@ def print_quads(rgb: np.ndarray) -> list[np.ndarray]:
         if len(poly) != 4 or not cv2.isContourConvex(poly):
             continue
         q = _order(poly.reshape(4, 2).astype(np.float64) / (sw, sh))
-        area = _quad_area(q)
+        area = quad_area(q)
         if MIN_AREA <= area <= MAX_AREA:
             found.append((area, q))
     found.sort(key=lambda aq: -aq[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -47,15 +48,35 @@ def _run(cmd, cwd, timeout=300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def _source(dest: Path) -> Path:
+    """The checkout's files as git sees them (tracked, and new ones not ignored) copied to ``dest``: the wheel is
+    built from what a clone holds, never from a stale setuptools build/ folder of an earlier run."""
+    out = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT)
+    if out.returncode != 0:
+        pytest.skip(f"the wheel test copies the checkout with git: {out.stderr.strip()}")
+    for rel in filter(None, out.stdout.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _build_wheel(work: Path) -> Path:
+    src = _source(work / "src")
+    out = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", work / "dist",
+                src], cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wheels = list((work / "dist").glob("edge_retrieval-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The bin folder of a fresh venv outside the checkout with the freshly built wheel installed."""
     work = tmp_path_factory.mktemp("wheel")
-    out = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", work / "dist",
-                ROOT], cwd=work)
-    assert out.returncode == 0, out.stderr[-3000:]
-    wheels = list((work / "dist").glob("edge_retrieval-*.whl"))
-    assert len(wheels) == 1, wheels
+    wheel = _build_wheel(work)
     base = getattr(sys, "_base_executable", None) or sys.executable
     out = _run([base, "-m", "venv", work / "venv"], cwd=work)
     assert out.returncode == 0, out.stderr
@@ -63,17 +84,14 @@ def installed(tmp_path_factory) -> Path:
     # The dependencies of this test run, after the venv's own site-packages (not their .pth files: this
     # checkout's editable install stays invisible there).
     (venv_site / "deps-of-this-test-run.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    out = _run([work / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[0]],
+    out = _run([work / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
                cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
     return work / "venv" / "bin"
 
 
 def test_the_wheel_holds_only_the_package_with_its_bundles_and_page(tmp_path):
-    out = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, ROOT],
-               cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    names = zipfile.ZipFile(_build_wheel(tmp_path)).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"edge_retrieval"}, top
     for needed in ("edge_retrieval/bundles/efficientnet-lite0/encoder.tflite",

@@ -14,21 +14,15 @@ from __future__ import annotations
 
 from edge_retrieval import __version__
 from edge_retrieval.core.config import MqttConfig
-from edge_retrieval.core.results import LookupResult
 
 ORIGIN = {"name": "edge-retrieval", "sw_version": __version__}
 
 
-def items_in_view(result: LookupResult) -> int:
-    """How many catalog items the lookup recognised (several once a lookup reports ``matches``; else 0 or 1)."""
-    matches = getattr(result, "matches", None)
-    return len(matches) if matches is not None else int(result.match is not None)
-
-
-def match_state(event: dict, result: LookupResult) -> dict:
+def match_state(event: dict) -> dict:
     """The retained state of the latest lookup: its event (edge_retrieval/outputs/sinks.py ``lookup_event``: id
-    and label ``null`` without a match) plus ``items_in_view``."""
-    return {**event, "items_in_view": items_in_view(result)}
+    and label ``null`` without a match) plus ``items_in_view``, the name Home Assistant's sensor reads for the
+    event's ``items``."""
+    return {**event, "items_in_view": event["items"]}
 
 
 def discovery_messages(config: MqttConfig, device_id: str, topics: dict[str, str],

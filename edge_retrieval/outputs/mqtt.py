@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 from edge_retrieval.core.config import MqttConfig
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.core.status import Health
-from edge_retrieval.outputs.home_assistant import discovery_messages, items_in_view, match_state
+from edge_retrieval.outputs.home_assistant import discovery_messages, match_state
 from edge_retrieval.outputs.mqtt_auth import password, tls_context
 from edge_retrieval.outputs.sinks import DRAIN_S, POLL_S, QueueWorker, default_device_id, lookup_event
 
@@ -111,8 +111,8 @@ class MqttPublisher(QueueWorker):
         try:
             event = lookup_event(result, self.device_id)
             self._offer((self.topics["lookup"], json.dumps(event), False))
-            self._set_state("match", json.dumps(match_state(event, result)))
-            self._set_state("items", str(items_in_view(result)))  # catalog items in view, as a plain number
+            self._set_state("match", json.dumps(match_state(event)))
+            self._set_state("items", str(event["items"]))  # catalog items in view, as a plain number
         except Exception:
             log.exception("mqtt: could not queue a lookup event")
 

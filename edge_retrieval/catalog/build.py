@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from edge_retrieval.catalog.ids import MAX_LABEL_CHARS, id_from_path, validate_id
+from edge_retrieval.catalog.ids import MAX_LABEL_CHARS, id_from_path, path_stem, validate_id
 from edge_retrieval.core.config import ImagesConfig, RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
 from edge_retrieval.imaging.codec import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
@@ -214,7 +214,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
 def _task(row: int, rel: str, path: str, labels: dict[str, str], max_pixels: int) -> BuildTask:
     """The BuildTask of one image: its id derived from the file's name (``id_from_path``), its label from the
     labels file (by id or by the file's own relative name) or else the file's own name, as the user wrote it."""
-    stem = rel.rsplit(".", 1)[0]
+    stem = path_stem(rel)
     try:
         item_id = id_from_path(rel)
     except InputError:  # no name maps to nothing the rule takes, but the task must still be listed as skipped

@@ -33,13 +33,18 @@ def validate_id(item_id: str) -> str:
 _NOT_IN_RULE = re.compile(r"[^\w.\- ]+")
 
 
+def path_stem(rel_path: str) -> str:
+    """A catalog file's relative path without its extension (``shelf/Mug (2).jpg`` → ``shelf/Mug (2)``)."""
+    return rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+
+
 def id_from_path(rel_path: str) -> str:
     """The item id of a catalog file from the name a user gave it: its path relative to the catalog folder without
     the extension, each part made to fit the id rule — Unicode NFC (an accent typed two ways is one id), each run
     of characters the rule does not allow (brackets, commas, quotes, '#', …) one '_', a part that does not start
     with a letter, digit or '_' prefixed with '_', spaces around parts trimmed, an over-long part cut with a short
     hash of the whole so two long names stay two ids. A name that already fits the rule is its id unchanged."""
-    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    stem = path_stem(rel_path)
     parts = []
     for raw in unicodedata.normalize("NFC", stem).split("/"):
         part = _NOT_IN_RULE.sub("_", raw).strip() or "_"

@@ -28,6 +28,7 @@ from edge_retrieval.catalog.store import CatalogStore
 from edge_retrieval.core.config import ImagesConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
 from edge_retrieval.imaging.codec import decode_image
+from edge_retrieval.index.generation import fsync_dir
 
 FORMAT = "edge-retrieval-catalog"
 VERSION = 1
@@ -110,6 +111,7 @@ def export_catalog(store: CatalogStore, index_items: list, out: str | os.PathLik
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except OSError as e:
         raise CatalogIndexError(f"{out}: cannot write the archive ({e.strerror or e}); nothing was written") from None
     finally:

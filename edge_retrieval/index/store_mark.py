@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from edge_retrieval.index.generation import fsync_dir
+
 MARK_FILE = "store-mark.json"
 FORMAT_VERSION = 1
 
@@ -35,6 +37,7 @@ def write_store_mark(index_path: str | os.PathLike, store_id: str, seq: int) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, folder / MARK_FILE)
+        fsync_dir(folder)  # the new name survives a power cut too
     finally:
         tmp.unlink(missing_ok=True)
 

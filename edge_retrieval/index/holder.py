@@ -90,19 +90,25 @@ class IndexHolder:
         returns the ids actually removed."""
         items = list(add)
         validate_items(items)  # duplicates inside the batch are an error, not "last one wins"
-        with self._lock:
-            cur = self._live_on_disk()
-            view = self._view  # a whole rebuild folds the delta in too
-            removed = list(dict.fromkeys(i for i in remove if view.has(i)))
-            if items or removed:
-                kept = view.stored_items(skip={it.id for it in items} | set(removed))
-                self._rebuild(cur, itertools.chain(kept, items), store=view.store_seq)
-            return removed
+        removed: list[str] = []
 
-    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[Iterable[CatalogItem], tuple[str, int]] | None]) -> bool:
+        def plan(_cur: CatalogIndex):
+            view = self._view  # the live generation (as rebuild_with just loaded it) + its delta: folded in too
+            removed.extend(dict.fromkeys(i for i in remove if view.has(i)))
+            if not items and not removed:
+                return None
+            kept = view.stored_items(skip={it.id for it in items} | set(removed))
+            return itertools.chain(kept, items), view.store_seq
+
+        self.rebuild_with(plan)
+        return removed
+
+    def rebuild_with(self, change: Callable[[CatalogIndex], tuple[Iterable[CatalogItem], tuple[str, int] | None]
+                                            | None]) -> bool:
         """One rebuild decided under the build lock: ``change(live)`` is called with the generation ``current``
         names on disk at that moment (another process's build included) and returns the new generation's items
-        and its store (id, seq), or None for no change. True when a generation was written."""
+        and its store (id, seq; None: made without a store), or None for no change. True when a generation was
+        written. Every rebuild of a live index goes through here (merges and ``update``)."""
         with self._lock, build_lock(self.path):
             cur = self._live_on_disk()
             planned = change(cur)

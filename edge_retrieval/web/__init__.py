@@ -177,8 +177,7 @@ BODY_MARGIN_BYTES = 1024 * 1024
 def serve(app: flask.Flask, config: WebConfig) -> None:
     """Serve ``app`` with waitress on ``config.host:config.port`` with ``config.threads`` workers until
     interrupted; live views and event streams together are capped at ``threads - 2`` so two threads stay free
-    for the API, and idle
-    connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open), and a body
+    for the API, idle connections are closed after ``channel_timeout_s`` (``connection_limit`` caps how many are open), and a body
     past ``max_upload_mb`` (+ ``BODY_MARGIN_BYTES``) is refused unread; a client that stops reading, trickles its
     request or opens too many connections is cut off (edge_retrieval/web/connections.py)."""
     from edge_retrieval.web.connections import create_server

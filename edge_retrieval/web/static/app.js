@@ -21,7 +21,6 @@ let latestN = null;       // newest history number seen
 let shownN = undefined;   // history number of the lookup on screen
 let pinnedUntil = 0;      // > now: do not replace the lookup on screen (Infinity: the user picked one)
 let historyEntries = [];
-let regionTimer = null;
 let requestedAt = 0;      // "Look up now" pressed; the cue shows until a newer lookup arrives
 let cueSince = 0;         // the cue went up then (0: down)
 let cueTimer = null;
@@ -61,19 +60,6 @@ function startLiveView() {
   });
 }
 
-function hideRegion() {
-  clearTimeout(regionTimer);
-  $("region").hidden = true;
-}
-
-function showRegion(quad) {
-  if (!Array.isArray(quad) || quad.length !== 4) return;
-  $("region-quad").setAttribute("points", quad.map((p) => Number(p[0]) + "," + Number(p[1])).join(" "));
-  $("region").hidden = false;
-  clearTimeout(regionTimer);
-  regionTimer = setTimeout(() => { $("region").hidden = true; }, REGION_SHOW_MS);
-}
-
 // --- every item of a frame: outline + label over the live view and over the query image ---------
 const SVG_NS = "http://www.w3.org/2000/svg";
 let itemsTimer = null;
@@ -104,12 +90,18 @@ function drawItems(svg, labels, matches) {
   return shown.length;
 }
 
-// The live view: every item of the newest camera lookup, for as long as the match's outline shows.
-function showItems(matches) {
+// The live view's outlines: every item of the newest camera lookup (the match first), for REGION_SHOW_MS, or
+// until the view changes (hideItems).
+function hideItems() {
   clearTimeout(itemsTimer);
+  $("items").hidden = $("items-labels").hidden = true;
+}
+
+function showItems(matches) {
+  hideItems();
   const n = drawItems($("items"), $("items-labels"), matches);
   $("items").hidden = $("items-labels").hidden = n === 0;
-  if (n) itemsTimer = setTimeout(() => { $("items").hidden = $("items-labels").hidden = true; }, REGION_SHOW_MS);
+  if (n) itemsTimer = setTimeout(hideItems, REGION_SHOW_MS);
 }
 
 // The query image of the lookup on screen (an uploaded photo or a camera frame): its items outlined.
@@ -257,8 +249,6 @@ function showNewest() {
     if (shownN !== undefined) setStatus("");  // "Showing your photo's result." and the like are over
     show(newest, 0);
     // a newer lookup without a verified region (no match, another item, an upload) ends the outline at once
-    if (newest.match && newest.match.quad && newest.source !== "upload") showRegion(newest.match.quad);
-    else hideRegion();
     showItems(newest.source !== "upload" ? newest.matches : []);
   }
   renderHistory();
@@ -281,7 +271,7 @@ function renderStatus(s) {
   const lost = !["streaming", "absent"].includes(state);
   statusRow("camera", state + (cam.fps ? " · " + Number(cam.fps).toFixed(1) + " fps" : ""), lost);
   const t = s.trigger || {};
-  if (t.enabled && t.armed) hideRegion();  // the view changed since the last lookup: the item moved or left
+  if (t.enabled && t.armed) hideItems();  // the view changed since the last lookup: the item moved or left
   statusRow("trigger", !t.enabled ? "off (button and uploads only)"
     : (t.armed ? "armed: waiting for a still view" : "waiting for a change")
       + (t.sharpness != null ? " · sharpness " + Number(t.sharpness).toFixed(0) : ""));
@@ -380,7 +370,7 @@ function startPush() {
   });
   events.addEventListener("status", data(renderStatus));
   events.addEventListener("lookup_started", data((d) => {
-    if (d.source !== "upload") { cue(true); hideRegion(); }  // a new view is being looked up: the old outline is over
+    if (d.source !== "upload") { cue(true); hideItems(); }  // a new view is being looked up: the old outline is over
   }));
   events.addEventListener("lookup_finished", data(lookupFinished));
   events.addEventListener("catalog_changed", () => { if ($("catalog").open) loadCatalog(true); });

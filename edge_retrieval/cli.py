@@ -133,7 +133,8 @@ def cmd_index_build(cfg: Config, args) -> int:
     previous = _describe_index(out)
     built = wiring.build_catalog(cfg, encoder, args.catalog, out, labels=args.labels, workers=args.workers,
                                  ray=args.ray, progress=sys.stderr.isatty())
-    print(f"indexed {built.indexed} images from {args.catalog} into {out}: {report_text(built)}", file=sys.stderr)
+    print(f"indexed {built.indexed} photos of {built.items} items from {args.catalog} into {out}: {report_text(built)}",
+          file=sys.stderr)
     if Path(out).resolve() == Path(cfg.index.path).resolve():  # this device's index: the store's changes on top
         catalog = wiring.catalog_service(cfg, encoder)
         rep = catalog.apply()
@@ -170,7 +171,7 @@ def _describe_index(path: Path) -> str | None:
         return None
     try:
         with CatalogIndex.load(path, expected_bundle_sha256=None) as idx:
-            return f"{name} ({idx.size} items)"
+            return f"{name} ({idx.item_count} items)"
     except CatalogIndexError as e:
         return f"{name} (unreadable: {e})"
 
@@ -248,16 +249,16 @@ def cmd_catalog(cfg: Config, args) -> int:
         if args.catalog_cmd == "import":  # committed to the store in one transaction, then indexed
             from edge_retrieval.catalog.archive import import_catalog
             catalog.apply()
-            rep = import_catalog(catalog.store, args.archive, {it.id for it in holder.current().items},
-                                 replace=args.replace, images=cfg.images)
+            rep = import_catalog(catalog.store, args.archive, catalog.photo_keys, replace=args.replace,
+                                 images=cfg.images, max_photos=cfg.catalog.max_photos_per_item)
             _apply(catalog)
             print(f"imported {rep.items} items from {args.archive}" + (f" ({len(rep.replaced)} replaced)" if rep.replaced
-                  else "") + f"; index now has {holder.current().size} items", file=sys.stderr)
+                  else "") + f"; index now has {holder.current().item_count} items", file=sys.stderr)
             return 0
         if args.catalog_cmd == "remove":  # the same path as DELETE /api/catalog: committed, then indexed
             missing = [i for i in args.ids if catalog.remove(i) is None]
             _apply(catalog)
-            print(f"removed {len(args.ids) - len(missing)}; index now has {holder.current().size} items",
+            print(f"removed {len(args.ids) - len(missing)}; index now has {holder.current().item_count} items",
                   file=sys.stderr)
             if missing:
                 raise CatalogIndexError(f"not in the catalog: {', '.join(missing)}")
@@ -269,7 +270,7 @@ def cmd_catalog(cfg: Config, args) -> int:
             item_id = args.item_id or id_from_path(p.name)  # any file name, as `index build` derives it
             ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id, args.label or p.stem)["id"])
         _apply(catalog)
-        print(f"enrolled {', '.join(ids)}; index now has {holder.current().size} items", file=sys.stderr)
+        print(f"enrolled {', '.join(ids)}; index now has {holder.current().item_count} items", file=sys.stderr)
         return 0
     finally:
         catalog.stop()
@@ -300,10 +301,10 @@ def cmd_serve(cfg: Config) -> int:
     w = cfg.web
     log.info("config %s: bundle %s (%s), index %s items (%s), camera %s, web %s:%d, catalog changes %s",
              cfg.source_file or "(defaults)", encoder.manifest.name, encoder.manifest.quantization,
-             appliance.catalog.holder.current().size, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
+             appliance.catalog.holder.current().item_count, cfg.index.path, redact(cfg.camera.source), w.host, w.port,
              "enabled" if w.api_token else "disabled (no web.api_token)")
     log.info("open the page: %s", "  ".join(page_urls(w.host, w.port)))
-    if appliance.catalog.holder.current().size == 0:
+    if appliance.catalog.holder.current().item_count == 0:
         where = f"--config {cfg.source_file} " if cfg.source_file else ""
         log.warning("the catalog is empty: nothing can be recognised yet. Add items on the page (Catalog → Enrol "
                     "photo, or what the camera sees; needs web.api_token), or here: `edge-retrieval catalog add "

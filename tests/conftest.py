@@ -35,7 +35,7 @@ def encoder():
 
 @pytest.fixture(scope="session")
 def catalog_dir(tmp_path_factory, photos) -> Path:
-    """A folder of catalog JPEGs (one in a sub-folder, to check ids keep the relative path)."""
+    """A folder of catalog JPEGs (one in a sub-folder: an item of photos named by the folder, `space`)."""
     d = tmp_path_factory.mktemp("catalog")
     for name in CATALOG:
         sub = d / "space" if name == "hubble_deep_field" else d

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from urllib.parse import quote
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from edge_retrieval.app.camera_loop import CameraLoop
 from edge_retrieval.catalog.service import CatalogService
 from edge_retrieval.core.config import WebConfig
 from edge_retrieval.core.errors import BusyError, CatalogIndexError, InputError
+from edge_retrieval.core.photos import item_of, photo_key
 from edge_retrieval.core.procstat import CpuMeter, rss_mb
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.core.status import (
@@ -68,7 +70,7 @@ class Appliance:
             return lambda: float(getattr(loop.camera.status(), key) or 0.0) if loop is not None else 0.0
 
         m.read_at_scrape("appliance_index_items", "Items in the catalog index", "gauge",
-                         lambda: self.catalog.holder.current().size)
+                         lambda: self.catalog.holder.current().item_count)
         m.read_at_scrape("appliance_camera_frames", "Frames captured", "counter", camera("frames_total"))
         m.read_at_scrape("appliance_camera_reconnects", "Camera reconnects", "counter", camera("reconnects"))
         m.read_at_scrape("appliance_camera_fps", "Measured camera frames per second", "gauge", camera("fps"))
@@ -186,30 +188,57 @@ class Appliance:
             looking_up=self.camera_loop is not None and self.camera_loop.looking_up,
             lookups_per_min=self.recorder.lookups_per_min(), last_error=error,
             process=ProcessStatus(cpu_percent=self._cpu.percent(), rss_mb=rss_mb()),
-            index=IndexSummary(size=idx.size, generation=idx.generation + (f"+{idx.changes}" if idx.changes else "")),
+            index=IndexSummary(size=idx.item_count, generation=idx.generation + (f"+{idx.changes}" if idx.changes else "")),
             verification=self.lookup.verification_status(),
             latest=LatestLookup(timestamp=latest.timestamp if latest else None, n=entries[0].n if entries else None),
             uptime_s=round(time.time() - self.started, 1))
 
-    def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
+    def enrol(self, data: bytes, label: str, item_id: str | None, *, attributes: dict | None = None,
+              replace: bool = False) -> dict:
         """Validate everything first (id, label, decode, encoding and features), then commit the original to the
         catalog store, then index in the background; queries keep using the old index until the new one is
         swapped in. A crash after this returns loses nothing (the next start replays the store). Raises
-        InputError (400/413/415) before anything is written, BusyError (503), DiskFullError (507)."""
-        return self._enrol(lambda: self.lookup.decode(data)[0], label, item_id)
+        InputError (400/413/415, 409 for an id in use unless ``replace``) before anything is written, BusyError
+        (503), DiskFullError (507)."""
+        return self._enrol(lambda: self.lookup.decode(data)[0], label, item_id, attributes, replace)
 
-    def enrol_frame(self, label: str, item_id: str | None) -> dict:
+    def enrol_frame(self, label: str, item_id: str | None, *, attributes: dict | None = None,
+                    replace: bool = False) -> dict:
         """Enrol what the camera sees now (its latest frame), like :meth:`enrol`; InputError (409) without a
         camera frame."""
+        return self._enrol(self._frame_rgb, label, item_id, attributes, replace)
+
+    def _frame_rgb(self):
         frame = self.camera_loop.camera.latest() if self.camera_loop is not None else None
         if frame is None:
             raise InputError("no camera frame to enrol (is the camera streaming?)", http_status=409)
-        return self._enrol(lambda: frame.rgb, label, item_id)
+        return frame.rgb
 
-    def _enrol(self, get_rgb, label: str, item_id: str | None) -> dict:
+    def _enrol(self, get_rgb, label: str, item_id: str | None, attributes: dict | None, replace: bool) -> dict:
         item_id, label = self.catalog.validate(item_id, label)
         with self._upload_slot():
-            return self.catalog.enrol(get_rgb(), item_id, label)
+            return self.catalog.enrol(get_rgb(), item_id, label, attributes=attributes, replace=replace)
+
+    def add_photo(self, item_id: str, data: bytes | None, photo: str | None = None) -> dict:
+        """One more photo of an item: the uploaded image, or (``data`` None) what the camera sees now. InputError
+        as for an enrolment, 404 for an unknown item, 409 for a photo name in use or an item at its limit."""
+        get_rgb = self._frame_rgb if data is None else (lambda: self.lookup.decode(data)[0])
+        with self._upload_slot():
+            return self.catalog.add_photo(get_rgb(), item_id, photo)
+
+    def remove_photo(self, item_id: str, photo: str) -> dict:
+        """Remove one photo of an item (committed, then applied like a removal); InputError 404 / 409."""
+        seq = self.catalog.remove_photo(item_id, photo)
+        self.catalog.wait_applied(seq, REMOVE_WAIT_S)
+        return {"id": item_id, "photo": photo, "status": "removed"}
+
+    def item_details(self, item_id: str) -> dict:
+        """An item as the page shows it: id, label, attributes and its photos (name, thumbnail URL); InputError
+        404 when it is not in the catalog."""
+        photos = self.catalog.photos(item_id)
+        label, attributes = self.catalog.describe(item_id)
+        return {"id": item_id, "label": label, "attributes": attributes,
+                "photos": [{"photo": p["photo"], "thumbnail": _thumb_url(item_id, p["photo"])} for p in photos]}
 
     def remove(self, item_id: str) -> bool:
         """Remove an item: the removal is committed to the catalog store first (so it survives a crash and a
@@ -221,13 +250,24 @@ class Appliance:
         self.catalog.wait_applied(seq, REMOVE_WAIT_S)
         return True
 
-    def thumbnail(self, item_id: str) -> bytes | None:
-        """JPEG thumbnail of a catalog item, None if unknown."""
+    def thumbnail(self, item_id: str, photo: str = "") -> bytes | None:
+        """JPEG thumbnail of a catalog item (its first photo, or the one named ``photo``), None if unknown."""
         try:
-            return self.catalog.holder.current().thumbnail(item_id)
+            return self.catalog.holder.current().thumbnail(photo_key(item_id, photo))
         except CatalogIndexError:
             return None
 
     def catalog_items(self) -> list[dict]:
-        """All items as {"id", "label"}."""
-        return [{"id": it.id, "label": it.label} for it in self.catalog.holder.current().items]
+        """All items as {"id", "label", "attributes", "photos"} (an item of several photos is one item)."""
+        items: dict[str, dict] = {}
+        for it in self.catalog.holder.current().items:
+            item_id = item_of(it.id)
+            if item_id in items:
+                items[item_id]["photos"] += 1
+            else:
+                items[item_id] = {"id": item_id, "label": it.label, "attributes": it.attributes, "photos": 1}
+        return list(items.values())
+
+
+def _thumb_url(item_id: str, photo: str) -> str:
+    return f"/api/catalog/{quote(item_id)}/thumb.jpg" + (f"?photo={quote(photo)}" if photo else "")

@@ -20,7 +20,7 @@ from edge_retrieval.capture.camera import Camera
 from edge_retrieval.capture.trigger import Trigger
 from edge_retrieval.catalog.build import BuildReport, ItemMaker, build_index
 from edge_retrieval.catalog.build_workers import runner_for
-from edge_retrieval.catalog.ids import load_labels
+from edge_retrieval.catalog.ids import load_labels_file
 from edge_retrieval.catalog.service import CatalogService
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import resolve_bundle
@@ -78,8 +78,9 @@ def build_catalog(cfg: Config, encoder: Encoder, folder: Path, out: Path | None 
     """``index build``: index every image of ``folder`` into ``out`` (default ``index.path``) with labels from
     ``labels`` (default ``catalog.labels``), on ``build.workers`` processes or Ray (``build:``)."""
     maker = item_maker(cfg, encoder)
-    return build_index(folder, maker, out or cfg.index.path, n_trees=cfg.index.n_trees,
-                       labels=load_labels(labels or cfg.catalog.labels), images=cfg.images,
+    names, attributes = load_labels_file(labels or cfg.catalog.labels)
+    return build_index(folder, maker, out or cfg.index.path, n_trees=cfg.index.n_trees, labels=names,
+                       attributes=attributes, max_photos=cfg.catalog.max_photos_per_item, images=cfg.images,
                        progress=progress, allow_empty=allow_empty,
                        runner=runner_for(cfg.build, maker, workers=workers, ray=ray))
 

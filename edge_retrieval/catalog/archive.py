@@ -1,4 +1,4 @@
-"""A catalog archive: one tar file with every item of a catalog (id, label, attributes, its original photo, byte for
+"""A catalog archive: one tar file with every item of a catalog (id, label, attributes, its original photos, byte for
 byte) and where the store stood — a backup, a restore, and the way to move a catalog to another device. Written
 by ``catalog export``, read by ``catalog import``. The archive holds originals, never descriptors, so a device
 with another bundle imports it too (it encodes the photos with its own).
@@ -6,7 +6,8 @@ with another bundle imports it too (it encodes the photos with its own).
 Layout (uncompressed tar: the photos are compressed already), members in this order::
 
     manifest.json      {"format": "edge-retrieval-catalog", "version": 1, "store": {"id", "seq"}, "exported",
-                        "items": [{"id", "label", "attributes", "photos": [{"file", "bytes", "sha256"}]}]}
+                        "items": [{"id", "label", "attributes", "photos": [{"photo", "file", "bytes", "sha256"}]}]}
+                       (an item's first photo is "photo": "", the others by their names)
     photos/NNNNNNN.<ext>   one file per photo, named by its row
 
 An import validates the whole archive (manifest, every photo's size, hash and decode, ids, labels, attributes)
@@ -19,14 +20,15 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_retrieval.catalog.ids import validate_id, validate_label
+from edge_retrieval.catalog.ids import validate_attributes, validate_id, validate_key, validate_label
 from edge_retrieval.catalog.store import CatalogStore
 from edge_retrieval.core.config import ImagesConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
+from edge_retrieval.core.photos import item_of, photo_key, split_key
 from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.generation import fsync_dir
 
@@ -34,8 +36,6 @@ FORMAT = "edge-retrieval-catalog"
 VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024  # 1M items at ~300 bytes each, with room
-MAX_ATTRIBUTES = 64
-MAX_ATTRIBUTE_CHARS = 1024
 _SUFFIXES = {b"\xff\xd8": ".jpg", b"\x89P": ".png", b"GI": ".gif", b"BM": ".bmp", b"RI": ".webp"}
 
 
@@ -60,46 +60,41 @@ class ArchiveReport:
     store_seq: int = 0  # the exporting store's seq (export) / the importing store's seq after it (import)
 
 
-def check_attributes(attributes: object) -> dict[str, str]:
-    """Attributes as the catalog keeps them: at most MAX_ATTRIBUTES string keys and values, each at most
-    MAX_ATTRIBUTE_CHARS characters. Raises InputError."""
-    if not isinstance(attributes, dict) or len(attributes) > MAX_ATTRIBUTES:
-        raise InputError(f"attributes must be an object of at most {MAX_ATTRIBUTES} keys")
-    for k, v in attributes.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > MAX_ATTRIBUTE_CHARS \
-                or len(v) > MAX_ATTRIBUTE_CHARS:
-            raise InputError(f"attribute {str(k)[:40]!r}: keys and values are strings of 1–{MAX_ATTRIBUTE_CHARS} "
-                             "characters")
-    return dict(attributes)
-
-
 def export_catalog(store: CatalogStore, index_items: list, out: str | os.PathLike) -> ArchiveReport:
     """Write the catalog as it stands — the live index's items with the store's newer changes on top (an
     enrolment's original from the store, a catalog-folder item's from its file) — to ``out``, atomically (a
     temporary file renamed at the end). Raises CatalogIndexError naming an item whose original is gone."""
     out = Path(out)
-    rows = {r[0]: r for r in store.summary()}  # id → (id, seq, removed, label)
+    rows = {r.id: r for r in store.summary()}  # entry key → its latest change, without the original
     seq = store.seq()
-    entries: dict[str, tuple[str, object]] = {}  # id → (label, where its photo is: store id or a file path)
+    # entry key → (label, attributes, where its photo is: the store's key or a file path)
+    entries: dict[str, tuple[str, dict, object]] = {}
     for it in index_items:
         if it.id not in rows:
-            entries[it.id] = (it.label, Path(it.source) if it.source else None)
-    for item_id, _seq, removed, label in rows.values():
-        if not removed:
-            entries[item_id] = (label or item_id.rsplit("/", 1)[-1], item_id)
+            entries[it.id] = (it.label, it.attributes, Path(it.source) if it.source else None)
+    for key, r in rows.items():
+        if not r.removed:
+            entries[key] = (r.label or item_of(key).rsplit("/", 1)[-1], r.attributes, key)
+    items: dict[str, list[str]] = {}
+    for key in sorted(entries, key=lambda k: split_key(k)):  # an item's first photo ("") first
+        items.setdefault(item_of(key), []).append(key)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     rep = ArchiveReport(store_seq=seq)
     manifest_items = []
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            photos = []
-            for row, (item_id, (label, where)) in enumerate(sorted(entries.items())):
-                data = _original(store, item_id, where)
-                name = f"photos/{row:07d}{_SUFFIXES.get(data[:2], '.img')}"
-                photos.append((name, data))
-                manifest_items.append({"id": item_id, "label": label, "attributes": {},
-                                       "photos": [{"file": name, "bytes": len(data),
-                                                   "sha256": hashlib.sha256(data).hexdigest()}]})
+            photos, row = [], 0
+            for item_id, keys in sorted(items.items()):
+                label, attributes, _ = entries[keys[0]]
+                listed = []
+                for key in keys:
+                    data = _original(store, key, entries[key][2])
+                    name = f"photos/{row:07d}{_SUFFIXES.get(data[:2], '.img')}"
+                    row += 1
+                    photos.append((name, data))
+                    listed.append({"photo": split_key(key)[1], "file": name, "bytes": len(data),
+                                   "sha256": hashlib.sha256(data).hexdigest()})
+                manifest_items.append({"id": item_id, "label": label, "attributes": attributes, "photos": listed})
             manifest = json.dumps({"format": FORMAT, "version": VERSION, "store": {"id": store.id, "seq": seq},
                                    "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    "items": manifest_items}, ensure_ascii=False).encode("utf-8")
@@ -182,17 +177,18 @@ def _manifest(path: Path) -> tuple[list[ArchivedItem], dict[str, dict]]:
     for raw in doc.get("items") or []:
         try:
             item_id, label = validate_id(raw["id"]), validate_label(raw["label"])
-            attributes = check_attributes(raw.get("attributes", {}))
-            photos = tuple({"file": str(p["file"]), "bytes": int(p["bytes"]), "sha256": str(p["sha256"])}
-                           for p in raw["photos"])
+            attributes = validate_attributes(raw.get("attributes", {}))
+            photos = tuple({"photo": str(p.get("photo", "" if i == 0 else str(i + 1))), "file": str(p["file"]),
+                            "bytes": int(p["bytes"]), "sha256": str(p["sha256"])} for i, p in enumerate(raw["photos"]))
+            names = [validate_key(photo_key(item_id, p["photo"])) for p in photos]
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: a malformed item in {MANIFEST} ({type(e).__name__}: {e})") from None
         except InputError as e:
             raise InputError(f"{path}: item {raw.get('id')!r}: {e}") from None
         if item_id in ids:
             raise InputError(f"{path}: item {item_id!r} is listed twice")
-        if not photos:
-            raise InputError(f"{path}: item {item_id!r} has no photo")
+        if not photos or names[0] != item_id or len(set(names)) != len(names):
+            raise InputError(f"{path}: item {item_id!r} needs photos with distinct names, its first one named \"\"")
         ids.add(item_id)
         items.append(ArchivedItem(item_id, label, attributes, photos))
         expected.update({p["file"]: p for p in photos})
@@ -221,24 +217,35 @@ def _members(path: Path, only_first: bool = False) -> Iterator[tuple[str, bytes]
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def import_catalog(store: CatalogStore, path: str | os.PathLike, existing_ids: set[str], *, replace: bool = False,
-                   images: ImagesConfig = ImagesConfig()) -> ArchiveReport:
-    """Check the whole archive (``read_archive``), refuse ids the catalog already has unless ``replace``, then
-    commit every item to the store in one transaction (all or nothing); the running catalog indexes them like
-    enrolments. Raises InputError before anything is written."""
+def import_catalog(store: CatalogStore, path: str | os.PathLike, photos_of: Callable[[str], list[str]], *,
+                   replace: bool = False, images: ImagesConfig = ImagesConfig(),
+                   max_photos: int | None = None) -> ArchiveReport:
+    """Check the whole archive (``read_archive``), refuse items the catalog already has (``photos_of(id)``: the
+    entry keys of its photos) unless ``replace`` (then their photos not in the archive are removed), and items
+    of more than ``max_photos``; then commit every photo to the store in one transaction (all or nothing); the
+    running catalog indexes them like enrolments. Raises InputError before anything is written."""
     items = read_archive(path, images)
-    clash = sorted(it.id for it in items if it.id in existing_ids)
+    existing = {it.id: keys for it in items if (keys := photos_of(it.id))}
+    clash = sorted(existing)
     if clash and not replace:
         raise InputError(f"{len(clash)} items of the archive are already in the catalog (first: {clash[0]!r}); "
                          "import with --replace to overwrite them; nothing was imported")
-    item_of = {it.photos[0]["file"]: it for it in items}
-    rep = ArchiveReport(items=len(items), photos=sum(len(it.photos) for it in items), replaced=clash)
+    big = [it.id for it in items if max_photos is not None and len(it.photos) > max_photos]
+    if big:
+        raise InputError(f"{len(big)} items of the archive have more than {max_photos} photos (first: {big[0]!r}; "
+                         "catalog.max_photos_per_item); nothing was imported")
+    by_file = {p["file"]: (it, photo_key(it.id, p["photo"])) for it in items for p in it.photos}
+    rep = ArchiveReport(items=len(items), photos=len(by_file), replaced=clash)
 
     def rows():  # streamed from the archive into the one transaction (checked a moment ago)
+        for it in items:
+            kept = {photo_key(it.id, p["photo"]) for p in it.photos}
+            yield from ((key, True, None, None) for key in existing.get(it.id, []) if key not in kept)
         for name, data in _members(Path(path)):
-            if name in item_of:
+            if name in by_file:
+                it, key = by_file[name]
                 rep.bytes += len(data)
-                yield item_of[name].id, False, item_of[name].label, data
+                yield key, False, it.label, data, it.attributes
 
     store.import_rows(rows(), f"import:{Path(path).name}")
     rep.store_seq = store.seq()

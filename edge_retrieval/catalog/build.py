@@ -14,9 +14,10 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from edge_retrieval.catalog.ids import MAX_LABEL_CHARS, id_from_path, path_stem, validate_id
+from edge_retrieval.catalog.ids import MAX_LABEL_CHARS, item_and_photo, path_stem, validate_key
 from edge_retrieval.core.config import ImagesConfig, RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError, InputError
+from edge_retrieval.core.photos import item_of, photo_key
 from edge_retrieval.imaging.codec import IMAGE_SUFFIXES, check_shape, is_image_file, make_thumbnail, read_image
 from edge_retrieval.imaging.synthetic_views import padded_view
 from edge_retrieval.index.reader import CatalogItem
@@ -36,15 +37,16 @@ class ItemMaker:
         self.thumbnail_px = thumbnail_px
 
     def make(self, rgb: np.ndarray, item_id: str, label: str | None = None, *,
-             source: str | None = None) -> CatalogItem:
-        """One catalog image (RGB uint8 HxWx3) → a CatalogItem; ``label`` defaults to the id's file name."""
+             source: str | None = None, attributes: dict[str, str] | None = None) -> CatalogItem:
+        """One catalog photo (RGB uint8 HxWx3) → a CatalogItem; ``item_id`` is its entry key (an item id, or
+        ``<id>#<photo>``), ``label`` defaults to the item id's last part."""
         rc = self.recognition
         check_shape(rgb.shape[1], rgb.shape[0])
         vectors = [self.encoder.embed(rgb)] + [self.encoder.embed(padded_view(rgb, f)) for f in rc.enrol_views]
         features = verify.extract(rgb, rc) if rc.features else None
-        return CatalogItem(id=validate_id(item_id), label=label or Path(item_id).name, vector=np.stack(vectors),
-                           thumbnail_jpeg=make_thumbnail(rgb, self.thumbnail_px), source=source,
-                           features=features)
+        return CatalogItem(id=validate_key(item_id), label=label or Path(item_of(item_id)).name,
+                           vector=np.stack(vectors), thumbnail_jpeg=make_thumbnail(rgb, self.thumbnail_px),
+                           source=source, features=features, attributes=dict(attributes or {}))
 
     def spec(self, num_threads: int) -> MakerSpec:
         """What a build worker needs to make the same items with its own encoder of ``num_threads`` threads."""
@@ -90,7 +92,8 @@ class BuildReport:
     """What an index build did: items and their wall time, the adaptation views (a fixed cost of at most
     ``adapt_max_items`` items) and theirs, what was skipped and why."""
 
-    indexed: int = 0
+    indexed: int = 0  # photos indexed
+    items: int = 0  # the items they are photos of
     skipped: list[tuple[str, str]] = field(default_factory=list)  # image files that gave no item, and why
     ignored: list[tuple[str, str]] = field(default_factory=list)  # other files in the folder, and why
     hidden: int = 0  # files under a name starting with '.', passed over
@@ -121,6 +124,8 @@ class BuildTask:
     max_pixels: int
     enrol: bool = True
     views_seed: int | None = None
+    photo: str = ""  # the photo's name in its item folder ("" for a file directly in the catalog folder)
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,8 @@ def make_entry(maker: ItemMaker, task: BuildTask) -> ItemResult:
     An unreadable or invalid image gives an ItemResult with ``error`` (skipped and listed, never fatal)."""
     try:
         rgb = read_image(task.path, task.max_pixels)
-        item = maker.make(rgb, task.item_id, task.label, source=task.path) if task.enrol else None
+        item = maker.make(rgb, task.item_id, task.label, source=task.path,
+                          attributes=task.attributes) if task.enrol else None
         views = None
         if task.views_seed is not None:
             views = view_descriptors(maker.encoder.embed, rgb, maker.recognition.adapt_views, task.views_seed)
@@ -180,9 +186,12 @@ def scan_catalog_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]
 
 def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *, n_trees: int,
                 labels: dict[str, str] | None = None, images: ImagesConfig = ImagesConfig(),
-                progress: bool = True, allow_empty: bool = False, runner: Runner | None = None) -> BuildReport:
-    """Index every image of ``folder`` (id = path relative to the folder without extension). Unreadable
-    files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
+                progress: bool = True, allow_empty: bool = False, runner: Runner | None = None,
+                attributes: dict[str, dict[str, str]] | None = None, max_photos: int = 50) -> BuildReport:
+    """Index every image of ``folder``: a file directly in it is an item of one photo (id = its name without
+    extension), the files of a sub-folder are the photos of one item (id = the folder's path; at most
+    ``max_photos``, the rest skipped and listed); labels and ``attributes`` by id (edge_retrieval/catalog/ids.py).
+    Unreadable files are skipped and reported; the new index replaces the old one atomically. A folder that gives no
     item (no images, or every one unreadable) raises CatalogIndexError and leaves the old index alone,
     unless ``allow_empty`` (a fresh appliance that will be enrolled over HTTP). With ``recognition.adapt``
     the catalog-adapted projection is fitted on synthetic views of (a sample of) the images and stored. Each
@@ -200,49 +209,62 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
         # a wrong --catalog path or a folder of HEIC/RAW files: say what was looked for
         raise CatalogIndexError(f"{folder}: no images found (looked for {' '.join(sorted(IMAGE_SUFFIXES))}; "
                                 f"{len(rep.ignored) + rep.hidden} other files ignored); the index was not changed")
-    tasks = [_task(row, p.relative_to(folder).as_posix(), str(p), labels, images.max_pixels)
+    tasks = [_task(row, p.relative_to(folder).as_posix(), str(p), labels, attributes or {}, images.max_pixels)
              for row, p in enumerate(paths)]
     del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
     try:
-        return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0)
+        return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0, max_photos)
     finally:
         if runner is not None:
             rep.workers = runner.describe()  # after the work: a Ray runner knows its actors only then
             runner.close()
 
 
-def _task(row: int, rel: str, path: str, labels: dict[str, str], max_pixels: int) -> BuildTask:
-    """The BuildTask of one image: its id derived from the file's name (``id_from_path``), its label from the
-    labels file (by id or by the file's own relative name) or else the file's own name, as the user wrote it."""
-    stem = path_stem(rel)
+def _task(row: int, rel: str, path: str, labels: dict[str, str], attributes: dict[str, dict[str, str]],
+          max_pixels: int) -> BuildTask:
+    """The BuildTask of one image: its item and photo from the file's name and folder (``item_and_photo``), its
+    label and attributes from the labels file (by id or by the name as the user wrote it), the label else the
+    item's own name (the file's, or the item folder's)."""
+    stem = path_stem(rel) if "/" not in rel else rel.rsplit("/", 1)[0]
     try:
-        item_id = id_from_path(rel)
+        item_id, photo = item_and_photo(rel)
     except InputError:  # no name maps to nothing the rule takes, but the task must still be listed as skipped
-        item_id = stem
+        item_id, photo = stem, ""
     label = labels.get(item_id) or labels.get(stem) or stem.rsplit("/", 1)[-1]
-    return BuildTask(row, path, rel, item_id, label[:MAX_LABEL_CHARS].strip() or None, max_pixels)
+    return BuildTask(row, path, rel, item_id, label[:MAX_LABEL_CHARS].strip() or None, max_pixels, photo=photo,
+                     attributes=attributes.get(item_id) or attributes.get(stem) or {})
 
 
 def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],
            run: Callable[[list[BuildTask]], Iterable[ItemResult]], rep: BuildReport, n_trees: int,
-           allow_empty: bool, progress: bool, t0: float) -> BuildReport:
+           allow_empty: bool, progress: bool, t0: float, max_photos: int) -> BuildReport:
     # Each item goes to the new generation's files as it arrives (NewGeneration): the driver holds no item but
     # the sampled rows' descriptors that the adaptation fit needs (≤ adapt_max_items).
     enc, rc = maker.encoder, maker.recognition
     fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
     sample = fit.sample(len(tasks)) if fit is not None else set()
     originals: dict[int, np.ndarray] = {}
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # entry key → the file that made it
+    photos: dict[str, int] = {}  # item id → photos indexed
     with NewGeneration(index_path, dim=enc.dim) as new:
         results = tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress)
         for r in _in_task_order(results, tasks):  # as a one-process build meets them: the first file of an id wins
-            if r.item is not None and r.item.id in seen:
-                r = ItemResult(r.row, r.rel, error=f"duplicate id {r.item.id!r} (also {seen[r.item.id]})")
+            if r.item is not None:  # an item's first photo indexed is keyed by its id, the others by their names
+                photo = tasks[r.row].photo
+                key = photo_key(r.item.id, photo) if r.item.id in photos else r.item.id
+                if key in seen or (r.item.id in photos and not photo):
+                    r = ItemResult(r.row, r.rel, error=f"duplicate id {key!r} (also {seen.get(key, seen[r.item.id])})")
+                elif photos.get(r.item.id, 0) >= max_photos:
+                    r = ItemResult(r.row, r.rel, error=f"item {r.item.id!r} has {max_photos} photos already "
+                                                       "(catalog.max_photos_per_item)")
+                else:
+                    r = replace(r, item=replace(r.item, id=key))
             if r.error is not None:
                 rep.skipped.append((r.rel, r.error))
                 log.warning("skipped %s: %s", r.rel, r.error)
                 continue
             seen[r.item.id] = r.rel
+            photos[item_of(r.item.id)] = photos.get(item_of(r.item.id), 0) + 1
             new.add(r.item)
             if r.row in sample:
                 originals[r.row] = np.asarray(r.item.vector, np.float32).reshape(-1, enc.dim)[0]
@@ -252,7 +274,7 @@ def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[B
                                     f"{rep.skipped[0][0]}: {rep.skipped[0][1]}); the index was not changed")
         projection = _fit_projection(run, fit, tasks, originals, rep, progress) if fit is not None else None
         gen = new.commit(bundle_sha256=enc.sha256, n_trees=n_trees, projection=projection)
-        rep.indexed = new.count
+        rep.indexed, rep.items = new.count, len(photos)
     rep.generation, rep.seconds = gen.name, time.perf_counter() - t0
     rep.adapted = projection.describe() if projection is not None else None
     return rep

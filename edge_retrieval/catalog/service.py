@@ -23,19 +23,16 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from edge_retrieval.catalog.build import ItemMaker
-from edge_retrieval.catalog.ids import validate_id, validate_label
+from edge_retrieval.catalog.changes import CatalogChanges
 from edge_retrieval.catalog.migration import migrate_enrolled_dir
 from edge_retrieval.catalog.store import CatalogStore, StoredItem, ensure_free
 from edge_retrieval.core.config import CatalogConfig, ImagesConfig
-from edge_retrieval.core.errors import ApplianceError, BusyError, CatalogIndexError, InputError, StoreError
+from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, InputError, StoreError
 from edge_retrieval.core.status import CatalogHealth, IndexHealth
-from edge_retrieval.imaging.codec import decode_image, encode_jpeg
+from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.delta import DeltaChange
 from edge_retrieval.index.encoded_item import decode_item, encode_item
 from edge_retrieval.index.holder import IndexHolder
@@ -44,7 +41,6 @@ from edge_retrieval.index.store_mark import newest_claim, read_store_mark, write
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often the worker looks for another process's changes (a CLI enrolment, a new generation)
-ORIGINAL_JPEG_QUALITY = 95  # the enrolled original kept in the store (the item is re-encoded from it)
 APPLY_BATCH = 256  # store changes encoded or read back at a time when the delta is rebuilt from the store
 UNSTAMPED = "delta_over_generation"  # store meta: a base not made from this store that the delta goes over as it is
 
@@ -59,7 +55,7 @@ class ApplyReport:
     seq: int = 0
 
 
-class CatalogService:
+class CatalogService(CatalogChanges):
     """The catalog store + the live index + the item maker, and the workers that keep them in step."""
 
     def __init__(self, config: CatalogConfig, holder: IndexHolder, maker: ItemMaker, *,
@@ -223,7 +219,8 @@ class CatalogService:
                 return None                             # is in the delta, which hides this id in the new base
             image = latest.image
         try:
-            item = self.maker.make(decode_image(image or b"", self.images.max_pixels), row.id, row.label)
+            item = self.maker.make(decode_image(image or b"", self.images.max_pixels), row.id, row.label,
+                                   attributes=row.attributes)
         except (InputError, ApplianceError) as e:
             log.warning("catalog: %s (change %d) cannot be indexed: %s", row.id, row.seq, e)
             report.skipped.append((row.id, str(e)))
@@ -323,45 +320,6 @@ class CatalogService:
         added = (found[0] for row in rows if not row.removed and (found := self._item(row, report)) is not None)
         return itertools.chain(cur.stored_items(skip={r.id for r in rows}), added), (self.store.id, top)
 
-    # ---- changes ---------------------------------------------------------------------------------------
-    @staticmethod
-    def validate(item_id: str | None, label: str) -> tuple[str, str]:
-        """(id, label) checked against the rules (a new id when none is given); InputError (400)."""
-        return validate_id(item_id or f"enrolled/{uuid.uuid4().hex[:12]}"), validate_label(label)
-
-    def enrol(self, rgb: np.ndarray, item_id: str | None, label: str) -> dict:
-        """Encode ``rgb`` as catalog item ``item_id``, commit its original and its encoding to the store, and wake
-        the worker (searchable within milliseconds). When this returns the enrolment is durable. InputError (400)
-        before anything is written, BusyError (503) with too many waiting, DiskFullError (507) without the space."""
-        item_id, label = self.validate(item_id, label)
-        with self._cond:
-            waiting = len(self._cache)
-        if waiting >= self.config.max_pending_enrolments:
-            raise BusyError(f"{waiting} enrolments are waiting to be indexed (catalog.max_pending_enrolments); "
-                            "try again shortly", retry_after_s=max(1, round(self._rebuild_s)))
-        item = self.maker.make(rgb, item_id, label)
-        jpeg = encode_jpeg(rgb, ORIGINAL_JPEG_QUALITY)
-        encoded = encode_item(item, self._sha())
-        self._ensure_space(2 * (len(jpeg) + len(encoded)))  # the WAL, then the database
-        seq = self.store.put(item_id, label, jpeg, encoded)
-        with self._cond:
-            self._cache[item_id] = (seq, item)
-        self._wake.set()
-        return {"id": item_id, "label": item.label, "status": "queued", "seq": seq}
-
-    def remove(self, item_id: str) -> int | None:
-        """Commit the removal of ``item_id`` (a tombstone) and wake the worker; returns its store seq, or None
-        when the id is neither in the index nor waiting in the store (nothing is written then)."""
-        row = self.store.get(item_id)
-        if not self.holder.current().has(item_id) and (row is None or row.removed):
-            return None
-        self._ensure_space(0)
-        seq = self.store.remove(item_id)
-        with self._cond:
-            self._cache.pop(item_id, None)
-        self._wake.set()
-        return seq
-
     def pending(self) -> int:
         """Enrolments acknowledged here and not yet in the live index."""
         with self._cond:
@@ -388,7 +346,7 @@ class CatalogService:
     def index_health(self) -> IndexHealth:
         """The live index: items, generation, folder, trees and search_k; the base, the delta and the last merge."""
         idx = self.holder.current()
-        return IndexHealth(size=idx.size, generation=idx.generation, path=str(self.holder.path), n_trees=idx.n_trees,
+        return IndexHealth(size=idx.item_count, photos=idx.size, generation=idx.generation, path=str(self.holder.path), n_trees=idx.n_trees,
                            search_k=self.holder.config.search_k, base_size=idx.base.size, delta_items=idx.delta_items,
                            delta_removed=idx.delta_removed, merge_after_items=self.holder.config.merge_after_items,
                            merging=self.merging, last_merge=self.last_merge, merge_error=self.merge_error)

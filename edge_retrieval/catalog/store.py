@@ -23,21 +23,23 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_retrieval.core.errors import DiskFullError, StoreError
+from edge_retrieval.core.photos import PHOTO_SEP
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the attributes column (a store of schema 1 gets it at its first writable open)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
+    id TEXT PRIMARY KEY,              -- the entry key: an item's first photo is its id, a further one <id>#<photo>
     seq INTEGER NOT NULL UNIQUE,      -- the change sequence number of this id's latest change
     removed INTEGER NOT NULL,         -- 1: a tombstone (the removal of the id, also of a catalog-folder item)
     label TEXT,
     image BLOB,                       -- the enrolled original (JPEG), NULL for a tombstone
-    changed TEXT NOT NULL             -- UTC time of the change
+    changed TEXT NOT NULL,            -- UTC time of the change
+    attributes TEXT                   -- the item's attributes, a JSON object (NULL: none)
 );
 """
 # The encoded copy of an enrolment (edge_retrieval/index/encoded_item.py), kept while the change is in the index's delta
@@ -57,6 +59,7 @@ class StoredItem:
     removed: bool
     label: str | None
     image: bytes | None
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -103,6 +106,11 @@ class CatalogStore:
                     db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('store_id', ?), ('seq', '0')",
                                (str(SCHEMA_VERSION), uuid.uuid4().hex))
             schema = int(self.meta("schema") or 0)
+            if schema == 1:  # the attributes column (an older store, first opened by this version)
+                with self._write() as db:
+                    db.execute("ALTER TABLE items ADD COLUMN attributes TEXT")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+                schema = SCHEMA_VERSION
         except DiskFullError:
             raise
         except (sqlite3.Error, OSError, ValueError) as e:
@@ -113,7 +121,8 @@ class CatalogStore:
                                  "truth: restore it from a backup, or move it away to start with an empty catalog "
                                  "(catalog.store)") from None
             mode, schema = "wal", int(self.meta("schema") or 0)
-        if schema != SCHEMA_VERSION:
+        self._attrs = "attributes" if schema == SCHEMA_VERSION else "NULL"  # read-only schema 1: no column yet
+        if schema not in (1, SCHEMA_VERSION) or (schema == 1 and self.read_only is None):
             raise StoreError(f"catalog store {self.path} has schema {schema}; this device reads {SCHEMA_VERSION}")
         if mode.lower() != "wal":
             raise StoreError(f"catalog store {self.path}: the file system refused the WAL journal ({mode})")
@@ -215,12 +224,18 @@ class CatalogStore:
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq'")
         return int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
 
-    def put(self, item_id: str, label: str, image: bytes, encoded: bytes | None = None) -> int:
-        """Enrol (or re-enrol) ``item_id`` with ``label`` and its original JPEG ``image`` (and, in the same
-        transaction, its ``encoded`` copy); returns its seq. Committed when this returns."""
+    def put(self, item_id: str, label: str, image: bytes, encoded: bytes | None = None, *,
+            attributes: dict[str, str] | None = None, replacing: Iterable[str] = ()) -> int:
+        """Enrol (or re-enrol) the entry ``item_id`` (an item's first photo, or ``<id>#<photo>``) with ``label``,
+        ``attributes`` and its original JPEG ``image`` (and, in the same transaction, its ``encoded`` copy, and
+        the removal of the entries ``replacing``: the other photos of an item enrolled anew); returns its seq.
+        Committed when this returns."""
         with self._write() as db:
+            for key in replacing:
+                self._tombstone(db, key)
             seq = self._next_seq(db)
-            db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 0, ?, ?, ?)", (item_id, seq, label, image, _now()))
+            db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 0, ?, ?, ?, ?)",
+                       (item_id, seq, label, image, _now(), _attrs_json(attributes)))
             if self.keeps_encoded:
                 db.execute("DELETE FROM encoded WHERE id = ?", (item_id,))
                 if encoded is not None:
@@ -254,20 +269,39 @@ class CatalogStore:
         """Record the removal of ``item_id`` (a tombstone, which keeps a catalog-folder item out of later
         builds too); returns its seq. Committed when this returns."""
         with self._write() as db:
-            seq = self._next_seq(db)
-            db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 1, NULL, NULL, ?)", (item_id, seq, _now()))
-            if self.keeps_encoded:
-                db.execute("DELETE FROM encoded WHERE id = ?", (item_id,))
+            return self._tombstone(db, item_id)
+
+    def remove_all(self, keys: Iterable[str]) -> int:
+        """Record the removal of every entry in ``keys`` (all the photos of an item) in one transaction; returns
+        the seq of the last."""
+        with self._write() as db:
+            seq = 0
+            for key in keys:
+                seq = self._tombstone(db, key)
+            return seq
+
+    def _tombstone(self, db: sqlite3.Connection, item_id: str) -> int:
+        seq = self._next_seq(db)
+        db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, 1, NULL, NULL, ?, NULL)", (item_id, seq, _now()))
+        if self.keeps_encoded:
+            db.execute("DELETE FROM encoded WHERE id = ?", (item_id,))
         return seq
 
-    def import_rows(self, rows: Iterable[tuple[str, bool, str | None, bytes | None]], marker: str) -> int:
-        """Write many changes ``(id, removed, label, image)`` and the meta key ``marker`` in ONE transaction
-        (a migration: all of it or nothing); returns the number of rows."""
+    def photo_keys(self, item_id: str) -> list[str]:
+        """The entry keys of the enrolled (not removed) photos of item ``item_id``, its first photo first."""
+        rows = self._query("SELECT id FROM items WHERE removed = 0 AND (id = ? OR substr(id, 1, ?) = ?) ORDER BY seq",
+                           (item_id, len(item_id) + 1, item_id + PHOTO_SEP))
+        return sorted((r[0] for r in rows), key=lambda k: k != item_id)
+
+    def import_rows(self, rows: Iterable[tuple], marker: str) -> int:
+        """Write many changes ``(id, removed, label, image[, attributes])`` and the meta key ``marker`` in ONE
+        transaction (a migration, an import: all of it or nothing); returns the number of rows."""
         n = 0
         with self._write() as db:
-            for item_id, removed, label, image in rows:
-                db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
-                           (item_id, self._next_seq(db), int(removed), label, image, _now()))
+            for item_id, removed, label, image, *attributes in rows:
+                db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (item_id, self._next_seq(db), int(removed), label, image, _now(),
+                            _attrs_json(attributes[0] if attributes else None)))
                 n += 1
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (marker, _now()))
         return n
@@ -280,24 +314,25 @@ class CatalogStore:
             try:
                 self._db.execute("BEGIN")
                 try:
-                    rows = self._db.execute(f"SELECT id, seq, removed, label, {image} FROM items WHERE seq > ? "
-                                            "ORDER BY seq", (seq,)).fetchall()
+                    rows = self._db.execute(f"SELECT id, seq, removed, label, {image}, {self._attrs} FROM items "
+                                            "WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
                     top = int(self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
                 finally:
                     self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 raise StoreError(f"catalog store {self.path}: {e}") from None
-        return [StoredItem(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows], top
+        return [_row(r) for r in rows], top
 
-    def summary(self) -> list[tuple[str, int, bool, str | None]]:
-        """(id, seq, removed, label) of every row, without the originals (an export reads them one by one)."""
-        return [(r[0], r[1], bool(r[2]), r[3]) for r in
-                self._query("SELECT id, seq, removed, label FROM items ORDER BY seq", ())]
+    def summary(self) -> list[StoredItem]:
+        """Every row without its original (``image`` None; an export reads them one by one), in seq order."""
+        return [_row(r) for r in self._query(f"SELECT id, seq, removed, label, NULL, {self._attrs} FROM items "
+                                             "ORDER BY seq", ())]
 
     def get(self, item_id: str) -> StoredItem | None:
-        """The latest change of ``item_id`` (None: the store never heard of it)."""
-        rows = self._query("SELECT id, seq, removed, label, image FROM items WHERE id = ?", (item_id,))
-        return StoredItem(rows[0][0], rows[0][1], bool(rows[0][2]), rows[0][3], rows[0][4]) if rows else None
+        """The latest change of the entry ``item_id`` (None: the store never heard of it)."""
+        rows = self._query(f"SELECT id, seq, removed, label, image, {self._attrs} FROM items WHERE id = ?",
+                           (item_id,))
+        return _row(rows[0]) if rows else None
 
     def seq(self) -> int:
         """The seq of the latest change committed."""
@@ -331,6 +366,18 @@ class CatalogStore:
         """Close the database (idempotent)."""
         with self._lock:
             self._db.close()
+
+
+def _attrs_json(attributes: dict[str, str] | None) -> str | None:
+    return json.dumps(attributes, ensure_ascii=False, sort_keys=True) if attributes else None
+
+
+def _row(r: tuple) -> StoredItem:
+    try:
+        attributes = json.loads(r[5]) if r[5] else {}
+    except ValueError:  # written by this module only; a hand-edited row shows none rather than failing a replay
+        attributes = {}
+    return StoredItem(r[0], r[1], bool(r[2]), r[3], r[4], attributes if isinstance(attributes, dict) else {})
 
 
 def _now() -> str:

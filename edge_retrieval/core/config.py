@@ -107,6 +107,8 @@ class CatalogConfig(_Section):
     max_pending_enrolments: int = Field(32, ge=1, le=100_000, description="acknowledged, not yet indexed; more → 503")
     min_free_mb: float = Field(20.0, ge=0, le=1_000_000, description="free space kept beyond a change and a rebuild")
     retry_s: float = Field(5.0, gt=0, le=3600, description="retry a failed index rebuild (a full disk) this often")
+    max_photos_per_item: int = Field(50, ge=1, le=10_000, description="photos an item may have (an item folder's "
+                                                                       "further files are skipped and listed)")
 
 
 class BuildConfig(_Section):

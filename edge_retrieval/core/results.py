@@ -4,13 +4,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from edge_retrieval.core.photos import photo_key, split_key
+
 
 @dataclass(frozen=True)
 class Candidate:
     """One catalog item returned by a lookup. ``score`` is the cosine similarity (1 = identical) of the
     global descriptors; ``inliers`` the spatially verified matching points (None: not verified);
     ``rank_score`` what the candidates are ranked by (the cosine fused with the inliers; None = the cosine);
-    ``quad`` where the verified item lies in the query frame (four (x, y) corners, fractions 0..1)."""
+    ``quad`` where the verified item lies in the query frame (four (x, y) corners, fractions 0..1); ``photo`` the
+    entry key of the item's photo that scored (edge_retrieval/core/photos.py; None: its first photo);
+    ``attributes`` the item's (from the labels file or the enrolment)."""
 
     id: str
     label: str
@@ -18,11 +22,28 @@ class Candidate:
     inliers: int | None = None
     rank_score: float | None = None
     quad: tuple[tuple[float, float], ...] | None = None
+    photo: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_entry(cls, key: str, label: str, score: float, attributes: dict[str, str] | None = None) -> Candidate:
+        """The candidate of the index entry ``key`` (one photo of an item): the item's id, and the photo's key."""
+        item_id, photo = split_key(key)
+        return cls(item_id, label, score, photo=key if photo else None, attributes=dict(attributes or {}))
+
+    @property
+    def key(self) -> str:
+        """The index entry this candidate's score, features and thumbnail come from."""
+        return self.photo or self.id
 
     def to_json(self) -> dict:
-        """The JSON shape: ``score`` stays the cosine (API compatibility); ``rank_score`` is the ranking score."""
+        """The JSON shape: ``score`` stays the cosine (API compatibility); ``rank_score`` is the ranking score;
+        ``photo`` the name of the item's photo that matched, when it is not the item's first."""
         d = {"id": self.id, "label": self.label, "score": round(float(self.score), 4),
-             "rank_score": round(float(self.score if self.rank_score is None else self.rank_score), 4)}
+             "rank_score": round(float(self.score if self.rank_score is None else self.rank_score), 4),
+             "attributes": dict(self.attributes)}
+        if self.photo is not None:
+            d["photo"] = split_key(self.photo)[1]
         if self.inliers is not None:
             d["inliers"] = int(self.inliers)
         if self.quad is not None:
@@ -35,9 +56,11 @@ class Candidate:
     @classmethod
     def from_json(cls, d: dict) -> Candidate:
         """The candidate back from :meth:`to_json` (scores as rounded there)."""
-        quad = d.get("quad")
+        quad, photo = d.get("quad"), d.get("photo")
         return cls(str(d["id"]), str(d["label"]), float(d["score"]), d.get("inliers"), d.get("rank_score"),
-                   tuple(tuple(corner) for corner in quad) if quad is not None else None)
+                   tuple(tuple(corner) for corner in quad) if quad is not None else None,
+                   photo_key(str(d["id"]), str(photo)) if photo else None,
+                   {str(k): str(v) for k, v in (d.get("attributes") or {}).items()})
 
 
 # A match verified by at least this many matching points (RANSAC inliers of one homography) is as sure as the

@@ -66,6 +66,7 @@ class IndexHealth(_Doc):
     size that starts a merge, whether one runs, the last one and why the last one failed."""
 
     size: int
+    photos: Optional[int] = None  # entries: an item with several photos counts each
     generation: Optional[str] = None
     path: str
     n_trees: int

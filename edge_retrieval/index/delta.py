@@ -16,11 +16,12 @@ rows it knows), so an enrolment costs its own rows, not a copy of the delta.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_retrieval.core.errors import CatalogIndexError
+from edge_retrieval.core.photos import item_of
 from edge_retrieval.core.results import Candidate
 from edge_retrieval.index.generation import REBUILD_HINT, item_vectors
 from edge_retrieval.index.item_table import IndexedItem
@@ -50,6 +51,7 @@ class DeltaEntry:
     source: str | None = None
     rows: tuple[int, int] = (0, 0)
     item: CatalogItem | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class LiveIndex:
         self._entries, self._rows, self._alive, self._n, self._hidden = _state
         self._live = sum(1 for e in self._entries.values() if e.label is not None)
         self._views_max = max((e.rows[1] - e.rows[0] for e in self._entries.values()), default=1)
+        self._item_count: int | None = None
+        self._delta_photos: dict[str, list[str]] | None = None
 
     # -- what the delta holds
     @property
@@ -143,7 +147,7 @@ class LiveIndex:
 
     @property
     def size(self) -> int:
-        """Items: the base's not hidden plus the delta's."""
+        """Entries (photos): the base's not hidden plus the delta's (``item_count`` counts items)."""
         return self.base.size - self._hidden + self._live
 
     @property
@@ -193,7 +197,28 @@ class LiveIndex:
     def items(self) -> list[IndexedItem]:
         """id / label / source of every item: the base's (not hidden), then the delta's."""
         out = [it for it in self.base.items if it.id not in self._entries] if self._entries else self.base.items
-        return out + [IndexedItem(e.id, e.label, e.source) for e in self.delta_entries() if e.label is not None]
+        return out + [IndexedItem(e.id, e.label, e.source, e.attributes) for e in self.delta_entries()
+                      if e.label is not None]
+
+    def photos(self, item_id: str) -> list[str]:
+        """The entry keys of every photo of item ``item_id``: the base's not hidden, then the delta's."""
+        if self._delta_photos is None:
+            by_item: dict[str, list[str]] = {}
+            for e in self.delta_entries():
+                by_item.setdefault(item_of(e.id), []).append(e.id)
+            self._delta_photos = by_item
+        keys = [k for k in self.base.photos(item_id) if k not in self._entries]
+        return keys + [k for k in self._delta_photos.get(item_id, []) if self._entries[k].label is not None]
+
+    @property
+    def item_count(self) -> int:
+        """How many items (not photos) the catalog holds: the base's, less those whose every photo the delta
+        removed, plus those the delta brought (worked out once per snapshot, on first use)."""
+        if self._item_count is None:
+            touched = {item_of(k) for k in self._entries}
+            self._item_count = (self.base.item_count - sum(1 for t in touched if self.base.photos(t))
+                                + sum(1 for t in touched if self.photos(t)))
+        return self._item_count
 
     def has(self, item_id: str) -> bool:
         """Whether ``item_id`` is in the catalog."""
@@ -207,7 +232,7 @@ class LiveIndex:
             return self.base.item(item_id)
         if e.label is None:
             raise CatalogIndexError(f"id {item_id!r} is not in the catalog index (removed)")
-        return IndexedItem(e.id, e.label, e.source)
+        return IndexedItem(e.id, e.label, e.source, e.attributes)
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """The JPEG thumbnail of ``item_id``; CatalogIndexError when it is not in the catalog."""
@@ -270,7 +295,7 @@ class LiveIndex:
         k = top_k
         while True:  # hidden base items may take places: ask for more until top_k remain or the base runs out
             found = self.base.query(vector, k)
-            kept = [c for c in found if c.id not in self._entries]
+            kept = [c for c in found if c.key not in self._entries]
             if len(kept) >= top_k or len(found) < k or k >= self.base.size:
                 return kept[:top_k]
             k = min(4 * k, self.base.size)
@@ -291,7 +316,7 @@ class LiveIndex:
                 continue
             seen.add(o)
             e = self._entries[rows.ids[o]]
-            out.append(Candidate(e.id, e.label or "", float(np.clip(scores[r], -1.0, 1.0))))
+            out.append(Candidate.of_entry(e.id, e.label or "", float(np.clip(scores[r], -1.0, 1.0)), e.attributes))
             if len(out) == top_k:
                 break
         return out
@@ -336,7 +361,7 @@ class LiveIndex:
             start, end = rows.append(block, c.id)
             alive[start:end] = True
             entries[c.id] = DeltaEntry(c.id, c.seq, c.item.label, c.item.source, (start, end),
-                                       c.item if c.keep_item else None)
+                                       c.item if c.keep_item else None, c.item.attributes)
         n = rows.n if rows is not None else 0
         return LiveIndex(self.base, seq=max(self.seq, int(seq)), store_id=self.store_id, loader=self.loader,
                          _state=(entries, rows, alive, n, hidden))

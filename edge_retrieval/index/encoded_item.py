@@ -2,16 +2,18 @@
 the delta (edge_retrieval/index/delta.py) is rebuilt after a restart without running the model again, and a
 merge writes it into the next generation as it was encoded. Little endian::
 
-    magic b"ERIT", version u16 (=1), crc32 u32 of everything after this 10-byte header
+    magic b"ERIT", version u16 (=2; 1 is still read), crc32 u32 of everything after this 10-byte header
     bundle sha256 (64 ASCII hex), id, label, source (u16 length + UTF-8 each; source length 0xFFFF = none)
     views u16, dim u32, vectors float16 [views, dim]   (L2-normalised, as vectors.npy keeps them)
     keypoints i32 (-1 = no features), width u32, height u32, xy float32 [n, 2], desc uint8 [n, 32]
     thumbnail u32 length (0xFFFFFFFF = none) + JPEG bytes
+    attributes u32 length + a UTF-8 JSON object (version 2; 0 = none)
 
 A damaged or foreign blob is refused with CatalogIndexError (the caller re-encodes the store's original).
 """
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -23,7 +25,7 @@ from edge_retrieval.index.reader import CatalogItem
 from edge_retrieval.model.local_features import DESC_BYTES, Features
 
 MAGIC = b"ERIT"
-VERSION = 1
+VERSION = 2
 _HEAD = struct.Struct("<4sHI")
 _NO_SOURCE = 0xFFFF
 _NO_THUMB = 0xFFFFFFFF
@@ -50,6 +52,8 @@ def encode_item(item: CatalogItem, bundle_sha256: str) -> bytes:
                   np.ascontiguousarray(f.xy, "<f4").tobytes(), np.ascontiguousarray(f.desc, np.uint8).tobytes()]
     thumb = item.thumbnail_jpeg
     parts.append(struct.pack("<I", _NO_THUMB) if thumb is None else struct.pack("<I", len(thumb)) + bytes(thumb))
+    attrs = json.dumps(item.attributes, ensure_ascii=False, sort_keys=True).encode("utf-8") if item.attributes else b""
+    parts.append(struct.pack("<I", len(attrs)) + attrs)
     body = b"".join(parts)
     return _HEAD.pack(MAGIC, VERSION, zlib.crc32(body)) + body
 
@@ -80,7 +84,7 @@ def decode_item(data: bytes, bundle_sha256: str) -> CatalogItem:
     if len(data) < _HEAD.size:
         raise CatalogIndexError("encoded catalog item is cut short")
     magic, version, crc = _HEAD.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
+    if magic != MAGIC or version not in (1, VERSION):
         raise CatalogIndexError(f"encoded catalog item: not format {MAGIC!r} v{VERSION}")
     if zlib.crc32(memoryview(data)[_HEAD.size:]) != crc:
         raise CatalogIndexError("encoded catalog item: checksum mismatch (damaged)")
@@ -103,6 +107,12 @@ def decode_item(data: bytes, bundle_sha256: str) -> CatalogItem:
         features = Features(xy, desc, (w, h))
     (tn,) = r.unpack("<I")
     thumb = None if tn == _NO_THUMB else bytes(r.take(tn))
-    if item_id is None or label is None:
+    attributes: dict[str, str] = {}
+    if version > 1 and (an := r.unpack("<I")[0]):
+        try:
+            attributes = json.loads(bytes(r.take(an)).decode("utf-8"))
+        except ValueError:
+            raise CatalogIndexError("encoded catalog item: its attributes are not a UTF-8 JSON object") from None
+    if item_id is None or label is None or not isinstance(attributes, dict):
         raise CatalogIndexError("encoded catalog item has no id or label")
-    return CatalogItem(item_id, label, vector, thumb, source, features)
+    return CatalogItem(item_id, label, vector, thumb, source, features, attributes)

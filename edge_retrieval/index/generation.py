@@ -177,6 +177,7 @@ class GenerationWriter:
         self._ids: list[str] = []
         self._labels: list[str] = []
         self._sources: list[str | None] = []
+        self._attributes: list[dict[str, str]] = []
         self._spans: list[tuple[int, int] | None] = []
         self._seen: set[str] = set()
         self._thumbs_end = 0
@@ -201,9 +202,10 @@ class GenerationWriter:
         return len(self._ids)
 
     def add(self, item_id: str, label: str, vector: np.ndarray, *, thumbnail_jpeg: bytes | None = None,
-            source: str | None = None, features: Features | None = None) -> None:
-        """The next item (row ``count``): its vector(s) [D] or [V, D], thumbnail, source and features; written at
-        once. CatalogIndexError naming the id for a duplicate or bad id, vector or thumbnail."""
+            source: str | None = None, features: Features | None = None,
+            attributes: dict[str, str] | None = None) -> None:
+        """The next entry (row ``count``; ``item_id`` is its key, edge_retrieval/core/photos.py): its vector(s) [D]
+        or [V, D], thumbnail, source, features and the item's attributes; written at once. CatalogIndexError naming the id for a duplicate or bad id, vector or thumbnail."""
         n = self.count
         v = item_vectors(n, item_id, vector, thumbnail_jpeg, self.dim)
         if item_id in self._seen:
@@ -226,6 +228,7 @@ class GenerationWriter:
         self._ids.append(item_id)
         self._labels.append(label)
         self._sources.append(source)
+        self._attributes.append(dict(attributes or {}))
         self._spans.append(span)
 
     def finish(self, *, bundle_sha256: str, n_trees: int, projection: Projection | None = None,
@@ -246,7 +249,7 @@ class GenerationWriter:
         else:
             self._features.close()
             (self.folder / FEATURES_FILE).unlink(missing_ok=True)
-        ItemTable.build(self._ids, self._labels, self._sources, self._spans).write(self.folder / ITEMS_FILE)
+        ItemTable.build(self._ids, self._labels, self._sources, self._spans, self._attributes).write(self.folder / ITEMS_FILE)
         if projection is not None:
             save_projection(projection, self.folder / PROJECTION_FILE)
         ann_path = self.folder / ANN_FILE  # never through a writable mapping: a full disk is an error, not SIGBUS

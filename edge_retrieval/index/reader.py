@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class CatalogItem:
     thumbnail_jpeg: bytes | None = None
     source: str | None = None  # the original image path, if any
     features: Features | None = None
+    attributes: dict[str, str] = field(default_factory=dict)  # the item's (every photo carries them)
 
 
 def angular_to_cosine(distance: float | np.ndarray) -> float | np.ndarray:
@@ -123,7 +124,7 @@ class CatalogIndex:
 
     @property
     def size(self) -> int:
-        """Number of items."""
+        """Number of entries (photos; ``item_count`` counts items)."""
         return len(self._table)
 
     @property
@@ -158,8 +159,17 @@ class CatalogIndex:
 
     # -- lookups
     def has(self, item_id: str) -> bool:
-        """Whether ``item_id`` is in this generation."""
+        """Whether the entry key ``item_id`` (an item's first photo, or ``<id>#<photo>``) is in this generation."""
         return self._table.row(item_id) is not None
+
+    def photos(self, item_id: str) -> list[str]:
+        """The entry keys of every photo of item ``item_id`` here ([] when the item is not in this generation)."""
+        return [self._table.id(r) for r in self._table.photo_rows(item_id)]
+
+    @property
+    def item_count(self) -> int:
+        """How many items (not photos) this generation holds."""
+        return self._table.item_count
 
     def item(self, item_id: str) -> IndexedItem:
         """id / label / source of ``item_id``; CatalogIndexError when it is not in the index."""
@@ -201,7 +211,8 @@ class CatalogIndex:
             item = int(self._owners[r])
             if item not in best:
                 best[item] = float(s)
-        out = [Candidate(self._table.id(i), self._table.label(i), s) for i, s in best.items()]
+        out = [Candidate.of_entry(self._table.id(i), self._table.label(i), s, self._table.attributes(i))
+               for i, s in best.items()]
         # Annoy returns nearest first already; the stable sort only guards float ties after conversion.
         out.sort(key=lambda c: -c.score)
         return out[:int(top_k)]
@@ -236,7 +247,7 @@ class CatalogIndex:
             it = self._table.item(row)
             if it.id not in skip:
                 yield CatalogItem(it.id, it.label, self._item_vectors(row), self._thumbnail_at(row), it.source,
-                                  self._features.get(row) if self._features is not None else None)
+                                  self._features.get(row) if self._features is not None else None, it.attributes)
 
     def current(self) -> CatalogIndex:
         """This generation: a loaded index never changes (``IndexHolder.current()`` follows enrolments)."""

@@ -99,7 +99,7 @@ class NewGeneration:
         """Write the next item (row ``count``); CatalogIndexError names a duplicate or bad id, vector, thumbnail."""
         with self._oserror():
             self.writer.add(item.id, item.label, item.vector, thumbnail_jpeg=item.thumbnail_jpeg, source=item.source,
-                            features=item.features)
+                            features=item.features, attributes=item.attributes)
 
     def commit(self, *, bundle_sha256: str, n_trees: int, projection: Projection | None = None,
                store: tuple[str, int] | None = None) -> Path:

@@ -92,16 +92,17 @@ class Lookup:
         idx = self.index.current()
         timings = dict(timings or {})
         want = max(top_k, rc.verify_top_k if rc.verify else 0, NORM_K)  # NORM_K: the decision's score_norm
-        best: dict[str, Candidate] = {}
-        verified: dict[str, tuple[int, np.ndarray | None]] = {}
+        best: dict[str, Candidate] = {}  # item id → its best photo's candidate; alt: its second photo's
+        alt: dict[str, Candidate] = {}
+        verified: dict[str, tuple[int, np.ndarray | None, str]] = {}
         query: list = [None]  # the query's keypoints, extracted once, on the first verification
 
         def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
-            ranked = self._search(images, idx, want, best, timings)
+            ranked = self._search(images, idx, want, best, alt, timings)
             if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
                 t0 = time.perf_counter()
                 query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
-                ranked = self._verify(query[0], ranked, idx, verified)
+                ranked = self._verify(query[0], ranked, idx, verified, alt)
                 timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
             return ranked, self._decide(ranked)
 
@@ -122,40 +123,53 @@ class Lookup:
         return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match, matches=matches)
 
     def _search(self, images: list[np.ndarray], idx: CatalogIndex, want: int, best: dict[str, Candidate],
-                timings: dict[str, float]) -> list[Candidate]:
+                alt: dict[str, Candidate], timings: dict[str, float]) -> list[Candidate]:
         """Encode ``images`` and merge their nearest items into ``best`` (an item's score is the max over the
-        images, and inside the index over its views); the ``want`` best so far, best first."""
+        images, over its photos and inside the index over each photo's views; ``alt`` keeps an item's second-best
+        photo for verification); the ``want`` best items so far, best first."""
         t0 = time.perf_counter()
         vectors = [self.encoder.embed(image) for image in images]
         t1 = time.perf_counter()
+        entries = want * 2 if idx.size > idx.item_count else want  # several photos of an item take places
         for v in vectors:
-            for c in idx.query(v, want):
-                if c.id not in best or c.score > best[c.id].score:
+            for c in idx.query(v, entries):
+                old = best.get(c.id)
+                if old is None or c.score > old.score:
                     best[c.id] = c
+                    c = old
+                if c is not None and c.key != best[c.id].key and (c.id not in alt or c.score > alt[c.id].score):
+                    alt[c.id] = c
         t2 = time.perf_counter()
         timings["encode"] = timings.get("encode", 0.0) + (t1 - t0) * 1e3
         timings["search"] = timings.get("search", 0.0) + (t2 - t1) * 1e3
         return sorted(best.values(), key=lambda c: -c.score)[:want]
 
     def _verify(self, query, ranked: list[Candidate], idx: CatalogIndex,
-                verified: dict[str, tuple[int, np.ndarray | None]]) -> list[Candidate]:
-        """Verify the top ``verify_top_k`` candidates not verified yet (``verified`` remembers them across a
-        retry), re-rank them by the fused score, and outline the top one when it verifies."""
+                verified: dict[str, tuple[int, np.ndarray | None, str]], alt: dict[str, Candidate]) -> list[Candidate]:
+        """Verify the top ``verify_top_k`` items not verified yet (``verified`` remembers them across a retry)
+        against their best photo and, when the item has one, its second-best (a box's other side): the photo with
+        more verified points speaks for the item. Re-rank them by the fused score, outline the top one when it
+        verifies."""
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
-        todo = [c for c in head if c.id not in verified]
-        found = verify_candidates(query, todo, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
-        verified.update({c.id: r for c, r in zip(todo, found)})
+        todo = [p for c in head if c.id not in verified for p in ([c, alt[c.id]] if c.id in alt else [c])]
+        found = verify_candidates(query, todo, lambda c: idx.features(c.key), rc, stop_inliers=rc.stop_inliers)
+        for c, (n, h) in zip(todo, found):
+            if c.id not in verified or n > verified[c.id][0]:
+                verified[c.id] = (n, h, c.key)
         cap = max(rc.stop_inliers, 1)
 
         def fused(c: Candidate) -> float:
             return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
 
-        head = [c.with_inliers(verified[c.id][0] if verified[c.id][0] >= 0 else None) for c in head]
-        head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
+        def of_photo(c: Candidate) -> Candidate:
+            n, _, key = verified[c.id]
+            return replace(c, inliers=n if n >= 0 else None, photo=key if key != c.id else None)
+
+        head = sorted((replace(c, rank_score=fused(c)) for c in map(of_photo, head)), key=lambda c: -c.rank_score)
         top = head[0]
         if top.inliers is not None and top.inliers >= self.accept_inliers:  # the page outlines a verified match
-            head[0] = replace(top, quad=region(query, idx.features(top.id), verified[top.id][1]))
+            head[0] = replace(top, quad=region(query, idx.features(top.key), verified[top.id][1]))
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:

@@ -166,7 +166,7 @@ class MoreItems:
                 continue
             lead = top[0].score - (top[1].score if len(top) > 1 else 0.0)
             if (top[0].id not in named and top[0].score >= self.accept_score and lead >= MIN_SCORE_LEAD
-                    and self._plain(top[0].id)):
+                    and self._plain(top[0].key)):
                 quad = None if outline is None else tuple((round(float(x), 4), round(float(y), 4)) for x, y in outline)
                 more.append(replace(top[0], inliers=None, quad=quad))
                 named.add(top[0].id)
@@ -227,7 +227,7 @@ class MoreItems:
                 if budget <= 0:
                     break
                 if c.id not in tried:
-                    feats, where = self.idx.features(c.id), features_of(box)
+                    feats, where = self.idx.features(c.key), features_of(box)
                     n, h = match_homography(where, feats, rc) if feats is not None else (0, None)
                     tried[c.id] = (n, h, where)
                     budget -= 1
@@ -237,7 +237,7 @@ class MoreItems:
                 break
             best = ok[0]
             n, h, where = tried[best.id]
-            quad = region(where, self.idx.features(best.id), h)
+            quad = region(where, self.idx.features(best.key), h)
             order = [(c, b) for c, b in order if c.id != best.id]
             if not sane(quad, quads) or not self.accept(best, verified):
                 continue
@@ -245,7 +245,7 @@ class MoreItems:
             quads.append(quad)
             for c in ok[1:]:  # those whose outline reaches onto the new item verified on it, perhaps: again on the rest
                 n_c, h_c, where_c = tried[c.id]
-                outline = region(where_c, self.idx.features(c.id), h_c)
+                outline = region(where_c, self.idx.features(c.key), h_c)
                 if outline is None or not _convex(outline) or overlap(outline, quad) > 0.0:
                     tried.pop(c.id, None)
         items += self._by_score(tops, shapes, items, quads)

@@ -1,11 +1,13 @@
-"""The JSON API: health, metrics, lookups (upload, "look up now", latest) and the catalog (list, thumbnails,
-enrol and remove behind the bearer token)."""
+"""The JSON API: health, metrics, lookups (upload, "look up now", latest) and the catalog (list, an item and its
+photos, thumbnails; enrol, add and remove photos, remove behind the bearer token)."""
 from __future__ import annotations
 
 import hmac
+import json
 
 import flask
 
+from edge_retrieval.core.errors import InputError
 from edge_retrieval.core.results import LookupResult
 from edge_retrieval.outputs.metrics import CONTENT_TYPE
 from edge_retrieval.web.common import appliance, entry_json, error, names_not_paths, web_config, with_thumbnails
@@ -166,43 +168,82 @@ def catalog_list() -> flask.Response:
     return flask.jsonify(items=items[offset:offset + limit], total=len(items), offset=offset, limit=limit)
 
 
+def _fields() -> dict:
+    """The fields of a form or a JSON object body; InputError (400) for a JSON body that is not an object."""
+    fields = flask.request.get_json(silent=True) if flask.request.is_json else flask.request.form
+    if not isinstance(fields, dict) and not hasattr(fields, "getlist"):  # [1, 2], "str", 5, or broken JSON
+        raise InputError("the body must be a JSON object (or a form) with 'label' (and 'id', 'attributes')")
+    return fields
+
+
+def _enrolment(fields) -> tuple[str, str | None, dict | None, bool]:
+    """(label, id, attributes, replace) of an enrolment; ``attributes`` a JSON object (in a form: its text)."""
+    label = str(fields.get("label", "")).strip()
+    if not label:
+        raise InputError("missing field 'label'")
+    attributes = fields.get("attributes")
+    if isinstance(attributes, str) and attributes.strip():
+        if len(attributes) > 64 * 1024:
+            raise InputError("the field 'attributes' is over 64 KB", http_status=413)
+        try:
+            attributes = json.loads(attributes)
+        except ValueError:
+            raise InputError("the field 'attributes' must be a JSON object, e.g. {\"sku\": \"A-12\"}") from None
+    replace = str(fields.get("replace", "")).strip().lower() in ("1", "true", "yes", "on")
+    return label, str(fields.get("id", "") or "").strip() or None, attributes or None, replace
+
+
 @bp.post("/api/catalog")
 def catalog_add() -> tuple[flask.Response, int] | flask.Response:
-    """Enrol an item (multipart ``image`` + ``label`` (+ ``id``)); needs the bearer token. 202: committed to
-    the catalog store, indexed in the background."""
+    """Enrol an item (multipart ``image`` + ``label`` (+ ``id``, ``attributes`` as JSON text, ``replace``)); needs
+    the bearer token. 202: committed to the catalog store, indexed in the background; 409: the id is in the catalog
+    already (add a photo to it, or say ``replace``)."""
     denied = _require_token()
     if denied is not None:
         return denied
     data = _uploaded_image()
-    label = flask.request.form.get("label", "").strip()
-    if not label:
-        return error(400, "missing form field 'label'")
-    item_id = flask.request.form.get("id", "").strip() or None
-    return flask.jsonify(appliance().enrol(data, label, item_id)), 202
+    label, item_id, attributes, replace = _enrolment(flask.request.form)
+    return flask.jsonify(appliance().enrol(data, label, item_id, attributes=attributes, replace=replace)), 202
 
 
 @bp.post("/api/catalog/camera")
 def catalog_add_frame() -> tuple[flask.Response, int] | flask.Response:
-    """Enrol what the camera sees now (form or JSON ``label`` (+ ``id``)); needs the bearer token."""
+    """Enrol what the camera sees now (form or JSON ``label`` (+ ``id``, ``attributes``, ``replace``)); needs the
+    bearer token."""
     denied = _require_token()
     if denied is not None:
         return denied
-    fields = flask.request.get_json(silent=True) if flask.request.is_json else flask.request.form
-    if not isinstance(fields, dict) and not hasattr(fields, "getlist"):  # [1, 2], "str", 5, or broken JSON
-        return error(400, "the body must be a JSON object (or a form) with 'label' (and 'id')")
-    label = str(fields.get("label", "")).strip()
-    if not label:
-        return error(400, "missing field 'label'")
-    item_id = str(fields.get("id", "") or "").strip() or None
-    return flask.jsonify(appliance().enrol_frame(label, item_id)), 202
+    label, item_id, attributes, replace = _enrolment(_fields())
+    return flask.jsonify(appliance().enrol_frame(label, item_id, attributes=attributes, replace=replace)), 202
+
+
+@bp.get("/api/catalog/<path:item_id>")
+def catalog_item(item_id: str) -> flask.Response:
+    """An item: id, label, attributes and its photos (each with its thumbnail URL)."""
+    return flask.jsonify(appliance().item_details(item_id))
+
+
+@bp.post("/api/catalog/<path:item_id>/photos")
+def catalog_add_photo(item_id: str) -> tuple[flask.Response, int] | flask.Response:
+    """One more photo of an item: multipart ``image`` (or, without one, what the camera sees now) and an optional
+    ``photo`` name; needs the bearer token. 202; 404 unknown item; 409 a photo name in use, or the item is full."""
+    denied = _require_token()
+    if denied is not None:
+        return denied
+    data = _uploaded_image() if flask.request.files else None
+    photo = str((flask.request.form if data is not None else _fields()).get("photo", "") or "").strip() or None
+    return flask.jsonify(appliance().add_photo(item_id, data, photo)), 202
 
 
 @bp.delete("/api/catalog/<path:item_id>")
 def catalog_remove(item_id: str) -> flask.Response:
-    """Remove an item; needs the bearer token."""
+    """Remove an item (every photo of it), or with ``?photo=NAME`` one of its photos; needs the bearer token."""
     denied = _require_token()
     if denied is not None:
         return denied
+    photo = flask.request.args.get("photo")
+    if photo is not None:
+        return flask.jsonify(appliance().remove_photo(item_id, photo))
     if not appliance().remove(item_id):
         return error(404, f"unknown catalog item {item_id!r}")
     return flask.jsonify(id=item_id, status="removed")
@@ -210,9 +251,10 @@ def catalog_remove(item_id: str) -> flask.Response:
 
 @bp.get("/api/catalog/<path:item_id>/thumb.jpg")
 def catalog_thumbnail(item_id: str) -> flask.Response:
-    """The item's JPEG thumbnail."""
+    """The item's JPEG thumbnail (its first photo, or ``?photo=NAME``)."""
     # an item can be re-enrolled under its id: cache briefly
-    return _jpeg(appliance().thumbnail(item_id), f"no thumbnail for catalog item {item_id!r}", max_age_s=60)
+    photo = flask.request.args.get("photo", "")
+    return _jpeg(appliance().thumbnail(item_id, photo), f"no thumbnail for catalog item {item_id!r}", max_age_s=60)
 
 
 def _jpeg(jpeg: bytes | None, missing: str, *, max_age_s: int) -> flask.Response:

@@ -92,11 +92,12 @@ def names_not_paths(document: dict, paths: list) -> dict:
 
 
 def with_thumbnails(body: dict) -> dict:
-    """``body`` (a LookupResult's JSON) with a ``thumbnail_url`` on each candidate, on the match and on every
-    item of ``matches``."""
+    """``body`` (a LookupResult's JSON) with a ``thumbnail_url`` (of the photo that matched) on each candidate, on
+    the match and on every item of ``matches``."""
     candidates = list(body["results"]) + ([body["match"]] if body.get("match") else []) + list(body.get("matches") or [])
     for candidate in candidates:
-        candidate["thumbnail_url"] = flask.url_for("api.catalog_thumbnail", item_id=str(candidate["id"]))
+        photo = {"photo": candidate["photo"]} if candidate.get("photo") else {}  # the photo that matched
+        candidate["thumbnail_url"] = flask.url_for("api.catalog_thumbnail", item_id=str(candidate["id"]), **photo)
     return body
 
 

@@ -48,22 +48,37 @@ class Services(Protocol):
         """The live view's next frame after ``after_index``; None after ``timeout_s``."""
         ...
 
-    def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
-        """POST /api/catalog: {"id", "label", "status": "queued", "seq"} (InputError, BusyError, DiskFullError)."""
+    def enrol(self, data: bytes, label: str, item_id: str | None, *, attributes: dict | None = None,
+              replace: bool = False) -> dict:
+        """POST /api/catalog: {"id", "label", "attributes", "status": "queued", "seq", "replaced"} (InputError: 409
+        for an id in use unless ``replace``; BusyError, DiskFullError)."""
         ...
 
-    def enrol_frame(self, label: str, item_id: str | None) -> dict:
+    def enrol_frame(self, label: str, item_id: str | None, *, attributes: dict | None = None,
+                    replace: bool = False) -> dict:
         """POST /api/catalog/camera: enrol the camera's frame, as :meth:`enrol`."""
         ...
 
-    def remove(self, item_id: str) -> bool:
-        """DELETE /api/catalog/<id>; False when unknown."""
+    def add_photo(self, item_id: str, data: bytes | None, photo: str | None = None) -> dict:
+        """POST /api/catalog/<id>/photos: one more photo (the upload, or the camera's frame when ``data`` is None)."""
         ...
 
-    def thumbnail(self, item_id: str) -> bytes | None:
-        """GET /api/catalog/<id>/thumb.jpg."""
+    def remove_photo(self, item_id: str, photo: str) -> dict:
+        """DELETE /api/catalog/<id>?photo=NAME: remove one photo of an item."""
+        ...
+
+    def item_details(self, item_id: str) -> dict:
+        """GET /api/catalog/<id>: {"id", "label", "attributes", "photos": [{"photo", "thumbnail"}]}."""
+        ...
+
+    def remove(self, item_id: str) -> bool:
+        """DELETE /api/catalog/<id>: every photo of the item; False when unknown."""
+        ...
+
+    def thumbnail(self, item_id: str, photo: str = "") -> bytes | None:
+        """GET /api/catalog/<id>/thumb.jpg[?photo=NAME]."""
         ...
 
     def catalog_items(self) -> list[dict]:
-        """GET /api/catalog: every item as {"id", "label"}."""
+        """GET /api/catalog: every item as {"id", "label", "attributes", "photos" (how many)}."""
         ...

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from edge_retrieval.catalog.build import ItemMaker, build_index, validate_id
+from edge_retrieval.catalog.build import ItemMaker, build_index
+from edge_retrieval.catalog.ids import validate_id
 from edge_retrieval.catalog.service import CatalogService, migrate_enrolled_dir
 from edge_retrieval.catalog.store import CatalogStore, hold_serve_lock
 from edge_retrieval.core.config import CatalogConfig, IndexConfig, RecognitionConfig, WebConfig
@@ -107,7 +108,7 @@ def test_no_order_of_changes_rebuilds_cli_builds_and_restarts_reverts_or_resurre
         item_id = f"x{int(rng.integers(0, 5))}" if rng.random() < 0.8 else str(rng.choice(["moon", "brick"]))
         if op == "enrol":
             label = f"{item_id} v{step}"
-            service.enrol(photos[NAMES[step % len(NAMES)]], item_id, label)
+            service.enrol(photos[NAMES[step % len(NAMES)]], item_id, label, replace=True)
             want[item_id] = label
         elif op == "remove":
             if service.remove(item_id) is not None:

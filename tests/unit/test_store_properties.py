@@ -48,7 +48,7 @@ def _machine(encoder, photos):
 
         @rule(item=st.sampled_from(IDS), photo=st.sampled_from(PHOTOS), label=st.sampled_from(("x", "y")))
         def enrol(self, item, photo, label):
-            self.service.enrol(photos[photo], item, f"{label}-{item}")
+            self.service.enrol(photos[photo], item, f"{label}-{item}", replace=True)
             self.service.apply()
 
         @rule(item=st.sampled_from(IDS))

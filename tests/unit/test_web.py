@@ -65,6 +65,8 @@ class FakeServices:
         self.enrolled: list[tuple[bytes, str, str | None]] = []
         self.removed: list[str] = []
         self.catalog = {"cat/1": "astronaut", "cat/2": "coffee cup"}
+        self.attributes: dict = {}
+        self.photos: list = []
         self.explode = False
 
     def query_image(self, data: bytes, source: str) -> LookupResult:
@@ -119,22 +121,44 @@ class FakeServices:
                       index=IndexSummary(size=len(self.catalog), generation="gen-000003"),
                       verification={"enabled": False}, latest=LatestLookup(), uptime_s=12.5)
 
-    def enrol_frame(self, label: str, item_id: str | None) -> dict:
+    def enrol_frame(self, label: str, item_id: str | None, *, attributes: dict | None = None,
+                    replace: bool = False) -> dict:
         if not self.frames:
             raise InputError("no camera frame to enrol (is the camera streaming?)", http_status=409)
-        return self.enrol(self.frames[-1][1], label, item_id)
+        return self.enrol(self.frames[-1][1], label, item_id, attributes=attributes, replace=replace)
 
-    def enrol(self, data: bytes, label: str, item_id: str | None) -> dict:
+    def enrol(self, data: bytes, label: str, item_id: str | None, *, attributes: dict | None = None,
+              replace: bool = False) -> dict:
+        if item_id in self.catalog and not replace:
+            raise InputError(f"item {item_id!r} is in the catalog already", http_status=409)
         self.enrolled.append((data, label, item_id))
+        self.attributes[item_id] = attributes
         item_id = item_id or f"cat/{len(self.catalog) + 1}"
         self.catalog[item_id] = label
         return {"id": item_id, "label": label, "status": "queued"}
+
+    def add_photo(self, item_id: str, data: bytes | None, photo: str | None = None) -> dict:
+        if item_id not in self.catalog:
+            raise InputError(f"item {item_id!r} is not in the catalog", http_status=404)
+        self.photos.append((item_id, data if data is not None else self.frames[-1][1], photo))
+        return {"id": item_id, "photo": photo or "2", "status": "queued"}
+
+    def remove_photo(self, item_id: str, photo: str) -> dict:
+        if not any(p[0] == item_id and (p[2] or "2") == photo for p in self.photos):
+            raise InputError(f"item {item_id!r} has no photo {photo!r}", http_status=404)
+        return {"id": item_id, "photo": photo, "status": "removed"}
+
+    def item_details(self, item_id: str) -> dict:
+        if item_id not in self.catalog:
+            raise InputError(f"item {item_id!r} is not in the catalog", http_status=404)
+        return {"id": item_id, "label": self.catalog[item_id], "attributes": self.attributes.get(item_id) or {},
+                "photos": [{"photo": ""}] + [{"photo": p[2] or "2"} for p in self.photos if p[0] == item_id]}
 
     def remove(self, item_id: str) -> bool:
         self.removed.append(item_id)
         return self.catalog.pop(item_id, None) is not None
 
-    def thumbnail(self, item_id: str) -> bytes | None:
+    def thumbnail(self, item_id: str, photo: str = "") -> bytes | None:
         return ASTRONAUT if item_id in self.catalog else None
 
     def catalog_items(self) -> list[dict]:
@@ -342,7 +366,7 @@ def test_catalog_enrol_needs_a_label(client):
                            content_type="multipart/form-data",
                            headers={"Authorization": "Bearer s3cret-token"})
     assert response.status_code == 400
-    assert response.get_json() == {"error": "missing form field 'label'"}
+    assert response.get_json() == {"error": "missing field 'label'"}
 
 
 # --- live view ----------------------------------------------------------------------------------

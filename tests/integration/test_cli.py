@@ -80,7 +80,7 @@ def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):
         p = tmp_path / f"q_{name}_{kind}.jpg"
         p.write_bytes(encode_jpeg(view(photos, name, kind, seed=i), 90))
         paths.append(str(p))
-        truth.append("space" if name == "hubble_deep_field" else name  # a sub-folder is one item of photos)
+        truth.append("space" if name == "hubble_deep_field" else name)  # a sub-folder is one item of photos
     proc = run_cli("query", *paths, "--config", str(cfg), "--json", "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -24,7 +24,7 @@ from edge_retrieval import __version__
 from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import load_config
-from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError
+from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError, InputError
 from edge_retrieval.core.results import confidence
 
 log = logging.getLogger("edge_retrieval")
@@ -99,12 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
                    help="nearest items shown per photo, ≥ 1 (default: index.top_k)")
     q.add_argument("--json", action="store_true", help="one JSON line per photo, for scripts")
-    c = command(sub, "catalog", "add, remove, list, export or import items (while `serve` runs, too)")
+    c = command(sub, "catalog", "add, remove, list, export or import items and their photos (while `serve` runs, too)")
     cs = c.add_subparsers(dest="catalog_cmd", required=True, metavar="COMMAND")
-    a = command(cs, "add", "enrol photos as items (a photo replaces the item with the same id)", parents=[common])
+    a = command(cs, "add", "enrol photos as items (an id the catalog has already is refused unless --replace)",
+                parents=[common])
     a.add_argument("images", nargs="+", type=Path, metavar="PHOTO", help="one photo per item")
     a.add_argument("--label", default=None, help="the name shown (default: the file name)")
     a.add_argument("--id", dest="item_id", default=None, help="the item's id (one photo only; default: from the file name)")
+    a.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attribute returned with every match of the item (repeat for more: --attr sku=A-12)")
+    a.add_argument("--replace", action="store_true", help="enrol an item the catalog has anew (its photos go)")
+    ph = command(cs, "photos", "list an item's photos, add one, or remove one", parents=[common],
+                 more=" A box has a front and a back: an item of several photos is matched by any of them.")
+    ph.add_argument("item_id", metavar="ID", help="the item, as `catalog list` shows it")
+    ph.add_argument("--add", type=Path, default=None, metavar="PHOTO", help="add this photo to the item")
+    ph.add_argument("--name", default=None, help="the added photo's name (default: the next free number)")
+    ph.add_argument("--remove", default=None, metavar="NAME", help="remove the photo of this name")
     r = command(cs, "remove", "remove items", parents=[common])
     r.add_argument("ids", nargs="+", metavar="ID", help="item ids, as `catalog list` shows them")
     command(cs, "list", "list the items: id, then label", parents=[common])
@@ -237,7 +247,22 @@ def cmd_catalog(cfg: Config, args) -> int:
         if args.catalog_cmd == "list":
             catalog.apply()  # the changes in the delta beside the generation are in the catalog too
             for it in holder.current().items:
-                print(f"{it.id}\t{it.label}")
+                if "#" not in it.id:  # an item once, by its first photo
+                    print(f"{it.id}\t{it.label}")
+            return 0
+        if args.catalog_cmd == "photos":
+            catalog.apply()
+            if args.add is not None:
+                rgb = read_image(args.add, cfg.images.max_pixels)
+                done = catalog.add_photo(rgb, args.item_id, args.name or None)
+                _apply(catalog)
+                print(f"added photo {done['photo']!r} to {args.item_id}", file=sys.stderr)
+            if args.remove is not None:
+                catalog.remove_photo(args.item_id, args.remove)
+                _apply(catalog)
+                print(f"removed photo {args.remove!r} of {args.item_id}", file=sys.stderr)
+            for p in catalog.photos(args.item_id):
+                print(p["photo"] or "(first)")
             return 0
         if args.catalog_cmd == "export":
             from edge_retrieval.catalog.archive import export_catalog
@@ -268,12 +293,21 @@ def cmd_catalog(cfg: Config, args) -> int:
         ids = []
         for p in args.images:  # the same path as an HTTP enrolment: validated, committed, then indexed
             item_id = args.item_id or id_from_path(p.name)  # any file name, as `index build` derives it
-            ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id, args.label or p.stem)["id"])
+            ids.append(catalog.enrol(read_image(p, cfg.images.max_pixels), item_id, args.label or p.stem,
+                                     attributes=_attributes(args.attr), replace=args.replace)["id"])
         _apply(catalog)
         print(f"enrolled {', '.join(ids)}; index now has {holder.current().item_count} items", file=sys.stderr)
         return 0
     finally:
         catalog.stop()
+
+
+def _attributes(pairs: list[str]) -> dict[str, str]:
+    """``--attr KEY=VALUE`` options as attributes; InputError for one without '='."""
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise InputError(f"--attr {bad[0]!r}: write it KEY=VALUE, e.g. --attr sku=A-12")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def _apply(catalog) -> None:

@@ -7,7 +7,7 @@ What the routes call is written once, in ``services.Services``: ``edge_retrieval
 tests/test_web.py drives the routes with a fake that does too (and tests/test_service.py with a real appliance).
 
 Served by waitress (:func:`serve`), never the Flask development server. Every error is JSON
-``{"error": "..."}``: InputError → 400 (or its 409/413/415), BusyError → 503 + Retry-After, DiskFullError →
+``{"error": "..."}``: InputError → 400 (or its 404/409/413/415), BusyError → 503 + Retry-After, DiskFullError →
 507, other ApplianceError → 503, anything else → 500 (logged); what the parsers refuse is never a 500 (a number
 in a URL past what the store holds → 404, JSON nested too deeply → 400). A request whose ``Host`` is not one of the
 device's names (``web.allowed_hosts``: DNS rebinding) gets 421 before any route runs; every answer carries
@@ -92,7 +92,7 @@ def _register_errors(app: flask.Flask, config: WebConfig) -> None:
 
     @app.errorhandler(InputError)
     def input_error(exc: InputError) -> flask.Response:
-        return error(exc.http_status if exc.http_status in (400, 409, 413, 415) else 400, str(exc))
+        return error(exc.http_status if exc.http_status in (400, 404, 409, 413, 415) else 400, str(exc))
 
     @app.errorhandler(BusyError)
     def busy(exc: BusyError) -> flask.Response:

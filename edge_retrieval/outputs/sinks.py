@@ -50,7 +50,7 @@ def default_device_id() -> str:
 
 def lookup_event(result: LookupResult, device_id: str) -> dict:
     """The JSON event of one lookup, the same for MQTT and the webhook: the decision, the matched item (the best
-    one), every item in the frame (``matches``, best first, and their number ``items``) and the candidates' ids
+    one, with its attributes), every item in the frame (``matches``, best first, and their number ``items``) and the candidates' ids
     and scores — never the frame."""
     m = result.match
     return {
@@ -60,6 +60,7 @@ def lookup_event(result: LookupResult, device_id: str) -> dict:
         "label": m.label if m is not None else None,
         "score": round(float(m.score), 4) if m is not None else None,
         "inliers": m.inliers if m is not None else None,
+        "attributes": dict(m.attributes) if m is not None else {},  # the item's (sku, price, …)
         "items": len(result.matches),  # catalog items in view (Home Assistant's "items in view")
         "matches": [_item(c) for c in result.matches],  # every item in the frame, best first
         "candidates": [c.to_json() for c in result.results],
@@ -70,9 +71,10 @@ def lookup_event(result: LookupResult, device_id: str) -> dict:
 
 
 def _item(c) -> dict:
-    """One item of a lookup event: id, label, score, inliers and where it lies in the frame (quad)."""
+    """One item of a lookup event: id, label, attributes, score, inliers, the photo that matched (when not the item's
+    first) and where it lies in the frame (quad)."""
     d = c.to_json()
-    return {k: d[k] for k in ("id", "label", "score", "inliers", "quad") if k in d}
+    return {k: d[k] for k in ("id", "label", "attributes", "photo", "score", "inliers", "quad") if k in d}
 
 
 class QueueWorker:

@@ -92,7 +92,8 @@ def connected(pub: MqttPublisher) -> MqttPublisher:
 
 
 def result(item: str | None, source: str = "camera") -> LookupResult:
-    top = Candidate(item or "chelsea", (item or "chelsea").title(), 0.91 if item else 0.42, 37 if item else 3)
+    top = Candidate(item or "chelsea", (item or "chelsea").title(), 0.91 if item else 0.42, 37 if item else 3,
+                    photo=f"{item}#side" if item else None, attributes={"sku": "R-1"} if item else {})
     return LookupResult([top, Candidate("moon", "Moon", 0.31)], {"encode": 3.4, "search": 0.7, "total": 4.6},
                         source, match=top if item else None)
 
@@ -113,6 +114,8 @@ def test_lookup_events_retained_state_and_home_assistant_discovery(broker):
         first, second = (json.loads(e) for e in events)
         assert first["decision"] == "match" and first["id"] == "rocket" and first["label"] == "Rocket"
         assert first["score"] == 0.91 and first["inliers"] == 37 and first["source"] == "camera"
+        assert first["attributes"] == {"sku": "R-1"} and first["matches"][0]["attributes"] == {"sku": "R-1"}
+        assert first["matches"][0]["photo"] == "side" and second["attributes"] == {}
         assert first["timings_ms"]["total"] == 4.6 and first["time"].endswith("+00:00") and first["device"] == "shelf"
         assert second["decision"] == "no_match" and second["id"] is None and second["source"] == "upload"
         wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["published"] >= 14, 5, "everything published")

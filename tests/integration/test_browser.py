@@ -248,6 +248,14 @@ def test_enrol_and_delete_from_the_catalog_manager_change_the_catalog(server, dr
     driver.find_element(By.ID, "catalog-search").send_keys("browser mug")
     _wait(driver, lambda d: _catalog_ids(d) == ["browser/mug"], "the search to find the item")
     time.sleep(0.6)  # the search box waits 0.3 s after the last key before it asks: let the last answer land
+    # the item's photos, and one more from the camera (a box's other side)
+    driver.find_element(By.CSS_SELECTOR, "#catalog-grid .card .photos").click()
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .photo-strip img"), "the item's photos")
+    driver.find_element(By.CSS_SELECTOR, "#catalog-grid .photo-strip .add-photo").click()
+    _wait(driver, lambda d: "added photo 2 to browser/mug" in _text(d, "catalog-note"), "a photo from the camera")
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#catalog-grid .photo-strip img")) == 2,
+          "the strip to show both photos")
+    assert [p["photo"] for p in server.request("GET", "/api/catalog/browser/mug")[1]["photos"]] == ["", "2"]
     button = driver.find_element(By.CSS_SELECTOR, "#catalog-grid .card .delete")
     button.click()
     button.click()  # the second click confirms

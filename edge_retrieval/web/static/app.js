@@ -141,8 +141,22 @@ function card(c) {
   thumb.alt = str(c.label);
   li.querySelector(".label").textContent = str(c.label);
   li.querySelector(".id").textContent = str(c.id) === str(c.label) ? "" : str(c.id);  // not "rocket" twice
+  const attrs = attributesText(c);
+  if (attrs) {  // the item's attributes (sku, price, …), as text
+    const span = document.createElement("span");
+    span.className = "attrs";
+    span.textContent = attrs;
+    li.querySelector(".id").after(span);
+  }
   return li;
 }
+
+function attributesText(c) {
+  const a = c && c.attributes && typeof c.attributes === "object" ? c.attributes : {};
+  return Object.entries(a).map(([k, v]) => str(k) + ": " + str(v)).join(" · ");
+}
+
+function itemUrl(id) { return "/api/catalog/" + str(id).split("/").map(encodeURIComponent).join("/"); }
 
 function renderResult(data) {
   const list = $("candidates");
@@ -166,7 +180,8 @@ function renderResult(data) {
   if (hasMatch) {
     const verified = match && Number.isInteger(match.inliers) ? " · " + match.inliers + " matching points" : "";
     line.textContent = match === null ? "no match (the nearest catalog items are shown greyed)"
-      : "match: " + named(match) + (match.confidence ? " · " + str(match.confidence) + " confidence" : "") + verified + itemsText(data.matches);
+      : "match: " + named(match) + (match.confidence ? " · " + str(match.confidence) + " confidence" : "") + verified
+        + (attributesText(match) ? " · " + attributesText(match) : "") + itemsText(data.matches);
     line.title = match ? scoreTitle(match) : "";
   }
   showQueryItems(data);
@@ -453,20 +468,63 @@ async function loadCatalog(told = false) {
   const grid = $("catalog-grid");
   grid.replaceChildren();
   for (const item of body.items) {
-    const li = card({ ...item, thumbnail_url: "/api/catalog/" + item.id.split("/").map(encodeURIComponent).join("/") + "/thumb.jpg" });
+    const li = card({ ...item, thumbnail_url: itemUrl(item.id) + "/thumb.jpg" });
     li.dataset.id = item.id;
     const del = document.createElement("button");
     del.type = "button";
     del.className = "secondary delete";
     del.textContent = "Delete";
     del.addEventListener("click", () => removeItem(item.id, del));
-    li.querySelector(".score").replaceWith(del);
+    const photos = document.createElement("button");  // the item's photos, and one more from the camera
+    photos.type = "button";
+    photos.className = "secondary photos";
+    photos.textContent = (item.photos > 1 ? item.photos + " photos" : "1 photo") + " …";
+    photos.addEventListener("click", () => showPhotos(item.id, li));
+    li.querySelector(".score").replaceWith(photos, del);
     grid.appendChild(li);
+    if (openPhotos.has(item.id)) showPhotos(item.id, li);
   }
   const pages = Math.max(1, Math.ceil(body.total / CATALOG_PAGE));
   $("catalog-page").textContent = "page " + (Math.floor(catalogOffset / CATALOG_PAGE) + 1) + " of " + pages;
   $("catalog-prev").disabled = catalogOffset === 0;
   $("catalog-next").disabled = catalogOffset + CATALOG_PAGE >= body.total;
+}
+
+// An item's photos under its card, and "Add a photo from the camera" (a box's other side). The strips stay open
+// when the grid is drawn again (a catalog change redraws it).
+const openPhotos = new Set();
+const cardOf = (id) => [...document.querySelectorAll("#catalog-grid .card")].find((c) => c.dataset.id === id);
+
+async function showPhotos(id, li) {
+  openPhotos.add(id);
+  const { ok, body } = await getJson(itemUrl(id));
+  if (!ok) { catalogNote("Cannot load " + id + ": " + str(body.error)); return; }
+  let strip = li.querySelector(".photo-strip");
+  if (!strip) { strip = document.createElement("div"); strip.className = "photo-strip"; li.appendChild(strip); }
+  strip.replaceChildren();
+  for (const p of body.photos) {
+    const img = document.createElement("img");
+    img.src = str(p.thumbnail);
+    img.alt = str(body.label) + (p.photo ? " — " + str(p.photo) : "");
+    img.title = p.photo ? str(p.photo) : "first photo";
+    strip.appendChild(img);
+  }
+  const add = document.createElement("button");
+  add.type = "button";
+  add.className = "secondary add-photo";
+  add.textContent = "Add a photo from the camera";
+  add.addEventListener("click", () => addPhotoFromCamera(id, li));
+  strip.appendChild(add);
+}
+
+async function addPhotoFromCamera(id, li) {
+  if (!token()) { catalogNote("Enter the API token first."); return; }
+  catalogNote("adding a photo to " + id + "…");
+  const { ok, body } = await getJson(itemUrl(id) + "/photos", { method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json" }, body: "{}" });
+  if (!ok) { catalogNote("Failed: " + str(body.error || "error")); return; }
+  catalogNote("added photo " + str(body.photo) + " to " + id + ".");
+  setTimeout(() => { const card = cardOf(id) || li; showPhotos(id, card); }, 1000);
 }
 
 async function catalogHas(id) {
@@ -519,8 +577,7 @@ async function removeItem(id, button) {
   }
   button.disabled = true;
   catalogNote("removing " + id + "…");
-  const url = "/api/catalog/" + id.split("/").map(encodeURIComponent).join("/");
-  const { ok, body } = await getJson(url, { method: "DELETE", headers: authHeaders() });
+  const { ok, body } = await getJson(itemUrl(id), { method: "DELETE", headers: authHeaders() });
   catalogNote(ok ? "removed " + id + "." : "Failed: " + str(body.error || "error"));
   loadCatalog();
 }

@@ -20,7 +20,7 @@ from edge_retrieval.core.config import (
 from edge_retrieval.core.results import Candidate, LookupResult
 from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.reader import CatalogIndex
-from edge_retrieval.model.local_features import extract, region, verify_candidates
+from edge_retrieval.model.local_features import Verification, extract, outline, verify_candidates
 from edge_retrieval.search.decision import accepts
 from edge_retrieval.search.multi_item import MoreItems
 
@@ -93,7 +93,7 @@ class Lookup:
         timings = dict(timings or {})
         want = max(top_k, rc.verify_top_k if rc.verify else 0, NORM_K)  # NORM_K: the decision's score_norm
         best: dict[str, Candidate] = {}
-        verified: dict[str, tuple[int, np.ndarray | None]] = {}
+        verified: dict[str, Verification] = {}
         query: list = [None]  # the query's keypoints, extracted once, on the first verification
 
         def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
@@ -138,13 +138,14 @@ class Lookup:
         return sorted(best.values(), key=lambda c: -c.score)[:want]
 
     def _verify(self, query, ranked: list[Candidate], idx: CatalogIndex,
-                verified: dict[str, tuple[int, np.ndarray | None]]) -> list[Candidate]:
+                verified: dict[str, Verification]) -> list[Candidate]:
         """Verify the top ``verify_top_k`` candidates not verified yet (``verified`` remembers them across a
         retry), re-rank them by the fused score, and outline the top one when it verifies."""
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
         todo = [c for c in head if c.id not in verified]
-        found = verify_candidates(query, todo, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers)
+        found = verify_candidates(query, todo, lambda c: idx.features(c.id), rc, stop_inliers=rc.stop_inliers,
+                                  accept_inliers=self.accept_inliers)
         verified.update({c.id: r for c, r in zip(todo, found)})
         cap = max(rc.stop_inliers, 1)
 
@@ -155,7 +156,7 @@ class Lookup:
         head = sorted((replace(c, rank_score=fused(c)) for c in head), key=lambda c: -c.rank_score)
         top = head[0]
         if top.inliers is not None and top.inliers >= self.accept_inliers:  # the page outlines a verified match
-            head[0] = replace(top, quad=region(query, idx.features(top.id), verified[top.id][1]))
+            head[0] = replace(top, quad=outline(query, idx.features(top.id), verified[top.id]))
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:

@@ -193,6 +193,14 @@ class RecognitionConfig(_Section):
     ransac_method: Literal["usac_magsac", "ransac"] = "usac_magsac"
     ransac_reproj_px: float = Field(8.0, gt=0, le=100)
     ransac_iters: int = Field(500, ge=10, le=100000)
+    epipolar: bool = Field(True, description="when the homography finds too few inliers, try epipolar geometry (a "
+                           "solid object seen from another side: two faces of a box, a label round a can)")
+    accept_epipolar_inliers: int = Field(12, ge=8, le=1000, description="epipolar inliers that verify a candidate "
+                                         "(a fundamental matrix fits chance matches more easily than a homography)")
+    epipolar_max_hamming: int = Field(50, ge=0, le=256, description="only matches this close (ORB Hamming "
+                                      "distance, bits) feed the epipolar fit")
+    epipolar_reproj_px: float = Field(2.0, gt=0, le=20, description="distance (px) from its epipolar line within "
+                                      "which a match is an epipolar inlier")
     require_features: bool = False
     adapt: bool = Field(True, description="fit learned whitening on the catalog's synthetic views at index build")
     adapt_views: int = Field(8, ge=1, le=64, description="synthetic camera views per catalog image for the fit")

@@ -6,6 +6,14 @@ homography is fitted with RANSAC / USAC_MAGSAC. A catalog print lying tilted and
 keeps dozens of inliers; a photo that is not in the catalog, or an empty table, gets ~0 against every
 candidate. The caller decides "verified" (edge_retrieval/search/lookup.py: ``RecognitionConfig.accept_inliers``).
 
+A solid object seen from another side fits no single homography (two faces of a box, a label round a can):
+when the homography finds fewer inliers than the caller accepts, epipolar geometry is tried (a fundamental
+matrix, USAC_MAGSAC) on the close matches only (Hamming distance <= ``epipolar_max_hamming``). A fundamental
+matrix is a 7-point model that fits far more chance matches than a homography; keeping only close descriptors
+starves chance pairs of points (9 % of the ratio-test matches of a wrong candidate are that close, 82 % of a
+right one's inliers: docs/benchmarks.md, "Solid objects"), and its count must reach its own, higher threshold
+``accept_epipolar_inliers``.
+
 Why one-to-one: on smooth, low-texture catalog images (moon, clock, coins) a few catalog keypoints are the
 nearest neighbour of many query keypoints; without the rule any textured frame "verifies" against them
 because a homography can always map many points onto the same few.
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -29,6 +37,24 @@ DESC_BYTES = 32
 MIN_MATCHES_TO_FIT = 8  # fewer ratio-test matches than this: no homography is tried, 0 inliers
 _MAX_SCALE_CHANGE = 10.0
 _METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
+_EPIPOLAR_MIN_MATCHES = 10  # close matches needed before a fundamental matrix is tried (7 fit any F exactly)
+_EPIPOLAR_MAX_MATCHES = 200  # the closest this many feed MAGSAC: a verification stays a few ms
+_EPIPOLAR_ITERS = 1000
+
+
+class Verification(NamedTuple):
+    """What verifying a query against one candidate found: ``inliers`` (-1: not verified; 0: no credible geometry),
+    the query → catalog ``homography`` when one fits (the outline maps the catalog's corners through it), ``model``
+    ("homography" or "epipolar": which geometry the inliers are counted under; "" for none) and, for an epipolar
+    verification, the query-side inlier coordinates ``inlier_xy`` [N, 2] (the outline is drawn round them)."""
+
+    inliers: int
+    homography: np.ndarray | None = None
+    model: str = ""
+    inlier_xy: np.ndarray | None = None
+
+
+NOT_VERIFIED = Verification(-1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +128,11 @@ def match_inliers(query: Features, cand: Features, cfg: RecognitionConfig) -> in
 def match_homography(query: Features, cand: Features, cfg: RecognitionConfig) -> tuple[int, np.ndarray | None]:
     """``(inliers, H)``: what :func:`match_inliers` counts, and the 3x3 homography mapping ``query`` keypoint
     coordinates onto ``cand``'s (None when there is no credible one, and then 0 inliers)."""
-    pairs = ratio_matches(query, cand, cfg)
+    return _fit_homography(query, cand, ratio_matches(query, cand, cfg), cfg)
+
+
+def _fit_homography(query: Features, cand: Features, pairs: np.ndarray,
+                    cfg: RecognitionConfig) -> tuple[int, np.ndarray | None]:
     if len(pairs) < MIN_MATCHES_TO_FIT:
         return 0, None
     src = query.xy[pairs[:, 0]].reshape(-1, 1, 2)
@@ -119,10 +149,79 @@ def match_homography(query: Features, cand: Features, cfg: RecognitionConfig) ->
     if det <= 0 or not (1 / _MAX_SCALE_CHANGE ** 2 <= det <= _MAX_SCALE_CHANGE ** 2):
         return 0, None
     inl = mask.ravel().astype(bool)
-    # Distinct locations: ORB may put several keypoints (pyramid levels) on one spot; count it once.
-    q_loc = np.unique(np.round(src.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
-    c_loc = np.unique(np.round(dst.reshape(-1, 2)[inl]).astype(np.int32), axis=0)
-    return int(min(len(q_loc), len(c_loc))), h
+    return _distinct(src.reshape(-1, 2)[inl], dst.reshape(-1, 2)[inl]), h
+
+
+def _distinct(src: np.ndarray, dst: np.ndarray) -> int:
+    """Inliers counted as distinct keypoint locations on both sides (ORB may put several keypoints, on several
+    pyramid levels, on one spot: it counts once)."""
+    q_loc = np.unique(np.round(src).astype(np.int32), axis=0)
+    c_loc = np.unique(np.round(dst).astype(np.int32), axis=0)
+    return int(min(len(q_loc), len(c_loc)))
+
+
+def hamming(query: Features, cand: Features, pairs: np.ndarray) -> np.ndarray:
+    """Hamming distance (bits, 0..256) of each matched descriptor pair (``pairs`` as from :func:`ratio_matches`)."""
+    if len(pairs) == 0:
+        return np.zeros(0, np.int64)
+    xor = np.bitwise_xor(query.desc[pairs[:, 0]], cand.desc[pairs[:, 1]])
+    return np.unpackbits(xor, axis=1).sum(axis=1, dtype=np.int64)
+
+
+def match_epipolar(query: Features, cand: Features, cfg: RecognitionConfig,
+                   pairs: np.ndarray | None = None) -> tuple[int, np.ndarray | None]:
+    """``(inliers, query-side inlier xy [N, 2])`` of a fundamental matrix (USAC_MAGSAC) fitted on the close
+    matches (Hamming <= ``cfg.epipolar_max_hamming``, at most the 200 closest) of ``query`` and ``cand``: the
+    geometry of a solid seen from two viewpoints, whatever its shape. Inliers are counted as distinct locations;
+    (0, None) when too few close matches or no credible fit. ``pairs``: the ratio-test matches, when known."""
+    pairs = ratio_matches(query, cand, cfg) if pairs is None else pairs
+    dist = hamming(query, cand, pairs)
+    close = np.flatnonzero(dist <= cfg.epipolar_max_hamming)
+    if len(close) < _EPIPOLAR_MIN_MATCHES:
+        return 0, None
+    close = close[np.argsort(dist[close], kind="stable")[:_EPIPOLAR_MAX_MATCHES]]
+    src = query.xy[pairs[close, 0]].astype(np.float64)
+    dst = cand.xy[pairs[close, 1]].astype(np.float64)
+    try:
+        f, mask = cv2.findFundamentalMat(src, dst, cv2.USAC_MAGSAC, cfg.epipolar_reproj_px, 0.999, _EPIPOLAR_ITERS)
+    except cv2.error:
+        return 0, None
+    if f is None or mask is None or f.shape != (3, 3) or not np.isfinite(f).all():
+        return 0, None
+    inl = mask.ravel().astype(bool)
+    return _distinct(src[inl], dst[inl]), src[inl].astype(np.float32)
+
+
+def verify(query: Features, cand: Features, cfg: RecognitionConfig, *, accept_inliers: int) -> Verification:
+    """Verify ``query`` against one candidate: the homography first; when it finds fewer than ``accept_inliers``
+    (what the caller accepts) and ``cfg.epipolar`` is on, epipolar geometry, which counts only when it reaches
+    ``cfg.accept_epipolar_inliers`` (then its inliers are the ones reported). Otherwise the homography's count."""
+    pairs = ratio_matches(query, cand, cfg)
+    n, h = _fit_homography(query, cand, pairs, cfg)
+    if n >= accept_inliers or not cfg.epipolar:
+        return Verification(n, h, "homography" if h is not None else "")
+    n_f, xy = match_epipolar(query, cand, cfg, pairs)
+    if n_f >= max(cfg.accept_epipolar_inliers, accept_inliers) and n_f > n:
+        return Verification(n_f, None, "epipolar", xy)
+    return Verification(n, h, "homography" if h is not None else "")
+
+
+def outline(query: Features, cand: Features, found: Verification) -> tuple[tuple[float, float], ...] | None:
+    """The quad the page outlines for one verification: :func:`region` through its homography, or for an epipolar
+    one (no homography maps a solid seen from another side) the smallest rotated rectangle round its query
+    inliers, corners from the top-left clockwise, as fractions of the query frame. None without either."""
+    if found.homography is not None or found.inlier_xy is None or len(found.inlier_xy) < 3:
+        return region(query, cand, found.homography)
+    qw, qh = query.size_wh
+    if min(qw, qh) <= 0:
+        return None
+    corners = cv2.boxPoints(cv2.minAreaRect(found.inlier_xy.astype(np.float32)))
+    centre = corners.mean(axis=0)
+    # clockwise on screen (y down) from the corner up and to the left of the centre
+    angle = np.arctan2(corners[:, 1] - centre[1], corners[:, 0] - centre[0])
+    corners = corners[np.argsort(angle)]
+    corners = np.roll(corners, -int(np.argmin(corners.sum(axis=1))), axis=0) / (qw, qh)
+    return tuple((round(float(x), 4), round(float(y), 4)) for x, y in np.clip(corners, -0.5, 1.5))
 
 
 def region(query: Features, cand: Features, h: np.ndarray | None) -> tuple[tuple[float, float], ...] | None:
@@ -147,17 +246,25 @@ def region(query: Features, cand: Features, h: np.ndarray | None) -> tuple[tuple
 
 def verify_candidates(query: Features, candidates: Sequence[Any],
                       get_features: Callable[[Any], Features | None], cfg: RecognitionConfig, *,
-                      stop_inliers: int | None = None) -> list[tuple[int, np.ndarray | None]]:
-    """``(inliers, homography)`` of ``query`` against each candidate, in the given order: (-1, None) when it was
-    not verified (no features, or skipped because an earlier candidate already reached ``stop_inliers``:
+                      stop_inliers: int | None = None, accept_inliers: int | None = None) -> list[Verification]:
+    """The :class:`Verification` of ``query`` against each candidate, in the given order (``inliers`` and
+    ``homography`` first, so it reads as the ``(inliers, homography)`` pair it used to be): NOT_VERIFIED when it
+    was not verified (no features, or skipped because an earlier candidate already reached ``stop_inliers``:
     candidates come best-first, so the first one that verifies well ends the work). ``get_features(candidate)``
-    returns the candidate's stored Features, or None when it has none."""
-    out: list[tuple[int, np.ndarray | None]] = []
+    returns the candidate's stored Features, or None when it has none. ``accept_inliers``: the homography count
+    the caller accepts; below it epipolar geometry is tried (``cfg.epipolar``); None = the homography only."""
+    out: list[Verification] = []
     for cand in candidates:
-        if stop_inliers is not None and out and max(n for n, _ in out) >= stop_inliers:
-            out.append((-1, None))
+        if stop_inliers is not None and out and max(v.inliers for v in out) >= stop_inliers:
+            out.append(NOT_VERIFIED)
             continue
         feats = get_features(cand)
-        out.append((-1, None) if feats is None else match_homography(query, feats, cfg))
+        if feats is None:
+            out.append(NOT_VERIFIED)
+        elif accept_inliers is None:
+            n, h = match_homography(query, feats, cfg)
+            out.append(Verification(n, h, "homography" if h is not None else ""))
+        else:
+            out.append(verify(query, feats, cfg, accept_inliers=accept_inliers))
     return out
 

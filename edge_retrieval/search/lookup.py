@@ -20,7 +20,7 @@ from edge_retrieval.core.config import (
 from edge_retrieval.core.results import Candidate, LookupResult
 from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.reader import CatalogIndex
-from edge_retrieval.model.local_features import extract, region, verify_candidates
+from edge_retrieval.model.local_features import Verification, extract, outline, verify_candidates
 from edge_retrieval.search.decision import accepts
 from edge_retrieval.search.multi_item import MoreItems
 
@@ -94,7 +94,7 @@ class Lookup:
         want = max(top_k, rc.verify_top_k if rc.verify else 0, NORM_K)  # NORM_K: the decision's score_norm
         best: dict[str, Candidate] = {}  # item id → its best photo's candidate; alt: its second photo's
         alt: dict[str, Candidate] = {}
-        verified: dict[str, tuple[int, np.ndarray | None, str]] = {}
+        verified: dict[str, tuple[Verification, str]] = {}  # item id → its best verification, of which photo
         query: list = [None]  # the query's keypoints, extracted once, on the first verification
 
         def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
@@ -145,7 +145,7 @@ class Lookup:
         return sorted(best.values(), key=lambda c: -c.score)[:want]
 
     def _verify(self, query, ranked: list[Candidate], idx: CatalogIndex,
-                verified: dict[str, tuple[int, np.ndarray | None, str]], alt: dict[str, Candidate]) -> list[Candidate]:
+                verified: dict[str, tuple[Verification, str]], alt: dict[str, Candidate]) -> list[Candidate]:
         """Verify the top ``verify_top_k`` items not verified yet (``verified`` remembers them across a retry)
         against their best photo and, when the item has one, its second-best (a box's other side): the photo with
         more verified points speaks for the item. Re-rank them by the fused score, outline the top one when it
@@ -153,23 +153,24 @@ class Lookup:
         rc = self.recognition
         head, tail = ranked[:rc.verify_top_k], ranked[rc.verify_top_k:]
         todo = [p for c in head if c.id not in verified for p in ([c, alt[c.id]] if c.id in alt else [c])]
-        found = verify_candidates(query, todo, lambda c: idx.features(c.key), rc, stop_inliers=rc.stop_inliers)
-        for c, (n, h) in zip(todo, found):
-            if c.id not in verified or n > verified[c.id][0]:
-                verified[c.id] = (n, h, c.key)
+        found = verify_candidates(query, todo, lambda c: idx.features(c.key), rc, stop_inliers=rc.stop_inliers,
+                                  accept_inliers=self.accept_inliers)
+        for c, v in zip(todo, found):
+            if c.id not in verified or v[0] > verified[c.id][0][0]:
+                verified[c.id] = (v, c.key)
         cap = max(rc.stop_inliers, 1)
 
         def fused(c: Candidate) -> float:
             return c.score + rc.fusion_weight * min(c.inliers or 0, cap) / cap
 
         def of_photo(c: Candidate) -> Candidate:
-            n, _, key = verified[c.id]
+            (n, *_), key = verified[c.id]
             return replace(c, inliers=n if n >= 0 else None, photo=key if key != c.id else None)
 
         head = sorted((replace(c, rank_score=fused(c)) for c in map(of_photo, head)), key=lambda c: -c.rank_score)
         top = head[0]
         if top.inliers is not None and top.inliers >= self.accept_inliers:  # the page outlines a verified match
-            head[0] = replace(top, quad=region(query, idx.features(top.key), verified[top.id][1]))
+            head[0] = replace(top, quad=outline(query, idx.features(top.key), verified[top.id][0]))
         return head + tail
 
     def _decide(self, ranked: list[Candidate]) -> Candidate | None:

@@ -1,6 +1,7 @@
 """Spatial verification on real photos: a catalog print on a cluttered table verifies against its own photo
 and not against others; photos outside the catalog and an empty table verify against nothing, smooth
-low-texture candidates included; the memory-mapped features file round-trips and refuses corrupt files."""
+low-texture candidates included; a solid seen from another side verifies by epipolar geometry where no homography
+fits, and two different solids do not; the memory-mapped features file round-trips and refuses corrupt files."""
 from __future__ import annotations
 
 import cv2
@@ -9,14 +10,18 @@ import pytest
 
 from edge_retrieval.core.config import RecognitionConfig
 from edge_retrieval.core.errors import CatalogIndexError
+from edge_retrieval.imaging.solid_views import Viewpoint, box, castle, render
 from edge_retrieval.imaging.synthetic_views import camera_view, empty_table
 from edge_retrieval.index.feature_store import FeatureStore
 from edge_retrieval.model.local_features import (
     MIN_MATCHES_TO_FIT,
     Features,
     extract,
+    match_homography,
     match_inliers,
+    outline,
     ratio_matches,
+    verify,
     verify_candidates,
 )
 
@@ -128,7 +133,7 @@ def test_verification_stops_early_and_marks_unverified(photos, feats):
         return None if name == "nofeatures" else feats[name]
 
     def inliers(names, **kw):
-        return [n for n, _ in verify_candidates(q, names, get, CFG, **kw)]
+        return [v.inliers for v in verify_candidates(q, names, get, CFG, **kw)]
 
     q = _query(frame)
     full = inliers(["astronaut", "nofeatures", "chelsea", "moon"])
@@ -137,3 +142,45 @@ def test_verification_stops_early_and_marks_unverified(photos, feats):
     early = inliers(["chelsea", "astronaut", "moon"], stop_inliers=12)
     assert early[0] >= TRUE_MIN and early[1:] == [-1, -1]
     assert calls == ["chelsea"]
+
+
+ACCEPT = 8  # the shipped bundles' accept_inliers
+
+
+def _faces(photo: np.ndarray) -> tuple[np.ndarray, ...]:
+    h, w = photo.shape[:2]
+    cells = [photo[r * h // 2:(r + 1) * h // 2, c * w // 3:(c + 1) * w // 3] for r in range(2) for c in range(3)]
+    return tuple(cv2.resize(np.ascontiguousarray(c), (300, 300)) for c in cells[:5])
+
+
+def _seen(solid, yaw: float, seed: int, *, query: bool) -> Features:
+    return extract(render(solid, Viewpoint(yaw, 20, span=0.9), np.random.default_rng(seed)), CFG, query=query)
+
+
+def test_castle_seen_40_degrees_apart_verifies_by_epipolar_geometry_not_by_a_homography(photos):
+    toy = castle(photos["astronaut"], np.random.default_rng(2))
+    catalog, query = _seen(toy, 0, 1, query=False), _seen(toy, 40, 2, query=True)
+    assert match_homography(query, catalog, CFG)[0] < ACCEPT  # walls at many depths: no one plane holds enough
+    assert verify(query, catalog, CFG.model_copy(update={"epipolar": False}), accept_inliers=ACCEPT).inliers < ACCEPT
+    found = verify(query, catalog, CFG, accept_inliers=ACCEPT)
+    assert found.model == "epipolar" and found.inliers >= CFG.accept_epipolar_inliers and found.homography is None
+    quad = np.array(outline(query, catalog, found))
+    assert quad.shape == (4, 2) and (quad >= 0).all() and (quad <= 1).all()
+    assert 0.3 < quad[:, 0].mean() < 0.7 and 0.3 < quad[:, 1].mean() < 0.7  # round the castle, mid-frame
+    assert quad[0].sum() == quad.sum(axis=1).min()  # from the top-left corner
+    assert cv2.contourArea(quad.astype(np.float32)) > 0.02
+
+
+@pytest.mark.parametrize("known,unknown", [("astronaut", "coffee"), ("chelsea", "rocket"), ("china", "camera")])
+def test_two_different_solids_do_not_verify(photos, known, unknown):
+    for make in (lambda p: box(_faces(p)), lambda p: castle(p, np.random.default_rng(0))):
+        catalog = _seen(make(photos[known]), 0, 1, query=False)
+        for yaw in (0, 40):
+            found = verify(_seen(make(photos[unknown]), yaw, 3, query=True), catalog, CFG, accept_inliers=ACCEPT)
+            assert found.inliers < ACCEPT, (known, unknown, yaw, found.model, found.inliers)
+
+
+def test_a_box_turned_40_degrees_verifies_against_its_own_photo(photos):
+    own = box(_faces(photos["coffee"]))
+    found = verify(_seen(own, 45, 2, query=True), _seen(own, 5, 1, query=False), CFG, accept_inliers=ACCEPT)
+    assert found.inliers >= ACCEPT

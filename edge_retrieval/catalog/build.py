@@ -212,6 +212,7 @@ def build_index(folder: str | Path, maker: ItemMaker, index_path: str | Path, *,
     tasks = [_task(row, p.relative_to(folder).as_posix(), str(p), labels, attributes or {}, images.max_pixels)
              for row, p in enumerate(paths)]
     del paths  # ≈ 300 bytes an image as Path objects (0.3 GB at 1M); the tasks (≈ 430 bytes each) are the list
+    tasks = _within_photo_limit(tasks, max_photos, rep)
     try:
         return _build(folder, maker, index_path, tasks, run, rep, n_trees, allow_empty, progress, t0, max_photos)
     finally:
@@ -235,6 +236,21 @@ def _task(row: int, rel: str, path: str, labels: dict[str, str], attributes: dic
                      attributes=attributes.get(item_id) or attributes.get(stem) or {})
 
 
+def _within_photo_limit(tasks: list[BuildTask], max_photos: int, rep: BuildReport) -> list[BuildTask]:
+    """The tasks of each item's first ``max_photos`` files; the others are listed as skipped before any is decoded
+    (an item folder of 10,000 photos costs a directory listing, not 10,000 encodes)."""
+    counts: dict[str, int] = {}
+    kept = []
+    for t in tasks:
+        counts[t.item_id] = counts.get(t.item_id, 0) + 1
+        if counts[t.item_id] <= max_photos:
+            kept.append(t)
+        else:
+            rep.skipped.append((t.rel, f"item {t.item_id!r} has {max_photos} photos already "
+                                       "(catalog.max_photos_per_item)"))
+    return kept
+
+
 def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[BuildTask],
            run: Callable[[list[BuildTask]], Iterable[ItemResult]], rep: BuildReport, n_trees: int,
            allow_empty: bool, progress: bool, t0: float, max_photos: int) -> BuildReport:
@@ -242,15 +258,16 @@ def _build(folder: Path, maker: ItemMaker, index_path: str | Path, tasks: list[B
     # the sampled rows' descriptors that the adaptation fit needs (≤ adapt_max_items).
     enc, rc = maker.encoder, maker.recognition
     fit = AdaptationFit(enc.embed, rc, enc.sha256, enc.dim) if rc.adapt else None
-    sample = fit.sample(len(tasks)) if fit is not None else set()
+    sample = {tasks[i].row for i in fit.sample(len(tasks))} if fit is not None else set()
     originals: dict[int, np.ndarray] = {}
     seen: dict[str, str] = {}  # entry key → the file that made it
     photos: dict[str, int] = {}  # item id → photos indexed
+    by_row = {t.row: t for t in tasks}
     with NewGeneration(index_path, dim=enc.dim) as new:
         results = tqdm(run(tasks), total=len(tasks), desc="indexing", unit="img", disable=not progress)
         for r in _in_task_order(results, tasks):  # as a one-process build meets them: the first file of an id wins
             if r.item is not None:  # an item's first photo indexed is keyed by its id, the others by their names
-                photo = tasks[r.row].photo
+                photo = by_row[r.row].photo
                 key = photo_key(r.item.id, photo) if r.item.id in photos else r.item.id
                 if key in seen or (r.item.id in photos and not photo):
                     r = ItemResult(r.row, r.rel, error=f"duplicate id {key!r} (also {seen.get(key, seen[r.item.id])})")
@@ -299,7 +316,8 @@ def _fit_projection(run: Callable[[list[BuildTask]], Iterable[ItemResult]], fit:
     """The adaptation pass: views of a seeded sample of the indexed rows (seeded by the row: the same folder
     gives the same projection, however the rows were spread over workers); ``originals``: their descriptors."""
     t0 = time.perf_counter()
-    view_tasks = [replace(tasks[row], enrol=False, views_seed=row) for row in sorted(originals)]
+    by_row = {t.row: t for t in tasks}
+    view_tasks = [replace(by_row[row], enrol=False, views_seed=row) for row in sorted(originals)]
     for r in _in_task_order(tqdm(run(view_tasks), total=len(view_tasks), desc="adaptation views", unit="img",
                                  disable=not progress), view_tasks):
         if r.error is None:  # it decoded a moment ago; a file changed meanwhile only thins the sample

@@ -83,10 +83,12 @@ def test_base_plus_delta_answers_what_a_full_rebuild_answers(tmp_path):
 def test_an_encoded_item_comes_back_whole_and_a_damaged_or_foreign_one_is_refused():
     rng = np.random.default_rng(1)
     feats = Features(rng.random((7, 2), np.float32), rng.integers(0, 255, (7, 32), np.uint8), (320, 240))
-    item = CatalogItem("shelf/mug", "Mug ☕", _unit(rng.standard_normal((3, DIM))), b"\xff\xd8jpeg\xff\xd9", None, feats)
+    item = CatalogItem("shelf/mug#side", "Mug ☕", _unit(rng.standard_normal((3, DIM))), b"\xff\xd8jpeg\xff\xd9", None,
+                       feats, {"sku": "M-1", "price": "3,50 €"})
     data = encode_item(item, SHA)
     back = decode_item(data, SHA)
     assert (back.id, back.label, back.source, back.thumbnail_jpeg) == (item.id, item.label, None, item.thumbnail_jpeg)
+    assert back.attributes == item.attributes
     np.testing.assert_allclose(back.vector, item.vector, atol=1e-3)
     assert np.array_equal(back.features.desc, feats.desc) and back.features.size_wh == (320, 240)
     bare = decode_item(encode_item(CatalogItem("x", "x", item.vector[0]), SHA), SHA)

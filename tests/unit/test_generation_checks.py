@@ -132,3 +132,27 @@ def test_a_current_link_outside_the_index_folder_is_set_aside_and_nothing_outsid
     assert (history / "history.sqlite").read_bytes() == b"precious"
     assert [a["name"] for a in aside] == ["current"] and os.readlink(root / "current") == newer.name
     assert (root / aside[0]["set_aside_as"]).is_symlink()  # the link itself, renamed inside the folder
+
+
+def test_an_item_table_of_the_previous_version_is_read_and_photos_group_by_item(tmp_path):
+    """items.bin version 1 (no attributes; every key an item) still opens; version 2 groups photos by item."""
+    import struct
+
+    from edge_retrieval.index.item_table import ItemTable, id_hash
+    ids, labels = ["mug", "cup"], ["Mug", "Cup"]
+    texts = [s.encode() for s in ids + labels] + [b"", b""]
+    off = np.concatenate([[0], np.cumsum([len(t) for t in texts])]).astype("<i8")
+    hashes = np.array([id_hash(i) for i in ids], "<u8")
+    order = np.argsort(hashes).astype("<i8")
+    v1 = (struct.pack("<4sIII", b"ITEM", 1, 2, 0) + off[0:3].tobytes() + off[2:5].tobytes() + off[4:7].tobytes()
+          + np.full((2, 2), [-1, 0], "<i8").tobytes() + hashes[order].tobytes() + order.tobytes() + b"".join(texts))
+    (tmp_path / "v1.bin").write_bytes(v1)
+    old = ItemTable.open(tmp_path / "v1.bin", thumbs_size=0)
+    assert [old.item(r).id for r in range(2)] == ids and old.attributes(0) == {} and old.item_count == 2
+    assert old.row("cup") == 1 and old.photo_rows("mug") == [0]
+    keys = ["mug", "cup", "mug#side", "mugs", "mug#top"]
+    ItemTable.build(keys, ["Mug"] * 5, [None] * 5, [None] * 5,
+                    [{"sku": "M-1"}, {}, {"sku": "M-1"}, {}, {}]).write(tmp_path / "v2.bin")
+    new = ItemTable.open(tmp_path / "v2.bin", thumbs_size=0)
+    assert new.photo_rows("mug") == [0, 2, 4] and new.photo_rows("mugs") == [3] and new.photo_rows("mu") == []
+    assert new.item_count == 3 and new.attributes(2) == {"sku": "M-1"} and new.item(1).attributes == {}

@@ -261,3 +261,28 @@ def test_an_id_with_a_line_break_is_refused_even_at_the_end_of_a_part(bad):
     assert validate_id("ok/x") == "ok/x"
     with pytest.raises(InputError, match="invalid catalog id"):
         validate_id(bad)
+
+
+def test_a_store_of_the_previous_schema_is_read_and_gains_the_attributes_column(tmp_path):
+    """A catalog.sqlite written before attributes (schema 1) opens, keeps its rows and takes attributes after."""
+    import sqlite3
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE items (id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, removed INTEGER NOT NULL, label TEXT,
+                            image BLOB, changed TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1'), ('store_id', 'abc'), ('seq', '1');
+        INSERT INTO items VALUES ('mug', 1, 0, 'Mug', x'ffd8ff', '2026-01-01T00:00:00Z');
+    """)
+    db.commit()
+    db.close()
+    store = CatalogStore(path)
+    try:
+        assert store.meta("schema") == "2" and store.id == "abc"
+        assert store.get("mug").label == "Mug" and store.get("mug").attributes == {}
+        store.put("mug#side", "Mug", b"\xff\xd8\xff", attributes={"sku": "M-1"})
+        assert store.get("mug#side").attributes == {"sku": "M-1"} and store.photo_keys("mug") == ["mug", "mug#side"]
+        assert store.photo_keys("mu") == []  # a prefix of an id is not its item
+    finally:
+        store.close()

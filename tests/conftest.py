@@ -144,3 +144,15 @@ def tmpfs(tmp_path):
         pytest.skip(f"cannot mount a 20 MB tmpfs here: {out.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def device_config(root: Path, name: str, extra_catalog: str = "") -> Path:
+    """A device's config file as a user writes it (efficientnet-lite0, no adaptation; state under var/ beside it);
+    ``extra_catalog``: more lines of its catalog section."""
+    d = root / name
+    d.mkdir()
+    (d / "config.yaml").write_text("encoder:\n  bundle: efficientnet-lite0\n  fallback_bundle: null\n"
+                                   "index:\n  path: var/catalog\ncatalog:\n  store: var/catalog.sqlite\n"
+                                   f"{extra_catalog}recognition:\n  adapt: false\n")
+    return d / "config.yaml"
+

@@ -12,17 +12,11 @@ import pytest
 from edge_retrieval.catalog.store import CatalogStore
 from edge_retrieval.cli import main
 from edge_retrieval.imaging.codec import encode_jpeg
-from tests.conftest import view
+from tests.conftest import device_config, view
 
 
 def _device(root, name):
-    """A device's config file, as a user writes it (state beside it)."""
-    d = root / name
-    d.mkdir()
-    (d / "config.yaml").write_text("encoder:\n  bundle: efficientnet-lite0\n  fallback_bundle: null\n"
-                                   "index:\n  path: var/catalog\ncatalog:\n  store: var/catalog.sqlite\n"
-                                   "recognition:\n  adapt: false\n")
-    return d / "config.yaml"
+    return device_config(root, name)
 
 
 def _cli(cfg, *args) -> int:

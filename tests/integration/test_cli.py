@@ -45,7 +45,7 @@ def test_index_build_skips_and_reports_unreadable_files(built, capsys):
     # built, but not everything became an item: exit code 1, and each file that did not is named with its reason
     assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 1
     err = capsys.readouterr().err
-    assert f"indexed {len(CATALOG)} images" in err
+    assert f"indexed {len(CATALOG)} photos of {len(CATALOG)} items" in err
     assert "skipped 1, ignored 1" in err and "skipped broken.jpg:" in err
     assert "ignored notes.txt: not an image file (looked for" in err and "exit code 1" in err
 
@@ -63,7 +63,7 @@ def test_any_file_name_makes_an_item_and_nothing_is_skipped_silently(tmp_path, p
     assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 1
     err = capsys.readouterr().err
     # 'dup (1)' and 'dup [1]' give one id: the first keeps it, the second is named with the reason
-    assert "indexed 4 images" in err and "skipped dup [1].jpg: duplicate id 'dup _1_' (also dup (1).jpg)" in err
+    assert "indexed 4 photos of 4 items" in err and "skipped dup [1].jpg: duplicate id 'dup _1_' (also dup (1).jpg)" in err
     assert "1 hidden files" in err
     with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=None) as idx:
         items = {it.id: it.label for it in idx.items}

@@ -122,7 +122,7 @@ def test_history_without_a_writable_folder_keeps_lookups_in_memory(tmp_path, cap
 
 def test_candidate_json_carries_the_ranked_score_and_the_region():
     plain = Candidate("a", "A", 0.5).to_json()
-    assert plain == {"id": "a", "label": "A", "score": 0.5, "rank_score": 0.5}
+    assert plain == {"id": "a", "label": "A", "score": 0.5, "rank_score": 0.5, "attributes": {}}
     fused = Candidate("a", "A", 0.5, inliers=20, rank_score=0.75, quad=((0, 0), (1, 0), (1, 1), (0, 1))).to_json()
     assert fused["score"] == 0.5 and fused["rank_score"] == 0.75 and fused["quad"][2] == [1, 1]
 

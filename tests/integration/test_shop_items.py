@@ -12,19 +12,13 @@ import pytest
 from edge_retrieval.app.wiring import build_catalog
 from edge_retrieval.cli import main
 from edge_retrieval.imaging.codec import encode_jpeg
-from tests.conftest import FAST, TOKEN, appliance_config, make_appliance, view, web_client
+from tests.conftest import FAST, TOKEN, appliance_config, device_config, make_appliance, view, web_client
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _device(root, name):
-    """A device's config file, as a user writes it (state beside it)."""
-    d = root / name
-    d.mkdir()
-    (d / "config.yaml").write_text("encoder:\n  bundle: efficientnet-lite0\n  fallback_bundle: null\n"
-                                   "index:\n  path: var/catalog\ncatalog:\n  store: var/catalog.sqlite\n"
-                                   "  max_photos_per_item: 3\nrecognition:\n  adapt: false\n")
-    return d / "config.yaml"
+    return device_config(root, name, "  max_photos_per_item: 3\n")
 
 
 @pytest.fixture()

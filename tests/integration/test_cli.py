@@ -54,7 +54,7 @@ def test_any_file_name_makes_an_item_and_nothing_is_skipped_silently(tmp_path, p
     folder = tmp_path / "photos"
     (folder / "Küche").mkdir(parents=True)
     names = {"Chelsea (1) é.png": "chelsea", "Küche/Rocket [2].JPG": "rocket", "Moon, full!.jpeg": "moon",
-             "dup (1).jpg": "coins", "dup [1].jpg": "brick"}
+             "dup (1).jpg": "coins", "dup [1].jpg": "brick", "Küche/Tür (1).jpg": "astronaut"}
     for name, photo in names.items():
         (folder / name).write_bytes(encode_jpeg(photos[photo], 92))
     (folder / ".DS_Store").write_bytes(b"\0\1")
@@ -63,13 +63,14 @@ def test_any_file_name_makes_an_item_and_nothing_is_skipped_silently(tmp_path, p
     assert main(["--config", str(cfg), "index", "build", "--catalog", str(folder)]) == 1
     err = capsys.readouterr().err
     # 'dup (1)' and 'dup [1]' give one id: the first keeps it, the second is named with the reason
-    assert "indexed 4 photos of 4 items" in err and "skipped dup [1].jpg: duplicate id 'dup _1_' (also dup (1).jpg)" in err
+    assert "indexed 5 photos of 4 items" in err and "skipped dup [1].jpg: duplicate id 'dup _1_' (also dup (1).jpg)" in err
     assert "1 hidden files" in err
     with CatalogIndex.load(tmp_path / "index", expected_bundle_sha256=None) as idx:
         items = {it.id: it.label for it in idx.items}
-    # ids fit the id rule; each label is the name as the user wrote it
-    assert items == {"Chelsea _1_ é": "Chelsea (1) é", "Küche/Rocket _2_": "Rocket [2]", "Moon_ full_": "Moon, full!",
-                     "dup _1_": "dup (1)"}
+    # ids fit the id rule; each label is the name as the user wrote it; a folder is one item of photos, its first
+    # file keyed by the item's id, the other by its name
+    assert items == {"Chelsea _1_ é": "Chelsea (1) é", "Küche": "Küche", "Küche#Tür _1_": "Küche",
+                     "Moon_ full_": "Moon, full!", "dup _1_": "dup (1)"}
 
 
 def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):
@@ -90,8 +91,8 @@ def test_query_json_warped_views_retrieve_their_photo(built, photos, tmp_path):
     assert hits >= len(CATALOG) - 1, list(zip(truth, top1))  # ≥ 13/14 views of easy kinds
     first = lines[0]["results"][0]
     # inliers: verified; rank_score: what the results are ranked by; quad: where a verified match lies
-    assert {"id", "label", "score", "rank_score", "confidence"} <= set(first) <= {
-        "id", "label", "score", "rank_score", "confidence", "inliers", "quad"}
+    assert {"id", "label", "score", "rank_score", "confidence", "attributes"} <= set(first) <= {
+        "id", "label", "score", "rank_score", "confidence", "inliers", "quad", "attributes", "photo"}
     assert 0 < first["score"] <= 1.0001
     scores = [r["score"] for r in lines[0]["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3

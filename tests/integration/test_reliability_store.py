@@ -50,7 +50,8 @@ def test_a_reenrolment_acknowledged_before_kill_9_is_what_comes_back(tmp_path, s
             assert serve.upload("/api/catalog", _jpeg(photos, "coffee"), label="version A", id=x)[0] == 202
             for k, name in enumerate(OTHERS):
                 assert serve.upload("/api/catalog", _jpeg(photos, name), label=name, id=f"t{trial}/{k}")[0] == 202
-            status, body = serve.upload("/api/catalog", _jpeg(photos, "grace_hopper"), label="version B", id=x)
+            status, body = serve.upload("/api/catalog", _jpeg(photos, "grace_hopper"), label="version B", id=x,
+                                        replace="1")  # a re-enrolment says so (409 otherwise)
             assert status == 202, body
             time.sleep(delay_s)
             serve.kill9()
@@ -73,7 +74,8 @@ def test_a_removal_behind_queued_enrolments_stays_removed_through_kill_9(tmp_pat
         assert serve.upload("/api/catalog", _jpeg(photos, "coffee"), label="X", id="shelf/x")[0] == 202
         for k, name in enumerate(OTHERS[:6]):  # six enrolments queued
             assert serve.upload("/api/catalog", _jpeg(photos, name), label=name, id=f"q/{k}")[0] == 202
-        assert serve.upload("/api/catalog", _jpeg(photos, "coffee"), label="X again", id="shelf/x")[0] == 202
+        assert serve.upload("/api/catalog", _jpeg(photos, "coffee"), label="X again", id="shelf/x",
+                            replace="1")[0] == 202
         assert serve.request("DELETE", "/api/catalog/shelf/x", headers=AUTH)[0] == 200
         assert "shelf/x" not in serve.catalog()  # the 200 came once the index no longer had it
         time.sleep(2.0)

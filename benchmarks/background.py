@@ -114,3 +114,27 @@ def main(argv: list[str] | None = None) -> int:
                         "debian": sorted(g[8:] for g in groups if g.startswith("package:"))}})
         print(f"wrote {Path(args.bundle) / entry.file} ({entry.count} vectors, sha256 {entry.sha256[:12]}…)")
     return 0
+
+
+def query_sims(paths: list[str], bundle: Path, index_dir: Path, cache: Path) -> np.ndarray:
+    """Cosines [len(paths), N] of each query's whole-frame descriptor to the background set of ``bundle``, both
+    in the space of the index at ``index_dir`` (projected by its catalog adaptation), decoded and encoded as a
+    lookup does (``Lookup.decode``, ``Encoder.embed``); the descriptors are cached in ``cache``."""
+    from edge_retrieval.core.config import RecognitionConfig
+    from edge_retrieval.index.reader import CatalogIndex
+    from edge_retrieval.model.encoder import Encoder
+    from edge_retrieval.search.lookup import Lookup
+    background, _ = build(bundle)
+    enc = Encoder.from_bundle(bundle, num_threads=2)
+    idx = CatalogIndex.load(index_dir, expected_bundle_sha256=None)
+    if cache.is_file() and json.loads((cache.with_suffix(".json")).read_text()) == paths:
+        raw = np.load(cache)
+    else:
+        look = Lookup(enc, idx, RecognitionConfig(verify=True, decision=None), top_k=1)
+        raw = np.stack([enc.embed(look.decode(Path(p).read_bytes())[0]) for p in paths]).astype(np.float32)
+        np.save(cache, raw)
+        cache.with_suffix(".json").write_text(json.dumps(paths))
+    bg = np.asarray(background, np.float32)
+    if idx.projection is not None:
+        raw, bg = idx.projection.apply(raw), idx.projection.apply(bg)
+    return raw @ bg.T

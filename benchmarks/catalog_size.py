@@ -52,16 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     if not training_pool_files():
         print(f"skipped: the open set's photos are missing (apt-get install {' '.join(TRAINING_PACKAGES)})")
         return 0
-    tables = {}
+    from benchmarks.recognition import rates as threshold_rates
+    from edge_retrieval.model.bundle import load_manifest
+    cal = load_manifest(args.bundle, verify_sha=False).calibration
+    tables, at_thresholds = {}, {}
     for name in dict.fromkeys(["benchmark", *args.sizes]):
         ans, inq, openq, work = _answers(name, SIZES[name], args.bundle, args.reuse)
         tables[name] = decision_table(ans, inq, openq, args.bundle, work)
-        items = {a["results"][0]["id"] for a in ans.values() if a["results"]}
-        print(f"  {name}: {len(ans)} answers, {len(items)} distinct top items", flush=True)
+        at_thresholds[name] = threshold_rates([(ans[p], q["item"]) for p, q in inq], [ans[q["path"]] for q in openq],
+                                              cal.accept_inliers, cal.accept_score)
+        recall = float(np.mean([bool(ans[p]["results"]) and ans[p]["results"][0]["id"] == q["item"] for p, q in inq]))
+        print(f"  {name}: recall@1 (all views) {recall:.4f}; the bundle's two thresholds ({cal.accept_inliers} "
+              f"inliers / cosine {cal.accept_score}): {at_thresholds[name]}", flush=True)
     fit = tables["benchmark"]
     src = halves(fit["groups"])
     report: dict = {"mode": MODE, "bundle": args.bundle.name, "sizes": {k: SIZES[k] + 66 for k in args.sizes},
-                    "feature_sets": {}}
+                    "at_thresholds": {k: at_thresholds[k] for k in args.sizes}, "feature_sets": {}}
     for fs, features in FEATURE_SETS.items():
         rows = {}
         full = _model(fit, features, "")

@@ -21,7 +21,7 @@ from edge_retrieval.core.config import DECISION_FEATURES, DecisionModel
 from edge_retrieval.core.results import Candidate
 from edge_retrieval.search.decision import decision_features, probability
 
-MAX_FALSE_ACCEPT = 0.02
+MAX_FALSE_ACCEPT = 0.01  # issue 27: <= 1 % false accepts (unknown photos and empty tables)
 MAX_WRONG_ACCEPT = 0.01
 
 

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             m["decision"] = learned_decision(decision_table(ans, inq, openq, args.bundle, work), f"{mode}, bundle {args.bundle.name}, {len(inq)} "
                                              f"in-catalog + {len(openq)} open-set views (pool: "
                                              f"{', '.join(TRAINING_PACKAGES)}, empty tables) of `python -m benchmarks "
-                                             "calibrate`; threshold for <= 2 % false and <= 1 % wrong accepts",
+                                             "calibrate`; threshold for <= 1 % false and <= 1 % wrong accepts",
                                              args.bundle)
         report["modes"][mode] = m
         print(f"\n[{mode}] recall@1 {m['recall_at_1']:.3f} (table views {m['recall_at_1_table_views']:.3f}, "

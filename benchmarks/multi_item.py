@@ -75,7 +75,7 @@ def make_frames(n_frames: int, seed: int = 0) -> tuple[Path, list[dict], Path]:
             return root, saved["frames"], data.catalog
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    items = sorted(p for p in (data.catalog / "q").glob("*.jpg"))
+    items = sorted(p for p in (data.catalog / "q").glob("*/*.jpg"))
     groups = {"skimage": [p for p in items if not p.stem.startswith(SKIMAGE_FREE)],
               "sklearn+mpl": [p for p in items if p.stem.startswith(SKIMAGE_FREE)]}
     unknown = []

@@ -240,14 +240,42 @@ def held_out_thresholds(ans: dict, inq: list, openq: list) -> dict:
     return out
 
 
-def learned_decision(ans: dict, inq: list, openq: list, fitted_on: str, bundle: Path) -> dict:
-    """Fit and evaluate the learned decision on one verified mode's answers (benchmarks/decision.py), and rate the
-    decision calibrated in ``bundle``'s manifest on the same answers."""
-    from benchmarks.decision import fit_and_evaluate, predict, rates, table
+# The feature sets the learned decision is fitted with, side by side; the first is the one fitted for the bundle.
+# Margins and score_norm compare the top item with the rest of the catalog, so they change with its size;
+# score_bg compares it with the bundle's fixed background set.
+FEATURE_SETS = {"bg": ("score", "log_inliers", "score_bg"),
+                "bg_margin": ("score", "log_inliers", "log_inlier_margin", "score_bg"),
+                "no_bg": ("score", "log_inliers"),
+                "catalog_norm": ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm")}
+
+
+def open_source(q: dict) -> str:
+    """The photo an open-set view was made from, named as benchmarks/background.py names its sources."""
+    return f"package:{q['package']}/{Path(q['source']).name}" if q["package"] else f"table:{q['path']}"
+
+
+def decision_table(ans: dict, inq: list, openq: list, bundle: Path, work: Path) -> dict:
+    """benchmarks/decision.py's table of one verified mode's answers, with each query's cosines to the bundle's
+    background set (benchmarks/background.py) in the mode's index space."""
+    from benchmarks.background import build, query_sims
+    from benchmarks.decision import table
+    _, bg_sources = build(bundle)
+    sims = query_sims([p for p, _ in inq] + [q["path"] for q in openq], bundle, work / "index", work / "query_vectors.npy")
+    background = {"sims": sims, "sources": bg_sources, "groups": [s.split("/", 1)[0] for s in bg_sources],
+                  "row_sources": [source_group(q["item"]) for _, q in inq] + [open_source(q) for q in openq]}
+    return table([(ans[p], q["item"], source_group(q["item"]), q["kind"]) for p, q in inq],
+                 [(ans[q["path"]], open_group(q), q["kind"]) for q in openq], background)
+
+
+def learned_decision(t: dict, fitted_on: str, bundle: Path) -> dict:
+    """Fit and evaluate the learned decision on one verified mode's table (:func:`decision_table`) with each of
+    FEATURE_SETS (benchmarks/decision.py), and rate the decision calibrated in ``bundle``'s manifest on it."""
+    from benchmarks.decision import fit_and_evaluate, predict, rates
     from edge_retrieval.model.bundle import load_manifest
-    t = table([(ans[p], q["item"], source_group(q["item"]), q["kind"]) for p, q in inq],
-              [(ans[q["path"]], open_group(q), q["kind"]) for q in openq])
-    out = fit_and_evaluate(t, fitted_on=fitted_on)
+    sets = {name: fit_and_evaluate(t, features, fitted_on) for name, features in FEATURE_SETS.items()}
+    out = {**sets[next(iter(FEATURE_SETS))], "feature_sets": {
+        name: {k: r[k] for k in ("features", "held_out_mean", "held_out_source_and_kind", "in_sample", "model")}
+        for name, r in sets.items()}}
     cal = load_manifest(bundle, verify_sha=False).calibration
     out["at_bundle"] = rates(predict(cal.decision, t), t, cal.decision.threshold) if cal and cal.decision else None
     return out
@@ -319,10 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         if "verified" in mode:
             m["thresholds_held_out"] = held_out_thresholds(ans, inq, openq)
             m["curve_inliers"] = operating_curve(inside, outside, "inliers")
-            m["decision"] = learned_decision(ans, inq, openq, f"{mode}, bundle {args.bundle.name}, {len(inq)} "
+            work = work_dir(mode, args.bundle, args.catalog)
+            m["decision"] = learned_decision(decision_table(ans, inq, openq, args.bundle, work), f"{mode}, bundle {args.bundle.name}, {len(inq)} "
                                              f"in-catalog + {len(openq)} open-set views (pool: "
                                              f"{', '.join(TRAINING_PACKAGES)}, empty tables) of `python -m benchmarks "
-                                             "calibrate`; threshold for <= 2 % false and <= 1 % wrong accepts",
+                                             "calibrate`; threshold for <= 1 % false and <= 1 % wrong accepts",
                                              args.bundle)
         report["modes"][mode] = m
         print(f"\n[{mode}] recall@1 {m['recall_at_1']:.3f} (table views {m['recall_at_1_table_views']:.3f}, "
@@ -338,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  learned decision, held out by source (2 folds): {d['held_out_mean']}")
             print(f"  learned decision, held out by source and view kind (2 folds): {d['held_out_source_and_kind']}")
             print(f"  in sample: {d['in_sample']}; the bundle's calibrated decision: {d['at_bundle']}")
+            for name, r in d["feature_sets"].items():
+                print(f"  features {name} {r['features']}: held out by source {r['held_out_mean']}, by source and "
+                      f"kind {r['held_out_source_and_kind']}")
             print("  decision fitted on all views (the bundle's calibration, or recognition.decision):\n    decision: "
                   + json.dumps({k: v for k, v in d["model"].items()}, ensure_ascii=False))
     from edge_retrieval.convert.report import invoke_latency_ms  # no TensorFlow: the device runtime only

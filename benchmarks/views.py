@@ -21,7 +21,9 @@ RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "var" / "bench"
 
 # Bump when the generator changes, so a stale cache is regenerated rather than silently reused.
-DATASET_VERSION = 2  # 2: + one view per queried item that leaves the print's plane (VIEWPOINT_KINDS)
+# 2: + one view per queried item that leaves the print's plane (VIEWPOINT_KINDS); 3: each item in a folder of its
+# own (catalog/q/<photo>_NN/<photo>_NN.jpg), since a folder of files is now one item of several photos
+DATASET_VERSION = 3
 
 
 # ---------------------------------------------------------------- catalog crops with controlled overlap
@@ -146,8 +148,8 @@ def camera_view_set(root: Path | None = None, *, views_per_item: int = 4, seed: 
     (root / "catalog").mkdir(parents=True)
     (root / "queries").mkdir()
     for item, (name, box) in {**queried, **distractors}.items():
-        path = root / "catalog" / f"{item}.jpg"
-        path.parent.mkdir(exist_ok=True)
+        path = root / "catalog" / item / f"{item.rsplit('/', 1)[-1]}.jpg"  # the item folder's one photo: id = item
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_jpeg(_cut(photos[name], box, plan.size_px), 92))
     rng = np.random.default_rng(seed + 1)
     queries, j = [], 0

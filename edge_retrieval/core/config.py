@@ -123,10 +123,13 @@ class BuildConfig(_Section):
     ray_batch_size: int = Field(8, ge=1, le=1024, description="images per actor call")
 
 
-DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm")
+DECISION_FEATURES = ("score", "score_margin", "log_inliers", "log_inlier_margin", "score_norm", "score_bg")
 # score_norm compares the top cosine with the NORM_K-th best one of the same lookup (SSCD's own normalisation,
 # with the catalog as the background set): a lookup asks the index for at least this many candidates.
 NORM_K = 5
+# score_bg compares the top cosine with the BG_K-th best cosine of the query to the bundle's fixed background set
+# (model/bundle.py ``Background``): the same normalisation, but the same whatever the catalog holds.
+BG_K = 10
 
 
 class DecisionModel(_Section):

@@ -105,6 +105,26 @@ class Calibration(_Strict):
     accept_inliers: int = Field(ge=4, le=1000)
 
 
+BACKGROUND_FILE = "background.npy"
+BACKGROUND_LICENCE = ("descriptors (not the images) of camera views of training-pool photos: scikit-image, "
+                      "scikit-learn and matplotlib sample photos (their packages' licences: BSD-3-Clause, public "
+                      "domain, CC), Debian gnome-backgrounds (CC-BY-SA-3.0 / CC-BY-SA-2.0 / CC-BY-2.0, GPL-2+) and "
+                      "ukui-wallpapers (CC-BY-SA-3.0); /usr/share/doc/<package>/copyright names each image's author")
+
+
+class Background(_Strict):
+    """A fixed background set shipped with the bundle (``python -m benchmarks background --write-bundle``): raw
+    descriptors of camera views of training-pool photos, float16 [count, output_dim] in ``file`` (numpy .npy). The
+    decision compares a query with it, so its score means the same whatever the catalog holds
+    (edge_retrieval/search/decision.py, ``score_bg``)."""
+
+    file: str = Field(BACKGROUND_FILE, pattern=r"^[A-Za-z0-9_.-]+$")
+    count: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    licence: str = BACKGROUND_LICENCE
+    made: dict = Field(default_factory=dict, description="how and from which photos it was made")
+
+
 class Manifest(_Strict):
     """``manifest.json``: the contract between the converter (which builds one and writes it with
     :func:`write_bundle`) and the device (which validates one with :func:`load_manifest`). ``source`` and
@@ -123,6 +143,7 @@ class Manifest(_Strict):
     sha256: str = Field("", pattern=r"^[0-9a-f]{64}$", description="of model_file; filled in by write_bundle")
     licence: dict = Field(default_factory=dict, description="the model's licence: what it allows, where it is")
     calibration: Optional[Calibration] = Field(None, description="decision fitted for this bundle's scores")
+    background: Optional[Background] = Field(None, description="the decision's background set (score_bg)")
     source: dict = Field(default_factory=dict)
     training_images: dict = Field(default_factory=dict)
 
@@ -205,6 +226,43 @@ def write_bundle(bundle_dir: str | Path, tflite_bytes: bytes, manifest: Manifest
     (bundle_dir / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n",
                                             encoding="utf-8")
     return load_manifest(bundle_dir)
+
+
+def write_background(bundle_dir: str | Path, vectors: np.ndarray, made: dict) -> Background:
+    """Write the background set ``vectors`` (raw descriptors [N, output_dim]) as float16 into the bundle and record
+    it in the manifest (the rest of the manifest kept as it is); returns the entry."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir, verify_sha=False)
+    v = np.ascontiguousarray(vectors, dtype=np.float16)
+    if v.ndim != 2 or v.shape[1] != manifest.output_dim:
+        raise BundleError(f"background of shape {v.shape} for a bundle of {manifest.output_dim}-d descriptors")
+    np.save(bundle_dir / BACKGROUND_FILE, v)
+    entry = Background(count=len(v), sha256=sha256_file(bundle_dir / BACKGROUND_FILE), made=made)
+    raw = json.loads((bundle_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    raw["background"] = entry.model_dump(mode="json")
+    (bundle_dir / MANIFEST_FILE).write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return entry
+
+
+def load_background(bundle_dir: str | Path, manifest: Manifest) -> np.ndarray | None:
+    """The bundle's background set as float32 [count, output_dim] (None when the manifest names none). Raises
+    BundleError when the file is missing, altered (sha256) or of the wrong shape."""
+    entry = manifest.background
+    if entry is None:
+        return None
+    path = Path(bundle_dir) / entry.file
+    where = f"field 'background' of {Path(bundle_dir) / MANIFEST_FILE}"
+    if not path.is_file():
+        raise BundleError(f"{path}: missing ({where})")
+    if sha256_file(path) != entry.sha256:
+        raise BundleError(f"{path}: sha256 differs from {where} (corrupt or replaced)")
+    try:
+        v = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: not a numpy array file ({e})") from None
+    if v.shape != (entry.count, manifest.output_dim):
+        raise BundleError(f"{path}: shape {v.shape}, but {where} says ({entry.count}, {manifest.output_dim})")
+    return np.asarray(v, dtype=np.float32)
 
 
 def resize_for_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -17,11 +17,13 @@ from edge_retrieval.core.config import (
     ImagesConfig,
     RecognitionConfig,
 )
+from edge_retrieval.core.errors import ConfigError
 from edge_retrieval.core.results import Candidate, LookupResult
 from edge_retrieval.imaging.codec import decode_image
 from edge_retrieval.index.reader import CatalogIndex
+from edge_retrieval.model.bundle import load_background
 from edge_retrieval.model.local_features import Verification, extract, outline, verify_candidates
-from edge_retrieval.search.decision import accepts
+from edge_retrieval.search.decision import accepts, background_level
 from edge_retrieval.search.multi_item import MoreItems
 
 
@@ -67,6 +69,12 @@ class Lookup:
         self.top_k = top_k
         self.images = images
         self.decision, self.accept_inliers, self.accept_score = resolve_decision(recognition, encoder.manifest.calibration)
+        # the decision's fixed background set (score_bg), projected once per adapted generation
+        self._background = load_background(encoder.bundle_dir, encoder.manifest)
+        self._projected: tuple[object, np.ndarray] | None = None
+        if self._background is None and self.decision is not None and "score_bg" in self.decision.features:
+            raise ConfigError(f"recognition.decision uses score_bg, but bundle {encoder.manifest.name} ships no "
+                              "background set (python -m benchmarks background --write-bundle)")
 
     def verification_status(self) -> dict:
         """Whether verification runs, and why not (for /api/health)."""
@@ -96,15 +104,16 @@ class Lookup:
         alt: dict[str, Candidate] = {}
         verified: dict[str, tuple[Verification, str]] = {}  # item id → its best verification, of which photo
         query: list = [None]  # the query's keypoints, extracted once, on the first verification
+        bg: list[float | None] = [None]  # the whole frame's background level (score_bg), on the first search
 
         def attempt(images: list[np.ndarray]) -> tuple[list[Candidate], Candidate | None]:
-            ranked = self._search(images, idx, want, best, alt, timings)
+            ranked = self._search(images, idx, want, best, alt, timings, bg)
             if rc.verify and ranked and idx.has_features and ranked[0].score < rc.verify_below_score:
                 t0 = time.perf_counter()
                 query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
                 ranked = self._verify(query[0], ranked, idx, verified, alt)
                 timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
-            return ranked, self._decide(ranked)
+            return ranked, self._decide(ranked, bg[0])
 
         ranked, match = attempt([rgb] + [centre_crop(rgb, f) for f in rc.query_crops])
         if match is None and rc.retry_crops:
@@ -116,21 +125,25 @@ class Lookup:
             query[0] = query[0] if query[0] is not None else extract(rgb, rc, query=True)
             timings["verify"] = timings.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
             by_score = self.accept_score if self.decision is None and rc.multi_by_score else None
-            more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, by_score, self._accept_more)
+            more = MoreItems(rc, idx, self.encoder.embed_batch, self.accept_inliers, by_score,
+                             lambda item, verified: self._accept_more(item, verified, bg[0]))
             matches = more.find(rgb, query[0], match, ranked, timings)
             match = matches[0] if matches else None
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return LookupResult(results=ranked[:top_k], timings_ms=timings, source=source, match=match, matches=matches)
 
     def _search(self, images: list[np.ndarray], idx: CatalogIndex, want: int, best: dict[str, Candidate],
-                alt: dict[str, Candidate], timings: dict[str, float]) -> list[Candidate]:
+                alt: dict[str, Candidate], timings: dict[str, float], bg: list[float | None]) -> list[Candidate]:
         """Encode ``images`` and merge their nearest items into ``best`` (an item's score is the max over the
         images, over its photos and inside the index over each photo's views; ``alt`` keeps an item's second-best
-        photo for verification); the ``want`` best items so far, best first."""
+        photo for verification); the ``want`` best items so far, best first. ``bg[0]``: the first image's (the
+        whole frame's) background level, set on the first call when the bundle has a background set."""
         t0 = time.perf_counter()
         vectors = [self.encoder.embed(image) for image in images]
         t1 = time.perf_counter()
         entries = want * 2 if idx.size > idx.item_count else want  # several photos of an item take places
+        if bg[0] is None and self._background is not None and vectors:
+            bg[0] = self._background_level(vectors[0], idx)
         for v in vectors:
             for c in idx.query(v, entries):
                 old = best.get(c.id)
@@ -173,7 +186,16 @@ class Lookup:
             head[0] = replace(top, quad=outline(query, idx.features(top.key), verified[top.id][0]))
         return head + tail
 
-    def _decide(self, ranked: list[Candidate]) -> Candidate | None:
+    def _background_level(self, vector: np.ndarray, idx: CatalogIndex) -> float:
+        """The query's background level in the space ``idx`` scores in (its catalog projection, if any)."""
+        proj = idx.projection
+        if proj is None:
+            return background_level(vector, self._background)
+        if self._projected is None or self._projected[0] is not proj:
+            self._projected = (proj, proj.apply(self._background))
+        return background_level(proj.apply(vector), self._projected[1])
+
+    def _decide(self, ranked: list[Candidate], background: float | None = None) -> Candidate | None:
         """Accept the top item only when the evidence says so; else "no match". A verified lookup is decided by
         the learned model when one is configured; otherwise (or when nothing was verified: verification off, an
         index without features) by the two thresholds, since the model's inlier features would all be zero."""
@@ -181,20 +203,20 @@ class Lookup:
             return None
         top, model = ranked[0], self.decision
         if model is not None and any(c.inliers is not None for c in ranked):
-            return top if accepts(model, ranked) else None
+            return top if accepts(model, ranked, background) else None
         if top.inliers is not None and top.inliers >= self.accept_inliers:
             return top
         if top.score >= self.accept_score:
             return top
         return None
 
-    def _accept_more(self, item: Candidate, verified: list[Candidate]) -> bool:
+    def _accept_more(self, item: Candidate, verified: list[Candidate], background: float | None = None) -> bool:
         """The decision for one more item of a frame (it has ``accept_inliers`` already): the learned model, when
         one is configured, over the item and the others verified on the same remaining keypoints."""
         if self.decision is None:
             return True
         return accepts(self.decision, [item] + sorted((c for c in verified if c.id != item.id),
-                                                      key=lambda c: -c.score))
+                                                      key=lambda c: -c.score), background)
 
     def decode_side_px(self) -> int:
         """How large an image must stay when decoded: the model input, or ORB's working size when verifying

@@ -164,3 +164,47 @@ def test_api_query_and_history_carry_every_item(tmp_path, catalog_dir, encoder, 
         assert [m.id for m in kept.entries()[0].result.matches] == [m["id"] for m in body["matches"]]
     finally:
         kept.close()
+
+
+def counted(monkeypatch, encoder) -> dict[str, int]:
+    """Calls from here on of the encoder's region encode, of verification and of the outline search (the real
+    functions run)."""
+    calls = {"embed_batch": 0, "match_homography": 0, "print_quads": 0}
+
+    def counting(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(encoder, "embed_batch", counting("embed_batch", encoder.embed_batch))
+    verify = counting("match_homography", local_features.match_homography)
+    monkeypatch.setattr(local_features, "match_homography", verify)
+    monkeypatch.setattr(multi_item, "match_homography", verify)
+    monkeypatch.setattr(multi_item, "print_quads", counting("print_quads", multi_item.print_quads))
+    return calls
+
+
+def test_a_frame_of_one_item_ends_the_search_without_more_work(encoder, index, photos, monkeypatch):
+    """Where the item found holds (nearly) every keypoint of the frame, or was named by the whole frame's cosine
+    alone (a plain print filling the view), nothing more is encoded, verified or looked for than a one-item lookup
+    does; where keypoints are left (four prints), the search looks further."""
+    calls = counted(monkeypatch, encoder)
+    for name, kind, seed in (("rocket", "table", 11), ("clock", "table", 13)):
+        frame = view(photos, name, kind, seed)
+        work = dict(calls)
+        single = Lookup(encoder, index, SINGLE, top_k=5).lookup_rgb(frame)
+        alone = {k: v - work[k] for k, v in calls.items()}
+        work = dict(calls)
+        multi = Lookup(encoder, index, MULTI, top_k=5).lookup_rgb(frame)
+        assert multi.matches == [single.match] and single.match.id == name
+        assert {k: v - work[k] for k, v in calls.items()} == alone, name
+        keypoints = local_features.extract(frame, MULTI, query=True)
+        if single.match.quad is None:  # the two cases this test is about
+            assert single.match.inliers < 8 and len(keypoints) >= multi_item.MIN_REST_KEYPOINTS, name
+        else:
+            assert len(multi_item.without(keypoints, [single.match.quad])) < multi_item.MIN_REST_KEYPOINTS, name
+    four, _ = table_frame(photos, ["rocket", "astronaut", "immunohistochemistry", "camera"], seed=7)
+    work = dict(calls)
+    assert len(Lookup(encoder, index, MULTI, top_k=5).lookup_rgb(four).matches) == 4
+    assert calls["embed_batch"] > work["embed_batch"] and calls["print_quads"] == work["print_quads"] + 1

@@ -264,10 +264,16 @@ def main(argv: list[str]) -> int:
                                                  ("layers", "training_s", "peak_rss_mb", "ckn_layer", "pca")}
                                              | {"output_dim": manifests[n]["output_dim"],
                                                 "quantization": manifests[n]["quantization"]} for n in names}}
+    verified: dict[str, np.ndarray] = {}
     for name in ["orb", *names]:
         t = time.perf_counter()
         inl, true_inl = _inliers(q_feats[name], cat_feats[name], cands, truth)
         report["local"][name] = local_report(inl, true_inl, cands, truth, threshold)
+        verified[name] = true_inl[truth >= 0] >= threshold
+        if name != "orb":  # paired: in-catalog views whose true item verifies with one descriptor and not the other
+            report["local"][name]["paired_vs_orb"] = {
+                "verified_only_here": int((verified[name] & ~verified["orb"]).sum()),
+                "verified_only_by_orb": int((verified["orb"] & ~verified[name]).sum())}
         print(f"  {name}: {json.dumps(report['local'][name])} ({time.perf_counter() - t:.0f} s)", flush=True)
     n_known = len(known)
     frames = q_imgs[:n_known][:: max(1, n_known // COST_FRAMES)][:COST_FRAMES]

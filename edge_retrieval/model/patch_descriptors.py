@@ -100,6 +100,10 @@ class PatchDescriber:
             raise BundleError(f"{where}: {self.runtime} cannot load its model ({e})") from None
         inp = self._interp.get_input_details()[0]
         self._in_index, self._in_dtype = inp["index"], np.dtype(inp["dtype"])
+        scale, zero = inp.get("quantization", (0.0, 0))
+        if self._in_dtype == np.uint8 and (abs(scale - 1.0) > 1e-6 or zero != 0):
+            # patches go in as the uint8 pixels they are: only an input quantized with scale 1 / zero point 0 fits
+            raise BundleError(f"{where}: a uint8 input must have scale 1 and zero point 0, not {scale} / {zero}")
         self._out_index = self._interp.get_output_details()[0]["index"]
 
     def describe(self, patches: np.ndarray) -> np.ndarray:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from edge_retrieval.core.config import RecognitionConfig
+from edge_retrieval.model.bundle import InputSpec
 from edge_retrieval.model.local_features import Features, match_inliers, ratio_matches
 from edge_retrieval.model.patch_descriptors import keypoint_patches
 
@@ -59,3 +62,12 @@ def test_float_descriptors_match_by_l2_and_verify():
     assert match_inliers(query, cand, CFG) >= 0.9 * n
     shuffled = Features(mapped[rng.permutation(n)], noisy, (450, 450))
     assert match_inliers(query, shuffled, CFG) < 10
+
+
+def test_a_one_channel_input_is_grayscale():
+    """A patch bundle's input is 1-channel GRAY; channels and colour order must agree."""
+    assert InputSpec(height=32, width=32, channels=1, color_order="GRAY").channels == 1
+    with pytest.raises(ValidationError, match="GRAY"):
+        InputSpec(height=32, width=32, channels=1)
+    with pytest.raises(ValidationError, match="GRAY"):
+        InputSpec(height=32, width=32, color_order="GRAY")

@@ -88,19 +88,27 @@ def _features(images: list[np.ndarray], query: bool, describers: dict) -> dict[s
     return out
 
 
-def _inliers(qf: list, cf: list, cands: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inliers of every query with its top-K candidates [Q, K], and with its true item [Q] (-1: open set)."""
+def _inliers(qf: list, cf: list, cands: np.ndarray, truth: np.ndarray,
+             epipolar_at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inliers of every query with its top-K candidates [Q, K], and with its true item [Q] (-1: open set). The
+    homography alone, or with ``epipolar_at`` the device's full verification (epipolar geometry tried below that
+    many homography inliers)."""
     from edge_retrieval.core.config import RecognitionConfig
-    from edge_retrieval.model.local_features import match_inliers
+    from edge_retrieval.model.local_features import match_inliers, verify
     cfg = RecognitionConfig()
+
+    def count(q, c) -> int:
+        if epipolar_at is None:
+            return match_inliers(q, c, cfg)
+        return verify(q, c, cfg, accept_inliers=epipolar_at).inliers
     inl = np.zeros(cands.shape, int)
     true_inl = np.full(len(qf), -1)
     for i, q in enumerate(qf):
         for j, c in enumerate(cands[i]):
-            inl[i, j] = match_inliers(q, cf[c], cfg)
+            inl[i, j] = count(q, cf[c])
         if truth[i] >= 0:
             hit = np.flatnonzero(cands[i] == truth[i])
-            true_inl[i] = inl[i, hit[0]] if len(hit) else match_inliers(q, cf[truth[i]], cfg)
+            true_inl[i] = inl[i, hit[0]] if len(hit) else count(q, cf[truth[i]])
     return inl, true_inl
 
 
@@ -235,13 +243,14 @@ def main(argv: list[str]) -> int:
 
     data = camera_view_set()
     openq = open_set(ROOT / f"open_set_{OPEN_PACKAGE}", packages=(OPEN_PACKAGE,), max_pixels=OPEN_MAX_PIXELS)
-    items = sorted(p.relative_to(data.catalog).with_suffix("").as_posix() for p in data.catalog.rglob("*.jpg"))
+    photos = {p.parent.relative_to(data.catalog).as_posix(): p for p in data.catalog.rglob("*.jpg")}  # a folder an item
+    items = sorted(photos)
     index = {item: i for i, item in enumerate(items)}
     known = data.queries[: args.max_queries] if args.max_queries else data.queries
     print(f"catalog {len(items)} items; {len(known)} in-catalog views; {len(openq)} open-set views "
           f"({OPEN_PACKAGE} + empty tables); CKN trained on {TRAIN_PACKAGE}; verified at >= {threshold} points",
           flush=True)
-    cat_imgs = [_read(data.catalog / f"{i}.jpg") for i in items]
+    cat_imgs = [_read(photos[i]) for i in items]
     q_imgs = [_read(data.root / q["path"]) for q in known] + [_read(Path(q["path"])) for q in openq]
     truth = np.array([index[q["item"]] for q in known] + [-1] * len(openq))
 
@@ -265,12 +274,14 @@ def main(argv: list[str]) -> int:
                                              | {"output_dim": manifests[n]["output_dim"],
                                                 "quantization": manifests[n]["quantization"]} for n in names}}
     verified: dict[str, np.ndarray] = {}
-    for name in ["orb", *names]:
+    for name in ["orb_epipolar", "orb", *names]:
         t = time.perf_counter()
-        inl, true_inl = _inliers(q_feats[name], cat_feats[name], cands, truth)
+        feats = name.removesuffix("_epipolar")
+        inl, true_inl = _inliers(q_feats[feats], cat_feats[feats], cands, truth,
+                                 threshold if name.endswith("_epipolar") else None)
         report["local"][name] = local_report(inl, true_inl, cands, truth, threshold)
         verified[name] = true_inl[truth >= 0] >= threshold
-        if name != "orb":  # paired: in-catalog views whose true item verifies with one descriptor and not the other
+        if not name.startswith("orb"):  # paired: in-catalog views whose true item verifies with one descriptor and not the other
             report["local"][name]["paired_vs_orb"] = {
                 "verified_only_here": int((verified[name] & ~verified["orb"]).sum()),
                 "verified_only_by_orb": int((verified["orb"] & ~verified[name]).sum())}

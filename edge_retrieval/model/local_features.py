@@ -214,7 +214,8 @@ def verify(query: Features, cand: Features, cfg: RecognitionConfig, *, accept_in
     ``cfg.accept_epipolar_inliers`` (then its inliers are the ones reported). Otherwise the homography's count."""
     pairs = ratio_matches(query, cand, cfg)
     n, h = _fit_homography(query, cand, pairs, cfg)
-    if n >= accept_inliers or not cfg.epipolar:
+    # the epipolar fallback picks its close matches by Hamming distance: binary (ORB) descriptors only
+    if n >= accept_inliers or not cfg.epipolar or query.desc.dtype != np.uint8:
         return Verification(n, h, "homography" if h is not None else "")
     n_f, xy = match_epipolar(query, cand, cfg, pairs)
     if n_f >= max(cfg.accept_epipolar_inliers, accept_inliers) and n_f > n:

@@ -72,29 +72,35 @@ OPEN_KINDS = ("closeup", "perspective", "table", "table_occluded", "occluded", "
 OPEN_SET_VERSION = 2  # 2: the training pool only; each wallpaper whole and as two crops (distinct unknown prints)
 
 
-def open_set(root: Path, seed: int = 5) -> list[dict]:
+def open_set(root: Path, seed: int = 5, packages: tuple[str, ...] | None = None,
+             max_pixels: int | None = None) -> list[dict]:
     """Views of real photos that are not in the catalog, and of empty tables (generated once, cached): the
-    training pool's wallpapers only (edge_retrieval.convert.images.TRAINING_PACKAGES). Every other image package is held back
-    from this project's fits *and* ratings. Each wallpaper is seen whole and as two crops (its left and right
-    parts, as different unknown prints), two views each. ``source`` is the photo, ``package`` the Debian package
-    it ships in (the held-out split puts each package wholly on one side), None for empty tables."""
+    training pool's wallpapers only (edge_retrieval.convert.images.TRAINING_PACKAGES, or the ones of them in
+    ``packages``). Every other image package is held back from this project's fits *and* ratings. Each wallpaper
+    is seen whole and as two crops (its left and right parts, as different unknown prints), two views each.
+    ``source`` is the photo, ``package`` the Debian package it ships in (the held-out split puts each package
+    wholly on one side), None for empty tables. ``max_pixels`` raises the converter's decode limit (4096² WebP
+    wallpapers of gnome-backgrounds need 64 MP's budget)."""
     from edge_retrieval.convert.images import MAX_PIXELS, TRAINING_PACKAGES, training_pool_files  # no TensorFlow
     from edge_retrieval.core.errors import ImageError
     from edge_retrieval.imaging.codec import encode_jpeg, read_image
     from edge_retrieval.imaging.synthetic_views import camera_view, empty_table
+    packages = tuple(p for p in TRAINING_PACKAGES if packages is None or p in packages)
     meta = root / "open_set.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())
-        if isinstance(saved, dict) and saved.get("version") == OPEN_SET_VERSION:
+        if (isinstance(saved, dict) and saved.get("version") == OPEN_SET_VERSION
+                and tuple(saved.get("packages", TRAINING_PACKAGES)) == packages
+                and saved.get("max_pixels") == max_pixels):
             return saved["queries"]
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     queries, k = [], 0
-    files = [(path, pkg) for pkg in TRAINING_PACKAGES for path in training_pool_files((pkg,))]
+    files = [(path, pkg) for pkg in packages for path in training_pool_files((pkg,))]
     for i, (path, pkg) in enumerate(files):
         try:
-            img = read_image(path, MAX_PIXELS)
+            img = read_image(path, max_pixels or MAX_PIXELS)
         except ImageError:
             continue
         scale = 800 / max(img.shape[:2])
@@ -114,7 +120,8 @@ def open_set(root: Path, seed: int = 5) -> list[dict]:
         out = root / f"empty_table_{i:02d}.jpg"
         out.write_bytes(encode_jpeg(empty_table(rng), 90))
         queries.append({"path": str(out), "kind": "open:empty_table", "source": None, "package": None})
-    meta.write_text(json.dumps({"version": OPEN_SET_VERSION, "queries": queries}, indent=1) + "\n")
+    meta.write_text(json.dumps({"version": OPEN_SET_VERSION, "packages": list(packages), "max_pixels": max_pixels,
+                               "queries": queries}, indent=1) + "\n")
     return queries
 
 

@@ -9,6 +9,7 @@ Examples:
       --train-images photos/ --quantize int8 --out models/vlad
   python -m edge_retrieval.convert build --backbone vgg16 --head fc7 --weights imagenet --pca 128 --train-images photos/ ...
   python -m edge_retrieval.convert report models/my-bundle --images heldout/ --reference models/my-bundle-float32
+  python -m edge_retrieval.convert patch-ckn --train-images photos/ --out models/patch-ckn   # a keypoint patch descriptor
 """
 from __future__ import annotations
 
@@ -63,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None, help="bundle name (default: the --out folder name)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    c = sub.add_parser("patch-ckn", help="train a Patch-CKN keypoint descriptor without labels on patches of a folder "
+                       "of photos and write its bundle (input: a batch of keypoint patches)")
+    c.add_argument("--train-images", type=Path, required=True, help="folder of real photos (keep it disjoint from "
+                   "what you rate on)")
+    c.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    c.add_argument("--layers", type=int, choices=(1, 2), default=2,
+                   help="1: gradient map only (nothing learned but the PCA); 2: + a CKN layer fitted on the patches")
+    c.add_argument("--filters", type=int, default=64, help="filters of the CKN layer (descriptor 16 x this before PCA)")
+    c.add_argument("--subpatch", type=int, default=3, help="sub-patch side of the CKN layer")
+    c.add_argument("--patch-px", type=int, default=32, help="patch side in pixels (a multiple of 8)")
+    c.add_argument("--support", type=float, default=1.0, help="patch side = this x the ORB keypoint's size")
+    c.add_argument("--pca", type=int, default=128, metavar="DIM", help="PCA to DIM dims (0 = off)")
+    c.add_argument("--pairs", type=int, default=300_000, help="sub-patch pairs for the SGD of the CKN layer")
+    c.add_argument("--views-per-image", type=int, default=4, help="each photo plus N-1 camera-like views")
+    c.add_argument("--patches-per-view", type=int, default=300, help="keypoints sampled per view")
+    c.add_argument("--quantize", choices=MODES, default="float32")
+    c.add_argument("--name", default=None)
+    c.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("sample-images", help="write the real photos that ship in pip packages (scikit-image, "
                        "scikit-learn, matplotlib) and crops of them into a folder, e.g. as --heldout-images")
     s.add_argument("out", type=Path)
@@ -97,6 +116,23 @@ def _build(args) -> int:
     print(f"wrote {args.out}: {manifest.source.get('backbone')} {manifest.quantization} → {manifest.output_dim}-d, "
           f"sha256 {manifest.sha256[:12]}…")
     _print_report(rep)
+    return 0
+
+
+def _patch_ckn(args) -> int:
+    from edge_retrieval.convert.images import load_folder
+    from edge_retrieval.convert.patch_ckn import PatchCKNOptions, build_patch_ckn
+    train = load_folder(args.train_images)
+    print(f"training images: {len(train.images)} read, {len(train.skipped)} skipped from {args.train_images}")
+    opts = PatchCKNOptions(out=args.out, patch_px=args.patch_px, support=args.support, layers=args.layers,
+                           filters=args.filters, subpatch=args.subpatch, pca_dim=args.pca, pairs=args.pairs,
+                           views_per_image=args.views_per_image, patches_per_view=args.patches_per_view,
+                           quantize=args.quantize, name=args.name, seed=args.seed)
+    manifest, rep = build_patch_ckn(opts, train)
+    print(f"wrote {args.out}: patch_ckn ({args.layers} layers) {manifest.quantization} → {manifest.output_dim}-d, "
+          f"sha256 {manifest.sha256[:12]}…")
+    for key, value in rep.items():
+        print(f"  {key:28s} {value}")
     return 0
 
 
@@ -151,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_retrieval.convert.errors import ConverterError
     try:
         return {"build": _build, "report": _report, "sample-images": _sample_images,
+                "patch-ckn": _patch_ckn,
                 "training-pool": _training_pool}[args.cmd](args)
     except (ConverterError, ApplianceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

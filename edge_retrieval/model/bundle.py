@@ -34,6 +34,9 @@ MODEL_FILE = "encoder.tflite"
 MANIFEST_FILE = "manifest.json"
 Quantization = Literal["float32", "float16", "dynamic", "int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+# ``source["descriptor"]`` of a bundle that describes keypoint patches (Patch-CKN, edge_retrieval/convert/patch_ckn.py)
+# rather than whole images: its input is a batch of patches, ``source["patch"]`` says how they are cut.
+PATCH_DESCRIPTOR = "patch"
 
 
 class _Strict(BaseModel):
@@ -50,9 +53,9 @@ class InputSpec(_Strict):
     width: Optional[int] = Field(None, ge=8, le=4096, description="fixed input width (stretch, center_crop)")
     short_side: Optional[int] = Field(None, ge=8, le=4096, description="short_side: the short side, aspect kept")
     max_aspect: float = Field(2.0, ge=1.0, le=20.0, description="short_side: a longer side is centre-cropped to this")
-    channels: Literal[3] = 3
+    channels: Literal[1, 3] = Field(3, description="1 (with color_order GRAY) only for patch descriptors")
     dtype: Literal["uint8", "float32"] = "uint8"
-    color_order: Literal["RGB"] = "RGB"
+    color_order: Literal["RGB", "GRAY"] = "RGB"
     resize: Literal["stretch", "center_crop", "short_side"] = "stretch"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -67,6 +70,8 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _sizes(self):
+        if (self.channels == 1) != (self.color_order == "GRAY"):
+            raise ValueError("'channels' 1 goes with 'color_order' GRAY, 3 with RGB")
         if self.resize == "short_side":
             if self.short_side is None:
                 raise ValueError("resize 'short_side' needs the field 'short_side'")

@@ -17,6 +17,7 @@ from edge_retrieval.core.config import EncoderConfig
 from edge_retrieval.core.errors import BundleError, BundleUnavailable
 from edge_retrieval.core.status import BundleInfo
 from edge_retrieval.model.bundle import (
+    PATCH_DESCRIPTOR,
     Manifest,
     load_manifest,
     model_path,
@@ -28,7 +29,7 @@ from edge_retrieval.model.bundle import (
 log = logging.getLogger(__name__)
 
 
-def _interpreter_class():
+def interpreter_class():
     """Return (Interpreter class, runtime name) of the first TFLite interpreter that imports."""
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -54,7 +55,7 @@ class _TFLiteModel:
     batches = False  # the input tensor is [1, H, W, 3]: crops run one call each
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int, where: Path):
-        Interpreter, self.runtime = _interpreter_class()
+        Interpreter, self.runtime = interpreter_class()
         try:
             interp = Interpreter(model_path=str(path), num_threads=num_threads)
             interp.allocate_tensors()
@@ -198,6 +199,10 @@ class Encoder:
         """Load and verify a bundle (manifest fields, sha256, tensor shapes) and create its runtime."""
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
+        if manifest.source.get("descriptor") == PATCH_DESCRIPTOR or manifest.input.channels != 3:
+            raise BundleError(f"{bundle_dir / 'manifest.json'}: field 'source.descriptor' is {PATCH_DESCRIPTOR!r}: "
+                              "a patch descriptor for keypoints (edge_retrieval/model/patch_descriptors.py), not "
+                              "an image encoder for encoder.bundle")
         path = model_path(bundle_dir, manifest)
         runtime = _OnnxModel if manifest.model_format == "onnx" else _TFLiteModel
         enc = cls(bundle_dir, manifest, runtime(path, manifest, num_threads, bundle_dir / "manifest.json"), num_threads)

@@ -59,8 +59,10 @@ NOT_VERIFIED = Verification(-1)
 
 @dataclass(frozen=True)
 class Features:
-    """ORB features of one image: ``xy`` float32 [N, 2] in the downscaled image's pixel coordinates,
-    ``desc`` uint8 [N, 32], ``size_wh`` (width, height) of that downscaled image."""
+    """Local features of one image: ``xy`` float32 [N, 2] in the downscaled image's pixel coordinates,
+    ``desc`` uint8 [N, 32] (ORB, matched by Hamming distance) or float32 [N, D] (a patch descriptor such as
+    Patch-CKN, edge_retrieval/model/patch_descriptors.py, matched by L2), ``size_wh`` (width, height) of that
+    downscaled image."""
 
     xy: np.ndarray
     desc: np.ndarray
@@ -79,19 +81,31 @@ def _empty(size_wh: tuple[int, int]) -> Features:
     return Features(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8), size_wh)
 
 
+def downscaled(img: np.ndarray, cfg: RecognitionConfig) -> np.ndarray:
+    """``img`` (RGB or grayscale) scaled down so its longer side is at most ``cfg.features_max_side_px``: the
+    image every local feature (ORB, or a patch descriptor at ORB's keypoints) is computed on."""
+    h, w = img.shape[:2]
+    scale = cfg.features_max_side_px / max(h, w)
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def orb_detector(cfg: RecognitionConfig, *, query: bool = False) -> cv2.ORB:
+    """The ORB detector of ``cfg``: ``cfg.n_features`` keypoints for a catalog image, ``cfg.query_n_features``
+    with ``query=True``."""
+    return cv2.ORB_create(nfeatures=cfg.query_n_features if query else cfg.n_features,
+                          fastThreshold=cfg.fast_threshold)
+
+
 def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> Features:
     """ORB features of an RGB uint8 HxWx3 image (grayscale HxW is accepted too), after downscaling so the
     longer side is at most ``cfg.features_max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
     ``cfg.query_n_features`` with ``query=True``. A flat image gives empty arrays, never None."""
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
-    h, w = gray.shape[:2]
-    scale = cfg.features_max_side_px / max(h, w)
-    if scale < 1.0:
-        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    gray = downscaled(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb, cfg)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
-    orb = cv2.ORB_create(nfeatures=cfg.query_n_features if query else cfg.n_features, fastThreshold=cfg.fast_threshold)
     try:
-        kps, desc = orb.detectAndCompute(gray, None)
+        kps, desc = orb_detector(cfg, query=query).detectAndCompute(gray, None)
     except cv2.error:  # degenerate input (a few pixels across after downscaling): nothing to verify with
         return _empty(size_wh)
     if desc is None or not kps:
@@ -103,10 +117,12 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
 def ratio_matches(query: Features, cand: Features, cfg: RecognitionConfig) -> np.ndarray:
     """Putative matches query → candidate as int [M, 2] (query index, candidate index): Hamming 2-NN, Lowe
     ratio test, and each candidate keypoint kept only for its best-distance query keypoint (one-to-one: a smooth
-    candidate with a few keypoints would otherwise absorb many query keypoints; tests/test_verify.py)."""
+    candidate with a few keypoints would otherwise absorb many query keypoints; tests/test_verify.py). Binary
+    descriptors are compared by Hamming distance, float ones by L2."""
     if len(query) == 0 or len(cand) < 2:
         return np.zeros((0, 2), np.int64)
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.desc, cand.desc, k=2)
+    norm = cv2.NORM_HAMMING if query.desc.dtype == np.uint8 else cv2.NORM_L2
+    knn = cv2.BFMatcher(norm).knnMatch(query.desc, cand.desc, k=2)
     best: dict[int, tuple[float, int]] = {}
     for m in knn:
         if len(m) < 2 or m[0].distance >= cfg.ratio * m[1].distance:
@@ -198,7 +214,8 @@ def verify(query: Features, cand: Features, cfg: RecognitionConfig, *, accept_in
     ``cfg.accept_epipolar_inliers`` (then its inliers are the ones reported). Otherwise the homography's count."""
     pairs = ratio_matches(query, cand, cfg)
     n, h = _fit_homography(query, cand, pairs, cfg)
-    if n >= accept_inliers or not cfg.epipolar:
+    # the epipolar fallback picks its close matches by Hamming distance: binary (ORB) descriptors only
+    if n >= accept_inliers or not cfg.epipolar or query.desc.dtype != np.uint8:
         return Verification(n, h, "homography" if h is not None else "")
     n_f, xy = match_epipolar(query, cand, cfg, pairs)
     if n_f >= max(cfg.accept_epipolar_inliers, accept_inliers) and n_f > n:

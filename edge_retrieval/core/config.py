@@ -198,7 +198,7 @@ class RecognitionConfig(_Section):
     ransac_iters: int = Field(500, ge=10, le=100000)
     epipolar: bool = Field(True, description="when the homography finds too few inliers, try epipolar geometry (a "
                            "solid object seen from another side: two faces of a box, a label round a can)")
-    accept_epipolar_inliers: int = Field(12, ge=8, le=1000, description="epipolar inliers that verify a candidate "
+    accept_epipolar_inliers: int = Field(16, ge=8, le=1000, description="epipolar inliers that verify a candidate "
                                          "(a fundamental matrix fits chance matches more easily than a homography)")
     epipolar_max_hamming: int = Field(50, ge=0, le=256, description="only matches this close (ORB Hamming "
                                       "distance, bits) feed the epipolar fit")

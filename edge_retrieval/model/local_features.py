@@ -40,6 +40,11 @@ _METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 _EPIPOLAR_MIN_MATCHES = 10  # close matches needed before a fundamental matrix is tried (7 fit any F exactly)
 _EPIPOLAR_MAX_MATCHES = 200  # the closest this many feed MAGSAC: a verification stays a few ms
 _EPIPOLAR_ITERS = 1000
+# A photo whose own view gives fewer keypoints is plain (a flower, a logo, a cell): it stays so, no tilted views.
+# Their squeezed, sharper views find 3-10x its keypoints, which would carry a plain item over the line below which
+# the search for more items names it by its cosine (edge_retrieval/search/multi_item.py, PLAIN_KEYPOINTS = 100):
+# measured, that cost more items than the tilts found (docs/benchmarks.md, "Tilted catalog features").
+TILT_MIN_KEYPOINTS = 100
 
 
 class Verification(NamedTuple):
@@ -84,7 +89,8 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
     longer side is at most ``cfg.features_max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
     ``cfg.query_n_features`` with ``query=True``. A catalog image also gets ``cfg.enrol_tilt_features`` keypoints
     of each simulated tilted view (``cfg.enrol_tilts`` x ``cfg.enrol_tilt_angles_deg``, :func:`_tilted`), in the
-    image's own coordinates. A flat image gives empty arrays, never None."""
+    image's own coordinates, unless the image's own view gives fewer than ``TILT_MIN_KEYPOINTS`` (a plain photo
+    stays plain). A flat image gives empty arrays, never None."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
     h, w = gray.shape[:2]
     scale = cfg.features_max_side_px / max(h, w)
@@ -92,7 +98,7 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
         gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
     xy, desc = _orb(gray, cfg.query_n_features if query else cfg.n_features, cfg.fast_threshold)
-    if not query and cfg.enrol_tilts and len(xy):
+    if not query and cfg.enrol_tilts and len(xy) >= TILT_MIN_KEYPOINTS:
         parts = [(xy, desc)] + [_tilted(gray, t, phi, cfg) for t in cfg.enrol_tilts for phi in cfg.enrol_tilt_angles_deg]
         xy, desc = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if len(xy) == 0:

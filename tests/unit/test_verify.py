@@ -15,6 +15,7 @@ from edge_retrieval.imaging.synthetic_views import camera_view, empty_table
 from edge_retrieval.index.feature_store import FeatureStore
 from edge_retrieval.model.local_features import (
     MIN_MATCHES_TO_FIT,
+    TILT_MIN_KEYPOINTS,
     Features,
     extract,
     match_homography,
@@ -228,3 +229,9 @@ def test_simulated_tilts_let_no_unknown_photo_verify(photos, tilted_feats, what,
     query = _query(empty_table(rng) if what == "empty" else camera_view(photos[what], "table", rng))
     inliers = {c: verify(query, tilted_feats[c], TILTED, accept_inliers=8).inliers for c in CANDIDATES}
     assert max(inliers.values()) <= FALSE_MAX, inliers
+
+
+def test_a_plain_photo_gets_no_tilted_keypoints(photos):
+    plain = cv2.GaussianBlur(photos["moon"], (0, 0), 3)  # 36 keypoints of its own; 329 with tilted views
+    assert len(extract(plain, CFG)) < TILT_MIN_KEYPOINTS
+    assert len(extract(plain, TILTED)) == len(extract(plain, CFG))

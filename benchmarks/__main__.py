@@ -1,4 +1,4 @@
-"""Run the benchmarks:  python -m benchmarks [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|ops|scale|multi_item|incremental|three_d|background|catalog_size|patch_ckn|all]
+"""Run the benchmarks:  python -m benchmarks [speed|annoy|quality|category|calibrate|adapt|reliability|fleet|cost|ops|scale|multi_item|incremental|three_d|background|catalog_size|patch_ckn|tilt_cost|all]
 
 No subcommand runs speed + annoy (what ``make bench`` runs). Each bench is a module with ``main(argv)``,
 imported only when asked for; quality / category are skipped with a note when their module is absent.
@@ -15,7 +15,7 @@ BENCHES = {"speed": "benchmarks.speed", "annoy": "benchmarks.annoy_recall", "qua
            "cost": "benchmarks.cost", "ops": "benchmarks.ops", "three_d": "benchmarks.three_d",
            "scale": "benchmarks.scale", "multi_item": "benchmarks.multi_item", "incremental": "benchmarks.incremental",
            "background": "benchmarks.background", "catalog_size": "benchmarks.catalog_size",
-           "patch_ckn": "benchmarks.patch_ckn"}
+           "patch_ckn": "benchmarks.patch_ckn", "tilt_cost": "benchmarks.tilt_cost"}
 DEFAULT = ("speed", "annoy")
 
 

@@ -192,6 +192,11 @@ class RecognitionConfig(_Section):
     query_n_features: int = Field(1000, ge=50, le=5000)
     features_max_side_px: int = Field(640, ge=64, le=4096)
     fast_threshold: int = Field(20, ge=1, le=255)
+    enrol_tilts: list[float] = Field(default_factory=list, description="simulated tilts (1/cos of the angle off the "
+                                     "print's normal) whose ORB keypoints a catalog image also stores (ASIFT)")
+    enrol_tilt_angles_deg: list[float] = Field(default_factory=lambda: [0.0, 60.0, 120.0],
+                                               description="directions (degrees) each tilt squeezes the image along")
+    enrol_tilt_features: int = Field(150, ge=10, le=5000, description="ORB keypoints per simulated tilted view")
     ratio: float = Field(0.8, gt=0, lt=1)
     ransac_method: Literal["usac_magsac", "ransac"] = "usac_magsac"
     ransac_reproj_px: float = Field(8.0, gt=0, le=100)
@@ -224,6 +229,13 @@ class RecognitionConfig(_Section):
                                "the frame's edges (a print, a card), rectified")
     multi_by_score: bool = Field(True, description="the search for more may name a plain item (too few keypoints "
                                  "to verify) by its cosine in a region of the frame, without an outline")
+
+    @field_validator("enrol_tilts")
+    @classmethod
+    def _tilts(cls, v):
+        if any(not 1.0 < t <= 8.0 for t in v):
+            raise ValueError(f"tilts must be in (1, 8], got {v}")
+        return v
 
     @field_validator("enrol_views", "query_crops", "retry_crops")
     @classmethod

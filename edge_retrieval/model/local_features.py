@@ -40,6 +40,11 @@ _METHODS = {"usac_magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 _EPIPOLAR_MIN_MATCHES = 10  # close matches needed before a fundamental matrix is tried (7 fit any F exactly)
 _EPIPOLAR_MAX_MATCHES = 200  # the closest this many feed MAGSAC: a verification stays a few ms
 _EPIPOLAR_ITERS = 1000
+# A photo whose own view gives fewer keypoints is plain (a flower, a logo, a cell): it stays so, no tilted views.
+# Their squeezed, sharper views find 3-10x its keypoints, which would carry a plain item over the line below which
+# the search for more items names it by its cosine (edge_retrieval/search/multi_item.py, PLAIN_KEYPOINTS = 100):
+# measured, that cost more items than the tilts found (docs/benchmarks.md, "Tilted catalog features").
+TILT_MIN_KEYPOINTS = 100
 
 
 class Verification(NamedTuple):
@@ -101,17 +106,62 @@ def orb_detector(cfg: RecognitionConfig, *, query: bool = False) -> cv2.ORB:
 def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> Features:
     """ORB features of an RGB uint8 HxWx3 image (grayscale HxW is accepted too), after downscaling so the
     longer side is at most ``cfg.features_max_side_px``: ``cfg.n_features`` keypoints for a catalog image,
-    ``cfg.query_n_features`` with ``query=True``. A flat image gives empty arrays, never None."""
+    ``cfg.query_n_features`` with ``query=True``. A catalog image also gets ``cfg.enrol_tilt_features`` keypoints
+    of each simulated tilted view (``cfg.enrol_tilts`` x ``cfg.enrol_tilt_angles_deg``, :func:`_tilted`), in the
+    image's own coordinates, unless the image's own view gives fewer than ``TILT_MIN_KEYPOINTS`` (a plain photo
+    stays plain). A flat image gives empty arrays, never None."""
     gray = downscaled(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb, cfg)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
-    try:
-        kps, desc = orb_detector(cfg, query=query).detectAndCompute(gray, None)
-    except cv2.error:  # degenerate input (a few pixels across after downscaling): nothing to verify with
+    xy, desc = _orb(gray, cfg.query_n_features if query else cfg.n_features, cfg.fast_threshold)
+    if not query and cfg.enrol_tilts and len(xy) >= TILT_MIN_KEYPOINTS:
+        parts = [(xy, desc)] + [_tilted(gray, t, phi, cfg) for t in cfg.enrol_tilts for phi in cfg.enrol_tilt_angles_deg]
+        xy, desc = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if len(xy) == 0:
         return _empty(size_wh)
-    if desc is None or not kps:
-        return _empty(size_wh)
-    xy = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size_wh)
+
+
+def _orb(gray: np.ndarray, n: int, fast_threshold: int,
+         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ORB keypoint xy float32 [N, 2] and descriptors uint8 [N, 32] of ``gray`` (empty arrays when none)."""
+    orb = cv2.ORB_create(nfeatures=n, fastThreshold=fast_threshold)
+    try:
+        kps, desc = orb.detectAndCompute(gray, mask)
+    except cv2.error:  # degenerate input (a few pixels across after downscaling): nothing to verify with
+        kps, desc = (), None
+    if desc is None or not kps:
+        return np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8)
+    return np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2), desc
+
+
+def _tilted(gray: np.ndarray, tilt: float, angle_deg: float, cfg: RecognitionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """ORB on an affine-simulated view of ``gray`` (ASIFT, Morel & Yu 2009): rotated by ``angle_deg``, then
+    squeezed along x by ``tilt`` (= 1/cos of the viewing angle off the normal), the squeezed axis first blurred so
+    it does not alias. ORB is rotation- and scale- but not affine-invariant: a print seen 50-70 degrees off its
+    normal matches the simulated view, not the photo. Keypoints map back through the inverse warp, so they lie in
+    the photo's coordinates and verification fits the same homography / epipolar geometry as for the photo's own."""
+    h, w = gray.shape[:2]
+    rot = cv2.getRotationMatrix2D((0.0, 0.0), angle_deg, 1.0)
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64) @ rot[:, :2].T
+    lo = corners.min(axis=0)
+    rot[:, 2] -= lo  # the rotated photo whole on its canvas
+    squeeze = np.array([[1.0 / tilt, 0, 0], [0, 1, 0], [0, 0, 1]])
+    a = (squeeze @ np.vstack([rot, [0, 0, 1]]))[:2]
+    span = corners.max(axis=0) - lo
+    out_wh = (max(1, int(np.ceil(span[0] / tilt))), max(1, int(np.ceil(span[1]))))
+    rotated = cv2.warpAffine(gray, rot, (int(np.ceil(span[0])), out_wh[1]), flags=cv2.INTER_LINEAR)
+    blurred = cv2.GaussianBlur(rotated, (0, 0), sigmaX=0.8 * np.sqrt(tilt * tilt - 1), sigmaY=0.01)
+    view = cv2.resize(blurred, out_wh, interpolation=cv2.INTER_LINEAR)
+    # the photo's own area, shrunk a little: the canvas edge is a strong corner that is in no real view
+    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), a, out_wh, flags=cv2.INTER_NEAREST)
+    mask = cv2.erode(mask, np.ones((9, 9), np.uint8))
+    xy, desc = _orb(view, cfg.enrol_tilt_features, cfg.fast_threshold, mask)
+    if len(xy) == 0:
+        return xy, desc
+    back = cv2.invertAffineTransform(a)
+    xy = (xy.astype(np.float64) @ back[:, :2].T + back[:, 2]).astype(np.float32)
+    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
+    return xy[inside], desc[inside]
 
 
 def ratio_matches(query: Features, cand: Features, cfg: RecognitionConfig) -> np.ndarray:

@@ -15,6 +15,7 @@ from edge_retrieval.imaging.synthetic_views import camera_view, empty_table
 from edge_retrieval.index.feature_store import FeatureStore
 from edge_retrieval.model.local_features import (
     MIN_MATCHES_TO_FIT,
+    TILT_MIN_KEYPOINTS,
     Features,
     extract,
     match_homography,
@@ -184,3 +185,53 @@ def test_a_box_turned_40_degrees_verifies_against_its_own_photo(photos):
     own = box(_faces(photos["coffee"]))
     found = verify(_seen(own, 45, 2, query=True), _seen(own, 5, 1, query=False), CFG, accept_inliers=ACCEPT)
     assert found.inliers >= ACCEPT
+
+
+TILTED = CFG.model_copy(update={"enrol_tilts": [1.6, 2.5]})
+
+
+def _steep(img: np.ndarray, degrees: float) -> np.ndarray:
+    """The print seen by a camera turned ``degrees`` about its horizontal axis (K R K^-1: strong foreshortening
+    along y), fitted into a 640-px frame on a plain grey-green backdrop."""
+    h, w = img.shape[:2]
+    f = 1.2 * max(w, h)
+    k = np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]])
+    a = np.radians(degrees)
+    r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    hom = k @ r @ np.linalg.inv(k)
+    corners = cv2.perspectiveTransform(np.array([[[0, 0]], [[w, 0]], [[w, h]], [[0, h]]], np.float64), hom)
+    lo, hi = corners.reshape(-1, 2).min(axis=0), corners.reshape(-1, 2).max(axis=0)
+    s = 640 / max(hi - lo)
+    fit = np.array([[s, 0, -lo[0] * s], [0, s, -lo[1] * s], [0, 0, 1]])
+    size = (int((hi - lo)[0] * s) + 1, int((hi - lo)[1] * s) + 1)
+    return cv2.warpPerspective(img, fit @ hom, size, borderValue=(90, 110, 80))
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee"])
+def test_simulated_tilts_verify_a_print_seen_65_degrees_off_its_normal(photos, feats, tilted_feats, name):
+    query = _query(_steep(photos[name], 65))
+    plain = verify(query, feats[name], CFG, accept_inliers=8).inliers
+    tilted = verify(query, tilted_feats[name], TILTED, accept_inliers=8).inliers
+    assert len(tilted_feats[name]) > len(feats[name]) + 4 * TILTED.enrol_tilt_features
+    assert tilted >= TRUE_MIN and tilted >= 2 * plain, (plain, tilted)
+    xy, (w, h) = tilted_feats[name].xy, tilted_feats[name].size_wh  # mapped back into the photo's coordinates
+    assert (xy >= 0).all() and (xy[:, 0] < w).all() and (xy[:, 1] < h).all()
+
+
+@pytest.fixture(scope="module")
+def tilted_feats(photos) -> dict[str, Features]:
+    return {name: extract(photos[name], TILTED) for name in CANDIDATES}
+
+
+@pytest.mark.parametrize("what,seed", [("grace_hopper", 0), ("china", 1), ("flower", 2), ("empty", 3)])
+def test_simulated_tilts_let_no_unknown_photo_verify(photos, tilted_feats, what, seed):
+    rng = np.random.default_rng(seed)
+    query = _query(empty_table(rng) if what == "empty" else camera_view(photos[what], "table", rng))
+    inliers = {c: verify(query, tilted_feats[c], TILTED, accept_inliers=8).inliers for c in CANDIDATES}
+    assert max(inliers.values()) <= FALSE_MAX, inliers
+
+
+def test_a_plain_photo_gets_no_tilted_keypoints(photos):
+    plain = cv2.GaussianBlur(photos["moon"], (0, 0), 3)  # 36 keypoints of its own; 329 with tilted views
+    assert len(extract(plain, CFG)) < TILT_MIN_KEYPOINTS
+    assert len(extract(plain, TILTED)) == len(extract(plain, CFG))

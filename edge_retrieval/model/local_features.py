@@ -87,8 +87,10 @@ def _empty(size_wh: tuple[int, int]) -> Features:
 
 
 def downscaled(img: np.ndarray, cfg: RecognitionConfig) -> np.ndarray:
-    """``img`` (RGB or grayscale) scaled down so its longer side is at most ``cfg.features_max_side_px``: the
-    image every local feature (ORB, or a patch descriptor at ORB's keypoints) is computed on."""
+    """``img`` (RGB uint8 HxWx3, or grayscale HxW) in grayscale, scaled down so its longer side is at most
+    ``cfg.features_max_side_px``: the image every local feature (ORB, or a patch descriptor at ORB's keypoints)
+    is computed on."""
+    img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
     h, w = img.shape[:2]
     scale = cfg.features_max_side_px / max(h, w)
     if scale < 1.0:
@@ -96,11 +98,11 @@ def downscaled(img: np.ndarray, cfg: RecognitionConfig) -> np.ndarray:
     return img
 
 
-def orb_detector(cfg: RecognitionConfig, *, query: bool = False) -> cv2.ORB:
+def orb_detector(cfg: RecognitionConfig, *, query: bool = False, n_features: int | None = None) -> cv2.ORB:
     """The ORB detector of ``cfg``: ``cfg.n_features`` keypoints for a catalog image, ``cfg.query_n_features``
-    with ``query=True``."""
-    return cv2.ORB_create(nfeatures=cfg.query_n_features if query else cfg.n_features,
-                          fastThreshold=cfg.fast_threshold)
+    with ``query=True`` (``n_features``, when given: that many)."""
+    n = n_features if n_features is not None else cfg.query_n_features if query else cfg.n_features
+    return cv2.ORB_create(nfeatures=n, fastThreshold=cfg.fast_threshold)
 
 
 def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> Features:
@@ -110,9 +112,9 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
     of each simulated tilted view (``cfg.enrol_tilts`` x ``cfg.enrol_tilt_angles_deg``, :func:`_tilted`), in the
     image's own coordinates, unless the image's own view gives fewer than ``TILT_MIN_KEYPOINTS`` (a plain photo
     stays plain). A flat image gives empty arrays, never None."""
-    gray = downscaled(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb, cfg)
+    gray = downscaled(rgb, cfg)
     size_wh = (int(gray.shape[1]), int(gray.shape[0]))
-    xy, desc = _orb(gray, cfg.query_n_features if query else cfg.n_features, cfg.fast_threshold)
+    xy, desc = _orb(gray, orb_detector(cfg, query=query))
     if not query and cfg.enrol_tilts and len(xy) >= TILT_MIN_KEYPOINTS:
         parts = [(xy, desc)] + [_tilted(gray, t, phi, cfg) for t in cfg.enrol_tilts for phi in cfg.enrol_tilt_angles_deg]
         xy, desc = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -121,10 +123,8 @@ def extract(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = False) -> 
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size_wh)
 
 
-def _orb(gray: np.ndarray, n: int, fast_threshold: int,
-         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _orb(gray: np.ndarray, orb: cv2.ORB, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ORB keypoint xy float32 [N, 2] and descriptors uint8 [N, 32] of ``gray`` (empty arrays when none)."""
-    orb = cv2.ORB_create(nfeatures=n, fastThreshold=fast_threshold)
     try:
         kps, desc = orb.detectAndCompute(gray, mask)
     except cv2.error:  # degenerate input (a few pixels across after downscaling): nothing to verify with
@@ -155,7 +155,7 @@ def _tilted(gray: np.ndarray, tilt: float, angle_deg: float, cfg: RecognitionCon
     # the photo's own area, shrunk a little: the canvas edge is a strong corner that is in no real view
     mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), a, out_wh, flags=cv2.INTER_NEAREST)
     mask = cv2.erode(mask, np.ones((9, 9), np.uint8))
-    xy, desc = _orb(view, cfg.enrol_tilt_features, cfg.fast_threshold, mask)
+    xy, desc = _orb(view, orb_detector(cfg, n_features=cfg.enrol_tilt_features), mask)
     if len(xy) == 0:
         return xy, desc
     back = cv2.invertAffineTransform(a)

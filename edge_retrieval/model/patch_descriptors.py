@@ -64,7 +64,7 @@ def orb_keypoints(rgb: np.ndarray, cfg: RecognitionConfig, *, query: bool = Fals
                   ) -> tuple[np.ndarray, list, np.ndarray | None]:
     """(the downscaled grayscale image, ORB keypoints, ORB descriptors or None) as ``local_features.extract``
     finds them; ``compute_orb=False`` only detects (what a patch descriptor needs)."""
-    gray = downscaled(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb, cfg)
+    gray = downscaled(rgb, cfg)
     orb = orb_detector(cfg, query=query)
     try:
         if compute_orb:

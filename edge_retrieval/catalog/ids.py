@@ -25,12 +25,17 @@ ID_RULE = (f"an id is up to {MAX_ID_CHARS} characters in parts separated by '/';
            "(no empty parts, no leading '.', no '..')")
 
 
+def _is_part(part: str) -> bool:
+    """Whether ``part`` is one part of an id as the rule has it (a photo's name is one too)."""
+    return bool(_ID_PART_RE.fullmatch(part)) and len(part.encode("utf-8")) <= MAX_ID_PART_BYTES
+
+
 def validate_id(item_id: str) -> str:
     """Check a catalog id against the one id rule (``ID_RULE``); it is also a relative path under
     ``enrolled_dir``, so it must stay inside it and be a legal, visible file name. Raises InputError (400)."""
     parts = item_id.split("/") if isinstance(item_id, str) else [""]
     if (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS or item_id != item_id.strip()
-            or any(not _ID_PART_RE.fullmatch(p) or len(p.encode("utf-8")) > MAX_ID_PART_BYTES for p in parts)):
+            or not all(_is_part(p) for p in parts)):
         raise InputError(f"invalid catalog id {item_id!r}: {ID_RULE}")
     return item_id
 
@@ -40,7 +45,7 @@ def validate_key(key: str) -> str:
     against one part of it. Raises InputError (400)."""
     item_id, photo = split_key(key)
     validate_id(item_id)
-    if photo and ("/" in photo or not _ID_PART_RE.fullmatch(photo) or len(photo.encode("utf-8")) > MAX_ID_PART_BYTES):
+    if photo and not _is_part(photo):  # the part pattern has no '/': a photo name is never a path
         raise InputError(f"invalid photo name {photo!r}: one part of the id rule ({ID_RULE})")
     return key
 

@@ -25,6 +25,7 @@ from edge_retrieval.app import wiring
 from edge_retrieval.core.config import Config
 from edge_retrieval.core.config_file import load_config
 from edge_retrieval.core.errors import ApplianceError, CatalogIndexError, ConfigError, ImageError, InputError
+from edge_retrieval.core.photos import item_of
 from edge_retrieval.core.results import confidence
 
 log = logging.getLogger("edge_retrieval")
@@ -247,7 +248,7 @@ def cmd_catalog(cfg: Config, args) -> int:
         if args.catalog_cmd == "list":
             catalog.apply()  # the changes in the delta beside the generation are in the catalog too
             for it in holder.current().items:
-                if "#" not in it.id:  # an item once, by its first photo
+                if item_of(it.id) == it.id:  # an item once, by its first photo
                     print(f"{it.id}\t{it.label}")
             return 0
         if args.catalog_cmd == "photos":
@@ -262,7 +263,7 @@ def cmd_catalog(cfg: Config, args) -> int:
                 _apply(catalog)
                 print(f"removed photo {args.remove!r} of {args.item_id}", file=sys.stderr)
             for p in catalog.photos(args.item_id):
-                print(p["photo"] or "(first)")
+                print(p or "(first)")
             return 0
         if args.catalog_cmd == "export":
             from edge_retrieval.catalog.archive import export_catalog

@@ -235,10 +235,9 @@ class Appliance:
     def item_details(self, item_id: str) -> dict:
         """An item as the page shows it: id, label, attributes and its photos (name, thumbnail URL); InputError
         404 when it is not in the catalog."""
-        photos = self.catalog.photos(item_id)
-        label, attributes = self.catalog.describe(item_id)
+        label, attributes, photos = self.catalog.describe(item_id)
         return {"id": item_id, "label": label, "attributes": attributes,
-                "photos": [{"photo": p["photo"], "thumbnail": _thumb_url(item_id, p["photo"])} for p in photos]}
+                "photos": [{"photo": p, "thumbnail": _thumb_url(item_id, p)} for p in photos]}
 
     def remove(self, item_id: str) -> bool:
         """Remove an item: the removal is committed to the catalog store first (so it survives a crash and a

@@ -118,12 +118,13 @@ class CatalogChanges:
         seq, _ = self._put(rgb, key, label, attributes)
         return {"id": item_id, "photo": photo, "status": "queued", "seq": seq}
 
-    def describe(self, item_id: str) -> tuple[str, dict[str, str]]:
-        """(label, attributes) of item ``item_id``; InputError 404 when it is not in the catalog."""
+    def describe(self, item_id: str) -> tuple[str, dict[str, str], list[str]]:
+        """(label, attributes, the names of its photos — ``""`` its first) of item ``item_id``; InputError 404 when
+        it is not in the catalog."""
         keys = self.photo_keys(item_id)
         if not keys:
             raise InputError(f"item {item_id!r} is not in the catalog", http_status=404)
-        return self._described(keys[0])
+        return (*self._described(keys[0]), [split_key(k)[1] for k in keys])
 
     def _described(self, key: str) -> tuple[str, dict[str, str]]:
         """(label, attributes) of the item of entry ``key``: the store's latest change, else the index's."""
@@ -133,13 +134,10 @@ class CatalogChanges:
         it = self.holder.current().item(key)
         return it.label, it.attributes
 
-    def photos(self, item_id: str) -> list[dict]:
-        """The photos of item ``item_id``: ``[{"photo": name ("" = its first), "key": entry key}]``; InputError 404
-        when the item is not in the catalog."""
-        keys = self.photo_keys(item_id)
-        if not keys:
-            raise InputError(f"item {item_id!r} is not in the catalog", http_status=404)
-        return [{"photo": split_key(k)[1], "key": k} for k in keys]
+    def photos(self, item_id: str) -> list[str]:
+        """The names of the photos of item ``item_id`` (``""``: its first); InputError 404 when the item is not in
+        the catalog."""
+        return self.describe(item_id)[2]
 
     def remove_photo(self, item_id: str, photo: str) -> int:
         """Commit the removal of one photo of an item; returns its store seq. InputError 404 for a photo the item

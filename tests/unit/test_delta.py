@@ -113,16 +113,11 @@ def _config(tmp_path: Path, merge_after: int):
 
 
 @pytest.fixture()
-def made(tmp_path, encoder, photos):
+def made(tmp_path, encoder, small_catalog):
     """(config, maker) over a base generation of three photos built from a folder, as `index build` does."""
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    from edge_retrieval.imaging.codec import encode_jpeg
-    for name in ("rocket", "moon", "brick"):
-        (folder / f"{name}.jpg").write_bytes(encode_jpeg(photos[name]))
     cfg = _config(tmp_path, merge_after=3)
     maker = ItemMaker(encoder, cfg.recognition, 96)
-    build_index(folder, maker, cfg.index.path, n_trees=2, progress=False)
+    build_index(small_catalog, maker, cfg.index.path, n_trees=2, progress=False)
     return cfg, maker
 
 

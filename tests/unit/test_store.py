@@ -32,16 +32,12 @@ NAMES = ("coffee", "chelsea", "astronaut", "grace_hopper", "camera", "coins")
 
 
 @pytest.fixture()
-def state(tmp_path, encoder, photos):
-    """(config of the catalog section, index config, maker) over a base generation of three photos."""
-    base = tmp_path / "base"
-    base.mkdir()
-    for name in ("rocket", "moon", "brick"):
-        (base / f"{name}.jpg").write_bytes(encode_jpeg(photos[name]))
+def state(tmp_path, encoder, small_catalog):
+    """(config of the catalog section, index config, maker, the folder) over a base generation of three photos."""
     maker = ItemMaker(encoder, CHEAP, 96)
-    build_index(base, maker, tmp_path / "index", n_trees=2, progress=False)
+    build_index(small_catalog, maker, tmp_path / "index", n_trees=2, progress=False)
     return (CatalogConfig(store=tmp_path / "catalog.sqlite", enrolled_dir=tmp_path / "enrolled"),
-            IndexConfig(path=tmp_path / "index", n_trees=2), maker, base)
+            IndexConfig(path=tmp_path / "index", n_trees=2), maker, small_catalog)
 
 
 def _service(state, encoder, **catalog) -> CatalogService:

@@ -498,7 +498,7 @@ const cardOf = (id) => [...document.querySelectorAll("#catalog-grid .card")].fin
 async function showPhotos(id, li) {
   openPhotos.add(id);
   const { ok, body } = await getJson(itemUrl(id));
-  if (!ok) { catalogNote("Cannot load " + id + ": " + str(body.error)); return; }
+  if (!ok) { openPhotos.delete(id); catalogNote("Cannot load " + id + ": " + str(body.error)); return; }
   let strip = li.querySelector(".photo-strip");
   if (!strip) { strip = document.createElement("div"); strip.className = "photo-strip"; li.appendChild(strip); }
   strip.replaceChildren();
@@ -524,7 +524,8 @@ async function addPhotoFromCamera(id, li) {
     headers: { ...authHeaders(), "Content-Type": "application/json" }, body: "{}" });
   if (!ok) { catalogNote("Failed: " + str(body.error || "error")); return; }
   catalogNote("added photo " + str(body.photo) + " to " + id + ".");
-  setTimeout(() => { const card = cardOf(id) || li; showPhotos(id, card); }, 1000);
+  // drawn again once indexed, unless the strip was closed meanwhile (the item removed: no request for what is gone)
+  setTimeout(() => { if (openPhotos.has(id)) showPhotos(id, cardOf(id) || li); }, 1000);
 }
 
 async function catalogHas(id) {
@@ -576,6 +577,7 @@ async function removeItem(id, button) {
     return;
   }
   button.disabled = true;
+  openPhotos.delete(id);  // a redraw or a pending refresh does not ask for the photos of an item being removed
   catalogNote("removing " + id + "…");
   const { ok, body } = await getJson(itemUrl(id), { method: "DELETE", headers: authHeaders() });
   catalogNote(ok ? "removed " + id + "." : "Failed: " + str(body.error || "error"));

@@ -118,7 +118,14 @@ def test_page_loads_clean_and_a_triggered_result_appears_without_reload(server, 
     assert _severe(driver) == []
 
 
+def _open_page(driver, server):
+    """The device's page, loaded by this test (each test runs alone too), once it shows a lookup."""
+    driver.get(_url(server))
+    _wait(driver, lambda d: _history_size(d) >= 1, "the page with its history")
+
+
 def test_look_up_now_is_labelled_requested(server, driver):
+    _open_page(driver, server)
     before = _history_size(driver)
     driver.find_element(By.ID, "lookup-now").click()
     _wait(driver, lambda d: "requested" in _text(d, "result-meta"), "a 'requested' lookup")
@@ -126,6 +133,7 @@ def test_look_up_now_is_labelled_requested(server, driver):
 
 
 def test_an_upload_shows_the_users_photo_and_its_result_and_the_history_grows(server, driver, photos, tmp_path):
+    _open_page(driver, server)
     photo = tmp_path / "my photo.jpg"
     photo.write_bytes(encode_jpeg(photos["astronaut"], 90))
     before = _history_size(driver)
@@ -146,6 +154,7 @@ def test_an_upload_shows_the_users_photo_and_its_result_and_the_history_grows(se
 
 
 def test_a_later_camera_lookup_replaces_the_note_about_the_visitors_photo(server, driver, photos, tmp_path):
+    _open_page(driver, server)
     photo = tmp_path / "not a photo.jpg"
     photo.write_bytes(b"this is not a photo")
     driver.find_element(By.ID, "upload-file").send_keys(str(photo))

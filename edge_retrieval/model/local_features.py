@@ -235,15 +235,17 @@ def hamming(query: Features, cand: Features, pairs: np.ndarray) -> np.ndarray:
 
 
 def match_epipolar(query: Features, cand: Features, cfg: RecognitionConfig,
-                   pairs: np.ndarray | None = None) -> tuple[int, np.ndarray | None]:
+                   pairs: np.ndarray | None = None, needed: int = 0) -> tuple[int, np.ndarray | None]:
     """``(inliers, query-side inlier xy [N, 2])`` of a fundamental matrix (USAC_MAGSAC) fitted on the close
     matches (Hamming <= ``cfg.epipolar_max_hamming``, at most the 200 closest) of ``query`` and ``cand``: the
     geometry of a solid seen from two viewpoints, whatever its shape. Inliers are counted as distinct locations;
-    (0, None) when too few close matches or no credible fit. ``pairs``: the ratio-test matches, when known."""
+    (0, None) when too few close matches or no credible fit. ``pairs``: the ratio-test matches, when known;
+    ``needed``: the inliers the caller counts (no fit is tried on fewer close matches: a fit has no more inliers
+    than matches)."""
     pairs = ratio_matches(query, cand, cfg) if pairs is None else pairs
     dist = hamming(query, cand, pairs)
     close = np.flatnonzero(dist <= cfg.epipolar_max_hamming)
-    if len(close) < _EPIPOLAR_MIN_MATCHES:
+    if len(close) < max(_EPIPOLAR_MIN_MATCHES, needed):
         return 0, None
     close = close[np.argsort(dist[close], kind="stable")[:_EPIPOLAR_MAX_MATCHES]]
     src = query.xy[pairs[close, 0]].astype(np.float64)
@@ -267,8 +269,9 @@ def verify(query: Features, cand: Features, cfg: RecognitionConfig, *, accept_in
     # the epipolar fallback picks its close matches by Hamming distance: binary (ORB) descriptors only
     if n >= accept_inliers or not cfg.epipolar or query.desc.dtype != np.uint8:
         return Verification(n, h, "homography" if h is not None else "")
-    n_f, xy = match_epipolar(query, cand, cfg, pairs)
-    if n_f >= max(cfg.accept_epipolar_inliers, accept_inliers) and n_f > n:
+    needed = max(cfg.accept_epipolar_inliers, accept_inliers)
+    n_f, xy = match_epipolar(query, cand, cfg, pairs, needed)
+    if n_f >= needed and n_f > n:
         return Verification(n_f, None, "epipolar", xy)
     return Verification(n, h, "homography" if h is not None else "")
 

@@ -17,7 +17,8 @@ How (docs/benchmarks.md "Several items in a frame" has what each step buys and c
    candidate whose outline reached onto it is verified again on what is left; a proposal it fills is closed.
 5. An item too plain for ORB (under ``PLAIN_KEYPOINTS`` keypoints in the catalog) can never verify: a proposal
    names it by its cosine (the bundle's ``accept_score``, and a lead of ``MIN_SCORE_LEAD`` over the proposal's
-   next item), with the proposal's outline when the proposal is a found shape (``multi_by_score``).
+   next item, ``MIN_OUTLINE_SCORE_LEAD`` in a found shape), with the proposal's outline when the proposal is a
+   found shape (``multi_by_score``).
 6. Bounded: at most ``max_items`` items, ``multi_verify_max`` verifications, four crops and ``MAX_SHAPES``
    outlines a frame, whatever it holds (dozens of tiny items, a chessboard, a black frame).
 """
@@ -47,6 +48,11 @@ PLAIN_KEYPOINTS = 100  # a catalog item with fewer stored keypoints (of n_featur
 # chosen on the scikit-image frames of `python -m benchmarks multi_item` (docs/benchmarks.md): it removed the 4
 # wrong items named by cosine there and kept 29 of 36 right ones
 MIN_SCORE_LEAD = 0.1
+# … in a found outline (the print seen whole, rectified; the 0.1 was chosen before outlines were proposals) the right
+# item leads another crop of the same photo by less: 8 plain prints missed on those frames stood top of their outline
+# with a cosine >= 0.5 and a lead of 0.017-0.057, the one wrong item top of an outline led by 0.022 (chosen on the
+# scikit-image frames: 6 more named, none wrong; the scikit-learn + matplotlib frames had no such outline)
+MIN_OUTLINE_SCORE_LEAD = 0.03
 MAX_COVERED_BY_SCORE = 0.25  # … and names nothing by its cosine alone (the cosine would be of the item found)
 # keypoints of the frame left outside the items found, under which nothing else is looked for: one-item views of the
 # camera-view benchmark leave a median of 1 (87 % under 20), frames of 2–4 prints a median of 453 (2 of 123 under 20)
@@ -164,7 +170,8 @@ class MoreItems:
         """Items too plain for ORB (a smooth photo has a few dozen keypoints, rarely 8 verified points): a proposal
         that items found so far hardly cover names its nearest item when its cosine passes the bundle's
         ``accept_score`` (the rule a whole frame is held to without verification) and it leads the proposal's next
-        item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed). Such
+        item by ``MIN_SCORE_LEAD`` (near-identical plain items, two crops of one colour wheel, stay unnamed; in a
+        found outline, the print seen whole and flat, by ``MIN_OUTLINE_SCORE_LEAD``). Such
         an item has no inliers; its outline is the proposal's when the proposal is a found shape, else none.
         Off where a learned decision is configured (it needs verified points)."""
         if self.accept_score is None or any(i.quad is None for i in items):
@@ -180,7 +187,8 @@ class MoreItems:
             if len(items) + len(more) >= self.rc.max_items or not top or not clear:
                 continue
             lead = top[0].score - (top[1].score if len(top) > 1 else 0.0)
-            if (top[0].id not in named and top[0].score >= self.accept_score and lead >= MIN_SCORE_LEAD
+            need = MIN_SCORE_LEAD if outline is None else MIN_OUTLINE_SCORE_LEAD
+            if (top[0].id not in named and top[0].score >= self.accept_score and lead >= need
                     and self._plain(top[0].key)):
                 quad = None if outline is None else tuple((round(float(x), 4), round(float(y), 4)) for x, y in outline)
                 more.append(replace(top[0], inliers=None, quad=quad))

@@ -18,6 +18,7 @@ from edge_retrieval.index.reader import CatalogIndex
 from edge_retrieval.model import local_features
 from edge_retrieval.search import multi_item
 from edge_retrieval.search.lookup import Lookup
+from edge_retrieval.search.proposals import bounding_box
 from tests.conftest import appliance_config, view, web_client
 
 ENROL = RecognitionConfig(enrol_views=[0.7, 0.55], features=True)
@@ -208,3 +209,27 @@ def test_a_frame_of_one_item_ends_the_search_without_more_work(encoder, index, p
     work = dict(calls)
     assert len(Lookup(encoder, index, MULTI, top_k=5).lookup_rgb(four).matches) == 4
     assert calls["embed_batch"] > work["embed_batch"] and calls["print_quads"] == work["print_quads"] + 1
+
+
+def test_a_plain_print_seen_whole_in_a_found_outline_is_named_on_a_smaller_lead(encoder, index):
+    """A plain item (too few ORB keypoints to ever verify) is named by its cosine: in a found outline, where the
+    print is seen whole and flat, on a lead of ``MIN_OUTLINE_SCORE_LEAD`` over the next item (another crop of the
+    same photo leads by less); in a quadrant only on ``MIN_SCORE_LEAD``; nowhere on less, nor under accept_score."""
+    more = multi_item.MoreItems(MULTI, index, encoder.embed_batch, 8, 0.5, lambda item, verified: True)
+    assert more._plain("clock") and not more._plain("rocket")
+    first = Candidate("rocket", "rocket", 0.9, 40, quad=((0.05, 0.05), (0.3, 0.05), (0.3, 0.3), (0.05, 0.3)))
+    outline = np.array([[0.6, 0.6], [0.9, 0.62], [0.88, 0.9], [0.58, 0.88]])
+    box = bounding_box(outline)
+    lead = (multi_item.MIN_OUTLINE_SCORE_LEAD + multi_item.MIN_SCORE_LEAD) / 2
+
+    def named(second_score: float, where, shapes, top_score: float = 0.6) -> list[Candidate]:
+        top = [Candidate("clock", "clock", top_score), Candidate("coins", "coins", second_score)]
+        return more._by_score({where: top}, shapes, [first], [first.quad])
+
+    found = named(0.6 - lead, box, {box: outline})
+    assert [c.id for c in found] == ["clock"] and found[0].inliers is None
+    assert iou(found[0].quad, outline) > 0.99
+    assert named(0.6 - lead, multi_item.CROPS[3], {}) == []  # a quadrant: a sibling crop may lead there
+    assert [c.id for c in named(0.59 - multi_item.MIN_SCORE_LEAD, multi_item.CROPS[3], {})] == ["clock"]
+    assert named(0.6 - multi_item.MIN_OUTLINE_SCORE_LEAD / 2, box, {box: outline}) == []
+    assert named(0.45 - lead, box, {box: outline}, top_score=0.45) == []

@@ -99,7 +99,7 @@ def _screenshot(driver, name: str) -> None:
 
 
 def test_page_loads_clean_and_a_triggered_result_appears_without_reload(server, driver):
-    driver.get(_url(server))
+    _open_page(driver, server)
     _wait(driver, lambda d: _history_size(d) >= 1 and "camera" in _text(d, "result-meta"),
           "a camera-triggered lookup on the page")
     # the query frame is shown beside its candidates, and the candidates carry one ranked score with its why
@@ -119,7 +119,13 @@ def test_page_loads_clean_and_a_triggered_result_appears_without_reload(server, 
 
 
 def _open_page(driver, server):
-    """The device's page, loaded by this test (each test runs alone too), once it shows a lookup."""
+    """The device's page, loaded by this test (each test runs alone too), once it shows a lookup. The last page's
+    live view and event stream are let go first: until the server next writes to them they hold two of its four
+    long-lived slots (web.threads - 2), and a page loaded over a few such would be refused its live view (a 503 the
+    browser logs; the page then shows single frames)."""
+    driver.get("about:blank")
+    _wait(driver, lambda d: _open_streams(server) == 0, "the last page's streams to close")
+    driver.get_log("browser")  # what the last page logged is its test's, not this one's
     driver.get(_url(server))
     _wait(driver, lambda d: _history_size(d) >= 1, "the page with its history")
 
@@ -182,7 +188,7 @@ def test_the_page_passes_an_automated_accessibility_check(server, driver):
     if not AXE_JS.is_file():
         pytest.skip(f"axe-core is not installed at {AXE_JS} (npm install --prefix .venv/axe axe-core; `make test` "
                     "does it when npm is there), or set AXE_CORE_JS")
-    driver.get(_url(server))
+    _open_page(driver, server)
     _wait(driver, lambda d: _history_size(d) >= 1 and d.find_elements(By.CSS_SELECTOR, "#candidates .card"),
           "a lookup on the page")
     driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
@@ -234,7 +240,7 @@ def test_an_empty_catalog_says_how_to_add_the_first_item_and_the_page_adds_it(se
 
 
 def test_enrol_and_delete_from_the_catalog_manager_change_the_catalog(server, driver, photos, tmp_path):
-    driver.get(_url(server))
+    _open_page(driver, server)
     _, before = server.request("GET", "/api/catalog?limit=1")
     driver.find_element(By.CSS_SELECTOR, "#catalog summary").click()
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-grid .card"), "catalog thumbnails")
@@ -281,7 +287,7 @@ def test_a_phone_sized_viewport_has_no_horizontal_scroll(server, driver):
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                            {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
     try:
-        driver.get(_url(server))
+        _open_page(driver, server)
         _wait(driver, lambda d: _history_size(d) >= 1 and d.find_elements(By.CSS_SELECTOR, "#status-panel dd"),
               "the page to fill in")
         summary = driver.find_element(By.CSS_SELECTOR, "#catalog summary")
@@ -344,7 +350,7 @@ def recorded(driver):
 
 def test_a_camera_lookup_is_pushed_without_a_poll_and_the_cue_shows_while_it_runs(server, recorded):
     driver = recorded
-    driver.get(_url(server))
+    _open_page(driver, server)
     _wait(driver, lambda d: d.execute_script("return document.body.dataset.updates") == "push", "the event stream")
     _wait(driver, lambda d: _newest_n(d) is not None, "the recent lookups")  # one /api/history at the start
     # counted from here: the stream is open and the page caught up

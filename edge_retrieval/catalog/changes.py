@@ -35,6 +35,7 @@ class CatalogChanges:
     holder: IndexHolder
     maker: ItemMaker
     _cond: threading.Condition
+    _claim: threading.Lock  # an id's checks and its write, one change at a time (two enrolments of one new id)
     _cache: dict[str, tuple[int, CatalogItem]]
     _wake: threading.Event
     _rebuild_s: float
@@ -90,11 +91,12 @@ class CatalogChanges:
         item_id, label = self.validate(item_id, label)
         attributes = validate_attributes(attributes or {})
         self._admit()
-        existing = self.photo_keys(item_id)
-        if existing and not replace:
-            raise InputError(f"item {item_id!r} is in the catalog already ({len(existing)} photos): add a photo to "
-                             "it, or enrol with replace to start it anew", http_status=409)
-        seq, item = self._put(rgb, item_id, label, attributes, [k for k in existing if k != item_id])
+        with self._claim:  # the check and the write at once: of two enrolments of one new id, the second is a 409
+            existing = self.photo_keys(item_id)
+            if existing and not replace:
+                raise InputError(f"item {item_id!r} is in the catalog already ({len(existing)} photos): add a photo "
+                                 "to it, or enrol with replace to start it anew", http_status=409)
+            seq, item = self._put(rgb, item_id, label, attributes, [k for k in existing if k != item_id])
         return {"id": item_id, "label": item.label, "attributes": attributes, "status": "queued", "seq": seq,
                 "replaced": bool(existing)}
 
@@ -102,7 +104,11 @@ class CatalogChanges:
         """Add ``rgb`` as one more photo of item ``item_id`` (named ``photo``, or the next free number), with the
         item's label and attributes. InputError: 404 for an item not in the catalog, 409 for a photo name in use or
         an item at ``catalog.max_photos_per_item``, 400 for a bad name."""
-        keys = self.photo_keys(validate_id(item_id))
+        with self._claim:  # two photos added at once get two names (the next free number is taken in here)
+            return self._add_photo(rgb, validate_id(item_id), photo)
+
+    def _add_photo(self, rgb: np.ndarray, item_id: str, photo: str | None) -> dict:
+        keys = self.photo_keys(item_id)
         if not keys:
             raise InputError(f"item {item_id!r} is not in the catalog", http_status=404)
         if len(keys) >= self.config.max_photos_per_item:
@@ -143,6 +149,10 @@ class CatalogChanges:
         """Commit the removal of one photo of an item; returns its store seq. InputError 404 for a photo the item
         does not have, 409 for its first photo while it has others (the item is known by it: remove the item, or
         enrol it anew with replace)."""
+        with self._claim:
+            return self._remove_photo(item_id, photo)
+
+    def _remove_photo(self, item_id: str, photo: str) -> int:
         keys = self.photo_keys(item_id)
         key = photo_key(item_id, photo)
         if key not in keys:
@@ -156,8 +166,9 @@ class CatalogChanges:
         """Commit the removal of item ``item_id`` — every photo of it — (tombstones) and wake the worker; returns
         the store seq, or None when the item is neither in the index nor waiting in the store (nothing is written
         then)."""
-        keys = self.photo_keys(item_id)
-        return self._remove_keys(keys) if keys else None
+        with self._claim:
+            keys = self.photo_keys(item_id)
+            return self._remove_keys(keys) if keys else None
 
     def _remove_keys(self, keys: list[str]) -> int:
         self._ensure_space(0)

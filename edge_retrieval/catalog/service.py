@@ -79,6 +79,7 @@ class CatalogService(CatalogChanges):
         self.damaged_copies: list[dict] = []  # the last encoded copies found damaged (their originals were used)
         self._cache: dict[str, tuple[int, CatalogItem]] = {}  # acknowledged, encoded, not yet in the index
         self._cond = threading.Condition()
+        self._claim = threading.Lock()  # changes.py: an id's checks and its write at once
         self._apply_lock = threading.Lock()
         self._merge_lock = threading.Lock()
         self._wake = threading.Event()

@@ -180,3 +180,47 @@ def test_labels_files_with_more_columns_need_a_header_and_bounded_attributes(tmp
         (tmp_path / name).write_text(text)
         with pytest.raises(CatalogIndexError, match=why):
             load_labels_file(tmp_path / name)
+
+
+def test_enrolments_of_one_new_id_at_once_give_one_item_and_409s_and_photos_added_at_once_get_their_own_names(
+        tmp_path, encoder, photos, shop):
+    """Operators at two pages (or a script's threads) enrolling the same new id at the same moment: one enrolment
+    wins, the others are told 409 — none silently overwrites another. Photos added to one item at once, unnamed, are
+    each kept under a name of its own."""
+    import threading
+    folder, labels = shop
+    build_catalog(appliance_config(tmp_path, recognition=FAST), encoder, folder, labels=labels)
+    app = make_appliance(tmp_path, encoder, None, recognition=FAST).start()
+    try:
+        names = ["astronaut", "brick", "camera", "coins", "grace_hopper", "chelsea"]
+        start = threading.Barrier(len(names))
+        answers: dict[str, object] = {}
+
+        def run(name: str, call) -> None:
+            start.wait(10)
+            try:
+                answers[name] = call()
+            except Exception as e:  # noqa: BLE001 - the test tells the answers apart below
+                answers[name] = e
+
+        def at_once(call_of) -> dict[str, object]:
+            answers.clear()
+            threads = [threading.Thread(target=run, args=(n, call_of(n))) for n in names]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            return dict(answers)
+
+        enrolled = at_once(lambda n: lambda: app.catalog.enrol(photos[n], "new/one", n))
+        won = [n for n, a in enrolled.items() if isinstance(a, dict)]
+        refused = [a for a in enrolled.values() if not isinstance(a, dict)]
+        assert len(won) == 1 and len(refused) == len(names) - 1, enrolled
+        assert all(getattr(a, "http_status", None) == 409 for a in refused), refused
+        assert app.catalog.describe("new/one")[0] == won[0]  # the winner's label: nobody wrote over it
+        added = at_once(lambda n: lambda: app.catalog.add_photo(photos[n], "new/one"))
+        assert all(isinstance(a, dict) for a in added.values()), added
+        assert len({a["photo"] for a in added.values()}) == len(names)  # six names, none written over
+        assert sorted(app.catalog.photos("new/one")) == sorted(["", *(a["photo"] for a in added.values())])
+    finally:
+        app.stop()

@@ -8,6 +8,7 @@
 const $ = (id) => document.getElementById(id);
 const HISTORY_SHOWN = 20;       // lookups in the strip
 const PIN_UPLOAD_MS = 15000;    // an upload's result stays on screen this long before newer lookups replace it
+const NOTE_HOLD_MS = 8000;      // a note about the user's own action ("Failed: …") outlives newer camera lookups this long
 const REGION_SHOW_MS = 4000;    // how long a verified match stays outlined on the live view
 const CATALOG_PAGE = 24;
 const SOURCES = { camera: "camera (trigger)", requested: "requested (button)", upload: "upload", cli: "command line" };
@@ -29,7 +30,8 @@ let polling = false;
 let graceTimer = null;
 let synced = false;       // the page caught up with the device since the stream (re)opened
 
-function setStatus(text) { $("action-status").textContent = text; }
+let statusAt = 0;          // when the note about the user's action was set
+function setStatus(text) { $("action-status").textContent = text; statusAt = Date.now(); }
 const str = (v) => String(v ?? "");
 
 async function getJson(url, options) {
@@ -261,7 +263,8 @@ function lookupFinished(entry) {
 function showNewest() {
   const newest = historyEntries[0];
   if (newest && Date.now() > pinnedUntil && newest.n !== shownN) {
-    if (shownN !== undefined) setStatus("");  // "Showing your photo's result." and the like are over
+    // "Showing your photo's result." and the like are over; an error the user has not had time to read stays
+    if (shownN !== undefined && Date.now() - statusAt > NOTE_HOLD_MS) setStatus("");
     show(newest, 0);
     // a newer lookup without a verified region (no match, another item, an upload) ends the outline at once
     showItems(newest.source !== "upload" ? newest.matches : []);

@@ -359,11 +359,13 @@ def test_a_camera_lookup_is_pushed_without_a_poll_and_the_cue_shows_while_it_run
     _wait(driver, lambda d: d.execute_script("return document.body.dataset.updates") == "push", "the event stream")
     _wait(driver, lambda d: _newest_n(d) is not None, "the recent lookups")  # one /api/history at the start
     # counted from here: the stream is open and the page caught up
-    first, polls, history_fetches = _newest_n(driver), _fetched(driver, "/api/status"), _fetched(driver, "/api/history")
-    # the record starts with the cue as it is now: a lookup may already be running (the cue up, its result not in)
-    driver.execute_script("const cue = document.getElementById('cue');"
-                          "const top = document.querySelector('#history-strip .hist');"
-                          "window.__cue = [{shown: !cue.hidden, newest: top ? Number(top.dataset.n) : null}]")
+    polls, history_fetches = _fetched(driver, "/api/status"), _fetched(driver, "/api/history")
+    # the record starts with the cue as it is now: a lookup may already be running (the cue up, its result not in);
+    # the newest lookup it starts from is read in the same script (one landing between two reads would be missed)
+    first = driver.execute_script("const cue = document.getElementById('cue');"
+                                  "const top = document.querySelector('#history-strip .hist');"
+                                  "window.__cue = [{shown: !cue.hidden, newest: top ? Number(top.dataset.n) : null}];"
+                                  "return window.__cue[0].newest")
     _wait(driver, lambda d: (_newest_n(d) or 0) > first, "a camera-triggered lookup pushed to the page")
     newest = _newest_n(driver)
     _, body = server.request("GET", "/api/history?limit=50")

@@ -72,7 +72,10 @@ class Lookup:
         # the decision's fixed background set (score_bg), projected once per adapted generation
         self._background = load_background(encoder.bundle_dir, encoder.manifest)
         self._projected: tuple[object, np.ndarray] | None = None
-        if self._background is None and self.decision is not None and "score_bg" in self.decision.features:
+        # a lookup measures the query's background level only for a decision that reads it (a matrix product and,
+        # adapted, a projection a lookup: no work for the threshold rule or a model on other features)
+        self._uses_bg = self.decision is not None and "score_bg" in self.decision.features
+        if self._uses_bg and self._background is None:
             raise ConfigError(f"recognition.decision uses score_bg, but bundle {encoder.manifest.name} ships no "
                               "background set (python -m benchmarks background --write-bundle)")
 
@@ -137,12 +140,12 @@ class Lookup:
         """Encode ``images`` and merge their nearest items into ``best`` (an item's score is the max over the
         images, over its photos and inside the index over each photo's views; ``alt`` keeps an item's second-best
         photo for verification); the ``want`` best items so far, best first. ``bg[0]``: the first image's (the
-        whole frame's) background level, set on the first call when the bundle has a background set."""
+        whole frame's) background level, set on the first call when the decision reads score_bg."""
         t0 = time.perf_counter()
         vectors = [self.encoder.embed(image) for image in images]
         t1 = time.perf_counter()
         entries = want * 2 if idx.size > idx.item_count else want  # several photos of an item take places
-        if bg[0] is None and self._background is not None and vectors:
+        if bg[0] is None and self._uses_bg and vectors:
             bg[0] = self._background_level(vectors[0], idx)
         for v in vectors:
             for c in idx.query(v, entries):
